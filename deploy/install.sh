@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# Installs what the agents, the testbed and the tests need on a Debian machine, as root.
+# Idempotent: a second run only checks. Steps:
+#   1. Debian packages: CRIU's build deps, libclang-dev (bindgen for userfaultfd-sys), protoc (prost-build),
+#      iproute2/util-linux (testbed), openssl (fleet certificates).
+#   2. CRIU >= 4.1 at /usr/local/sbin/criu unless a working one is already on PATH. Debian bookworm's 3.17
+#      fails on recent kernels (vDSO), so CRIU is built from Debian sid's *source* package: a deb-src-only
+#      apt source is added (never a binary sid source), the upstream orig tarball fetched with
+#      `apt-get source --download-only`, and `make criu` run in a scratch directory.
+#   3. fs.pipe-max-size raised to 4 MiB: without CAP_SYS_RESOURCE CRIU cannot grow its page pipes past the
+#      default limit and `criu dump --lazy-pages` fails with "page-pipe: splice ... Bad file descriptor".
+#   4. `criu check`.
+set -euo pipefail
+
+CRIU_MIN_MAJOR=4
+CRIU_MIN_MINOR=1
+CRIU_PREFIX=/usr/local/sbin
+
+log() { printf '[install] %s\n' "$*" >&2; }
+die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (it installs packages and CRIU): sudo $0"
+command -v apt-get >/dev/null || die "this script needs a Debian-like system with apt-get"
+
+PKGS=(build-essential pkgconf git ca-certificates xz-utils
+      libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler
+      libnl-3-dev libnet1-dev libcap-dev libbsd-dev libnftables-dev libgnutls28-dev
+      python3-protobuf uuid-dev libclang-dev clang
+      iproute2 util-linux procps openssl tmux)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+criu_ok() {
+  # A CRIU counts only when it is new enough *and* `criu check` passes on this kernel.
+  local bin=$1 v major minor
+  [ -x "$bin" ] || return 1
+  v=$("$bin" --version 2>/dev/null | sed -n 's/^Version: *//p') || return 1
+  major=${v%%.*}; minor=${v#*.}; minor=${minor%%.*}
+  [ -n "$major" ] || return 1
+  if [ "$major" -lt "$CRIU_MIN_MAJOR" ] || { [ "$major" -eq "$CRIU_MIN_MAJOR" ] && [ "$minor" -lt "$CRIU_MIN_MINOR" ]; }; then
+    log "$bin is CRIU $v, older than $CRIU_MIN_MAJOR.$CRIU_MIN_MINOR"
+    return 1
+  fi
+  "$bin" check >/dev/null 2>&1 || { log "$bin ($v) fails 'criu check' on this kernel"; return 1; }
+}
+
+have=$(command -v criu || true)
+if [ -n "$have" ] && criu_ok "$have"; then
+  log "CRIU already works: $have ($("$have" --version | sed -n 's/^Version: *//p'))"
+else
+  log "building CRIU >= $CRIU_MIN_MAJOR.$CRIU_MIN_MINOR from Debian sid's source package"
+  src_list=/etc/apt/sources.list.d/migrate-criu-sid-src.sources
+  if [ ! -f "$src_list" ]; then
+    cat > "$src_list" <<'SRC'
+# Added by migrate's deploy/install.sh: source packages only (deb-src), used to build CRIU >= 4.1.
+# No binary packages are ever installed from sid.
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: sid
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  fi
+  apt-get update -qq
+  work=$(mktemp -d /tmp/criu-build.XXXXXX)
+  trap 'rm -rf "$work"' EXIT
+  # The .debian.tar.xz may 404 on a mirror: only the upstream orig tarball is needed, so ignore failure
+  # as long as it arrived.
+  (cd "$work" && apt-get source --download-only criu >/dev/null 2>&1) || true
+  orig=$(ls "$work"/criu_*.orig.tar.* 2>/dev/null | head -n1 || true)
+  [ -n "$orig" ] || die "could not download CRIU's source (apt-get source --download-only criu); check $src_list and network access to Debian's mirror"
+  log "building $(basename "$orig")"
+  tar -xf "$orig" -C "$work"
+  dir=$(find "$work" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)
+  make -C "$dir" -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; die "CRIU build failed (log above)"; }
+  install -D -m 0755 "$dir/criu/criu" "$CRIU_PREFIX/criu"
+  hash -r
+  criu_ok "$CRIU_PREFIX/criu" || die "built CRIU at $CRIU_PREFIX/criu but it does not pass 'criu check'"
+  log "installed $("$CRIU_PREFIX/criu" --version | sed -n 's/^Version: *//p') at $CRIU_PREFIX/criu"
+fi
+
+want=4194304
+cur=$(sysctl -n fs.pipe-max-size)
+if [ "$cur" -lt "$want" ]; then
+  sysctl -q -w fs.pipe-max-size=$want
+  log "fs.pipe-max-size raised from $cur to $want"
+fi
+
+criu_bin=$(command -v criu || echo "$CRIU_PREFIX/criu")
+"$criu_bin" check
+log "done"

@@ -1,0 +1,51 @@
+//! What crosses the wire between a source agent and a target agent, and nothing else.
+//!
+//! - [`pb`]: the prost messages (`proto/migrate.proto`): Hello, the control dialogue, file headers.
+//! - [`frame`]: length-delimited frames on a stream, every length checked before it is used.
+//! - [`chunk`]: the zstd chunk codec for file (and later page) data, with bounded decoding.
+//! - [`file_stream`]: one image file on one QUIC stream: header, chunks, end marker, xxh3.
+//! - [`tls`]: mutual TLS against the fleet CA, as quinn client and server configurations.
+//! - [`names`]: which file names a peer may ask us to write.
+//! - [`hello`]: protocol version and host compatibility rules.
+//!
+//! No CRIU and no process code lives here; both agents build on it.
+
+pub mod chunk;
+pub mod file_stream;
+pub mod frame;
+pub mod hello;
+pub mod names;
+pub mod tls;
+
+/// Generated from `proto/migrate.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/migrate.v1.rs"));
+}
+
+/// ALPN protocol id of agent connections; a peer speaking anything else is refused during the handshake.
+pub const ALPN: &[u8] = b"migrate/1";
+
+/// Default UDP port of a target agent.
+pub const DEFAULT_PORT: u16 = 7420;
+
+/// Errors of this crate. Each names what was wrong with the input so the peer can be blamed precisely.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("peer sent a frame of {len} bytes, over the limit of {max} bytes")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("peer closed the stream in the middle of a frame")]
+    Truncated,
+    #[error("peer sent a message that does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("malformed chunk: {0}")]
+    BadChunk(String),
+    #[error("file {name}: {what}")]
+    BadFile { name: String, what: String },
+    #[error("refused file name {name:?}: {why}")]
+    BadName { name: String, why: &'static str },
+    #[error("stream I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+}
