@@ -4,11 +4,10 @@
 //!   ([`Criu::dump`], [`Criu::restore`]), and failures that carry the command, the exit status and the
 //!   `Error` lines of CRIU's log ([`CriuError`]);
 //! - the process tree CRIU works on: enumerate, resume, kill ([`tree`]);
-//! - what this host offers (architecture, page size, userfaultfd, soft-dirty) for the Hello ([`host`]).
+
 //!
 //! It does not decide when to dump or restore, nor move images: the agents do.
 
-pub mod host;
 pub mod tree;
 
 use std::os::unix::process::ExitStatusExt;

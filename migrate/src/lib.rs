@@ -1,1 +1,156 @@
+//! The `migrate` command, as a library so its argument parsing and output are testable. It is a thin
+//! client: everything happens in the local source agent, which it asks over the control socket
+//! (`source_agent::control`) and whose events it shows as a progress bar and a summary.
 
+use std::path::PathBuf;
+
+use clap::Parser;
+use source_agent::control::{Event, Phase, Summary};
+
+/// Move a running process tree to another host, with as little downtime as possible.
+///
+/// The local source agent freezes the tree with CRIU, streams it over QUIC (mutual TLS) to the target
+/// agent, which restores it; only when the copy runs there is the original killed. On any failure before
+/// that, the original is resumed here.
+#[derive(Parser, Debug, PartialEq)]
+#[command(name = "migrate", version)]
+pub struct Cli {
+    /// Pid of the root of the process tree to move.
+    pub pid: u32,
+    /// Target agent, as host[:port] (default port 7420).
+    pub host: String,
+    /// Print the summary (or the error) as one JSON object on stdout instead of text and a progress bar.
+    #[arg(long)]
+    pub json: bool,
+    /// Control socket of the local source agent.
+    #[arg(long, env = "MIGRATE_AGENT_SOCKET", default_value = source_agent::control::DEFAULT_SOCKET)]
+    pub agent_socket: PathBuf,
+}
+
+/// Human size, binary units.
+pub fn bytes(n: u64) -> String {
+    let n = n as f64;
+    match n {
+        n if n >= (1u64 << 30) as f64 => format!("{:.2} GiB", n / (1u64 << 30) as f64),
+        n if n >= (1u64 << 20) as f64 => format!("{:.1} MiB", n / (1u64 << 20) as f64),
+        n if n >= 1024.0 => format!("{:.1} KiB", n / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn duration_ms(ms: f64) -> String {
+    if ms >= 1000.0 { format!("{:.2} s", ms / 1000.0) } else { format!("{ms:.0} ms") }
+}
+
+/// The summary as text: one line with the figures that matter, then the breakdown.
+pub fn summary_text(s: &Summary) -> String {
+    format!(
+        "migrated pid {} ({}, {} process{}) to {} as pid {}: downtime {}, total {}, {} image, {} on the wire ({:.1}x compression)\n  \
+         dump {}, transfer {}, restore {}; {} files; target host {}",
+        s.pid,
+        s.comm,
+        s.processes,
+        if s.processes == 1 { "" } else { "es" },
+        s.target,
+        s.target_pid,
+        duration_ms(s.downtime_ms),
+        duration_ms(s.total_ms),
+        bytes(s.image_bytes),
+        bytes(s.wire_bytes),
+        s.compression_ratio,
+        duration_ms(s.dump_ms),
+        duration_ms(s.transfer_ms),
+        duration_ms(s.restore_ms),
+        s.files,
+        s.target_host,
+    )
+}
+
+/// Runs the command; returns the process exit code.
+pub async fn run(cli: Cli) -> i32 {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let bar = if cli.json { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr()) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix:>9} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {wide_msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    let req = source_agent::control::Request::Migrate { pid: cli.pid, target: cli.host.clone() };
+    let mut wire = 0;
+    let result = source_agent::control::request(&cli.agent_socket, &req, |ev| match ev {
+        Event::Phase { phase, message } => {
+            bar.set_prefix(format!("{phase:?}").to_lowercase());
+            if *phase != Phase::Transfer {
+                bar.set_message(message.clone());
+            }
+        }
+        Event::Transfer { done, total, wire: w } => {
+            wire = *w;
+            bar.set_length(*total);
+            bar.set_position(*done);
+            bar.set_message(format!("{} on the wire", bytes(wire)));
+        }
+        _ => {}
+    })
+    .await;
+    bar.finish_and_clear();
+    match result {
+        Ok(summary) => {
+            if cli.json {
+                println!("{}", serde_json::to_string(&summary).expect("summary serializes"));
+            } else {
+                println!("{}", summary_text(&summary));
+            }
+            0
+        }
+        Err(e) => {
+            if cli.json {
+                let original = match &e {
+                    source_agent::control::ClientError::Failed { original, .. } => serde_json::to_value(original).ok(),
+                    _ => None,
+                };
+                println!("{}", serde_json::json!({ "error": e.to_string(), "original": original }));
+            }
+            eprintln!("migrate: error: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_pid_host_and_flags() {
+        let c = Cli::try_parse_from(["migrate", "--json", "123", "10.0.0.2:7420", "--agent-socket", "/x.sock"]).unwrap();
+        assert_eq!(c, Cli { pid: 123, host: "10.0.0.2:7420".into(), json: true, agent_socket: "/x.sock".into() });
+        assert!(Cli::try_parse_from(["migrate", "notapid", "b"]).is_err());
+        assert!(Cli::try_parse_from(["migrate", "123"]).is_err());
+    }
+
+    #[test]
+    fn summary_line() {
+        let s = Summary {
+            migration_id: "m".into(),
+            pid: 7,
+            comm: "work".into(),
+            processes: 3,
+            target: "b".into(),
+            target_host: "b".into(),
+            target_pid: 7,
+            downtime_ms: 812.4,
+            dump_ms: 500.0,
+            transfer_ms: 200.0,
+            restore_ms: 100.0,
+            total_ms: 1520.0,
+            image_bytes: 256 << 20,
+            wire_bytes: 3 << 20,
+            compression_ratio: 85.3,
+            files: 20,
+        };
+        let t = summary_text(&s);
+        assert!(t.starts_with("migrated pid 7 (work, 3 processes) to b as pid 7: downtime 812 ms, total 1.52 s, 256.0 MiB image, 3.0 MiB on the wire (85.3x compression)"), "{t}");
+    }
+}

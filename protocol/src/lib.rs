@@ -6,7 +6,7 @@
 //! - [`file_stream`]: one image file on one QUIC stream: header, chunks, end marker, xxh3.
 //! - [`tls`]: mutual TLS against the fleet CA, as quinn client and server configurations.
 //! - [`names`]: which file names a peer may ask us to write.
-//! - [`hello`]: protocol version and host compatibility rules.
+//! - [`hello`]: protocol version and host compatibility rules; [`host`]: this host's facts for its Hello.
 //!
 //! No CRIU and no process code lives here; both agents build on it.
 
@@ -14,6 +14,7 @@ pub mod chunk;
 pub mod file_stream;
 pub mod frame;
 pub mod hello;
+pub mod host;
 pub mod names;
 pub mod tls;
 

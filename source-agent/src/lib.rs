@@ -1,1 +1,66 @@
+//! The source agent: the daemon on the host that gives a process tree away.
+//!
+//! It owns: the local control socket the `migrate` command talks to ([`control`] is that protocol,
+//! [`server`] the socket and its permission check), and each migration from the first look at the tree
+//! to commit or rollback ([`migration`]): QUIC connection to the target agent, CRIU dump with the
+//! original left stopped, image streaming, and the decision to kill the original (commit) or resume it
+//! (rollback).
+//!
+//! It leaves restoring to the target agent, the wire format to `protocol`, and CRIU's command lines to
+//! the `criu` crate.
 
+pub mod control;
+pub mod migration;
+pub mod server;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use protocol::tls::TlsFiles;
+
+/// Configuration of a source agent.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Unix socket the `migrate` command connects to.
+    pub control_socket: PathBuf,
+    pub tls: TlsFiles,
+    /// Work directory; dumps go to `outgoing/<migration id>/`.
+    pub state_dir: PathBuf,
+}
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error(transparent)]
+    Criu(#[from] criu::CriuError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    let criu = criu::Criu::find()?;
+    let io = |path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| AgentError::Io { path, source }
+    };
+    std::fs::create_dir_all(cfg.state_dir.join("outgoing")).map_err(io(&cfg.state_dir))?;
+    migration::recover(&cfg.state_dir);
+    let client = protocol::tls::client_config(&cfg.tls)?;
+    if let Some(parent) = cfg.control_socket.parent() {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    let listener = tokio::net::UnixListener::bind(&cfg.control_socket).map_err(io(&cfg.control_socket))?;
+    // Anyone may connect; the server checks each caller's credentials (SO_PEERCRED).
+    std::fs::set_permissions(&cfg.control_socket, std::fs::Permissions::from_mode(0o666)).map_err(io(&cfg.control_socket))?;
+    let hello = protocol::host::local_hello(&criu.version);
+    tracing::info!(socket = %cfg.control_socket.display(), criu = %criu.version, "source agent ready");
+    let ctx = Arc::new(migration::Context { criu, hello, client, state_dir: cfg.state_dir.clone() });
+    server::serve(listener, ctx, shutdown).await;
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    Ok(())
+}

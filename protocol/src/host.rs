@@ -1,4 +1,4 @@
-//! What this host offers to a migration, for the Hello: architecture, page size, kernel, and the two
+//! What this host offers to a migration, stated in the Hello: architecture, page size, kernel, and the two
 //! kernel features the memory modes depend on (userfaultfd for post-copy, soft-dirty for pre-copy
 //! dirty tracking; without soft-dirty pre-copy tracks pages by content).
 
@@ -65,4 +65,20 @@ fn soft_dirty_available() -> bool {
     }
     std::hint::black_box(&buf);
     u64::from_le_bytes(entry) & (1 << 55) != 0
+}
+
+/// This host's Hello, given the version of its CRIU.
+pub fn local_hello(criu_version: &str) -> crate::pb::Hello {
+    let f = facts();
+    crate::pb::Hello {
+        protocol_version: crate::hello::PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        host_name: f.host_name,
+        criu_version: criu_version.into(),
+        arch: f.arch,
+        page_size: f.page_size,
+        kernel_release: f.kernel_release,
+        uffd: f.uffd,
+        soft_dirty: f.soft_dirty,
+    }
 }

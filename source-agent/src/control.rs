@@ -1,0 +1,137 @@
+//! The local control protocol between the `migrate` command and the source agent: one JSON object per
+//! line on a unix stream socket. The client sends one [`Request`]; the agent answers with [`Event`]s and
+//! ends with `done` or `failed`. Both sides live here ([`request`] is the client).
+//!
+//! JSON rather than protobuf: it is local, low-rate, and an operator can speak it with `socat`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// Longest line either side accepts.
+pub const MAX_LINE: usize = 64 << 10;
+
+/// Default control socket of the source agent.
+pub const DEFAULT_SOCKET: &str = "/run/migrate/source.sock";
+
+/// What the `migrate` command asks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// Move the tree rooted at `pid` to the target agent at `target` (`host[:port]`).
+    Migrate { pid: u32, target: String },
+}
+
+/// Phases of a migration, in order.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Connect,
+    Prepare,
+    Dump,
+    Transfer,
+    Restore,
+    Commit,
+}
+
+/// Where the original process is after a failure.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Original {
+    /// It was never frozen, or it was resumed: it runs on the source as before.
+    Running,
+    /// Commit was sent but not confirmed: it is kept stopped on the source, because the target may be
+    /// running the copy. Check the target; resume the original with `kill -CONT` only if it does not.
+    StoppedInDoubt,
+}
+
+/// What the agent tells the `migrate` command.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Phase { phase: Phase, message: String },
+    /// Image bytes sent so far (`done` of `total`), and bytes on the wire.
+    Transfer { done: u64, total: u64, wire: u64 },
+    Done { summary: Summary },
+    Failed { error: String, original: Original },
+}
+
+/// The outcome of a migration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Summary {
+    pub migration_id: String,
+    pub pid: u32,
+    pub comm: String,
+    /// Processes in the tree.
+    pub processes: usize,
+    pub target: String,
+    pub target_host: String,
+    /// Root pid on the target (CRIU keeps pids, so normally equal to `pid`).
+    pub target_pid: u32,
+    /// From the freeze (start of `criu dump`) until the target confirmed the copy runs, on the source's
+    /// clock (CLOCK_MONOTONIC).
+    pub downtime_ms: f64,
+    pub dump_ms: f64,
+    pub transfer_ms: f64,
+    pub restore_ms: f64,
+    /// From the request until the end.
+    pub total_ms: f64,
+    pub image_bytes: u64,
+    pub wire_bytes: u64,
+    /// image_bytes / wire_bytes.
+    pub compression_ratio: f64,
+    pub files: usize,
+}
+
+/// Errors of the control client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the source agent at {path}: {source}; is source-agent running on this host (or set --agent-socket / MIGRATE_AGENT_SOCKET)?"
+    )]
+    Connect { path: String, source: std::io::Error },
+    #[error("source agent connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("source agent sent an unreadable line: {0}")]
+    Decode(#[from] serde_json::Error),
+    #[error("source agent closed the connection without a result")]
+    NoResult,
+    #[error("{error}")]
+    Failed { error: String, original: Original },
+}
+
+/// Sends `req` to the agent at `socket`, calling `on_event` for every event, and returns the summary.
+pub async fn request(socket: &Path, req: &Request, mut on_event: impl FnMut(&Event)) -> Result<Summary, ClientError> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut lines = BufReader::new(r).lines();
+    while let Some(l) = lines.next_line().await? {
+        let ev: Event = serde_json::from_str(&l)?;
+        on_event(&ev);
+        match ev {
+            Event::Done { summary } => return Ok(summary),
+            Event::Failed { error, original } => return Err(ClientError::Failed { error, original }),
+            _ => {}
+        }
+    }
+    Err(ClientError::NoResult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_stable() {
+        let r = Request::Migrate { pid: 42, target: "b:7420".into() };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"request":"migrate","pid":42,"target":"b:7420"}"#);
+        let e = Event::Failed { error: "x".into(), original: Original::Running };
+        assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"event":"failed","error":"x","original":"running"}"#);
+    }
+}

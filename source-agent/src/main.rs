@@ -1,0 +1,44 @@
+//! `source-agent`: gives process trees away on request of the `migrate` command. See the crate docs.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use protocol::tls::TlsFiles;
+
+/// Checkpoints process trees with CRIU and streams them to target agents over QUIC (mutual TLS).
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Unix socket for the `migrate` command.
+    #[arg(long, default_value = source_agent::control::DEFAULT_SOCKET)]
+    control_socket: PathBuf,
+    /// Directory with ca.pem, HOST.pem and HOST.key (deploy/certs.sh).
+    #[arg(long, default_value = "/etc/migrate/tls")]
+    tls_dir: PathBuf,
+    /// Name of this host's certificate in --tls-dir.
+    #[arg(long)]
+    host: String,
+    /// Work directory for dumps.
+    #[arg(long, default_value = "/var/lib/migrate/source")]
+    state_dir: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let cfg = source_agent::Config {
+        control_socket: a.control_socket,
+        tls: TlsFiles::in_dir(&a.tls_dir, &a.host),
+        state_dir: a.state_dir,
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+    };
+    source_agent::run(cfg, shutdown).await?;
+    Ok(())
+}

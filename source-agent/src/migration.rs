@@ -1,0 +1,435 @@
+//! One migration as the source sees it.
+//!
+//! Steps: find the tree → connect (QUIC, mutual TLS) → Hello → Prepare (target checks its pids) →
+//! **freeze**: `criu dump --leave-stopped` → send every image file on its own stream → ImagesDone →
+//! target restores, stopped → Restored → Commit → target resumes → Resumed → kill the original.
+//!
+//! Rollback rule, in [`run`] where every failure lands:
+//! - failure before the freeze: nothing was touched, the process runs as before;
+//! - failure after the freeze and before Commit was sent (dump, transfer, restore, link): the original is
+//!   resumed with SIGCONT here and the target is told to Abort (and kills its stopped copy on its own if
+//!   the link is gone);
+//! - failure after Commit was sent and before Resumed arrived: the target may be running the copy, so the
+//!   original stays stopped and the error says so ([`Original::StoppedInDoubt`]).
+//!
+//! A journal file in the migration's work dir records which of the last two cases holds, so that an
+//! agent restarted after a crash resumes originals that were frozen but never committed
+//! ([`recover`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use protocol::frame::{read_frame, write_frame};
+use protocol::pb::{self, source_msg, target_msg};
+use protocol::{ProtocolError, file_stream};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::control::{Event, Original, Phase, Summary};
+
+/// How long to wait for the target to answer the QUIC handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the target may take to restore once all images arrived.
+pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long to wait for Resumed after Commit.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Image files sent at once.
+const PARALLEL_FILES: usize = 4;
+
+/// What every migration of this agent shares.
+pub struct Context {
+    pub criu: criu::Criu,
+    pub hello: pb::Hello,
+    pub client: quinn::ClientConfig,
+    pub state_dir: PathBuf,
+}
+
+/// A failure, with where the original stands.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: String,
+    pub original: Original,
+}
+
+/// Where the original is; decides the rollback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Untouched,
+    Frozen,
+    CommitSent,
+}
+
+struct Migration<'a> {
+    ctx: &'a Context,
+    id: String,
+    events: UnboundedSender<Event>,
+    stage: Stage,
+    pids: Vec<u32>,
+    work_dir: PathBuf,
+}
+
+/// Runs one migration and applies the rollback rule to any failure.
+pub async fn run(ctx: &Context, pid: u32, target: &str, events: UnboundedSender<Event>) -> Result<Summary, Failure> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let work_dir = ctx.state_dir.join("outgoing").join(&id);
+    let mut m = Migration { ctx, id, events, stage: Stage::Untouched, pids: Vec::new(), work_dir };
+    let result = m.steps(pid, target).await;
+    let original = match (&result, m.stage) {
+        (Ok(_), _) => Original::Running,
+        (Err(_), Stage::Untouched) => Original::Running,
+        (Err(e), Stage::Frozen) => {
+            // Before Commit: the target will not run its copy, so the original must run again.
+            tracing::warn!(pids = ?m.pids, "rolling back: resuming the original ({e})");
+            match criu::tree::resume(&m.pids) {
+                Ok(()) => Original::Running,
+                Err(re) => {
+                    return Err(Failure {
+                        error: format!("{e}; and resuming the original failed: {re}: resume it with kill -CONT {:?}", m.pids),
+                        original: Original::StoppedInDoubt,
+                    });
+                }
+            }
+        }
+        (Err(_), Stage::CommitSent) => Original::StoppedInDoubt,
+    };
+    if original == Original::Running || result.is_ok() {
+        let _ = std::fs::remove_dir_all(&m.work_dir);
+    }
+    result.map_err(|error| {
+        let error = match original {
+            Original::Running if m.stage == Stage::Frozen => format!("{error}. The original was resumed on this host."),
+            Original::Running => format!("{error}. The process was not touched."),
+            Original::StoppedInDoubt => format!(
+                "{error}. Commit was sent but not confirmed: the copy may run on the target, so the original (pids {:?}) is kept \
+                 stopped here. If the target does not run it, resume the original with kill -CONT; otherwise kill it.",
+                m.pids
+            ),
+        };
+        Failure { error, original }
+    })
+}
+
+/// The journal in the work dir: "frozen" or "commit-sent", then the pids.
+fn write_journal(dir: &Path, stage: &str, pids: &[u32]) {
+    let text = format!("{stage}\n{}\n", pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "));
+    if let Err(e) = std::fs::write(dir.join("journal"), text) {
+        tracing::error!("cannot write the journal in {}: {e}", dir.display());
+    }
+}
+
+/// At start: resume originals left frozen by a crashed agent; keep those whose commit is in doubt.
+pub fn recover(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("outgoing")) else { return };
+    for e in entries.flatten() {
+        let dir = e.path();
+        let text = std::fs::read_to_string(dir.join("journal")).unwrap_or_default();
+        let mut lines = text.lines();
+        let stage = lines.next().unwrap_or("");
+        let pids: Vec<u32> = lines.next().unwrap_or("").split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        match stage {
+            "commit-sent" => {
+                tracing::error!(dir = %dir.display(), ?pids, "a migration's commit is in doubt: the original is kept stopped; check the target");
+                continue;
+            }
+            "frozen" => {
+                tracing::warn!(?pids, "resuming an original left frozen by an earlier run of this agent");
+                let _ = criu::tree::resume(&pids);
+            }
+            _ => {}
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+impl Migration<'_> {
+    fn phase(&self, phase: Phase, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(id = %self.id, ?phase, "{message}");
+        let _ = self.events.send(Event::Phase { phase, message });
+    }
+
+    async fn steps(&mut self, pid: u32, target: &str) -> Result<Summary, String> {
+        let started = Instant::now();
+        // The tree.
+        let pids = criu::tree::processes(pid).map_err(|_| {
+            format!("no process with pid {pid} on this host (as seen by the source agent); check the pid with ps")
+        })?;
+        if !criu::tree::is_alive(pid) {
+            return Err(format!("process {pid} has exited (zombie); there is nothing to migrate"));
+        }
+        let comm = criu::tree::comm(pid);
+        self.pids = pids.clone();
+
+        // Connect.
+        self.phase(Phase::Connect, format!("connecting to {target}"));
+        let (addr, server_name) = resolve(target).await?;
+        let mut endpoint = quinn::Endpoint::client((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
+            .or_else(|_| quinn::Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
+            .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        endpoint.set_default_client_config(self.ctx.client.clone());
+        let connecting = endpoint.connect(addr, &server_name).map_err(|e| format!("cannot connect to {target}: {e}"))?;
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Err(_) => {
+                return Err(format!(
+                    "target {target} ({addr}) did not answer within {}s: is target-agent running there, and is UDP port {} reachable?",
+                    CONNECT_TIMEOUT.as_secs(),
+                    addr.port()
+                ));
+            }
+            Ok(Err(e)) => return Err(connect_error(target, &e)),
+            Ok(Ok(c)) => c,
+        };
+        let result = self.with_connection(&conn, pid, &comm, &pids, target, started).await;
+        conn.close(0u32.into(), b"bye");
+        endpoint.wait_idle().await;
+        result
+    }
+
+    async fn with_connection(
+        &mut self,
+        conn: &quinn::Connection,
+        pid: u32,
+        comm: &str,
+        pids: &[u32],
+        target: &str,
+        started: Instant,
+    ) -> Result<Summary, String> {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("link to {target}: {e}"))?;
+        let send_msg = |m: source_msg::Msg| pb::SourceMsg { msg: Some(m) };
+
+        // Hello.
+        write_frame(&mut send, &send_msg(source_msg::Msg::Hello(self.ctx.hello.clone()))).await.map_err(link(target))?;
+        let remote = match recv_msg(&mut recv, target).await? {
+            target_msg::Msg::Hello(h) => h,
+            other => return Err(unexpected(target, &other, "Hello")),
+        };
+        protocol::hello::check_compatible(&self.ctx.hello, &remote).map_err(|e| format!("cannot migrate to {target}: {e}"))?;
+
+        // Prepare.
+        self.phase(Phase::Prepare, format!("{} process(es) of {comm}; asking {} whether it can take them", pids.len(), remote.host_name));
+        let prepare = pb::Prepare { migration_id: self.id.clone(), pids: pids.to_vec(), comm: comm.into() };
+        write_frame(&mut send, &send_msg(source_msg::Msg::Prepare(prepare))).await.map_err(link(target))?;
+        let free = match recv_msg(&mut recv, target).await? {
+            target_msg::Msg::Prepared(p) => p.free_bytes,
+            other => return Err(unexpected(target, &other, "Prepared")),
+        };
+
+        // Freeze and dump.
+        std::fs::create_dir_all(&self.work_dir).map_err(|e| format!("cannot create {}: {e}", self.work_dir.display()))?;
+        self.phase(Phase::Dump, format!("freezing and dumping pid {pid}"));
+        let frozen_at = Instant::now();
+        self.stage = Stage::Frozen;
+        write_journal(&self.work_dir, "frozen", pids);
+        let dumped = self.ctx.criu.dump(&criu::DumpRequest { pid, images_dir: self.work_dir.clone() }).await;
+        let dump_ms = ms(frozen_at.elapsed());
+        if let Err(e) = dumped {
+            let _ = write_frame(&mut send, &send_msg(source_msg::Msg::Abort(pb::Abort { reason: "dump failed".into() }))).await;
+            return Err(e.to_string());
+        }
+
+        // Transfer.
+        let files = image_files(&self.work_dir)?;
+        let total: u64 = files.iter().map(|(_, s)| s).sum();
+        if total > free {
+            let reason = format!("the images need {total} bytes but {} has only {free} bytes free for them", remote.host_name);
+            let _ = write_frame(&mut send, &send_msg(source_msg::Msg::Abort(pb::Abort { reason: reason.clone() }))).await;
+            return Err(reason);
+        }
+        self.phase(Phase::Transfer, format!("sending {} image files, {total} bytes", files.len()));
+        let transfer_started = Instant::now();
+        let sent = match self.send_files(conn, &files, total).await {
+            Ok(s) => s,
+            Err(e) => {
+                // The target may have said why it stopped a stream (disk full, bad file): prefer its words.
+                let reason = match tokio::time::timeout(Duration::from_secs(2), recv_msg(&mut recv, target)).await {
+                    Ok(Ok(target_msg::Msg::Failed(f))) => format!("target {} refused the images: {}", remote.host_name, f.reason),
+                    _ => e,
+                };
+                let _ = write_frame(&mut send, &send_msg(source_msg::Msg::Abort(pb::Abort { reason: reason.clone() }))).await;
+                return Err(reason);
+            }
+        };
+        let transfer_ms = ms(transfer_started.elapsed());
+        let wire: u64 = sent.iter().map(|(_, t)| t.wire).sum();
+        let summaries: Vec<pb::FileSummary> = sent.into_iter().map(|(s, _)| s).collect();
+        let nfiles = summaries.len();
+        write_frame(&mut send, &send_msg(source_msg::Msg::ImagesDone(pb::ImagesDone { files: summaries }))).await.map_err(link(target))?;
+
+        // Restore on the target.
+        self.phase(Phase::Restore, format!("{} is restoring", remote.host_name));
+        let restored = match tokio::time::timeout(RESTORE_TIMEOUT, recv_msg(&mut recv, target)).await {
+            Err(_) => return Err(format!("{} did not finish restoring within {}s", remote.host_name, RESTORE_TIMEOUT.as_secs())),
+            Ok(m) => match m? {
+                target_msg::Msg::Restored(r) => r,
+                other => return Err(unexpected(target, &other, "Restored")),
+            },
+        };
+
+        // Commit: from here on the target may run the copy.
+        self.phase(Phase::Commit, format!("restored as pid {} on {}; committing", restored.root_pid, remote.host_name));
+        write_journal(&self.work_dir, "commit-sent", pids);
+        self.stage = Stage::CommitSent;
+        write_frame(&mut send, &send_msg(source_msg::Msg::Commit(pb::Commit {}))).await.map_err(link(target))?;
+        let resumed = match tokio::time::timeout(COMMIT_TIMEOUT, recv_msg(&mut recv, target)).await {
+            Err(_) => return Err(format!("{} did not confirm the commit within {}s", remote.host_name, COMMIT_TIMEOUT.as_secs())),
+            Ok(m) => match m? {
+                target_msg::Msg::Resumed(r) => r,
+                other => return Err(unexpected(target, &other, "Resumed")),
+            },
+        };
+        let downtime_ms = ms(frozen_at.elapsed());
+        if let Err(e) = criu::tree::kill_all(pids) {
+            tracing::error!(?pids, "the copy runs on {} but killing the original failed: {e}", remote.host_name);
+        }
+        let _ = send.finish();
+        Ok(Summary {
+            migration_id: self.id.clone(),
+            pid,
+            comm: comm.into(),
+            processes: pids.len(),
+            target: target.into(),
+            target_host: remote.host_name.clone(),
+            target_pid: resumed.root_pid,
+            downtime_ms,
+            dump_ms,
+            transfer_ms,
+            restore_ms: restored.restore_micros as f64 / 1000.0,
+            total_ms: ms(started.elapsed()),
+            image_bytes: total,
+            wire_bytes: wire,
+            compression_ratio: if wire > 0 { total as f64 / wire as f64 } else { 1.0 },
+            files: nfiles,
+        })
+    }
+
+    async fn send_files(
+        &self,
+        conn: &quinn::Connection,
+        files: &[(String, u64)],
+        total: u64,
+    ) -> Result<Vec<(pb::FileSummary, file_stream::Transferred)>, String> {
+        let raw = Arc::new(AtomicU64::new(0));
+        let wire = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let (raw, wire, events) = (raw.clone(), wire.clone(), self.events.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tick.tick().await;
+                    let done = raw.load(Ordering::Relaxed);
+                    if events.send(Event::Transfer { done, total, wire: wire.load(Ordering::Relaxed) }).is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let results: Vec<Result<_, String>> = futures::stream::iter(files.iter().cloned())
+            .map(|(name, _)| {
+                let (raw, wire) = (raw.clone(), wire.clone());
+                let path = self.work_dir.join(&name);
+                let id = self.id.clone();
+                async move {
+                    let mut s = conn.open_uni().await.map_err(|e| format!("link: {e}"))?;
+                    let mut last = file_stream::Transferred::default();
+                    let r = file_stream::send_file(&mut s, &id, &name, &path, protocol::chunk::DEFAULT_LEVEL, |t| {
+                        raw.fetch_add(t.raw - last.raw, Ordering::Relaxed);
+                        wire.fetch_add(t.wire - last.wire, Ordering::Relaxed);
+                        last = t;
+                    })
+                    .await
+                    .map_err(|e| format!("sending {name}: {e}"))?;
+                    s.finish().map_err(|e| format!("sending {name}: {e}"))?;
+                    // Wait until the target has read the whole stream (or stopped it).
+                    match s.stopped().await {
+                        Ok(None) => Ok(r),
+                        Ok(Some(code)) => Err(format!("target refused {name} (stream stopped with code {code})")),
+                        Err(e) => Err(format!("sending {name}: {e}")),
+                    }
+                }
+            })
+            .buffer_unordered(PARALLEL_FILES)
+            .collect()
+            .await;
+        ticker.abort();
+        let _ = self.events.send(Event::Transfer { done: raw.load(Ordering::Relaxed), total, wire: wire.load(Ordering::Relaxed) });
+        results.into_iter().collect()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// The image files of a dump (everything but CRIU's log), with sizes, largest first so the big pages
+/// file starts early.
+fn image_files(dir: &Path) -> Result<Vec<(String, u64)>, String> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "dump.log" || name == "journal" {
+            continue;
+        }
+        let meta = e.metadata().map_err(|err| format!("{name}: {err}"))?;
+        if !meta.is_file() {
+            return Err(format!("unexpected non-file {name} in the images dir {}", dir.display()));
+        }
+        protocol::names::check_image_name(&name).map_err(|err| err.to_string())?;
+        out.push((name, meta.len()));
+    }
+    out.sort_by(|a, b| b.1.cmp(&a.1));
+    Ok(out)
+}
+
+async fn resolve(target: &str) -> Result<(std::net::SocketAddr, String), String> {
+    // host, host:port, [v6]:port, v6
+    let (host, port) = if let Ok(sa) = target.parse::<std::net::SocketAddr>() {
+        return Ok((sa, sa.ip().to_string()));
+    } else if let Ok(ip) = target.parse::<std::net::IpAddr>() {
+        return Ok(((ip, protocol::DEFAULT_PORT).into(), ip.to_string()));
+    } else if let Some((h, p)) = target.rsplit_once(':') {
+        (h.to_string(), p.parse::<u16>().map_err(|_| format!("bad port in {target:?}: expected host[:port]"))?)
+    } else {
+        (target.to_string(), protocol::DEFAULT_PORT)
+    };
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host} has no address"))?;
+    Ok((addr, host))
+}
+
+fn connect_error(target: &str, e: &quinn::ConnectionError) -> String {
+    let text = e.to_string();
+    if text.contains("certificate") || text.contains("Certificate") || text.contains("crypto") || text.contains("TLS") {
+        format!(
+            "TLS handshake with {target} failed: {text}. Both agents must hold certificates from the same fleet CA \
+             (deploy/certs.sh), and the target's certificate must name {target}'s host"
+        )
+    } else {
+        format!("cannot connect to {target}: {text}")
+    }
+}
+
+fn link(target: &str) -> impl Fn(ProtocolError) -> String + '_ {
+    move |e| format!("link to {target} failed: {e}")
+}
+
+async fn recv_msg(recv: &mut quinn::RecvStream, target: &str) -> Result<target_msg::Msg, String> {
+    match read_frame::<_, pb::TargetMsg>(recv).await {
+        Ok(Some(pb::TargetMsg { msg: Some(target_msg::Msg::Failed(f)) })) => {
+            Err(format!("target {target} refused at {}: {}", f.stage, f.reason))
+        }
+        Ok(Some(pb::TargetMsg { msg: Some(m) })) => Ok(m),
+        Ok(Some(pb::TargetMsg { msg: None })) => Err(format!("target {target} sent an empty message")),
+        Ok(None) => Err(format!("target {target} closed the connection")),
+        Err(e) => Err(format!("link to {target} failed: {e}")),
+    }
+}
+
+fn unexpected(target: &str, got: &target_msg::Msg, expected: &str) -> String {
+    format!("target {target} sent {got:?} where {expected} was expected")
+}

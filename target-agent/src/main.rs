@@ -1,0 +1,54 @@
+//! `target-agent`: receives migrated process trees. See the crate docs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use protocol::tls::TlsFiles;
+
+/// Receives process trees from source agents over QUIC (mutual TLS) and restores them with CRIU.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// UDP address to listen on.
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], protocol::DEFAULT_PORT)))]
+    listen: SocketAddr,
+    /// Directory with ca.pem, HOST.pem and HOST.key (deploy/certs.sh).
+    #[arg(long, default_value = "/etc/migrate/tls")]
+    tls_dir: PathBuf,
+    /// Name of this host's certificate in --tls-dir.
+    #[arg(long)]
+    host: String,
+    /// Work directory for received images and kept logs.
+    #[arg(long, default_value = "/var/lib/migrate/target")]
+    state_dir: PathBuf,
+    /// Seconds a restored copy waits, stopped, for the source's commit before it is killed.
+    #[arg(long, default_value_t = 30)]
+    commit_timeout: u64,
+    /// Migrations received at once.
+    #[arg(long, default_value_t = 4)]
+    max_sessions: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let a = Args::parse();
+    let cfg = target_agent::Config {
+        listen: a.listen,
+        tls: TlsFiles::in_dir(&a.tls_dir, &a.host),
+        state_dir: a.state_dir,
+        commit_timeout: Duration::from_secs(a.commit_timeout),
+        max_sessions: a.max_sessions,
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+    };
+    target_agent::run(cfg, shutdown).await?;
+    Ok(())
+}

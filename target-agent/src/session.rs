@@ -1,0 +1,323 @@
+//! One migration as the target sees it, from the first Hello to commit or drop.
+//!
+//! ```text
+//! source                          target
+//! Hello            ───────────▶   check compatibility      ◀── Hello
+//! Prepare{pids}    ───────────▶   pids free? work dir      ◀── Prepared{free} | Failed
+//! (freeze + dump on the source)
+//! file streams     ═══════════▶   incoming/<id>/NAME, sizes bounded, xxh3 checked
+//! ImagesDone       ───────────▶   exactly these files? criu restore --leave-stopped
+//!                                                          ◀── Restored{pid} | Failed
+//! Commit           ───────────▶   SIGCONT the copy         ◀── Resumed
+//! ```
+//! Rollback rule: the restored copy stays stopped until Commit. Abort, a dropped connection or no Commit
+//! within `commit_timeout` → the copy is killed here, and the source resumes its original. After Commit
+//! the copy runs whatever happens to the connection; the source kills its original only once it has
+//! Resumed, and otherwise leaves it stopped and says so (at most one copy ever runs).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use protocol::frame::{read_frame, write_frame};
+use protocol::pb::{self, source_msg, target_msg};
+use protocol::{ProtocolError, file_stream, names};
+use tracing::Instrument;
+
+use crate::Config;
+
+/// Most image files one migration may send. A tree's dump has a few files per process.
+pub const MAX_FILES: usize = 20_000;
+/// How long the files may still be arriving after ImagesDone (the source sends it once every stream
+/// was read to the end, so this only covers the last writes to disk here).
+const FILES_SETTLE: Duration = Duration::from_secs(60);
+/// Free space kept back on the work dir's file system.
+const DISK_RESERVE: u64 = 64 << 20;
+
+/// What every session shares.
+pub struct Context {
+    pub criu: criu::Criu,
+    pub cfg: Config,
+    pub hello: pb::Hello,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("peer sent {got} where {expected} was expected")]
+    Unexpected { got: String, expected: &'static str },
+    #[error("peer closed the control stream")]
+    Closed,
+    /// Told to the source as Failed{stage, reason}.
+    #[error("{stage}: {reason}")]
+    Refused { stage: &'static str, reason: String },
+    #[error("source aborted: {0}")]
+    Aborted(String),
+    #[error("no Commit within {0:?}: the restored copy was killed")]
+    CommitTimeout(Duration),
+}
+
+fn refuse(stage: &'static str, reason: impl Into<String>) -> SessionError {
+    SessionError::Refused { stage, reason: reason.into() }
+}
+
+/// Handles one connection; logs the outcome.
+pub async fn handle(ctx: Arc<Context>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let span = tracing::info_span!("migration", %remote, id = tracing::field::Empty);
+    async move {
+        let mut work_dir = None;
+        let result = serve(&ctx, &conn, &mut work_dir).await;
+        if let Some(dir) = work_dir {
+            // Images are not kept: the source still holds its own until it commits.
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+        }
+        match result {
+            Ok(pid) => tracing::info!(pid, "migration committed: the restored copy runs"),
+            Err(e) => tracing::warn!("migration not completed here: {e}"),
+        }
+        conn.close(0u32.into(), b"done");
+    }
+    .instrument(span)
+    .await
+}
+
+async fn recv_msg(recv: &mut quinn::RecvStream) -> Result<source_msg::Msg, SessionError> {
+    let m: pb::SourceMsg = read_frame(recv).await?.ok_or(SessionError::Closed)?;
+    m.msg.ok_or(SessionError::Unexpected { got: "an empty message".into(), expected: "a message" })
+}
+
+fn unexpected(got: &source_msg::Msg, expected: &'static str) -> SessionError {
+    let got = match got {
+        source_msg::Msg::Abort(a) => return SessionError::Aborted(a.reason.clone()),
+        other => format!("{:?}", std::mem::discriminant(other)),
+    };
+    SessionError::Unexpected { got, expected }
+}
+
+async fn send_msg(send: &mut quinn::SendStream, msg: target_msg::Msg) -> Result<(), SessionError> {
+    write_frame(send, &pb::TargetMsg { msg: Some(msg) }).await?;
+    Ok(())
+}
+
+async fn serve(ctx: &Context, conn: &quinn::Connection, work_dir: &mut Option<PathBuf>) -> Result<u32, SessionError> {
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let result = serve_control(ctx, conn, &mut send, &mut recv, work_dir).await;
+    if let Err(SessionError::Refused { stage, reason }) = &result {
+        // Best effort: the source learns why; the connection may already be gone.
+        let _ = send_msg(&mut send, target_msg::Msg::Failed(pb::Failed { stage: (*stage).into(), reason: reason.clone() })).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    }
+    result
+}
+
+async fn serve_control(
+    ctx: &Context,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    work_dir: &mut Option<PathBuf>,
+) -> Result<u32, SessionError> {
+    // Hello
+    let hello = match recv_msg(recv).await? {
+        source_msg::Msg::Hello(h) => h,
+        other => return Err(unexpected(&other, "Hello")),
+    };
+    send_msg(send, target_msg::Msg::Hello(ctx.hello.clone())).await?;
+    protocol::hello::check_compatible(&hello, &ctx.hello).map_err(|r| refuse("hello", r))?;
+
+    // Prepare
+    let prepare = match recv_msg(recv).await? {
+        source_msg::Msg::Prepare(p) => p,
+        other => return Err(unexpected(&other, "Prepare")),
+    };
+    names::check_image_name(&prepare.migration_id).map_err(|e| refuse("prepare", format!("migration id: {e}")))?;
+    tracing::Span::current().record("id", prepare.migration_id.as_str());
+    tracing::info!(from = %hello.host_name, pids = ?prepare.pids, comm = %prepare.comm, "prepare");
+    check_pids_free(&prepare.pids, &ctx.hello.host_name)?;
+    let dir = ctx.cfg.state_dir.join("incoming").join(&prepare.migration_id);
+    std::fs::create_dir(&dir).map_err(|e| refuse("prepare", format!("cannot create work dir {}: {e}", dir.display())))?;
+    *work_dir = Some(dir.clone());
+    let free = free_bytes(&dir).saturating_sub(DISK_RESERVE);
+    send_msg(send, target_msg::Msg::Prepared(pb::Prepared { free_bytes: free })).await?;
+
+    // Files arrive on their own streams while the control stream waits for ImagesDone.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let receiver = tokio::spawn(receive_files(conn.clone(), dir.clone(), prepare.migration_id.clone(), free, tx));
+    let _abort_receiver = AbortOnDrop(receiver);
+    let done = match recv_msg(recv).await? {
+        source_msg::Msg::ImagesDone(d) => d,
+        other => return Err(unexpected(&other, "ImagesDone")),
+    };
+    wait_for_files(&done, &mut rx).await?;
+
+    // Restore, stopped.
+    let started = Instant::now();
+    let restore = ctx.criu.restore(&criu::RestoreRequest { images_dir: dir.clone() }).await;
+    let (root, _) = match restore {
+        Ok(r) => r,
+        Err(e) => {
+            let kept = ctx.cfg.state_dir.join("logs").join(format!("{}-restore.log", prepare.migration_id));
+            let _ = std::fs::copy(dir.join("restore.log"), &kept);
+            let reason = match &e {
+                criu::CriuError::Failed { status, errors, .. } => format!(
+                    "criu restore failed on {} ({status}): {errors} (full log there: {})",
+                    ctx.hello.host_name,
+                    kept.display()
+                ),
+                other => other.to_string(),
+            };
+            return Err(refuse("restore", reason));
+        }
+    };
+    let pids = criu::tree::processes(root).unwrap_or_else(|_| vec![root]);
+    tracing::info!(root, ?pids, elapsed = ?started.elapsed(), "restored, stopped until commit");
+    let mut copy = StoppedCopy { pids: pids.clone(), committed: false };
+    send_msg(send, target_msg::Msg::Restored(pb::Restored { root_pid: root, restore_micros: started.elapsed().as_micros() as u64 }))
+        .await?;
+
+    // Commit or drop.
+    let msg = match tokio::time::timeout(ctx.cfg.commit_timeout, recv_msg(recv)).await {
+        Err(_) => return Err(SessionError::CommitTimeout(ctx.cfg.commit_timeout)),
+        Ok(m) => m?,
+    };
+    match msg {
+        source_msg::Msg::Commit(_) => {}
+        other => return Err(unexpected(&other, "Commit")),
+    }
+    copy.committed = true;
+    criu::tree::resume(&pids).map_err(|e| refuse("resume", format!("restored pid {root}: {e}")))?;
+    send_msg(send, target_msg::Msg::Resumed(pb::Resumed { root_pid: root })).await?;
+    let _ = send.finish();
+    // Let the Resumed frame reach the source before the connection is closed.
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    Ok(root)
+}
+
+/// A restored tree that has not been committed yet: killed when dropped.
+struct StoppedCopy {
+    pids: Vec<u32>,
+    committed: bool,
+}
+
+impl Drop for StoppedCopy {
+    fn drop(&mut self) {
+        if !self.committed {
+            tracing::warn!(pids = ?self.pids, "killing the restored copy: the source keeps the original");
+            if let Err(e) = criu::tree::kill_all(&self.pids) {
+                tracing::error!("could not kill the restored copy {:?}: {e}", self.pids);
+            }
+        }
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn check_pids_free(pids: &[u32], host: &str) -> Result<(), SessionError> {
+    let taken: Vec<String> = pids
+        .iter()
+        .filter(|&&p| criu::tree::state(p).is_some())
+        .map(|&p| format!("{p} (used by `{}`)", criu::tree::comm(p)))
+        .collect();
+    if taken.is_empty() {
+        return Ok(());
+    }
+    Err(refuse(
+        "prepare",
+        format!(
+            "pid {} already taken on {host}; CRIU restores every process with its original pid. \
+             Stop the process holding it there, or start the workload in its own pid namespace",
+            taken.join(", ")
+        ),
+    ))
+}
+
+fn free_bytes(dir: &Path) -> u64 {
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(s) => s.blocks_available() as u64 * s.fragment_size() as u64,
+        Err(_) => 0,
+    }
+}
+
+type FileResult = Result<pb::FileSummary, String>;
+
+/// Accepts file streams until the connection ends; each result goes to `tx`. Bytes are taken from a
+/// shared budget (free disk space) before a file is received, so a peer cannot fill the disk.
+async fn receive_files(conn: quinn::Connection, dir: PathBuf, id: String, budget: u64, tx: tokio::sync::mpsc::Sender<FileResult>) {
+    let budget = Arc::new(AtomicU64::new(budget));
+    let mut count = 0usize;
+    while let Ok(mut stream) = conn.accept_uni().await {
+        count += 1;
+        if count > MAX_FILES {
+            let _ = tx.send(Err(format!("more than {MAX_FILES} files"))).await;
+            return;
+        }
+        let (dir, id, tx, budget) = (dir.clone(), id.clone(), tx.clone(), budget.clone());
+        tokio::spawn(async move {
+            let r = async {
+                let h = file_stream::read_header(&mut stream).await.map_err(|e| e.to_string())?;
+                if h.migration_id != id {
+                    return Err(format!("file {} belongs to migration {:?}, not {id:?}", h.name, h.migration_id));
+                }
+                let reserved = budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(h.size));
+                if reserved.is_err() {
+                    return Err(format!(
+                        "no room for {} ({} bytes) in {}: the target's disk is full; free space there or choose another target",
+                        h.name,
+                        h.size,
+                        dir.display()
+                    ));
+                }
+                file_stream::receive_body(&mut stream, &h, &dir, h.size, |_| {}).await.map(|(s, _)| s).map_err(|e| e.to_string())
+            }
+            .await;
+            if let Err(e) = &r {
+                tracing::warn!("file stream refused: {e}");
+                let _ = stream.stop(1u32.into());
+            }
+            let _ = tx.send(r).await;
+        });
+    }
+}
+
+async fn wait_for_files(done: &pb::ImagesDone, rx: &mut tokio::sync::mpsc::Receiver<FileResult>) -> Result<(), SessionError> {
+    if done.files.len() > MAX_FILES {
+        return Err(refuse("receive", format!("{} files announced, more than {MAX_FILES}", done.files.len())));
+    }
+    let mut expected: HashMap<&str, &pb::FileSummary> = HashMap::new();
+    for f in &done.files {
+        names::check_image_name(&f.name).map_err(|e| refuse("receive", e.to_string()))?;
+        expected.insert(f.name.as_str(), f);
+    }
+    let mut got = 0usize;
+    let deadline = tokio::time::Instant::now() + FILES_SETTLE;
+    while got < expected.len() {
+        let r = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .map_err(|_| refuse("receive", format!("only {got} of {} image files arrived", expected.len())))?
+            .ok_or_else(|| refuse("receive", "connection ended before all image files arrived"))?;
+        let f = r.map_err(|e| refuse("receive", e))?;
+        match expected.get(f.name.as_str()) {
+            Some(want) if want.size == f.size && want.xxh3 == f.xxh3 => got += 1,
+            Some(want) => {
+                return Err(refuse(
+                    "receive",
+                    format!("{}: received {} bytes xxh3 {:016x}, source announced {} bytes xxh3 {:016x}", f.name, f.size, f.xxh3, want.size, want.xxh3),
+                ));
+            }
+            None => return Err(refuse("receive", format!("{} was sent but is not in the image list", f.name))),
+        }
+    }
+    Ok(())
+}
