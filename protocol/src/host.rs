@@ -67,13 +67,13 @@ fn soft_dirty_available() -> bool {
     u64::from_le_bytes(entry) & (1 << 55) != 0
 }
 
-/// This host's Hello, given the version of its CRIU.
-pub fn local_hello(criu_version: &str) -> crate::pb::Hello {
+/// This host's Hello, given its name in the fleet (the name on its certificate) and its CRIU version.
+pub fn local_hello(fleet_name: &str, criu_version: &str) -> crate::pb::Hello {
     let f = facts();
     crate::pb::Hello {
         protocol_version: crate::hello::PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").into(),
-        host_name: f.host_name,
+        host_name: fleet_name.into(),
         criu_version: criu_version.into(),
         arch: f.arch,
         page_size: f.page_size,

@@ -25,6 +25,8 @@ pub struct Config {
     /// Unix socket the `migrate` command connects to.
     pub control_socket: PathBuf,
     pub tls: TlsFiles,
+    /// This host's name in the fleet (the name on its certificate), stated in the Hello.
+    pub name: String,
     /// Work directory; dumps go to `outgoing/<migration id>/`.
     pub state_dir: PathBuf,
 }
@@ -57,7 +59,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let listener = tokio::net::UnixListener::bind(&cfg.control_socket).map_err(io(&cfg.control_socket))?;
     // Anyone may connect; the server checks each caller's credentials (SO_PEERCRED).
     std::fs::set_permissions(&cfg.control_socket, std::fs::Permissions::from_mode(0o666)).map_err(io(&cfg.control_socket))?;
-    let hello = protocol::host::local_hello(&criu.version);
+    let hello = protocol::host::local_hello(&cfg.name, &criu.version);
     tracing::info!(socket = %cfg.control_socket.display(), criu = %criu.version, "source agent ready");
     let ctx = Arc::new(migration::Context { criu, hello, client, state_dir: cfg.state_dir.clone() });
     server::serve(listener, ctx, shutdown).await;

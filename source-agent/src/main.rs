@@ -28,11 +28,13 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let a = Args::parse();
     let cfg = source_agent::Config {
         control_socket: a.control_socket,
         tls: TlsFiles::in_dir(&a.tls_dir, &a.host),
+        name: a.host.clone(),
         state_dir: a.state_dir,
     };
     let shutdown = async {

@@ -25,6 +25,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// TLS material.
     pub tls: TlsFiles,
+    /// This host's name in the fleet (the name on its certificate), stated in the Hello.
+    pub name: String,
     /// Work directory; images land in `incoming/`, kept logs in `logs/`.
     pub state_dir: PathBuf,
     /// How long a restored, stopped copy waits for Commit before it is killed.
@@ -57,7 +59,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let endpoint = quinn::Endpoint::server(server, cfg.listen)
         .map_err(|source| AgentError::Bind { addr: cfg.listen, source })?;
     tracing::info!(listen = %endpoint.local_addr().map_err(|source| AgentError::Bind { addr: cfg.listen, source })?, criu = %criu.version, "target agent ready");
-    let hello = protocol::host::local_hello(&criu.version);
+    let hello = protocol::host::local_hello(&cfg.name, &criu.version);
     let ctx = Arc::new(session::Context { criu, cfg: cfg.clone(), hello });
     let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_sessions));
     tokio::pin!(shutdown);

@@ -36,11 +36,13 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let a = Args::parse();
     let cfg = target_agent::Config {
         listen: a.listen,
         tls: TlsFiles::in_dir(&a.tls_dir, &a.host),
+        name: a.host.clone(),
         state_dir: a.state_dir,
         commit_timeout: Duration::from_secs(a.commit_timeout),
         max_sessions: a.max_sessions,

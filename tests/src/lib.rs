@@ -1,1 +1,214 @@
+//! Helpers for the integration suite: a [`Testbed`] fixture around `deploy/testbed` (two namespaced
+//! hosts, each running real agents), and small ways to start workloads, query them and run `migrate` on
+//! a host. The suite itself is `tests/testbed.rs`; the workloads are `src/bin/workload.rs`.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A testbed brought up for this process, torn down on drop.
+pub struct Testbed {
+    pub name: String,
+    pub repo: PathBuf,
+    pub bin: PathBuf,
+    pub dir: PathBuf,
+}
+
+/// What `migrate --json` printed and how it exited.
+#[derive(Debug)]
+pub struct MigrateResult {
+    pub success: bool,
+    pub json: serde_json::Value,
+    pub stderr: String,
+}
+
+/// Why the suite cannot run here; it fails with this rather than pass silently.
+pub fn environment_problems(bin: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        problems.push("the integration suite must run as root (it creates namespaces and runs CRIU)".to_string());
+    }
+    let criu = ["/usr/local/sbin/criu", "/usr/sbin/criu"].iter().find(|p| Path::new(p).exists()).map(PathBuf::from).or_else(|| {
+        std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("criu")).find(|c| c.exists()))
+    });
+    match criu {
+        None => problems.push("CRIU is not installed: run deploy/install.sh".to_string()),
+        Some(c) => {
+            let ok = Command::new(&c).arg("check").stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success());
+            if ok.ok() != Some(true) {
+                problems.push(format!("{} check fails: run deploy/install.sh", c.display()));
+            }
+        }
+    }
+    for b in ["source-agent", "target-agent", "migrate", "workload"] {
+        if !bin.join(b).exists() {
+            problems.push(format!("{} is missing: cargo build --release --workspace first", bin.join(b).display()));
+        }
+    }
+    problems
+}
+
+impl Testbed {
+    /// Brings up a testbed named `name` with the binaries in `bin`.
+    pub fn up(name: &str, bin: &Path) -> Result<Testbed, String> {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf();
+        let tb = Testbed { name: name.into(), repo, bin: bin.into(), dir: PathBuf::from(format!("/run/migrate-testbed/{name}")) };
+        let _ = tb.script(&["down"]);
+        let out = tb.script(&["up"]);
+        if !out.status.success() {
+            return Err(format!("testbed up failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(tb)
+    }
+
+    fn script(&self, args: &[&str]) -> Output {
+        Command::new(self.repo.join("deploy/testbed"))
+            .args(args)
+            .env("TESTBED_NAME", &self.name)
+            .env("MIGRATE_BIN_DIR", &self.bin)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run deploy/testbed")
+    }
+
+    /// Runs a command on `host` that leaves a process behind (`setsid -f ...`): its standard streams are
+    /// /dev/null, so nothing it leaves running holds our pipes. Returns whether it exited 0.
+    pub fn exec_detached(&self, host: &str, args: &[&str]) -> bool {
+        let mut a = vec!["exec", host];
+        a.extend_from_slice(args);
+        Command::new(self.repo.join("deploy/testbed"))
+            .args(a)
+            .env("TESTBED_NAME", &self.name)
+            .env("MIGRATE_BIN_DIR", &self.bin)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Runs a command on `host` and returns its output.
+    pub fn exec(&self, host: &str, args: &[&str]) -> Output {
+        let mut a = vec!["exec", host];
+        a.extend_from_slice(args);
+        self.script(&a)
+    }
+
+    /// The address of a host.
+    pub fn addr(&self, host: &str) -> String {
+        String::from_utf8(self.script(&["addr", host]).stdout).expect("utf8").trim().to_string()
+    }
+
+    /// A directory whose content is private to host b (a tmpfs there, a plain directory on a).
+    pub fn hostlocal(&self) -> PathBuf {
+        self.dir.join("hostlocal")
+    }
+
+    /// Starts `workload ARGS --pidfile ...` detached in its own session on `host`; returns its pid once
+    /// it is ready (as numbered in that host's pid namespace).
+    pub fn start_workload(&self, host: &str, args: &[&str]) -> u32 {
+        let pidfile = std::env::temp_dir().join(format!("migrate-test-{}-{}.pid", std::process::id(), unique()));
+        let workload = self.bin.join("workload");
+        let mut a: Vec<&str> = vec!["setsid", "-f", workload.to_str().expect("utf8")];
+        a.extend_from_slice(args);
+        let pf = pidfile.to_str().expect("utf8").to_string();
+        a.extend_from_slice(&["--pidfile", &pf]);
+        assert!(self.exec_detached(host, &a), "starting workload {args:?} on {host} failed");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&pidfile) {
+                let _ = std::fs::remove_file(&pidfile);
+                return s.trim().parse().expect("pid in pidfile");
+            }
+            assert!(Instant::now() < deadline, "workload {args:?} did not become ready within 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Asks the workload `name` on `host` for its state.
+    pub fn query(&self, host: &str, name: &str) -> Result<serde_json::Value, String> {
+        let workload = self.bin.join("workload");
+        let out = self.exec(host, &[workload.to_str().expect("utf8"), "query", "--name", name]);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad answer {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// The state letter of `pid` on `host` (None: no such process there).
+    pub fn state(&self, host: &str, pid: u32) -> Option<char> {
+        let out = self.exec(host, &["cat", &format!("/proc/{pid}/stat")]);
+        if !out.status.success() {
+            return None;
+        }
+        let s = String::from_utf8_lossy(&out.stdout);
+        s[s.rfind(')')? + 1..].trim_start().chars().next()
+    }
+
+    /// True when `pid` runs on `host` (exists, not a zombie, not stopped).
+    pub fn running(&self, host: &str, pid: u32) -> bool {
+        matches!(self.state(host, pid), Some(s) if !"ZXTt".contains(s))
+    }
+
+    /// Runs `migrate --json PID TARGET EXTRA...` on `host` with that host's source agent, or with the
+    /// agent socket `agent` when given.
+    pub fn migrate(&self, host: &str, pid: u32, target: &str, agent: Option<&Path>) -> MigrateResult {
+        let pid = pid.to_string();
+        let mut a = vec!["migrate", "--json", &pid, target];
+        let sock;
+        if let Some(s) = agent {
+            sock = s.to_str().expect("utf8").to_string();
+            a.extend_from_slice(&["--agent-socket", &sock]);
+        }
+        let out = self.exec(host, &a);
+        let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "migrate printed no JSON ({e}): stdout {:?} stderr {:?}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        MigrateResult { success: out.status.success(), json, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+    }
+
+    /// Kills a process on a host (cleanup).
+    pub fn kill(&self, host: &str, pid: u32) {
+        let _ = self.exec(host, &["kill", "-KILL", &pid.to_string()]);
+    }
+}
+
+impl Testbed {
+    /// Takes the testbed down (also done on drop).
+    pub fn down(&self) {
+        let out = self.script(&["down"]);
+        if !out.status.success() {
+            eprintln!("testbed down failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// A number unique within this process.
+pub fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
