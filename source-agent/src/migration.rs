@@ -98,11 +98,13 @@ pub async fn run(ctx: &Context, pid: u32, target: &str, events: UnboundedSender<
         let _ = std::fs::remove_dir_all(&m.work_dir);
     }
     result.map_err(|error| {
+        // Each error is a sentence; the rollback outcome is the next one.
+        let error = if error.ends_with(['.', '?', '!']) { error } else { format!("{error}.") };
         let error = match original {
-            Original::Running if m.stage == Stage::Frozen => format!("{error}. The original was resumed on this host."),
-            Original::Running => format!("{error}. The process was not touched."),
+            Original::Running if m.stage == Stage::Frozen => format!("{error} The original was resumed on this host."),
+            Original::Running => format!("{error} The process was not touched."),
             Original::StoppedInDoubt => format!(
-                "{error}. Commit was sent but not confirmed: the copy may run on the target, so the original (pids {:?}) is kept \
+                "{error} Commit was sent but not confirmed: the copy may run on the target, so the original (pids {:?}) is kept \
                  stopped here. If the target does not run it, resume the original with kill -CONT; otherwise kill it.",
                 m.pids
             ),
