@@ -13,18 +13,40 @@ use source_agent::control::{Event, Phase, Summary};
 /// agent, which restores it; only when the copy runs there is the original killed. On any failure before
 /// that, the original is resumed here.
 #[derive(Parser, Debug, PartialEq)]
-#[command(name = "migrate", version)]
+#[command(
+    name = "migrate",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Pid of the root of the process tree to move.
-    pub pid: u32,
+    #[arg(required = true)]
+    pub pid: Option<u32>,
     /// Target agent, as host[:port] (default port 7420).
-    pub host: String,
-    /// Print the summary (or the error) as one JSON object on stdout instead of text and a progress bar.
-    #[arg(long)]
+    #[arg(required = true)]
+    pub host: Option<String>,
+    /// Print the result (or the error) as one JSON object on stdout instead of text and a progress bar.
+    #[arg(long, global = true)]
     pub json: bool,
     /// Control socket of the local source agent.
-    #[arg(long, env = "MIGRATE_AGENT_SOCKET", default_value = source_agent::control::DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "MIGRATE_AGENT_SOCKET", default_value = source_agent::control::DEFAULT_SOCKET)]
     pub agent_socket: PathBuf,
+}
+
+/// Other things `migrate` does.
+#[derive(clap::Subcommand, Debug, PartialEq)]
+pub enum Command {
+    /// Say, before anything is frozen, what would stop PID from migrating (to HOST, when given) and how
+    /// to fix it. Exit status 0 when it can migrate, 1 when something blocks it.
+    Check {
+        /// Pid of the root of the process tree.
+        pid: u32,
+        /// Target agent to ask as well, as host[:port].
+        host: Option<String>,
+    },
 }
 
 /// Human size, binary units.
@@ -39,7 +61,11 @@ pub fn bytes(n: u64) -> String {
 }
 
 fn duration_ms(ms: f64) -> String {
-    if ms >= 1000.0 { format!("{:.2} s", ms / 1000.0) } else { format!("{ms:.0} ms") }
+    if ms >= 1000.0 {
+        format!("{:.2} s", ms / 1000.0)
+    } else {
+        format!("{ms:.0} ms")
+    }
 }
 
 /// The summary as text: one line with the figures that matter, then the breakdown.
@@ -68,15 +94,61 @@ pub fn summary_text(s: &Summary) -> String {
 
 /// Runs the command; returns the process exit code.
 pub async fn run(cli: Cli) -> i32 {
+    match (&cli.command, cli.pid, &cli.host) {
+        (Some(Command::Check { pid, host }), _, _) => check(&cli, *pid, host.clone()).await,
+        (None, Some(pid), Some(host)) => migrate(&cli, pid, host.clone()).await,
+        _ => unreachable!("clap requires pid and host without a subcommand"),
+    }
+}
+
+async fn check(cli: &Cli, pid: u32, target: Option<String>) -> i32 {
+    let req = source_agent::control::Request::Check { pid, target };
+    match source_agent::control::request(&cli.agent_socket, &req, |_| {}).await {
+        Ok(Event::Checked { report }) => {
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serializes")
+                );
+            } else {
+                print!("{}", report.text());
+            }
+            if report.blockers.is_empty() { 0 } else { 1 }
+        }
+        Ok(other) => fail(
+            cli,
+            format!("unexpected answer from the source agent: {other:?}"),
+            None,
+        ),
+        Err(e) => fail(cli, e.to_string(), None),
+    }
+}
+
+fn fail(cli: &Cli, error: String, original: Option<serde_json::Value>) -> i32 {
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({ "error": error, "original": original })
+        );
+    }
+    eprintln!("migrate: error: {error}");
+    1
+}
+
+async fn migrate(cli: &Cli, pid: u32, host: String) -> i32 {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-    let bar = if cli.json { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr()) };
+    let bar = if cli.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} {prefix:>9} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {wide_msg}")
             .expect("valid template")
             .progress_chars("=> "),
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
-    let req = source_agent::control::Request::Migrate { pid: cli.pid, target: cli.host.clone() };
+    let req = source_agent::control::Request::Migrate { pid, target: host };
     let mut wire = 0;
     let result = source_agent::control::request(&cli.agent_socket, &req, |ev| match ev {
         Event::Phase { phase, message } => {
@@ -85,7 +157,11 @@ pub async fn run(cli: Cli) -> i32 {
                 bar.set_message(message.clone());
             }
         }
-        Event::Transfer { done, total, wire: w } => {
+        Event::Transfer {
+            done,
+            total,
+            wire: w,
+        } => {
             wire = *w;
             bar.set_length(*total);
             bar.set_position(*done);
@@ -96,24 +172,30 @@ pub async fn run(cli: Cli) -> i32 {
     .await;
     bar.finish_and_clear();
     match result {
-        Ok(summary) => {
+        Ok(Event::Done { summary }) => {
             if cli.json {
-                println!("{}", serde_json::to_string(&summary).expect("summary serializes"));
+                println!(
+                    "{}",
+                    serde_json::to_string(&summary).expect("summary serializes")
+                );
             } else {
                 println!("{}", summary_text(&summary));
             }
             0
         }
+        Ok(other) => fail(
+            cli,
+            format!("unexpected answer from the source agent: {other:?}"),
+            None,
+        ),
         Err(e) => {
-            if cli.json {
-                let original = match &e {
-                    source_agent::control::ClientError::Failed { original, .. } => serde_json::to_value(original).ok(),
-                    _ => None,
-                };
-                println!("{}", serde_json::json!({ "error": e.to_string(), "original": original }));
-            }
-            eprintln!("migrate: error: {e}");
-            1
+            let original = match &e {
+                source_agent::control::ClientError::Failed { original, .. } => {
+                    serde_json::to_value(original).ok()
+                }
+                _ => None,
+            };
+            fail(cli, e.to_string(), original)
         }
     }
 }
@@ -124,10 +206,45 @@ mod tests {
 
     #[test]
     fn parses_pid_host_and_flags() {
-        let c = Cli::try_parse_from(["migrate", "--json", "123", "10.0.0.2:7420", "--agent-socket", "/x.sock"]).unwrap();
-        assert_eq!(c, Cli { pid: 123, host: "10.0.0.2:7420".into(), json: true, agent_socket: "/x.sock".into() });
+        let c = Cli::try_parse_from([
+            "migrate",
+            "--json",
+            "123",
+            "10.0.0.2:7420",
+            "--agent-socket",
+            "/x.sock",
+        ])
+        .unwrap();
+        assert_eq!(
+            c,
+            Cli {
+                command: None,
+                pid: Some(123),
+                host: Some("10.0.0.2:7420".into()),
+                json: true,
+                agent_socket: "/x.sock".into()
+            }
+        );
         assert!(Cli::try_parse_from(["migrate", "notapid", "b"]).is_err());
         assert!(Cli::try_parse_from(["migrate", "123"]).is_err());
+        assert!(Cli::try_parse_from(["migrate"]).is_err());
+        let c = Cli::try_parse_from(["migrate", "check", "--json", "42"]).unwrap();
+        assert_eq!(
+            c.command,
+            Some(Command::Check {
+                pid: 42,
+                host: None
+            })
+        );
+        assert!(c.json);
+        let c = Cli::try_parse_from(["migrate", "check", "42", "b:7420"]).unwrap();
+        assert_eq!(
+            c.command,
+            Some(Command::Check {
+                pid: 42,
+                host: Some("b:7420".into())
+            })
+        );
     }
 
     #[test]

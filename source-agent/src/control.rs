@@ -21,6 +21,8 @@ pub const DEFAULT_SOCKET: &str = "/run/migrate/source.sock";
 pub enum Request {
     /// Move the tree rooted at `pid` to the target agent at `target` (`host[:port]`).
     Migrate { pid: u32, target: String },
+    /// Pre-flight only: what would stop the tree from moving (to `target`, when given). Touches nothing.
+    Check { pid: u32, target: Option<String> },
 }
 
 /// Phases of a migration, in order.
@@ -50,11 +52,27 @@ pub enum Original {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    Phase { phase: Phase, message: String },
+    Phase {
+        phase: Phase,
+        message: String,
+    },
     /// Image bytes sent so far (`done` of `total`), and bytes on the wire.
-    Transfer { done: u64, total: u64, wire: u64 },
-    Done { summary: Summary },
-    Failed { error: String, original: Original },
+    Transfer {
+        done: u64,
+        total: u64,
+        wire: u64,
+    },
+    Done {
+        summary: Summary,
+    },
+    /// The answer to a Check.
+    Checked {
+        report: crate::preflight::Report,
+    },
+    Failed {
+        error: String,
+        original: Original,
+    },
 }
 
 /// The outcome of a migration.
@@ -90,7 +108,10 @@ pub enum ClientError {
     #[error(
         "cannot reach the source agent at {path}: {source}; is source-agent running on this host (or set --agent-socket / MIGRATE_AGENT_SOCKET)?"
     )]
-    Connect { path: String, source: std::io::Error },
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("source agent connection: {0}")]
     Io(#[from] std::io::Error),
     #[error("source agent sent an unreadable line: {0}")]
@@ -101,11 +122,19 @@ pub enum ClientError {
     Failed { error: String, original: Original },
 }
 
-/// Sends `req` to the agent at `socket`, calling `on_event` for every event, and returns the summary.
-pub async fn request(socket: &Path, req: &Request, mut on_event: impl FnMut(&Event)) -> Result<Summary, ClientError> {
+/// Sends `req` to the agent at `socket`, calling `on_event` for every event, and returns the final one
+/// (`Done` or `Checked`); `Failed` becomes an error.
+pub async fn request(
+    socket: &Path,
+    req: &Request,
+    mut on_event: impl FnMut(&Event),
+) -> Result<Event, ClientError> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
-        .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
+        .map_err(|source| ClientError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
@@ -115,8 +144,10 @@ pub async fn request(socket: &Path, req: &Request, mut on_event: impl FnMut(&Eve
         let ev: Event = serde_json::from_str(&l)?;
         on_event(&ev);
         match ev {
-            Event::Done { summary } => return Ok(summary),
-            Event::Failed { error, original } => return Err(ClientError::Failed { error, original }),
+            Event::Done { .. } | Event::Checked { .. } => return Ok(ev),
+            Event::Failed { error, original } => {
+                return Err(ClientError::Failed { error, original });
+            }
             _ => {}
         }
     }
@@ -129,9 +160,21 @@ mod tests {
 
     #[test]
     fn wire_format_is_stable() {
-        let r = Request::Migrate { pid: 42, target: "b:7420".into() };
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"request":"migrate","pid":42,"target":"b:7420"}"#);
-        let e = Event::Failed { error: "x".into(), original: Original::Running };
-        assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"event":"failed","error":"x","original":"running"}"#);
+        let r = Request::Migrate {
+            pid: 42,
+            target: "b:7420".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"request":"migrate","pid":42,"target":"b:7420"}"#
+        );
+        let e = Event::Failed {
+            error: "x".into(),
+            original: Original::Running,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"event":"failed","error":"x","original":"running"}"#
+        );
     }
 }

@@ -33,6 +33,8 @@ pub const MAX_FILES: usize = 20_000;
 /// How long the files may still be arriving after ImagesDone (the source sends it once every stream
 /// was read to the end, so this only covers the last writes to disk here).
 const FILES_SETTLE: Duration = Duration::from_secs(60);
+/// Most pids or files one Prepare may ask about.
+const MAX_CHECKED_FILES: usize = 100_000;
 /// Free space kept back on the work dir's file system.
 const DISK_RESERVE: u64 = 64 << 20;
 
@@ -58,12 +60,17 @@ enum SessionError {
     Refused { stage: &'static str, reason: String },
     #[error("source aborted: {0}")]
     Aborted(String),
+    #[error("answered a check (or refused with blockers); nothing to receive")]
+    Checked,
     #[error("no Commit within {0:?}: the restored copy was killed")]
     CommitTimeout(Duration),
 }
 
 fn refuse(stage: &'static str, reason: impl Into<String>) -> SessionError {
-    SessionError::Refused { stage, reason: reason.into() }
+    SessionError::Refused {
+        stage,
+        reason: reason.into(),
+    }
 }
 
 /// Handles one connection; logs the outcome.
@@ -89,7 +96,10 @@ pub async fn handle(ctx: Arc<Context>, conn: quinn::Connection) {
 
 async fn recv_msg(recv: &mut quinn::RecvStream) -> Result<source_msg::Msg, SessionError> {
     let m: pb::SourceMsg = read_frame(recv).await?.ok_or(SessionError::Closed)?;
-    m.msg.ok_or(SessionError::Unexpected { got: "an empty message".into(), expected: "a message" })
+    m.msg.ok_or(SessionError::Unexpected {
+        got: "an empty message".into(),
+        expected: "a message",
+    })
 }
 
 fn unexpected(got: &source_msg::Msg, expected: &'static str) -> SessionError {
@@ -105,12 +115,23 @@ async fn send_msg(send: &mut quinn::SendStream, msg: target_msg::Msg) -> Result<
     Ok(())
 }
 
-async fn serve(ctx: &Context, conn: &quinn::Connection, work_dir: &mut Option<PathBuf>) -> Result<u32, SessionError> {
+async fn serve(
+    ctx: &Context,
+    conn: &quinn::Connection,
+    work_dir: &mut Option<PathBuf>,
+) -> Result<u32, SessionError> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     let result = serve_control(ctx, conn, &mut send, &mut recv, work_dir).await;
     if let Err(SessionError::Refused { stage, reason }) = &result {
         // Best effort: the source learns why; the connection may already be gone.
-        let _ = send_msg(&mut send, target_msg::Msg::Failed(pb::Failed { stage: (*stage).into(), reason: reason.clone() })).await;
+        let _ = send_msg(
+            &mut send,
+            target_msg::Msg::Failed(pb::Failed {
+                stage: (*stage).into(),
+                reason: reason.clone(),
+            }),
+        )
+        .await;
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     }
@@ -137,19 +158,65 @@ async fn serve_control(
         source_msg::Msg::Prepare(p) => p,
         other => return Err(unexpected(&other, "Prepare")),
     };
-    names::check_image_name(&prepare.migration_id).map_err(|e| refuse("prepare", format!("migration id: {e}")))?;
+    names::check_image_name(&prepare.migration_id)
+        .map_err(|e| refuse("prepare", format!("migration id: {e}")))?;
     tracing::Span::current().record("id", prepare.migration_id.as_str());
     tracing::info!(from = %hello.host_name, pids = ?prepare.pids, comm = %prepare.comm, "prepare");
-    check_pids_free(&prepare.pids, &ctx.hello.host_name)?;
-    let dir = ctx.cfg.state_dir.join("incoming").join(&prepare.migration_id);
-    std::fs::create_dir(&dir).map_err(|e| refuse("prepare", format!("cannot create work dir {}: {e}", dir.display())))?;
+    if prepare.files.len() > MAX_CHECKED_FILES || prepare.pids.len() > MAX_CHECKED_FILES {
+        return Err(refuse(
+            "prepare",
+            format!("more than {MAX_CHECKED_FILES} pids or files to check"),
+        ));
+    }
+    let blockers = target_blockers(&prepare, &ctx.hello.host_name);
+    let state = ctx.cfg.state_dir.join("incoming");
+    let free = free_bytes(&state).saturating_sub(DISK_RESERVE);
+    if prepare.dry_run || !blockers.is_empty() {
+        tracing::info!(
+            blockers = blockers.len(),
+            dry_run = prepare.dry_run,
+            "answered a check"
+        );
+        send_msg(
+            send,
+            target_msg::Msg::Prepared(pb::Prepared {
+                free_bytes: free,
+                blockers,
+                warnings: vec![],
+            }),
+        )
+        .await?;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        return Err(SessionError::Checked);
+    }
+    let dir = state.join(&prepare.migration_id);
+    std::fs::create_dir(&dir).map_err(|e| {
+        refuse(
+            "prepare",
+            format!("cannot create work dir {}: {e}", dir.display()),
+        )
+    })?;
     *work_dir = Some(dir.clone());
-    let free = free_bytes(&dir).saturating_sub(DISK_RESERVE);
-    send_msg(send, target_msg::Msg::Prepared(pb::Prepared { free_bytes: free })).await?;
+    send_msg(
+        send,
+        target_msg::Msg::Prepared(pb::Prepared {
+            free_bytes: free,
+            blockers: vec![],
+            warnings: vec![],
+        }),
+    )
+    .await?;
 
     // Files arrive on their own streams while the control stream waits for ImagesDone.
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let receiver = tokio::spawn(receive_files(conn.clone(), dir.clone(), prepare.migration_id.clone(), free, tx));
+    let receiver = tokio::spawn(receive_files(
+        conn.clone(),
+        dir.clone(),
+        prepare.migration_id.clone(),
+        free,
+        tx,
+    ));
     let _abort_receiver = AbortOnDrop(receiver);
     let done = match recv_msg(recv).await? {
         source_msg::Msg::ImagesDone(d) => d,
@@ -159,11 +226,20 @@ async fn serve_control(
 
     // Restore, stopped.
     let started = Instant::now();
-    let restore = ctx.criu.restore(&criu::RestoreRequest { images_dir: dir.clone() }).await;
+    let restore = ctx
+        .criu
+        .restore(&criu::RestoreRequest {
+            images_dir: dir.clone(),
+        })
+        .await;
     let (root, _) = match restore {
         Ok(r) => r,
         Err(e) => {
-            let kept = ctx.cfg.state_dir.join("logs").join(format!("{}-restore.log", prepare.migration_id));
+            let kept = ctx
+                .cfg
+                .state_dir
+                .join("logs")
+                .join(format!("{}-restore.log", prepare.migration_id));
             let _ = std::fs::copy(dir.join("restore.log"), &kept);
             let reason = match &e {
                 criu::CriuError::Failed { status, errors, .. } => format!(
@@ -178,9 +254,18 @@ async fn serve_control(
     };
     let pids = criu::tree::processes(root).unwrap_or_else(|_| vec![root]);
     tracing::info!(root, ?pids, elapsed = ?started.elapsed(), "restored, stopped until commit");
-    let mut copy = StoppedCopy { pids: pids.clone(), committed: false };
-    send_msg(send, target_msg::Msg::Restored(pb::Restored { root_pid: root, restore_micros: started.elapsed().as_micros() as u64 }))
-        .await?;
+    let mut copy = StoppedCopy {
+        pids: pids.clone(),
+        committed: false,
+    };
+    send_msg(
+        send,
+        target_msg::Msg::Restored(pb::Restored {
+            root_pid: root,
+            restore_micros: started.elapsed().as_micros() as u64,
+        }),
+    )
+    .await?;
 
     // Commit or drop.
     let msg = match tokio::time::timeout(ctx.cfg.commit_timeout, recv_msg(recv)).await {
@@ -193,7 +278,11 @@ async fn serve_control(
     }
     copy.committed = true;
     criu::tree::resume(&pids).map_err(|e| refuse("resume", format!("restored pid {root}: {e}")))?;
-    send_msg(send, target_msg::Msg::Resumed(pb::Resumed { root_pid: root })).await?;
+    send_msg(
+        send,
+        target_msg::Msg::Resumed(pb::Resumed { root_pid: root }),
+    )
+    .await?;
     let _ = send.finish();
     // Let the Resumed frame reach the source before the connection is closed.
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
@@ -224,23 +313,47 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-fn check_pids_free(pids: &[u32], host: &str) -> Result<(), SessionError> {
-    let taken: Vec<String> = pids
-        .iter()
-        .filter(|&&p| criu::tree::state(p).is_some())
-        .map(|&p| format!("{p} (used by `{}`)", criu::tree::comm(p)))
-        .collect();
-    if taken.is_empty() {
-        return Ok(());
+/// What on this host would stop the tree: pids in use (CRIU restores every process with its original
+/// pid) and files that CRIU will reopen by path but that are missing or have another size here.
+fn target_blockers(prepare: &pb::Prepare, host: &str) -> Vec<pb::Finding> {
+    let mut out = Vec::new();
+    for &p in &prepare.pids {
+        if criu::tree::state(p).is_some() {
+            out.push(pb::Finding {
+                code: "pid-taken".into(),
+                pid: p,
+                detail: format!("pid {p} (used by `{}`) already taken on {host}; CRIU restores every process with its original pid", criu::tree::comm(p)),
+                fix: format!("stop the process holding pid {p} on {host}, or start the workload in its own pid namespace"),
+            });
+        }
     }
-    Err(refuse(
-        "prepare",
-        format!(
-            "pid {} already taken on {host}; CRIU restores every process with its original pid. \
-             Stop the process holding it there, or start the workload in its own pid namespace",
-            taken.join(", ")
-        ),
-    ))
+    for f in &prepare.files {
+        if !f.path.starts_with('/') || f.path.len() > 4096 {
+            out.push(pb::Finding {
+                code: "bad-path".into(),
+                pid: 0,
+                detail: format!("{:?} is not an absolute path", f.path),
+                fix: "report this bug".into(),
+            });
+            continue;
+        }
+        match std::fs::metadata(&f.path) {
+            Err(e) => out.push(pb::Finding {
+                code: "missing-file".into(),
+                pid: 0,
+                detail: format!("{} ({} bytes), which the process holds open or maps, is missing on {host}: {e}", f.path, f.size),
+                fix: format!("make the same file available at the same path on {host} (copy it, or use shared storage)"),
+            }),
+            Ok(m) if m.is_file() && m.len() != f.size => out.push(pb::Finding {
+                code: "file-size".into(),
+                pid: 0,
+                detail: format!("{} is {} bytes on {host} but {} bytes on the source; CRIU insists on the same size", f.path, m.len(), f.size),
+                fix: format!("make {} on {host} identical to the source's", f.path),
+            }),
+            Ok(_) => {}
+        }
+    }
+    out
 }
 
 fn free_bytes(dir: &Path) -> u64 {
@@ -254,7 +367,13 @@ type FileResult = Result<pb::FileSummary, String>;
 
 /// Accepts file streams until the connection ends; each result goes to `tx`. Bytes are taken from a
 /// shared budget (free disk space) before a file is received, so a peer cannot fill the disk.
-async fn receive_files(conn: quinn::Connection, dir: PathBuf, id: String, budget: u64, tx: tokio::sync::mpsc::Sender<FileResult>) {
+async fn receive_files(
+    conn: quinn::Connection,
+    dir: PathBuf,
+    id: String,
+    budget: u64,
+    tx: tokio::sync::mpsc::Sender<FileResult>,
+) {
     let budget = Arc::new(AtomicU64::new(budget));
     let mut count = 0usize;
     while let Ok(mut stream) = conn.accept_uni().await {
@@ -291,9 +410,18 @@ async fn receive_files(conn: quinn::Connection, dir: PathBuf, id: String, budget
     }
 }
 
-async fn wait_for_files(done: &pb::ImagesDone, rx: &mut tokio::sync::mpsc::Receiver<FileResult>) -> Result<(), SessionError> {
+async fn wait_for_files(
+    done: &pb::ImagesDone,
+    rx: &mut tokio::sync::mpsc::Receiver<FileResult>,
+) -> Result<(), SessionError> {
     if done.files.len() > MAX_FILES {
-        return Err(refuse("receive", format!("{} files announced, more than {MAX_FILES}", done.files.len())));
+        return Err(refuse(
+            "receive",
+            format!(
+                "{} files announced, more than {MAX_FILES}",
+                done.files.len()
+            ),
+        ));
     }
     let mut expected: HashMap<&str, &pb::FileSummary> = HashMap::new();
     for f in &done.files {
@@ -305,7 +433,12 @@ async fn wait_for_files(done: &pb::ImagesDone, rx: &mut tokio::sync::mpsc::Recei
     while got < expected.len() {
         let r = tokio::time::timeout_at(deadline, rx.recv())
             .await
-            .map_err(|_| refuse("receive", format!("only {got} of {} image files arrived", expected.len())))?
+            .map_err(|_| {
+                refuse(
+                    "receive",
+                    format!("only {got} of {} image files arrived", expected.len()),
+                )
+            })?
             .ok_or_else(|| refuse("receive", "connection ended before all image files arrived"))?;
         let f = r.map_err(|e| refuse("receive", e))?;
         match expected.get(f.name.as_str()) {
@@ -313,10 +446,18 @@ async fn wait_for_files(done: &pb::ImagesDone, rx: &mut tokio::sync::mpsc::Recei
             Some(want) => {
                 return Err(refuse(
                     "receive",
-                    format!("{}: received {} bytes xxh3 {:016x}, source announced {} bytes xxh3 {:016x}", f.name, f.size, f.xxh3, want.size, want.xxh3),
+                    format!(
+                        "{}: received {} bytes xxh3 {:016x}, source announced {} bytes xxh3 {:016x}",
+                        f.name, f.size, f.xxh3, want.size, want.xxh3
+                    ),
                 ));
             }
-            None => return Err(refuse("receive", format!("{} was sent but is not in the image list", f.name))),
+            None => {
+                return Err(refuse(
+                    "receive",
+                    format!("{} was sent but is not in the image list", f.name),
+                ));
+            }
         }
     }
     Ok(())

@@ -26,23 +26,45 @@ pub struct MigrateResult {
 pub fn environment_problems(bin: &Path) -> Vec<String> {
     let mut problems = Vec::new();
     if !nix::unistd::geteuid().is_root() {
-        problems.push("the integration suite must run as root (it creates namespaces and runs CRIU)".to_string());
+        problems.push(
+            "the integration suite must run as root (it creates namespaces and runs CRIU)"
+                .to_string(),
+        );
     }
-    let criu = ["/usr/local/sbin/criu", "/usr/sbin/criu"].iter().find(|p| Path::new(p).exists()).map(PathBuf::from).or_else(|| {
-        std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("criu")).find(|c| c.exists()))
-    });
+    let criu = ["/usr/local/sbin/criu", "/usr/sbin/criu"]
+        .iter()
+        .find(|p| Path::new(p).exists())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("PATH").and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("criu"))
+                    .find(|c| c.exists())
+            })
+        });
     match criu {
         None => problems.push("CRIU is not installed: run deploy/install.sh".to_string()),
         Some(c) => {
-            let ok = Command::new(&c).arg("check").stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success());
+            let ok = Command::new(&c)
+                .arg("check")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success());
             if ok.ok() != Some(true) {
-                problems.push(format!("{} check fails: run deploy/install.sh", c.display()));
+                problems.push(format!(
+                    "{} check fails: run deploy/install.sh",
+                    c.display()
+                ));
             }
         }
     }
     for b in ["source-agent", "target-agent", "migrate", "workload"] {
         if !bin.join(b).exists() {
-            problems.push(format!("{} is missing: cargo build --release --workspace first", bin.join(b).display()));
+            problems.push(format!(
+                "{} is missing: cargo build --release --workspace first",
+                bin.join(b).display()
+            ));
         }
     }
     problems
@@ -51,12 +73,23 @@ pub fn environment_problems(bin: &Path) -> Vec<String> {
 impl Testbed {
     /// Brings up a testbed named `name` with the binaries in `bin`.
     pub fn up(name: &str, bin: &Path) -> Result<Testbed, String> {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf();
-        let tb = Testbed { name: name.into(), repo, bin: bin.into(), dir: PathBuf::from(format!("/run/migrate-testbed/{name}")) };
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("repo root")
+            .to_path_buf();
+        let tb = Testbed {
+            name: name.into(),
+            repo,
+            bin: bin.into(),
+            dir: PathBuf::from(format!("/run/migrate-testbed/{name}")),
+        };
         let _ = tb.script(&["down"]);
         let out = tb.script(&["up"]);
         if !out.status.success() {
-            return Err(format!("testbed up failed: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "testbed up failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         Ok(tb)
     }
@@ -97,7 +130,10 @@ impl Testbed {
 
     /// The address of a host.
     pub fn addr(&self, host: &str) -> String {
-        String::from_utf8(self.script(&["addr", host]).stdout).expect("utf8").trim().to_string()
+        String::from_utf8(self.script(&["addr", host]).stdout)
+            .expect("utf8")
+            .trim()
+            .to_string()
     }
 
     /// A directory whose content is private to host b (a tmpfs there, a plain directory on a).
@@ -108,20 +144,30 @@ impl Testbed {
     /// Starts `workload ARGS --pidfile ...` detached in its own session on `host`; returns its pid once
     /// it is ready (as numbered in that host's pid namespace).
     pub fn start_workload(&self, host: &str, args: &[&str]) -> u32 {
-        let pidfile = std::env::temp_dir().join(format!("migrate-test-{}-{}.pid", std::process::id(), unique()));
+        let pidfile = std::env::temp_dir().join(format!(
+            "migrate-test-{}-{}.pid",
+            std::process::id(),
+            unique()
+        ));
         let workload = self.bin.join("workload");
         let mut a: Vec<&str> = vec!["setsid", "-f", workload.to_str().expect("utf8")];
         a.extend_from_slice(args);
         let pf = pidfile.to_str().expect("utf8").to_string();
         a.extend_from_slice(&["--pidfile", &pf]);
-        assert!(self.exec_detached(host, &a), "starting workload {args:?} on {host} failed");
+        assert!(
+            self.exec_detached(host, &a),
+            "starting workload {args:?} on {host} failed"
+        );
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(s) = std::fs::read_to_string(&pidfile) {
                 let _ = std::fs::remove_file(&pidfile);
                 return s.trim().parse().expect("pid in pidfile");
             }
-            assert!(Instant::now() < deadline, "workload {args:?} did not become ready within 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "workload {args:?} did not become ready within 60 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -129,11 +175,15 @@ impl Testbed {
     /// Asks the workload `name` on `host` for its state.
     pub fn query(&self, host: &str, name: &str) -> Result<serde_json::Value, String> {
         let workload = self.bin.join("workload");
-        let out = self.exec(host, &[workload.to_str().expect("utf8"), "query", "--name", name]);
+        let out = self.exec(
+            host,
+            &[workload.to_str().expect("utf8"), "query", "--name", name],
+        );
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad answer {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("bad answer {:?}: {e}", String::from_utf8_lossy(&out.stdout)))
     }
 
     /// The state letter of `pid` on `host` (None: no such process there).
@@ -153,7 +203,13 @@ impl Testbed {
 
     /// Runs `migrate --json PID TARGET EXTRA...` on `host` with that host's source agent, or with the
     /// agent socket `agent` when given.
-    pub fn migrate(&self, host: &str, pid: u32, target: &str, agent: Option<&Path>) -> MigrateResult {
+    pub fn migrate(
+        &self,
+        host: &str,
+        pid: u32,
+        target: &str,
+        agent: Option<&Path>,
+    ) -> MigrateResult {
         let pid = pid.to_string();
         let mut a = vec!["migrate", "--json", &pid, target];
         let sock;
@@ -169,7 +225,11 @@ impl Testbed {
                 String::from_utf8_lossy(&out.stderr)
             )
         });
-        MigrateResult { success: out.status.success(), json, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+        MigrateResult {
+            success: out.status.success(),
+            json,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 
     /// Kills a process on a host (cleanup).
@@ -183,7 +243,10 @@ impl Testbed {
     pub fn down(&self) {
         let out = self.script(&["down"]);
         if !out.status.success() {
-            eprintln!("testbed down failed: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "testbed down failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }

@@ -23,11 +23,18 @@ fn bin_dir() -> PathBuf {
     }
     // target/<profile>/deps/testbed-HASH -> target/<profile>
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .to_path_buf()
 }
 
 fn check(cond: bool, what: impl Into<String>) -> Result<(), Failed> {
-    if cond { Ok(()) } else { Err(what.into().into()) }
+    if cond {
+        Ok(())
+    } else {
+        Err(what.into().into())
+    }
 }
 
 fn counter(v: &serde_json::Value) -> u64 {
@@ -38,27 +45,76 @@ fn counter(v: &serde_json::Value) -> u64 {
 fn memory_and_counter_survive() -> Result<(), Failed> {
     let tb = tb();
     let name = format!("mem{}", unique());
-    let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "7"]);
+    let pid = tb.start_workload(
+        "a",
+        &["mem", "--name", &name, "--mib", "256", "--seed", "7"],
+    );
     let before = tb.query("a", &name)?;
-    check(before["checksum"] == before["expected"], "workload checksum differs from its content before migration")?;
+    check(
+        before["checksum"] == before["expected"],
+        "workload checksum differs from its content before migration",
+    )?;
     let r = tb.migrate("a", pid, &tb.addr("b"), None);
-    check(r.success, format!("migrate failed: {} {}", r.json, r.stderr))?;
+    check(
+        r.success,
+        format!("migrate failed: {} {}", r.json, r.stderr),
+    )?;
     let s = &r.json;
-    check(s["pid"] == pid && s["target_pid"] == pid, format!("pids in summary: {s}"))?;
-    check(s["image_bytes"].as_u64().unwrap_or(0) >= 256 << 20, format!("image smaller than the workload: {s}"))?;
-    check(s["wire_bytes"].as_u64().unwrap_or(0) > 0, format!("no bytes on the wire: {s}"))?;
+    check(
+        s["pid"] == pid && s["target_pid"] == pid,
+        format!("pids in summary: {s}"),
+    )?;
+    check(
+        s["image_bytes"].as_u64().unwrap_or(0) >= 256 << 20,
+        format!("image smaller than the workload: {s}"),
+    )?;
+    check(
+        s["wire_bytes"].as_u64().unwrap_or(0) > 0,
+        format!("no bytes on the wire: {s}"),
+    )?;
     let downtime = s["downtime_ms"].as_f64().unwrap_or(0.0);
-    check(downtime > 0.0 && downtime <= s["total_ms"].as_f64().unwrap_or(0.0), format!("downtime/total: {s}"))?;
-    check(s["compression_ratio"].as_f64().unwrap_or(0.0) > 0.0, format!("compression ratio: {s}"))?;
+    check(
+        downtime > 0.0 && downtime <= s["total_ms"].as_f64().unwrap_or(0.0),
+        format!("downtime/total: {s}"),
+    )?;
+    check(
+        s["compression_ratio"].as_f64().unwrap_or(0.0) > 0.0,
+        format!("compression ratio: {s}"),
+    )?;
 
-    check(tb.running("b", pid), format!("pid {pid} does not run in b's pid namespace (state {:?})", tb.state("b", pid)))?;
-    check(!tb.running("a", pid), format!("pid {pid} still runs on a (state {:?})", tb.state("a", pid)))?;
-    check(tb.query("a", &name).is_err(), "the workload still answers on a")?;
+    check(
+        tb.running("b", pid),
+        format!(
+            "pid {pid} does not run in b's pid namespace (state {:?})",
+            tb.state("b", pid)
+        ),
+    )?;
+    check(
+        !tb.running("a", pid),
+        format!("pid {pid} still runs on a (state {:?})", tb.state("a", pid)),
+    )?;
+    check(
+        tb.query("a", &name).is_err(),
+        "the workload still answers on a",
+    )?;
     let after = tb.query("b", &name)?;
-    check(after["pid"] == pid, format!("answer from the wrong process: {after}"))?;
-    check(after["checksum"] == before["checksum"], format!("memory checksum changed: before {before}, after {after}"))?;
-    check(counter(&after) >= counter(&before), format!("counter went back: before {before}, after {after}"))?;
-    let progressed = wait_until(Duration::from_secs(5), || tb.query("b", &name).map(|v| counter(&v) > counter(&after)).unwrap_or(false));
+    check(
+        after["pid"] == pid,
+        format!("answer from the wrong process: {after}"),
+    )?;
+    check(
+        after["checksum"] == before["checksum"],
+        format!("memory checksum changed: before {before}, after {after}"),
+    )?;
+    check(
+        counter(&after) >= counter(&before),
+        format!("counter went back: before {before}, after {after}"),
+    )?;
+    let progressed = wait_until(Duration::from_secs(5), || {
+        tb.query("b", &name)
+            .map(|v| counter(&v) > counter(&after))
+            .unwrap_or(false)
+    });
     check(progressed, "the counter does not advance on b")?;
     tb.kill("b", pid);
     Ok(())
@@ -72,20 +128,37 @@ fn process_tree_with_pipe() -> Result<(), Failed> {
     let before = tb.query("a", &name)?;
     let reader = before["pid"].as_u64().expect("pid") as u32;
     let writer = before["writer"].as_u64().expect("writer") as u32;
-    check(before["parent"] == root, format!("reader's parent is not the root: {before}"))?;
+    check(
+        before["parent"] == root,
+        format!("reader's parent is not the root: {before}"),
+    )?;
     let r = tb.migrate("a", root, &tb.addr("b"), None);
-    check(r.success, format!("migrate failed: {} {}", r.json, r.stderr))?;
-    check(r.json["processes"] == 3, format!("expected 3 processes: {}", r.json))?;
+    check(
+        r.success,
+        format!("migrate failed: {} {}", r.json, r.stderr),
+    )?;
+    check(
+        r.json["processes"] == 3,
+        format!("expected 3 processes: {}", r.json),
+    )?;
     for p in [root, reader, writer] {
         check(tb.running("b", p), format!("pid {p} does not run on b"))?;
         check(!tb.running("a", p), format!("pid {p} still runs on a"))?;
     }
     let after = tb.query("b", &name)?;
-    check(after["parent"] == root && after["writer"] == writer, format!("tree changed shape: {after}"))?;
+    check(
+        after["parent"] == root && after["writer"] == writer,
+        format!("tree changed shape: {after}"),
+    )?;
     let last = after["last"].as_u64().expect("last");
-    check(last >= before["last"].as_u64().expect("last"), format!("pipe went back: {before} -> {after}"))?;
+    check(
+        last >= before["last"].as_u64().expect("last"),
+        format!("pipe went back: {before} -> {after}"),
+    )?;
     let flowing = wait_until(Duration::from_secs(5), || {
-        tb.query("b", &name).map(|v| v["last"].as_u64().unwrap_or(0) > last).unwrap_or(false)
+        tb.query("b", &name)
+            .map(|v| v["last"].as_u64().unwrap_or(0) > last)
+            .unwrap_or(false)
     });
     check(flowing, "nothing flows through the pipe on b")?;
     tb.kill("b", root);
@@ -102,21 +175,55 @@ fn failed_restore_rolls_back() -> Result<(), Failed> {
     let held = tb.hostlocal().join(format!("held-{name}.dat"));
     std::fs::write(&held, b"only on host a")?;
     let held_s = held.to_str().expect("utf8");
-    let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "16", "--hold-open", held_s]);
+    let pid = tb.start_workload(
+        "a",
+        &["mem", "--name", &name, "--mib", "16", "--hold-open", held_s],
+    );
     let before = tb.query("a", &name)?;
     let r = tb.migrate("a", pid, &tb.addr("b"), None);
-    check(!r.success, format!("migrate should have failed: {}", r.json))?;
+    check(
+        !r.success,
+        format!("migrate should have failed: {}", r.json),
+    )?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(err.contains("restore"), format!("error does not say the restore failed: {err}"))?;
-    check(err.contains(&format!("held-{name}.dat")), format!("error does not name the missing file: {err}"))?;
-    check(err.contains("No such file"), format!("error does not give the cause: {err}"))?;
-    check(err.contains("resumed on this host"), format!("error does not say the original was resumed: {err}"))?;
-    check(r.json["original"] == "running", format!("original: {}", r.json))?;
-    check(tb.running("a", pid), format!("original is not running on a (state {:?})", tb.state("a", pid)))?;
+    check(
+        err.contains("restore"),
+        format!("error does not say the restore failed: {err}"),
+    )?;
+    check(
+        err.contains(&format!("held-{name}.dat")),
+        format!("error does not name the missing file: {err}"),
+    )?;
+    check(
+        err.contains("No such file"),
+        format!("error does not give the cause: {err}"),
+    )?;
+    check(
+        err.contains("resumed on this host"),
+        format!("error does not say the original was resumed: {err}"),
+    )?;
+    check(
+        r.json["original"] == "running",
+        format!("original: {}", r.json),
+    )?;
+    check(
+        tb.running("a", pid),
+        format!(
+            "original is not running on a (state {:?})",
+            tb.state("a", pid)
+        ),
+    )?;
     check(tb.state("b", pid).is_none(), "a copy was left on b")?;
     let after = tb.query("a", &name)?;
-    check(after["checksum"] == before["checksum"], "memory changed after rollback")?;
-    let progressed = wait_until(Duration::from_secs(5), || tb.query("a", &name).map(|v| counter(&v) > counter(&after)).unwrap_or(false));
+    check(
+        after["checksum"] == before["checksum"],
+        "memory changed after rollback",
+    )?;
+    let progressed = wait_until(Duration::from_secs(5), || {
+        tb.query("a", &name)
+            .map(|v| counter(&v) > counter(&after))
+            .unwrap_or(false)
+    });
     check(progressed, "counter does not advance after rollback")?;
     tb.kill("a", pid);
     std::fs::remove_file(&held)?;
@@ -131,7 +238,11 @@ fn start_rogue_agent(host: &str, role: &str, extra: &[&str]) -> PathBuf {
         .args([dir.join("tls").to_str().unwrap(), host, &tb.addr(host)])
         .output()
         .expect("certs.sh");
-    assert!(out.status.success(), "certs.sh: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "certs.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let pidfile = dir.join("pid");
     let agent = tb.bin.join(format!("{role}-agent"));
     let mut cmd = format!(
@@ -146,8 +257,15 @@ fn start_rogue_agent(host: &str, role: &str, extra: &[&str]) -> PathBuf {
         cmd.push_str(e);
     }
     cmd.push_str(&format!(" >{} 2>&1", dir.join("log").display()));
-    assert!(tb.exec_detached(host, &["setsid", "-f", "sh", "-c", &cmd]), "starting a rogue {role} agent on {host}");
-    assert!(wait_until(Duration::from_secs(10), || std::fs::read_to_string(dir.join("log")).map(|l| l.contains("ready")).unwrap_or(false)));
+    assert!(
+        tb.exec_detached(host, &["setsid", "-f", "sh", "-c", &cmd]),
+        "starting a rogue {role} agent on {host}"
+    );
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(dir.join("log"))
+            .map(|l| l.contains("ready"))
+            .unwrap_or(false)
+    }));
     pidfile
 }
 
@@ -170,9 +288,18 @@ fn foreign_certificates_are_refused() -> Result<(), Failed> {
     stop_rogue("b", &rogue_target);
     check(!r.success, "migration to a foreign target succeeded")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(err.contains("TLS handshake") && err.contains("fleet CA"), format!("error does not blame the certificate: {err}"))?;
-    check(err.contains("not touched") && r.json["original"] == "running", format!("{}", r.json))?;
-    check(tb.running("a", pid), "the process does not run on a after a refused target")?;
+    check(
+        err.contains("TLS handshake") && err.contains("fleet CA"),
+        format!("error does not blame the certificate: {err}"),
+    )?;
+    check(
+        err.contains("not touched") && r.json["original"] == "running",
+        format!("{}", r.json),
+    )?;
+    check(
+        tb.running("a", pid),
+        "the process does not run on a after a refused target",
+    )?;
 
     // A source agent on a with a certificate from another CA, talking to the real target on b.
     let rogue_source_sock = tb.dir.join(format!("rogue-{}.sock", unique()));
@@ -182,11 +309,20 @@ fn foreign_certificates_are_refused() -> Result<(), Failed> {
     stop_rogue("a", &rogue_source);
     check(!r.success, "a foreign source was accepted")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(err.contains("TLS handshake"), format!("error does not blame the certificate: {err}"))?;
+    check(
+        err.contains("TLS handshake"),
+        format!("error does not blame the certificate: {err}"),
+    )?;
     check(r.json["original"] == "running", format!("{}", r.json))?;
-    check(tb.running("a", pid), "the process does not run on a after being refused by the target")?;
+    check(
+        tb.running("a", pid),
+        "the process does not run on a after being refused by the target",
+    )?;
     let log = std::fs::read_to_string(tb.dir.join("b/target-agent.log"))?;
-    check(log.contains("refused peer during TLS handshake"), "the target did not log the refused peer")?;
+    check(
+        log.contains("refused peer during TLS handshake"),
+        "the target did not log the refused peer",
+    )?;
     tb.kill("a", pid);
     Ok(())
 }
@@ -201,7 +337,10 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     let r = tb.migrate("a", gone_pid, &tb.addr("b"), None);
     check(!r.success, "migrating a missing pid succeeded")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(err.contains(&format!("no process with pid {gone_pid}")), format!("{err}"))?;
+    check(
+        err.contains(&format!("no process with pid {gone_pid}")),
+        format!("{err}"),
+    )?;
 
     let name = format!("bad{}", unique());
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "8"]);
@@ -210,13 +349,22 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     let r = tb.migrate("a", pid, &format!("{}:7999", tb.addr("b")), None);
     check(!r.success, "migration to a dead port succeeded")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(err.contains("did not answer") && err.contains("not touched"), format!("{err}"))?;
-    check(tb.running("a", pid), "process not running after a dead target")?;
+    check(
+        err.contains("did not answer") && err.contains("not touched"),
+        format!("{err}"),
+    )?;
+    check(
+        tb.running("a", pid),
+        "process not running after a dead target",
+    )?;
 
     // A pid already taken on b: make the next pid in b's namespace `pid` and start a sleeper there.
     let mut taken = false;
     for _ in 0..5 {
-        let script = format!("echo {} > /proc/sys/kernel/ns_last_pid && exec setsid -f sleep 300", pid - 1);
+        let script = format!(
+            "echo {} > /proc/sys/kernel/ns_last_pid && exec setsid -f sleep 300",
+            pid - 1
+        );
         tb.exec_detached("b", &["sh", "-c", &script]);
         if wait_until(Duration::from_secs(2), || tb.state("b", pid).is_some()) {
             taken = true;
@@ -228,9 +376,15 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     tb.kill("b", pid);
     check(!r.success, "migration onto a taken pid succeeded")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(err.contains(&format!("pid {pid} (used by `sleep`) already taken on b")), format!("{err}"))?;
+    check(
+        err.contains(&format!("pid {pid} (used by `sleep`) already taken on b")),
+        format!("{err}"),
+    )?;
     check(err.contains("not touched"), format!("{err}"))?;
-    check(tb.running("a", pid), "process not running after a taken pid")?;
+    check(
+        tb.running("a", pid),
+        "process not running after a taken pid",
+    )?;
     tb.kill("a", pid);
     Ok(())
 }
@@ -242,15 +396,24 @@ fn main() {
         ("memory_and_counter_survive", memory_and_counter_survive),
         ("process_tree_with_pipe", process_tree_with_pipe),
         ("failed_restore_rolls_back", failed_restore_rolls_back),
-        ("foreign_certificates_are_refused", foreign_certificates_are_refused),
-        ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
+        (
+            "foreign_certificates_are_refused",
+            foreign_certificates_are_refused,
+        ),
+        (
+            "wrong_pid_dead_host_taken_pid",
+            wrong_pid_dead_host_taken_pid,
+        ),
     ];
     let listing = args.list;
     let bin = bin_dir();
     if !listing {
         let problems = tests::environment_problems(&bin);
         if !problems.is_empty() {
-            eprintln!("the integration suite cannot run here:\n  - {}", problems.join("\n  - "));
+            eprintln!(
+                "the integration suite cannot run here:\n  - {}",
+                problems.join("\n  - ")
+            );
             std::process::exit(1);
         }
         let name = format!("t{}", std::process::id() % 100_000);
@@ -264,7 +427,10 @@ fn main() {
             }
         }
     }
-    let trials = cases.into_iter().map(|(n, f)| Trial::test(n, move || f())).collect();
+    let trials = cases
+        .into_iter()
+        .map(|(n, f)| Trial::test(n, move || f()))
+        .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     if let Some(tb) = TB.get() {
         // A static is never dropped: tear down explicitly.

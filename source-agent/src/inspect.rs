@@ -1,0 +1,632 @@
+//! Facts about a process tree, read without changing it: for each process its ids, tracer, ELF class,
+//! namespaces, open files (with device numbers, flags and locks), mappings, and sockets. Unix sockets
+//! come from sock_diag (NETLINK_SOCK_DIAG over netlink-sys: name, type, state, peer inode); the family,
+//! type and options of other sockets are read on a duplicate of the socket taken with pidfd_getfd(2).
+//!
+//! The facts are plain data so that [`crate::preflight`] can judge them in unit tests without processes.
+//! Everything unsafe is in the `sys` module below.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+use serde::{Deserialize, Serialize};
+
+/// One process of the tree.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Process {
+    pub pid: u32,
+    pub ppid: u32,
+    pub sid: u32,
+    pub comm: String,
+    /// State letter from /proc/PID/stat.
+    pub state: char,
+    /// Real, effective, saved, filesystem uid.
+    pub uids: Vec<u32>,
+    pub tracer: u32,
+    /// False for a 32-bit (compat) executable.
+    pub elf64: bool,
+    pub kernel_thread: bool,
+    /// Inode of /proc/PID/ns/ipc, to compare with the agent's own.
+    pub ipc_ns: u64,
+    pub fds: Vec<Fd>,
+    /// Paths of file-backed mappings (unique).
+    pub mapped: Vec<Mapped>,
+    pub has_sysv_shm_mapping: bool,
+}
+
+/// A file-backed mapping.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Mapped {
+    pub path: String,
+    /// Device number of the mapped file when it is a device, else None.
+    pub rdev: Option<(u32, u32)>,
+}
+
+/// What an fd refers to.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FdKind {
+    Regular {
+        path: String,
+        size: u64,
+        deleted: bool,
+    },
+    Directory {
+        path: String,
+    },
+    CharDevice {
+        path: String,
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        path: String,
+        major: u32,
+        minor: u32,
+    },
+    Pipe {
+        o_direct: bool,
+    },
+    Socket(Socket),
+    Other {
+        link: String,
+    },
+}
+
+/// An open file descriptor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Fd {
+    pub fd: i32,
+    pub kind: FdKind,
+    /// The fd's open file description holds a lock (fdinfo `lock:` lines).
+    pub locked: bool,
+}
+
+/// A socket, as far as it could be read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Socket {
+    pub ino: u64,
+    /// AF_* number, 0 when unknown.
+    pub family: i32,
+    /// SOCK_* number, 0 when unknown.
+    pub sock_type: i32,
+    pub protocol: i32,
+    /// TCP state number (1 = established, 10 = listen), 0 when not TCP.
+    pub tcp_state: u8,
+    pub udp_corked: bool,
+    /// Unix sockets only (sock_diag).
+    pub unix: Option<UnixInfo>,
+}
+
+/// A unix socket from sock_diag.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UnixInfo {
+    /// Bound name: a path, "@name" for abstract names, empty when unbound.
+    pub name: String,
+    /// Peer inode, 0 when not connected.
+    pub peer: u64,
+    /// The peer's bound name (for an accepted connection: the listener's path).
+    pub peer_name: String,
+    /// Who holds the peer, when found in /proc: (pid, comm).
+    pub peer_owner: Option<(u32, String)>,
+    pub state: u8,
+}
+
+/// The facts about a tree.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tree {
+    pub root: u32,
+    pub processes: Vec<Process>,
+    /// This agent's pid and IPC namespace, to tell "shares the host's IPC namespace".
+    pub agent_ipc_ns: u64,
+    /// Pids with locks in /proc/locks.
+    pub lock_holders: Vec<u32>,
+    /// Pids that created or last used a SysV shm segment or message queue (/proc/sysvipc).
+    pub sysv_users: Vec<u32>,
+}
+
+impl Tree {
+    /// Every pid of the tree.
+    pub fn pids(&self) -> Vec<u32> {
+        self.processes.iter().map(|p| p.pid).collect()
+    }
+
+    /// Regular files the tree holds open or maps, with sizes, for the target to check.
+    pub fn files(&self) -> Vec<(String, u64)> {
+        let mut out: HashMap<String, u64> = HashMap::new();
+        for p in &self.processes {
+            for fd in &p.fds {
+                if let FdKind::Regular {
+                    path,
+                    size,
+                    deleted: false,
+                } = &fd.kind
+                {
+                    out.insert(path.clone(), *size);
+                }
+            }
+            for m in &p.mapped {
+                if m.rdev.is_none() && m.path.starts_with('/') {
+                    if let Ok(md) = std::fs::metadata(&m.path) {
+                        out.entry(m.path.clone()).or_insert(md.len());
+                    }
+                }
+            }
+        }
+        let mut v: Vec<_> = out.into_iter().collect();
+        v.sort();
+        v
+    }
+}
+
+/// Reads the facts of the tree rooted at `root`.
+pub fn tree(root: u32) -> std::io::Result<Tree> {
+    let pids = criu::tree::processes(root)?;
+    let unix = sys::unix_sockets().unwrap_or_else(|e| {
+        tracing::warn!("sock_diag failed, unix socket peers unknown: {e}");
+        HashMap::new()
+    });
+    let owners = socket_owners();
+    let mut processes = Vec::new();
+    for &pid in &pids {
+        processes.push(process(pid, &unix, &owners));
+    }
+    Ok(Tree {
+        root,
+        processes,
+        agent_ipc_ns: ns_ino("self", "ipc"),
+        lock_holders: lock_holders(),
+        sysv_users: sysv_users(),
+    })
+}
+
+fn ns_ino(pid: &str, ns: &str) -> u64 {
+    std::fs::metadata(format!("/proc/{pid}/ns/{ns}"))
+        .map(|m| m.ino())
+        .unwrap_or(0)
+}
+
+fn process(
+    pid: u32,
+    unix: &HashMap<u64, sys::UnixDiag>,
+    owners: &HashMap<u64, (u32, String)>,
+) -> Process {
+    let base = format!("/proc/{pid}");
+    let status = std::fs::read_to_string(format!("{base}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+    };
+    let stat = std::fs::read_to_string(format!("{base}/stat")).unwrap_or_default();
+    let after: Vec<&str> = stat
+        .rfind(')')
+        .map(|i| stat[i + 2..].split_whitespace().collect())
+        .unwrap_or_default();
+    let num = |i: usize| {
+        after
+            .get(i)
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let flags = after
+        .get(6)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let mut elf = [0u8; 5];
+    let elf64 = match std::fs::File::open(format!("{base}/exe")) {
+        Ok(mut f) => std::io::Read::read_exact(&mut f, &mut elf)
+            .map(|_| elf[4] != 1)
+            .unwrap_or(true),
+        Err(_) => true,
+    };
+    let maps = std::fs::read_to_string(format!("{base}/maps")).unwrap_or_default();
+    let mut mapped: Vec<Mapped> = Vec::new();
+    let mut has_sysv_shm_mapping = false;
+    for line in maps.lines() {
+        let cols: Vec<&str> = line.splitn(6, ' ').collect();
+        let Some(path) = cols.get(5).map(|p| p.trim()) else {
+            continue;
+        };
+        if path.starts_with("/SYSV") {
+            has_sysv_shm_mapping = true;
+        }
+        if !path.starts_with('/') || mapped.iter().any(|m| m.path == path) {
+            continue;
+        }
+        let rdev = std::fs::metadata(path)
+            .ok()
+            .filter(|m| m.file_type().is_char_device() || m.file_type().is_block_device())
+            .map(|m| (major(m.rdev()), minor(m.rdev())));
+        mapped.push(Mapped {
+            path: path.to_string(),
+            rdev,
+        });
+    }
+    Process {
+        pid,
+        ppid: num(1),
+        sid: num(3),
+        comm: criu::tree::comm(pid),
+        state: after.first().and_then(|s| s.chars().next()).unwrap_or('?'),
+        uids: field("Uid:")
+            .split_whitespace()
+            .filter_map(|u| u.parse().ok())
+            .collect(),
+        tracer: field("TracerPid:").parse().unwrap_or(0),
+        elf64,
+        kernel_thread: flags & 0x0020_0000 != 0, // PF_KTHREAD
+        ipc_ns: ns_ino(&pid.to_string(), "ipc"),
+        fds: fds(pid, unix, owners),
+        mapped,
+        has_sysv_shm_mapping,
+    }
+}
+
+fn major(dev: u64) -> u32 {
+    (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff)) as u32
+}
+
+fn minor(dev: u64) -> u32 {
+    (((dev >> 12) & 0xffff_ff00) | (dev & 0xff)) as u32
+}
+
+fn fds(
+    pid: u32,
+    unix: &HashMap<u64, sys::UnixDiag>,
+    owners: &HashMap<u64, (u32, String)>,
+) -> Vec<Fd> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let tcp = tcp_states(pid);
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let link = std::fs::read_link(e.path())
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let fdinfo =
+            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        let flags = fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u64::from_str_radix(f.trim(), 8).ok())
+            .unwrap_or(0);
+        let locked = fdinfo.lines().any(|l| l.starts_with("lock:"));
+        let kind = if let Some(ino) = link
+            .strip_prefix("socket:[")
+            .and_then(|s| s.strip_suffix(']'))
+        {
+            let ino: u64 = ino.parse().unwrap_or(0);
+            FdKind::Socket(socket(pid, fd, ino, unix, owners, &tcp))
+        } else if link.starts_with("pipe:[") {
+            FdKind::Pipe {
+                o_direct: flags & libc::O_DIRECT as u64 != 0,
+            }
+        } else if link.starts_with('/') {
+            let deleted = link.ends_with(" (deleted)");
+            match std::fs::metadata(e.path()) {
+                Ok(m) if m.file_type().is_char_device() => FdKind::CharDevice {
+                    path: link,
+                    major: major(m.rdev()),
+                    minor: minor(m.rdev()),
+                },
+                Ok(m) if m.file_type().is_block_device() => FdKind::BlockDevice {
+                    path: link,
+                    major: major(m.rdev()),
+                    minor: minor(m.rdev()),
+                },
+                Ok(m) if m.is_dir() => FdKind::Directory { path: link },
+                Ok(m) if m.is_file() => FdKind::Regular {
+                    path: link,
+                    size: m.len(),
+                    deleted,
+                },
+                _ => FdKind::Other { link },
+            }
+        } else {
+            FdKind::Other { link }
+        };
+        out.push(Fd { fd, kind, locked });
+    }
+    out.sort_by_key(|f| f.fd);
+    out
+}
+
+fn socket(
+    pid: u32,
+    fd: i32,
+    ino: u64,
+    unix: &HashMap<u64, sys::UnixDiag>,
+    owners: &HashMap<u64, (u32, String)>,
+    tcp: &HashMap<u64, u8>,
+) -> Socket {
+    let mut s = Socket {
+        ino,
+        ..Default::default()
+    };
+    if let Some(u) = unix.get(&ino) {
+        s.family = libc::AF_UNIX;
+        s.sock_type = u.sock_type as i32;
+        let peer_name = unix
+            .get(&u.peer)
+            .map(|p| p.name.clone())
+            .unwrap_or_default();
+        s.unix = Some(UnixInfo {
+            name: u.name.clone(),
+            peer: u.peer,
+            peer_name,
+            peer_owner: if u.peer != 0 {
+                owners.get(&u.peer).cloned()
+            } else {
+                None
+            },
+            state: u.state,
+        });
+        return s;
+    }
+    if let Some(o) = sys::socket_options(pid, fd) {
+        s.family = o.family;
+        s.sock_type = o.sock_type;
+        s.protocol = o.protocol;
+        s.udp_corked = o.udp_corked;
+    }
+    s.tcp_state = tcp.get(&ino).copied().unwrap_or(0);
+    s
+}
+
+/// inode -> TCP state, from the process' own network namespace view.
+fn tcp_states(pid: u32) -> HashMap<u64, u8> {
+    let mut out = HashMap::new();
+    for f in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if let (Some(st), Some(ino)) = (cols.get(3), cols.get(9)) {
+                if let (Ok(st), Ok(ino)) = (u8::from_str_radix(st, 16), ino.parse::<u64>()) {
+                    out.insert(ino, st);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// socket inode -> (pid, comm) of some process holding it, over all of /proc (first found).
+fn socket_owners() -> HashMap<u64, (u32, String)> {
+    let mut out = HashMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let link = link.to_string_lossy();
+            if let Some(ino) = link
+                .strip_prefix("socket:[")
+                .and_then(|s| s.strip_suffix(']'))
+                .and_then(|s| s.parse().ok())
+            {
+                out.entry(ino)
+                    .or_insert_with(|| (pid, criu::tree::comm(pid)));
+            }
+        }
+    }
+    out
+}
+
+fn lock_holders() -> Vec<u32> {
+    let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; "->" lines are blocked waiters.
+    text.lines()
+        .filter(|l| !l.contains("->"))
+        .filter_map(|l| l.split_whitespace().nth(4)?.parse().ok())
+        .collect()
+}
+
+fn sysv_users() -> Vec<u32> {
+    let mut out = Vec::new();
+    for (file, cols) in [
+        ("shm", &["cpid", "lpid"][..]),
+        ("msg", &["lspid", "lrpid"][..]),
+    ] {
+        let text = std::fs::read_to_string(format!("/proc/sysvipc/{file}")).unwrap_or_default();
+        let mut lines = text.lines();
+        let Some(header) = lines.next() else { continue };
+        let names: Vec<&str> = header.split_whitespace().collect();
+        let idx: Vec<usize> = cols
+            .iter()
+            .filter_map(|c| names.iter().position(|n| n == c))
+            .collect();
+        for l in lines {
+            let v: Vec<&str> = l.split_whitespace().collect();
+            out.extend(idx.iter().filter_map(|&i| v.get(i)?.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// Reading other processes' sockets: sock_diag and pidfd_getfd.
+mod sys {
+    use std::collections::HashMap;
+    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+    /// One unix socket as sock_diag reports it.
+    pub struct UnixDiag {
+        pub sock_type: u8,
+        pub state: u8,
+        pub name: String,
+        pub peer: u64,
+    }
+
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+    const UDIAG_SHOW_NAME: u32 = 1;
+    const UDIAG_SHOW_PEER: u32 = 4;
+    const UNIX_DIAG_NAME: u16 = 0;
+    const UNIX_DIAG_PEER: u16 = 2;
+
+    /// Every unix socket of this network namespace, by inode.
+    pub fn unix_sockets() -> std::io::Result<HashMap<u64, UnixDiag>> {
+        use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+        let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        // nlmsghdr (16) + unix_diag_req (24)
+        let mut req = Vec::with_capacity(40);
+        req.extend_from_slice(&40u32.to_ne_bytes());
+        req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+        req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+        req.extend_from_slice(&0u32.to_ne_bytes()); // port id
+        req.push(libc::AF_UNIX as u8); // sdiag_family
+        req.push(0); // sdiag_protocol
+        req.extend_from_slice(&0u16.to_ne_bytes()); // pad
+        req.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
+        req.extend_from_slice(&0u32.to_ne_bytes()); // ino
+        req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER).to_ne_bytes());
+        req.extend_from_slice(&[0xff; 8]); // cookie: none
+        sock.send(&req, 0)?;
+        let mut out = HashMap::new();
+        loop {
+            let (buf, _) = sock.recv_from_full()?;
+            let mut off = 0;
+            while off + 16 <= buf.len() {
+                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
+                let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
+                if len < 16 || off + len > buf.len() {
+                    return Err(std::io::Error::other("malformed sock_diag answer"));
+                }
+                match ty {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let errno =
+                            i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4"));
+                        return Err(std::io::Error::from_raw_os_error(-errno));
+                    }
+                    SOCK_DIAG_BY_FAMILY => {
+                        if let Some((ino, d)) = parse_unix(&buf[off + 16..off + len]) {
+                            out.insert(ino, d);
+                        }
+                    }
+                    _ => {}
+                }
+                off += (len + 3) & !3;
+            }
+        }
+    }
+
+    /// unix_diag_msg (16 bytes) then rtattrs.
+    fn parse_unix(m: &[u8]) -> Option<(u64, UnixDiag)> {
+        if m.len() < 16 {
+            return None;
+        }
+        let ino = u32::from_ne_bytes(m[4..8].try_into().ok()?) as u64;
+        let mut d = UnixDiag {
+            sock_type: m[1],
+            state: m[2],
+            name: String::new(),
+            peer: 0,
+        };
+        let mut off = 16;
+        while off + 4 <= m.len() {
+            let alen = u16::from_ne_bytes(m[off..off + 2].try_into().ok()?) as usize;
+            let aty = u16::from_ne_bytes(m[off + 2..off + 4].try_into().ok()?);
+            if alen < 4 || off + alen > m.len() {
+                break;
+            }
+            let data = &m[off + 4..off + alen];
+            match aty {
+                UNIX_DIAG_NAME if !data.is_empty() => {
+                    d.name = if data[0] == 0 {
+                        format!("@{}", String::from_utf8_lossy(&data[1..]))
+                    } else {
+                        String::from_utf8_lossy(data.split(|&b| b == 0).next().unwrap_or(data))
+                            .into_owned()
+                    };
+                }
+                UNIX_DIAG_PEER if data.len() >= 4 => {
+                    d.peer = u32::from_ne_bytes(data[..4].try_into().ok()?) as u64
+                }
+                _ => {}
+            }
+            off += (alen + 3) & !3;
+        }
+        Some((ino, d))
+    }
+
+    /// Family, type, protocol and UDP_CORK of another process' socket fd.
+    pub struct SockOpts {
+        pub family: i32,
+        pub sock_type: i32,
+        pub protocol: i32,
+        pub udp_corked: bool,
+    }
+
+    fn getsockopt_int(fd: RawFd, level: i32, name: i32) -> Option<i32> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: v and len are valid for writes of the sizes given; fd is an open socket we own.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(v)
+    }
+
+    pub fn socket_options(pid: u32, fd: i32) -> Option<SockOpts> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if pidfd < 0 {
+            return None;
+        }
+        // SAFETY: pidfd was just returned by the kernel and is owned only here.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        // SAFETY: pidfd_getfd duplicates fd `fd` of the process into this one (it does not change the
+        // other process); returns a new fd or -1.
+        let dup = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_getfd,
+                std::os::fd::AsRawFd::as_raw_fd(&pidfd),
+                fd,
+                0,
+            )
+        };
+        if dup < 0 {
+            return None;
+        }
+        // SAFETY: dup was just returned by the kernel and is owned only here.
+        let dup = unsafe { OwnedFd::from_raw_fd(dup as RawFd) };
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&dup);
+        let family = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+        let sock_type = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_TYPE)?;
+        let protocol = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_PROTOCOL).unwrap_or(0);
+        let udp_corked = protocol == libc::IPPROTO_UDP
+            && getsockopt_int(raw, libc::SOL_UDP, libc::UDP_CORK).unwrap_or(0) != 0;
+        Some(SockOpts {
+            family,
+            sock_type,
+            protocol,
+            udp_corked,
+        })
+    }
+}
