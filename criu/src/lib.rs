@@ -28,18 +28,9 @@ pub enum CriuError {
     #[error("{bin} is CRIU {version}, older than 4.1; install a newer one with deploy/install.sh")]
     TooOld { bin: PathBuf, version: String },
     #[error("could not run {bin}: {source}")]
-    Spawn {
-        bin: PathBuf,
-        source: std::io::Error,
-    },
+    Spawn { bin: PathBuf, source: std::io::Error },
     #[error("criu {op} failed ({status}): {errors} (command: {command}; full log: {log})", log = .log.display())]
-    Failed {
-        op: &'static str,
-        command: String,
-        status: String,
-        errors: String,
-        log: PathBuf,
-    },
+    Failed { op: &'static str, command: String, status: String, errors: String, log: PathBuf },
     #[error("criu {op} succeeded but {what}")]
     Unexpected { op: &'static str, what: String },
 }
@@ -86,23 +77,14 @@ impl Criu {
         }
         candidates.push("/usr/local/sbin/criu".into());
         candidates.push("/usr/sbin/criu".into());
-        let bin = candidates
-            .into_iter()
-            .find(|p| p.is_file())
-            .ok_or(CriuError::NotFound)?;
+        let bin = candidates.into_iter().find(|p| p.is_file()).ok_or(CriuError::NotFound)?;
         let out = std::process::Command::new(&bin)
             .arg("--version")
             .output()
-            .map_err(|source| CriuError::Spawn {
-                bin: bin.clone(),
-                source,
-            })?;
+            .map_err(|source| CriuError::Spawn { bin: bin.clone(), source })?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let version = text
-            .lines()
-            .find_map(|l| l.strip_prefix("Version:"))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default();
+        let version =
+            text.lines().find_map(|l| l.strip_prefix("Version:")).map(|v| v.trim().to_string()).unwrap_or_default();
         let parsed = parse_version(&version);
         match parsed {
             Some(v) if v >= MIN_VERSION => Ok(Criu { bin, version }),
@@ -128,8 +110,7 @@ impl Criu {
             "dump.log".as_ref(),
             "-v4".as_ref(),
         ];
-        self.run("dump", &args, &req.images_dir.join("dump.log"))
-            .await
+        self.run("dump", &args, &req.images_dir.join("dump.log")).await
     }
 
     /// `criu restore` of the images in `req.images_dir`, leaving the tree **stopped**: it is resumed only
@@ -153,29 +134,19 @@ impl Criu {
             "restore.log".as_ref(),
             "-v4".as_ref(),
         ];
-        let ran = self
-            .run("restore", &args, &req.images_dir.join("restore.log"))
-            .await?;
+        let ran = self.run("restore", &args, &req.images_dir.join("restore.log")).await?;
         let text = std::fs::read_to_string(&pidfile).map_err(|e| CriuError::Unexpected {
             op: "restore",
             what: format!("its pidfile {} is unreadable: {e}", pidfile.display()),
         })?;
-        let pid = text
-            .trim()
-            .parse::<u32>()
-            .map_err(|_| CriuError::Unexpected {
-                op: "restore",
-                what: format!("its pidfile {} holds {text:?}", pidfile.display()),
-            })?;
+        let pid = text.trim().parse::<u32>().map_err(|_| CriuError::Unexpected {
+            op: "restore",
+            what: format!("its pidfile {} holds {text:?}", pidfile.display()),
+        })?;
         Ok((pid, ran))
     }
 
-    async fn run(
-        &self,
-        op: &'static str,
-        args: &[&std::ffi::OsStr],
-        log: &Path,
-    ) -> Result<Ran, CriuError> {
+    async fn run(&self, op: &'static str, args: &[&std::ffi::OsStr], log: &Path) -> Result<Ran, CriuError> {
         let command = std::iter::once(self.bin.as_os_str())
             .chain(args.iter().copied())
             .map(|a| a.to_string_lossy().into_owned())
@@ -198,10 +169,7 @@ impl Criu {
             });
         }
         let start = Instant::now();
-        let out = cmd.output().await.map_err(|source| CriuError::Spawn {
-            bin: self.bin.clone(),
-            source,
-        })?;
+        let out = cmd.output().await.map_err(|source| CriuError::Spawn { bin: self.bin.clone(), source })?;
         let elapsed = start.elapsed();
         if out.status.success() {
             tracing::debug!(op, ?elapsed, "criu finished");
@@ -210,33 +178,16 @@ impl Criu {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let mut errors = log_errors(log);
         if errors.is_empty() {
-            errors = stderr
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join(" / ");
+            errors = stderr.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" / ");
         }
-        Err(CriuError::Failed {
-            op,
-            command,
-            status: describe_status(out.status),
-            errors,
-            log: log.to_owned(),
-        })
+        Err(CriuError::Failed { op, command, status: describe_status(out.status), errors, log: log.to_owned() })
     }
 }
 
 /// CRIU keeps its service fds just below its soft RLIMIT_NOFILE and raises it itself only with
 /// CAP_SYS_RESOURCE; give it the hard limit up front.
 fn raise_nofile_soft_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit write/read a valid, owned rlimit struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
@@ -248,10 +199,7 @@ fn raise_nofile_soft_limit() {
 
 fn parse_version(v: &str) -> Option<(u32, u32)> {
     let mut it = v.split('.');
-    Some((
-        it.next()?.parse().ok()?,
-        it.next().unwrap_or("0").parse().ok()?,
-    ))
+    Some((it.next()?.parse().ok()?, it.next().unwrap_or("0").parse().ok()?))
 }
 
 fn describe_status(s: ExitStatus) -> String {
@@ -296,10 +244,7 @@ mod tests {
         )
         .unwrap();
         let e = log_errors(&log);
-        assert_eq!(
-            e,
-            "Error (criu/files-reg.c:2200): Can't open file tmp/x on restore: No such file or directory"
-        );
+        assert_eq!(e, "Error (criu/files-reg.c:2200): Can't open file tmp/x on restore: No such file or directory");
     }
 
     #[test]

@@ -22,18 +22,13 @@ pub fn is_alive(pid: u32) -> bool {
 
 /// Command name of `pid` (`/proc/PID/comm`), or "?".
 pub fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into())
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
 }
 
 /// `pid` and all its descendants (processes, not threads), parents before children.
 pub fn processes(root: u32) -> io::Result<Vec<u32>> {
     if state(root).is_none() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no process {root}"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no process {root}")));
     }
     let mut out = vec![root];
     let mut i = 0;
@@ -47,10 +42,7 @@ pub fn processes(root: u32) -> io::Result<Vec<u32>> {
             let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
                 continue;
             };
-            for child in children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<u32>().ok())
-            {
+            for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
                 if !out.contains(&child) {
                     out.push(child);
                 }
@@ -93,10 +85,7 @@ mod tests {
     fn own_process_and_children() {
         let me = std::process::id();
         assert!(is_alive(me));
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
         let pids = processes(me).unwrap();
         assert_eq!(pids[0], me);
         assert!(pids.contains(&child.id()), "{pids:?}");

@@ -13,12 +13,7 @@ use source_agent::control::{Event, Phase, Summary};
 /// agent, which restores it; only when the copy runs there is the original killed. On any failure before
 /// that, the original is resumed here.
 #[derive(Parser, Debug, PartialEq)]
-#[command(
-    name = "migrate",
-    version,
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
-)]
+#[command(name = "migrate", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -61,11 +56,7 @@ pub fn bytes(n: u64) -> String {
 }
 
 fn duration_ms(ms: f64) -> String {
-    if ms >= 1000.0 {
-        format!("{:.2} s", ms / 1000.0)
-    } else {
-        format!("{ms:.0} ms")
-    }
+    if ms >= 1000.0 { format!("{:.2} s", ms / 1000.0) } else { format!("{ms:.0} ms") }
 }
 
 /// The summary as text: one line with the figures that matter, then the breakdown.
@@ -106,30 +97,20 @@ async fn check(cli: &Cli, pid: u32, target: Option<String>) -> i32 {
     match source_agent::control::request(&cli.agent_socket, &req, |_| {}).await {
         Ok(Event::Checked { report }) => {
             if cli.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&report).expect("report serializes")
-                );
+                println!("{}", serde_json::to_string(&report).expect("report serializes"));
             } else {
                 print!("{}", report.text());
             }
             if report.blockers.is_empty() { 0 } else { 1 }
         }
-        Ok(other) => fail(
-            cli,
-            format!("unexpected answer from the source agent: {other:?}"),
-            None,
-        ),
+        Ok(other) => fail(cli, format!("unexpected answer from the source agent: {other:?}"), None),
         Err(e) => fail(cli, e.to_string(), None),
     }
 }
 
 fn fail(cli: &Cli, error: String, original: Option<serde_json::Value>) -> i32 {
     if cli.json {
-        println!(
-            "{}",
-            serde_json::json!({ "error": error, "original": original })
-        );
+        println!("{}", serde_json::json!({ "error": error, "original": original }));
     }
     eprintln!("migrate: error: {error}");
     1
@@ -143,9 +124,11 @@ async fn migrate(cli: &Cli, pid: u32, host: String) -> i32 {
         ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {prefix:>9} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {wide_msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} {prefix:>9} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {wide_msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
     );
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
     let req = source_agent::control::Request::Migrate { pid, target: host };
@@ -157,11 +140,7 @@ async fn migrate(cli: &Cli, pid: u32, host: String) -> i32 {
                 bar.set_message(message.clone());
             }
         }
-        Event::Transfer {
-            done,
-            total,
-            wire: w,
-        } => {
+        Event::Transfer { done, total, wire: w } => {
             wire = *w;
             bar.set_length(*total);
             bar.set_position(*done);
@@ -174,25 +153,16 @@ async fn migrate(cli: &Cli, pid: u32, host: String) -> i32 {
     match result {
         Ok(Event::Done { summary }) => {
             if cli.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&summary).expect("summary serializes")
-                );
+                println!("{}", serde_json::to_string(&summary).expect("summary serializes"));
             } else {
                 println!("{}", summary_text(&summary));
             }
             0
         }
-        Ok(other) => fail(
-            cli,
-            format!("unexpected answer from the source agent: {other:?}"),
-            None,
-        ),
+        Ok(other) => fail(cli, format!("unexpected answer from the source agent: {other:?}"), None),
         Err(e) => {
             let original = match &e {
-                source_agent::control::ClientError::Failed { original, .. } => {
-                    serde_json::to_value(original).ok()
-                }
+                source_agent::control::ClientError::Failed { original, .. } => serde_json::to_value(original).ok(),
                 _ => None,
             };
             fail(cli, e.to_string(), original)
@@ -206,15 +176,8 @@ mod tests {
 
     #[test]
     fn parses_pid_host_and_flags() {
-        let c = Cli::try_parse_from([
-            "migrate",
-            "--json",
-            "123",
-            "10.0.0.2:7420",
-            "--agent-socket",
-            "/x.sock",
-        ])
-        .unwrap();
+        let c =
+            Cli::try_parse_from(["migrate", "--json", "123", "10.0.0.2:7420", "--agent-socket", "/x.sock"]).unwrap();
         assert_eq!(
             c,
             Cli {
@@ -229,22 +192,10 @@ mod tests {
         assert!(Cli::try_parse_from(["migrate", "123"]).is_err());
         assert!(Cli::try_parse_from(["migrate"]).is_err());
         let c = Cli::try_parse_from(["migrate", "check", "--json", "42"]).unwrap();
-        assert_eq!(
-            c.command,
-            Some(Command::Check {
-                pid: 42,
-                host: None
-            })
-        );
+        assert_eq!(c.command, Some(Command::Check { pid: 42, host: None }));
         assert!(c.json);
         let c = Cli::try_parse_from(["migrate", "check", "42", "b:7420"]).unwrap();
-        assert_eq!(
-            c.command,
-            Some(Command::Check {
-                pid: 42,
-                host: Some("b:7420".into())
-            })
-        );
+        assert_eq!(c.command, Some(Command::Check { pid: 42, host: Some("b:7420".into()) }));
     }
 
     #[test]

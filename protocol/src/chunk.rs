@@ -32,11 +32,7 @@ pub struct ChunkHeader {
 /// Appends one encoded chunk for `raw` (at most MAX_CHUNK bytes, not empty) to `out`.
 /// Returns whether it was compressed.
 pub fn encode(raw: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
-    assert!(
-        !raw.is_empty() && raw.len() <= MAX_CHUNK,
-        "chunk of {} bytes",
-        raw.len()
-    );
+    assert!(!raw.is_empty() && raw.len() <= MAX_CHUNK, "chunk of {} bytes", raw.len());
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER_LEN]);
     let compressed = match zstd::bulk::compress(raw, level) {
@@ -51,11 +47,7 @@ pub fn encode(raw: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
     };
     let enc_len = (out.len() - start - HEADER_LEN) as u32;
     out[start..start + 4].copy_from_slice(&(raw.len() as u32).to_le_bytes());
-    let flagged = if compressed {
-        enc_len | COMPRESSED
-    } else {
-        enc_len
-    };
+    let flagged = if compressed { enc_len | COMPRESSED } else { enc_len };
     out[start + 4..start + 8].copy_from_slice(&flagged.to_le_bytes());
     compressed
 }
@@ -75,52 +67,35 @@ pub fn parse_header(h: [u8; HEADER_LEN]) -> Result<Option<ChunkHeader>, Protocol
         return if word == 0 {
             Ok(None)
         } else {
-            Err(ProtocolError::BadChunk(
-                "end marker with a payload length".into(),
-            ))
+            Err(ProtocolError::BadChunk("end marker with a payload length".into()))
         };
     }
     if raw_len > MAX_CHUNK {
-        return Err(ProtocolError::BadChunk(format!(
-            "raw length {raw_len} over the limit {MAX_CHUNK}"
-        )));
+        return Err(ProtocolError::BadChunk(format!("raw length {raw_len} over the limit {MAX_CHUNK}")));
     }
     if enc_len == 0 || enc_len > MAX_ENCODED {
-        return Err(ProtocolError::BadChunk(format!(
-            "encoded length {enc_len} out of range"
-        )));
+        return Err(ProtocolError::BadChunk(format!("encoded length {enc_len} out of range")));
     }
     if !compressed && enc_len != raw_len {
         return Err(ProtocolError::BadChunk(format!(
             "stored chunk with encoded length {enc_len} != raw length {raw_len}"
         )));
     }
-    Ok(Some(ChunkHeader {
-        raw_len,
-        enc_len,
-        compressed,
-    }))
+    Ok(Some(ChunkHeader { raw_len, enc_len, compressed }))
 }
 
 /// Decodes a payload of `h.enc_len` bytes into exactly `h.raw_len` bytes.
 pub fn decode(h: &ChunkHeader, payload: &[u8]) -> Result<Vec<u8>, ProtocolError> {
     if payload.len() != h.enc_len {
-        return Err(ProtocolError::BadChunk(
-            "payload length differs from header".into(),
-        ));
+        return Err(ProtocolError::BadChunk("payload length differs from header".into()));
     }
     if !h.compressed {
         return Ok(payload.to_vec());
     }
     // The capacity bounds the output: zstd fails instead of growing past raw_len.
-    let out = zstd::bulk::decompress(payload, h.raw_len)
-        .map_err(|e| ProtocolError::BadChunk(format!("zstd: {e}")))?;
+    let out = zstd::bulk::decompress(payload, h.raw_len).map_err(|e| ProtocolError::BadChunk(format!("zstd: {e}")))?;
     if out.len() != h.raw_len {
-        return Err(ProtocolError::BadChunk(format!(
-            "decompressed to {} bytes, header said {}",
-            out.len(),
-            h.raw_len
-        )));
+        return Err(ProtocolError::BadChunk(format!("decompressed to {} bytes, header said {}", out.len(), h.raw_len)));
     }
     Ok(out)
 }
@@ -132,9 +107,7 @@ mod tests {
     fn round_trip(raw: &[u8]) -> bool {
         let mut out = Vec::new();
         let compressed = encode(raw, DEFAULT_LEVEL, &mut out);
-        let h = parse_header(out[..HEADER_LEN].try_into().unwrap())
-            .unwrap()
-            .unwrap();
+        let h = parse_header(out[..HEADER_LEN].try_into().unwrap()).unwrap().unwrap();
         assert_eq!(decode(&h, &out[HEADER_LEN..]).unwrap(), raw);
         compressed
     }
@@ -162,10 +135,7 @@ mod tests {
         assert!(parse_header(h).is_err());
         h[0..4].copy_from_slice(&100u32.to_le_bytes());
         h[4..8].copy_from_slice(&200u32.to_le_bytes());
-        assert!(
-            parse_header(h).is_err(),
-            "stored chunk must have enc == raw"
-        );
+        assert!(parse_header(h).is_err(), "stored chunk must have enc == raw");
         h[4..8].copy_from_slice(&(u32::MAX).to_le_bytes());
         assert!(parse_header(h).is_err());
         h[0..4].copy_from_slice(&0u32.to_le_bytes());
@@ -178,11 +148,7 @@ mod tests {
     fn zip_bomb_is_bounded_by_raw_len() {
         // A chunk that claims 10 raw bytes but inflates to 1 MiB.
         let bomb = zstd::bulk::compress(&vec![0u8; MAX_CHUNK], 1).unwrap();
-        let h = ChunkHeader {
-            raw_len: 10,
-            enc_len: bomb.len(),
-            compressed: true,
-        };
+        let h = ChunkHeader { raw_len: 10, enc_len: bomb.len(), compressed: true };
         assert!(decode(&h, &bomb).is_err());
     }
 }

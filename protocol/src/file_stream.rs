@@ -34,16 +34,9 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
     mut progress: impl FnMut(Transferred),
 ) -> Result<(pb::FileSummary, Transferred), ProtocolError> {
     let size = std::fs::metadata(path)?.len();
-    let header = pb::FileHeader {
-        migration_id: migration_id.into(),
-        name: name.into(),
-        size,
-    };
+    let header = pb::FileHeader { migration_id: migration_id.into(), name: name.into(), size };
     write_frame(w, &header).await?;
-    let mut t = Transferred {
-        raw: 0,
-        wire: 4 + prost::Message::encoded_len(&header) as u64,
-    };
+    let mut t = Transferred { raw: 0, wire: 4 + prost::Message::encoded_len(&header) as u64 };
 
     // Reader + compressor thread -> bounded channel -> this task writes. Two chunks in flight are enough
     // to overlap compression with sending.
@@ -81,9 +74,7 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
         t.wire += enc.len() as u64;
         progress(t);
     }
-    let digest = reader
-        .await
-        .map_err(|e| std::io::Error::other(format!("reader thread: {e}")))??;
+    let digest = reader.await.map_err(|e| std::io::Error::other(format!("reader thread: {e}")))??;
     if t.raw != size {
         return Err(ProtocolError::BadFile {
             name: name.into(),
@@ -94,14 +85,7 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
     w.write_all(&digest.to_le_bytes()).await?;
     t.wire += (HEADER_LEN + 8) as u64;
     progress(t);
-    Ok((
-        pb::FileSummary {
-            name: name.into(),
-            size,
-            xxh3: digest,
-        },
-        t,
-    ))
+    Ok((pb::FileSummary { name: name.into(), size, xxh3: digest }, t))
 }
 
 /// Reads the header of a file stream, checking the name.
@@ -121,24 +105,14 @@ pub async fn receive_body<R: AsyncRead + Unpin>(
     mut progress: impl FnMut(Transferred),
 ) -> Result<(pb::FileSummary, Transferred), ProtocolError> {
     names::check_image_name(&header.name)?;
-    let bad = |what: String| ProtocolError::BadFile {
-        name: header.name.clone(),
-        what,
-    };
+    let bad = |what: String| ProtocolError::BadFile { name: header.name.clone(), what };
     if header.size > max_size {
-        return Err(bad(format!(
-            "announced {} bytes, over the limit of {max_size}",
-            header.size
-        )));
+        return Err(bad(format!("announced {} bytes, over the limit of {max_size}", header.size)));
     }
     let path = dir.join(&header.name);
     let result = async {
         // create_new: a name that already exists (a second stream for the same file) is refused.
-        let mut f = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .await?;
+        let mut f = tokio::fs::OpenOptions::new().write(true).create_new(true).open(&path).await?;
         let mut hasher = Xxh3::new();
         let mut t = Transferred::default();
         let mut payload = Vec::with_capacity(chunk::MAX_ENCODED);
@@ -150,10 +124,7 @@ pub async fn receive_body<R: AsyncRead + Unpin>(
                 break;
             };
             if t.raw + ch.raw_len as u64 > header.size {
-                return Err(bad(format!(
-                    "more data than the announced {} bytes",
-                    header.size
-                )));
+                return Err(bad(format!("more data than the announced {} bytes", header.size)));
             }
             payload.resize(ch.enc_len, 0);
             read_exact(r, &mut payload).await?;
@@ -168,10 +139,7 @@ pub async fn receive_body<R: AsyncRead + Unpin>(
         read_exact(r, &mut digest).await?;
         t.wire += 8;
         if t.raw != header.size {
-            return Err(bad(format!(
-                "got {} bytes, header announced {}",
-                t.raw, header.size
-            )));
+            return Err(bad(format!("got {} bytes, header announced {}", t.raw, header.size)));
         }
         let digest = u64::from_le_bytes(digest);
         if digest != hasher.digest() {
@@ -181,14 +149,7 @@ pub async fn receive_body<R: AsyncRead + Unpin>(
             )));
         }
         f.sync_data().await?;
-        Ok((
-            pb::FileSummary {
-                name: header.name.clone(),
-                size: t.raw,
-                xxh3: digest,
-            },
-            t,
-        ))
+        Ok((pb::FileSummary { name: header.name.clone(), size: t.raw, xxh3: digest }, t))
     }
     .await;
     if result.is_err() {
@@ -198,13 +159,10 @@ pub async fn receive_body<R: AsyncRead + Unpin>(
 }
 
 async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(), ProtocolError> {
-    r.read_exact(buf)
-        .await
-        .map(|_| ())
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
-            _ => ProtocolError::Io(e),
-        })
+    r.read_exact(buf).await.map(|_| ()).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
+        _ => ProtocolError::Io(e),
+    })
 }
 
 #[cfg(test)]
@@ -216,9 +174,7 @@ mod tests {
         let p = dir.path().join("src");
         std::fs::write(&p, content).unwrap();
         let mut wire = Vec::new();
-        let (sum, t) = send_file(&mut wire, "m", name, &p, 1, |_| {})
-            .await
-            .unwrap();
+        let (sum, t) = send_file(&mut wire, "m", name, &p, 1, |_| {}).await.unwrap();
         assert_eq!(sum.size, content.len() as u64);
         assert_eq!(t.wire, wire.len() as u64);
         wire
@@ -232,14 +188,9 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let mut r = wire.as_slice();
         let h = read_header(&mut r).await.unwrap();
-        let (sum, _) = receive_body(&mut r, &h, out.path(), u64::MAX, |_| {})
-            .await
-            .unwrap();
+        let (sum, _) = receive_body(&mut r, &h, out.path(), u64::MAX, |_| {}).await.unwrap();
         assert_eq!(sum.name, "pages-1.img");
-        assert_eq!(
-            std::fs::read(out.path().join("pages-1.img")).unwrap(),
-            content
-        );
+        assert_eq!(std::fs::read(out.path().join("pages-1.img")).unwrap(), content);
     }
 
     #[tokio::test]
@@ -248,15 +199,8 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let mut r = wire.as_slice();
         let h = read_header(&mut r).await.unwrap();
-        receive_body(&mut r, &h, out.path(), u64::MAX, |_| {})
-            .await
-            .unwrap();
-        assert_eq!(
-            std::fs::metadata(out.path().join("empty.img"))
-                .unwrap()
-                .len(),
-            0
-        );
+        receive_body(&mut r, &h, out.path(), u64::MAX, |_| {}).await.unwrap();
+        assert_eq!(std::fs::metadata(out.path().join("empty.img")).unwrap().len(), 0);
     }
 
     #[tokio::test]
@@ -268,9 +212,7 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let mut r = wire.as_slice();
         let h = read_header(&mut r).await.unwrap();
-        let err = receive_body(&mut r, &h, out.path(), u64::MAX, |_| {})
-            .await
-            .unwrap_err();
+        let err = receive_body(&mut r, &h, out.path(), u64::MAX, |_| {}).await.unwrap_err();
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
         assert!(!out.path().join("x.img").exists());
     }
@@ -282,16 +224,12 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let mut r = wire.as_slice();
         let h = read_header(&mut r).await.unwrap();
-        let err = receive_body(&mut r, &h, out.path(), 5000, |_| {})
-            .await
-            .unwrap_err();
+        let err = receive_body(&mut r, &h, out.path(), 5000, |_| {}).await.unwrap_err();
         assert!(err.to_string().contains("over the limit"), "{err}");
 
         let mut r = &wire[..wire.len() - 5];
         let h = read_header(&mut r).await.unwrap();
-        let err = receive_body(&mut r, &h, out.path(), u64::MAX, |_| {})
-            .await
-            .unwrap_err();
+        let err = receive_body(&mut r, &h, out.path(), u64::MAX, |_| {}).await.unwrap_err();
         assert!(matches!(err, ProtocolError::Truncated), "{err}");
         assert!(!out.path().join("x.img").exists());
     }
@@ -299,18 +237,11 @@ mod tests {
     #[tokio::test]
     async fn hostile_names_are_refused_before_writing() {
         for name in ["../escape", "/etc/passwd", "a/b", "..", ""] {
-            let h = pb::FileHeader {
-                migration_id: "m".into(),
-                name: name.into(),
-                size: 0,
-            };
+            let h = pb::FileHeader { migration_id: "m".into(), name: name.into(), size: 0 };
             let mut wire = Vec::new();
             write_frame(&mut wire, &h).await.unwrap();
             let err = read_header(&mut wire.as_slice()).await.unwrap_err();
-            assert!(
-                matches!(err, ProtocolError::BadName { .. }),
-                "{name}: {err}"
-            );
+            assert!(matches!(err, ProtocolError::BadName { .. }), "{name}: {err}");
         }
     }
 }

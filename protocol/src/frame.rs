@@ -16,16 +16,10 @@ pub const MAX_FRAME: usize = 1 << 20;
 ///
 /// # Cancel safety
 /// Not cancel safe: a cancelled write may leave half a frame on the stream.
-pub async fn write_frame<W: AsyncWrite + Unpin, M: Message>(
-    w: &mut W,
-    msg: &M,
-) -> Result<(), ProtocolError> {
+pub async fn write_frame<W: AsyncWrite + Unpin, M: Message>(w: &mut W, msg: &M) -> Result<(), ProtocolError> {
     let len = msg.encoded_len();
     if len > MAX_FRAME {
-        return Err(ProtocolError::FrameTooLarge {
-            len,
-            max: MAX_FRAME,
-        });
+        return Err(ProtocolError::FrameTooLarge { len, max: MAX_FRAME });
     }
     let mut buf = Vec::with_capacity(4 + len);
     buf.extend_from_slice(&u32::try_from(len).expect("checked above").to_le_bytes());
@@ -38,28 +32,19 @@ pub async fn write_frame<W: AsyncWrite + Unpin, M: Message>(
 ///
 /// # Cancel safety
 /// Not cancel safe: a cancelled read may have consumed part of a frame.
-pub async fn read_frame<R: AsyncRead + Unpin, M: Message + Default>(
-    r: &mut R,
-) -> Result<Option<M>, ProtocolError> {
+pub async fn read_frame<R: AsyncRead + Unpin, M: Message + Default>(r: &mut R) -> Result<Option<M>, ProtocolError> {
     let mut len = [0u8; 4];
     let mut got = 0;
     while got < 4 {
         let n = r.read(&mut len[got..]).await?;
         if n == 0 {
-            return if got == 0 {
-                Ok(None)
-            } else {
-                Err(ProtocolError::Truncated)
-            };
+            return if got == 0 { Ok(None) } else { Err(ProtocolError::Truncated) };
         }
         got += n;
     }
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(ProtocolError::FrameTooLarge {
-            len,
-            max: MAX_FRAME,
-        });
+        return Err(ProtocolError::FrameTooLarge { len, max: MAX_FRAME });
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await.map_err(|e| match e.kind() {
@@ -76,51 +61,32 @@ mod tests {
 
     #[tokio::test]
     async fn round_trip_and_clean_eof() {
-        let msg = pb::Prepare {
-            migration_id: "m1".into(),
-            pids: vec![1, 2, 3],
-            comm: "sleep".into(),
-        };
+        let msg =
+            pb::Prepare { migration_id: "m1".into(), pids: vec![1, 2, 3], comm: "sleep".into(), ..Default::default() };
         let mut buf = Vec::new();
         write_frame(&mut buf, &msg).await.unwrap();
         let mut r = buf.as_slice();
         let back: pb::Prepare = read_frame(&mut r).await.unwrap().unwrap();
         assert_eq!(back, msg);
-        assert!(
-            read_frame::<_, pb::Prepare>(&mut r)
-                .await
-                .unwrap()
-                .is_none()
-        );
+        assert!(read_frame::<_, pb::Prepare>(&mut r).await.unwrap().is_none());
     }
 
     #[tokio::test]
     async fn oversized_length_is_refused_before_allocating() {
         let buf = u32::MAX.to_le_bytes();
-        let err = read_frame::<_, pb::Prepare>(&mut buf.as_slice())
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, ProtocolError::FrameTooLarge { len, .. } if len == u32::MAX as usize),
-            "{err}"
-        );
+        let err = read_frame::<_, pb::Prepare>(&mut buf.as_slice()).await.unwrap_err();
+        assert!(matches!(err, ProtocolError::FrameTooLarge { len, .. } if len == u32::MAX as usize), "{err}");
     }
 
     #[tokio::test]
     async fn truncated_frame_is_an_error() {
-        let msg = pb::Abort {
-            reason: "x".repeat(100),
-        };
+        let msg = pb::Abort { reason: "x".repeat(100) };
         let mut buf = Vec::new();
         write_frame(&mut buf, &msg).await.unwrap();
         buf.truncate(50);
-        let err = read_frame::<_, pb::Abort>(&mut buf.as_slice())
-            .await
-            .unwrap_err();
+        let err = read_frame::<_, pb::Abort>(&mut buf.as_slice()).await.unwrap_err();
         assert!(matches!(err, ProtocolError::Truncated), "{err}");
-        let err = read_frame::<_, pb::Abort>(&mut &buf[..2])
-            .await
-            .unwrap_err();
+        let err = read_frame::<_, pb::Abort>(&mut &buf[..2]).await.unwrap_err();
         assert!(matches!(err, ProtocolError::Truncated), "{err}");
     }
 
@@ -128,9 +94,7 @@ mod tests {
     async fn garbage_is_a_decode_error() {
         let mut buf = 4u32.to_le_bytes().to_vec();
         buf.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
-        let err = read_frame::<_, pb::SourceMsg>(&mut buf.as_slice())
-            .await
-            .unwrap_err();
+        let err = read_frame::<_, pb::SourceMsg>(&mut buf.as_slice()).await.unwrap_err();
         assert!(matches!(err, ProtocolError::Decode(_)), "{err}");
     }
 }

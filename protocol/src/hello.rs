@@ -75,28 +75,16 @@ mod tests {
         check_compatible(&a, &hello("b")).unwrap();
         let mut b = hello("b");
         b.arch = "aarch64".into();
-        assert!(
-            check_compatible(&a, &b)
-                .unwrap_err()
-                .contains("architecture differs")
-        );
+        assert!(check_compatible(&a, &b).unwrap_err().contains("architecture differs"));
         let mut b = hello("b");
         b.page_size = 65536;
         assert!(check_compatible(&a, &b).unwrap_err().contains("page size"));
         let mut b = hello("b");
         b.criu_version = "3.17".into();
-        assert!(
-            check_compatible(&a, &b)
-                .unwrap_err()
-                .contains("deploy/install.sh")
-        );
+        assert!(check_compatible(&a, &b).unwrap_err().contains("deploy/install.sh"));
         let mut b = hello("b");
         b.protocol_version = 99;
-        assert!(
-            check_compatible(&a, &b)
-                .unwrap_err()
-                .contains("protocol version")
-        );
+        assert!(check_compatible(&a, &b).unwrap_err().contains("protocol version"));
     }
 
     #[test]

@@ -17,9 +17,7 @@ pub struct HostFacts {
 pub fn facts() -> HostFacts {
     let uts = nix::sys::utsname::uname().ok();
     let s = |f: fn(&nix::sys::utsname::UtsName) -> &std::ffi::OsStr| {
-        uts.as_ref()
-            .map(|u| f(u).to_string_lossy().into_owned())
-            .unwrap_or_default()
+        uts.as_ref().map(|u| f(u).to_string_lossy().into_owned()).unwrap_or_default()
     };
     HostFacts {
         host_name: s(|u| u.nodename()),
@@ -33,10 +31,7 @@ pub fn facts() -> HostFacts {
 
 /// The system page size.
 pub fn page_size() -> u32 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u32
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u32
 }
 
 fn uffd_available() -> bool {
@@ -57,10 +52,7 @@ fn soft_dirty_available() -> bool {
     let page = page_size() as usize;
     let mut buf = vec![0u8; page * 2];
     let addr = (buf.as_mut_ptr() as usize).next_multiple_of(page);
-    let Ok(mut clear) = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/proc/self/clear_refs")
-    else {
+    let Ok(mut clear) = std::fs::OpenOptions::new().write(true).open("/proc/self/clear_refs") else {
         return false;
     };
     if clear.write_all(b"4").is_err() {
@@ -72,9 +64,7 @@ fn soft_dirty_available() -> bool {
         return false;
     };
     let mut entry = [0u8; 8];
-    if pm.seek(SeekFrom::Start((addr / page * 8) as u64)).is_err()
-        || pm.read_exact(&mut entry).is_err()
-    {
+    if pm.seek(SeekFrom::Start((addr / page * 8) as u64)).is_err() || pm.read_exact(&mut entry).is_err() {
         return false;
     }
     std::hint::black_box(&buf);

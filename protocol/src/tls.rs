@@ -27,11 +27,7 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// The usual layout: `DIR/ca.pem`, `DIR/HOST.pem`, `DIR/HOST.key`.
     pub fn in_dir(dir: &Path, host: &str) -> Self {
-        TlsFiles {
-            ca: dir.join("ca.pem"),
-            cert: dir.join(format!("{host}.pem")),
-            key: dir.join(format!("{host}.key")),
-        }
+        TlsFiles { ca: dir.join("ca.pem"), cert: dir.join(format!("{host}.pem")), key: dir.join(format!("{host}.key")) }
     }
 }
 
@@ -41,39 +37,24 @@ fn tls_err(what: String) -> ProtocolError {
 
 fn load(
     files: &TlsFiles,
-) -> Result<
-    (
-        RootCertStore,
-        Vec<CertificateDer<'static>>,
-        PrivateKeyDer<'static>,
-    ),
-    ProtocolError,
-> {
+) -> Result<(RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ProtocolError> {
     let hint = "make them with deploy/certs.sh";
     let mut roots = RootCertStore::empty();
     let cas = CertificateDer::pem_file_iter(&files.ca)
         .map_err(|e| tls_err(format!("fleet CA {}: {e}; {hint}", files.ca.display())))?;
     for ca in cas {
         let ca = ca.map_err(|e| tls_err(format!("fleet CA {}: {e}", files.ca.display())))?;
-        roots
-            .add(ca)
-            .map_err(|e| tls_err(format!("fleet CA {}: {e}", files.ca.display())))?;
+        roots.add(ca).map_err(|e| tls_err(format!("fleet CA {}: {e}", files.ca.display())))?;
     }
     if roots.is_empty() {
-        return Err(tls_err(format!(
-            "fleet CA {} holds no certificate",
-            files.ca.display()
-        )));
+        return Err(tls_err(format!("fleet CA {} holds no certificate", files.ca.display())));
     }
     let chain: Vec<_> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| tls_err(format!("certificate {}: {e}; {hint}", files.cert.display())))?
         .collect::<Result<_, _>>()
         .map_err(|e| tls_err(format!("certificate {}: {e}", files.cert.display())))?;
     if chain.is_empty() {
-        return Err(tls_err(format!(
-            "certificate {} holds no certificate",
-            files.cert.display()
-        )));
+        return Err(tls_err(format!("certificate {} holds no certificate", files.cert.display())));
     }
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| tls_err(format!("private key {}: {e}; {hint}", files.key.display())))?;
@@ -108,13 +89,7 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, ProtocolEr
         .map_err(|e| tls_err(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| {
-            tls_err(format!(
-                "certificate {} / key {}: {e}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
+        .map_err(|e| tls_err(format!("certificate {} / key {}: {e}", files.cert.display(), files.key.display())))?;
     cfg.alpn_protocols = vec![crate::ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(cfg).map_err(|e| tls_err(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -131,13 +106,7 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, ProtocolEr
         .map_err(|e| tls_err(e.to_string()))?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
-        .map_err(|e| {
-            tls_err(format!(
-                "certificate {} / key {}: {e}",
-                files.cert.display(),
-                files.key.display()
-            ))
-        })?;
+        .map_err(|e| tls_err(format!("certificate {} / key {}: {e}", files.cert.display(), files.key.display())))?;
     cfg.alpn_protocols = vec![crate::ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(cfg).map_err(|e| tls_err(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));

@@ -108,10 +108,7 @@ pub enum ClientError {
     #[error(
         "cannot reach the source agent at {path}: {source}; is source-agent running on this host (or set --agent-socket / MIGRATE_AGENT_SOCKET)?"
     )]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
+    Connect { path: String, source: std::io::Error },
     #[error("source agent connection: {0}")]
     Io(#[from] std::io::Error),
     #[error("source agent sent an unreadable line: {0}")]
@@ -124,17 +121,10 @@ pub enum ClientError {
 
 /// Sends `req` to the agent at `socket`, calling `on_event` for every event, and returns the final one
 /// (`Done` or `Checked`); `Failed` becomes an error.
-pub async fn request(
-    socket: &Path,
-    req: &Request,
-    mut on_event: impl FnMut(&Event),
-) -> Result<Event, ClientError> {
+pub async fn request(socket: &Path, req: &Request, mut on_event: impl FnMut(&Event)) -> Result<Event, ClientError> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
-        .map_err(|source| ClientError::Connect {
-            path: socket.display().to_string(),
-            source,
-        })?;
+        .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
@@ -160,21 +150,9 @@ mod tests {
 
     #[test]
     fn wire_format_is_stable() {
-        let r = Request::Migrate {
-            pid: 42,
-            target: "b:7420".into(),
-        };
-        assert_eq!(
-            serde_json::to_string(&r).unwrap(),
-            r#"{"request":"migrate","pid":42,"target":"b:7420"}"#
-        );
-        let e = Event::Failed {
-            error: "x".into(),
-            original: Original::Running,
-        };
-        assert_eq!(
-            serde_json::to_string(&e).unwrap(),
-            r#"{"event":"failed","error":"x","original":"running"}"#
-        );
+        let r = Request::Migrate { pid: 42, target: "b:7420".into() };
+        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"request":"migrate","pid":42,"target":"b:7420"}"#);
+        let e = Event::Failed { error: "x".into(), original: Original::Running };
+        assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"event":"failed","error":"x","original":"running"}"#);
     }
 }

@@ -46,31 +46,13 @@ pub struct Mapped {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum FdKind {
-    Regular {
-        path: String,
-        size: u64,
-        deleted: bool,
-    },
-    Directory {
-        path: String,
-    },
-    CharDevice {
-        path: String,
-        major: u32,
-        minor: u32,
-    },
-    BlockDevice {
-        path: String,
-        major: u32,
-        minor: u32,
-    },
-    Pipe {
-        o_direct: bool,
-    },
+    Regular { path: String, size: u64, deleted: bool },
+    Directory { path: String },
+    CharDevice { path: String, major: u32, minor: u32 },
+    BlockDevice { path: String, major: u32, minor: u32 },
+    Pipe { o_direct: bool },
     Socket(Socket),
-    Other {
-        link: String,
-    },
+    Other { link: String },
 }
 
 /// An open file descriptor.
@@ -119,6 +101,11 @@ pub struct Tree {
     pub processes: Vec<Process>,
     /// This agent's pid and IPC namespace, to tell "shares the host's IPC namespace".
     pub agent_ipc_ns: u64,
+    /// This agent has CAP_SYS_RESOURCE: CRIU needs it to read the rlimits (prlimit(2)) of a process
+    /// of another user.
+    pub agent_cap_sys_resource: bool,
+    /// This agent's uid.
+    pub agent_uid: u32,
     /// Pids with locks in /proc/locks.
     pub lock_holders: Vec<u32>,
     /// Pids that created or last used a SysV shm segment or message queue (/proc/sysvipc).
@@ -136,12 +123,7 @@ impl Tree {
         let mut out: HashMap<String, u64> = HashMap::new();
         for p in &self.processes {
             for fd in &p.fds {
-                if let FdKind::Regular {
-                    path,
-                    size,
-                    deleted: false,
-                } = &fd.kind
-                {
+                if let FdKind::Regular { path, size, deleted: false } = &fd.kind {
                     out.insert(path.clone(), *size);
                 }
             }
@@ -175,51 +157,38 @@ pub fn tree(root: u32) -> std::io::Result<Tree> {
         root,
         processes,
         agent_ipc_ns: ns_ino("self", "ipc"),
+        agent_cap_sys_resource: has_cap("self", 24),
+        agent_uid: nix::unistd::getuid().as_raw(),
         lock_holders: lock_holders(),
         sysv_users: sysv_users(),
     })
 }
 
-fn ns_ino(pid: &str, ns: &str) -> u64 {
-    std::fs::metadata(format!("/proc/{pid}/ns/{ns}"))
-        .map(|m| m.ino())
-        .unwrap_or(0)
+/// Whether `pid` has capability number `cap` in its effective set.
+fn has_cap(pid: &str, cap: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|bits| bits & (1 << cap) != 0)
 }
 
-fn process(
-    pid: u32,
-    unix: &HashMap<u64, sys::UnixDiag>,
-    owners: &HashMap<u64, (u32, String)>,
-) -> Process {
+fn ns_ino(pid: &str, ns: &str) -> u64 {
+    std::fs::metadata(format!("/proc/{pid}/ns/{ns}")).map(|m| m.ino()).unwrap_or(0)
+}
+
+fn process(pid: u32, unix: &HashMap<u64, sys::UnixDiag>, owners: &HashMap<u64, (u32, String)>) -> Process {
     let base = format!("/proc/{pid}");
     let status = std::fs::read_to_string(format!("{base}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-            .unwrap_or("")
-    };
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("");
     let stat = std::fs::read_to_string(format!("{base}/stat")).unwrap_or_default();
-    let after: Vec<&str> = stat
-        .rfind(')')
-        .map(|i| stat[i + 2..].split_whitespace().collect())
-        .unwrap_or_default();
-    let num = |i: usize| {
-        after
-            .get(i)
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(0)
-    };
-    let flags = after
-        .get(6)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+    let after: Vec<&str> = stat.rfind(')').map(|i| stat[i + 2..].split_whitespace().collect()).unwrap_or_default();
+    let num = |i: usize| after.get(i).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+    let flags = after.get(6).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     let mut elf = [0u8; 5];
     let elf64 = match std::fs::File::open(format!("{base}/exe")) {
-        Ok(mut f) => std::io::Read::read_exact(&mut f, &mut elf)
-            .map(|_| elf[4] != 1)
-            .unwrap_or(true),
+        Ok(mut f) => std::io::Read::read_exact(&mut f, &mut elf).map(|_| elf[4] != 1).unwrap_or(true),
         Err(_) => true,
     };
     let maps = std::fs::read_to_string(format!("{base}/maps")).unwrap_or_default();
@@ -240,10 +209,7 @@ fn process(
             .ok()
             .filter(|m| m.file_type().is_char_device() || m.file_type().is_block_device())
             .map(|m| (major(m.rdev()), minor(m.rdev())));
-        mapped.push(Mapped {
-            path: path.to_string(),
-            rdev,
-        });
+        mapped.push(Mapped { path: path.to_string(), rdev });
     }
     Process {
         pid,
@@ -251,10 +217,7 @@ fn process(
         sid: num(3),
         comm: criu::tree::comm(pid),
         state: after.first().and_then(|s| s.chars().next()).unwrap_or('?'),
-        uids: field("Uid:")
-            .split_whitespace()
-            .filter_map(|u| u.parse().ok())
-            .collect(),
+        uids: field("Uid:").split_whitespace().filter_map(|u| u.parse().ok()).collect(),
         tracer: field("TracerPid:").parse().unwrap_or(0),
         elf64,
         kernel_thread: flags & 0x0020_0000 != 0, // PF_KTHREAD
@@ -273,11 +236,7 @@ fn minor(dev: u64) -> u32 {
     (((dev >> 12) & 0xffff_ff00) | (dev & 0xff)) as u32
 }
 
-fn fds(
-    pid: u32,
-    unix: &HashMap<u64, sys::UnixDiag>,
-    owners: &HashMap<u64, (u32, String)>,
-) -> Vec<Fd> {
+fn fds(pid: u32, unix: &HashMap<u64, sys::UnixDiag>, owners: &HashMap<u64, (u32, String)>) -> Vec<Fd> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
@@ -287,46 +246,30 @@ fn fds(
         let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let link = std::fs::read_link(e.path())
-            .map(|l| l.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let fdinfo =
-            std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        let link = std::fs::read_link(e.path()).map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
+        let fdinfo = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
         let flags = fdinfo
             .lines()
             .find_map(|l| l.strip_prefix("flags:"))
             .and_then(|f| u64::from_str_radix(f.trim(), 8).ok())
             .unwrap_or(0);
         let locked = fdinfo.lines().any(|l| l.starts_with("lock:"));
-        let kind = if let Some(ino) = link
-            .strip_prefix("socket:[")
-            .and_then(|s| s.strip_suffix(']'))
-        {
+        let kind = if let Some(ino) = link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
             let ino: u64 = ino.parse().unwrap_or(0);
             FdKind::Socket(socket(pid, fd, ino, unix, owners, &tcp))
         } else if link.starts_with("pipe:[") {
-            FdKind::Pipe {
-                o_direct: flags & libc::O_DIRECT as u64 != 0,
-            }
+            FdKind::Pipe { o_direct: flags & libc::O_DIRECT as u64 != 0 }
         } else if link.starts_with('/') {
             let deleted = link.ends_with(" (deleted)");
             match std::fs::metadata(e.path()) {
-                Ok(m) if m.file_type().is_char_device() => FdKind::CharDevice {
-                    path: link,
-                    major: major(m.rdev()),
-                    minor: minor(m.rdev()),
-                },
-                Ok(m) if m.file_type().is_block_device() => FdKind::BlockDevice {
-                    path: link,
-                    major: major(m.rdev()),
-                    minor: minor(m.rdev()),
-                },
+                Ok(m) if m.file_type().is_char_device() => {
+                    FdKind::CharDevice { path: link, major: major(m.rdev()), minor: minor(m.rdev()) }
+                }
+                Ok(m) if m.file_type().is_block_device() => {
+                    FdKind::BlockDevice { path: link, major: major(m.rdev()), minor: minor(m.rdev()) }
+                }
                 Ok(m) if m.is_dir() => FdKind::Directory { path: link },
-                Ok(m) if m.is_file() => FdKind::Regular {
-                    path: link,
-                    size: m.len(),
-                    deleted,
-                },
+                Ok(m) if m.is_file() => FdKind::Regular { path: link, size: m.len(), deleted },
                 _ => FdKind::Other { link },
             }
         } else {
@@ -346,26 +289,16 @@ fn socket(
     owners: &HashMap<u64, (u32, String)>,
     tcp: &HashMap<u64, u8>,
 ) -> Socket {
-    let mut s = Socket {
-        ino,
-        ..Default::default()
-    };
+    let mut s = Socket { ino, ..Default::default() };
     if let Some(u) = unix.get(&ino) {
         s.family = libc::AF_UNIX;
         s.sock_type = u.sock_type as i32;
-        let peer_name = unix
-            .get(&u.peer)
-            .map(|p| p.name.clone())
-            .unwrap_or_default();
+        let peer_name = unix.get(&u.peer).map(|p| p.name.clone()).unwrap_or_default();
         s.unix = Some(UnixInfo {
             name: u.name.clone(),
             peer: u.peer,
             peer_name,
-            peer_owner: if u.peer != 0 {
-                owners.get(&u.peer).cloned()
-            } else {
-                None
-            },
+            peer_owner: if u.peer != 0 { owners.get(&u.peer).cloned() } else { None },
             state: u.state,
         });
         return s;
@@ -415,13 +348,10 @@ fn socket_owners() -> HashMap<u64, (u32, String)> {
                 continue;
             };
             let link = link.to_string_lossy();
-            if let Some(ino) = link
-                .strip_prefix("socket:[")
-                .and_then(|s| s.strip_suffix(']'))
-                .and_then(|s| s.parse().ok())
+            if let Some(ino) =
+                link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).and_then(|s| s.parse().ok())
             {
-                out.entry(ino)
-                    .or_insert_with(|| (pid, criu::tree::comm(pid)));
+                out.entry(ino).or_insert_with(|| (pid, criu::tree::comm(pid)));
             }
         }
     }
@@ -431,26 +361,17 @@ fn socket_owners() -> HashMap<u64, (u32, String)> {
 fn lock_holders() -> Vec<u32> {
     let text = std::fs::read_to_string("/proc/locks").unwrap_or_default();
     // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; "->" lines are blocked waiters.
-    text.lines()
-        .filter(|l| !l.contains("->"))
-        .filter_map(|l| l.split_whitespace().nth(4)?.parse().ok())
-        .collect()
+    text.lines().filter(|l| !l.contains("->")).filter_map(|l| l.split_whitespace().nth(4)?.parse().ok()).collect()
 }
 
 fn sysv_users() -> Vec<u32> {
     let mut out = Vec::new();
-    for (file, cols) in [
-        ("shm", &["cpid", "lpid"][..]),
-        ("msg", &["lspid", "lrpid"][..]),
-    ] {
+    for (file, cols) in [("shm", &["cpid", "lpid"][..]), ("msg", &["lspid", "lrpid"][..])] {
         let text = std::fs::read_to_string(format!("/proc/sysvipc/{file}")).unwrap_or_default();
         let mut lines = text.lines();
         let Some(header) = lines.next() else { continue };
         let names: Vec<&str> = header.split_whitespace().collect();
-        let idx: Vec<usize> = cols
-            .iter()
-            .filter_map(|c| names.iter().position(|n| n == c))
-            .collect();
+        let idx: Vec<usize> = cols.iter().filter_map(|c| names.iter().position(|n| n == c)).collect();
         for l in lines {
             let v: Vec<&str> = l.split_whitespace().collect();
             out.extend(idx.iter().filter_map(|&i| v.get(i)?.parse::<u32>().ok()));
@@ -514,8 +435,7 @@ mod sys {
                 match ty {
                     NLMSG_DONE => return Ok(out),
                     NLMSG_ERROR => {
-                        let errno =
-                            i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4"));
+                        let errno = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4"));
                         return Err(std::io::Error::from_raw_os_error(-errno));
                     }
                     SOCK_DIAG_BY_FAMILY => {
@@ -536,12 +456,7 @@ mod sys {
             return None;
         }
         let ino = u32::from_ne_bytes(m[4..8].try_into().ok()?) as u64;
-        let mut d = UnixDiag {
-            sock_type: m[1],
-            state: m[2],
-            name: String::new(),
-            peer: 0,
-        };
+        let mut d = UnixDiag { sock_type: m[1], state: m[2], name: String::new(), peer: 0 };
         let mut off = 16;
         while off + 4 <= m.len() {
             let alen = u16::from_ne_bytes(m[off..off + 2].try_into().ok()?) as usize;
@@ -555,13 +470,10 @@ mod sys {
                     d.name = if data[0] == 0 {
                         format!("@{}", String::from_utf8_lossy(&data[1..]))
                     } else {
-                        String::from_utf8_lossy(data.split(|&b| b == 0).next().unwrap_or(data))
-                            .into_owned()
+                        String::from_utf8_lossy(data.split(|&b| b == 0).next().unwrap_or(data)).into_owned()
                     };
                 }
-                UNIX_DIAG_PEER if data.len() >= 4 => {
-                    d.peer = u32::from_ne_bytes(data[..4].try_into().ok()?) as u64
-                }
+                UNIX_DIAG_PEER if data.len() >= 4 => d.peer = u32::from_ne_bytes(data[..4].try_into().ok()?) as u64,
                 _ => {}
             }
             off += (alen + 3) & !3;
@@ -581,15 +493,7 @@ mod sys {
         let mut v: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: v and len are valid for writes of the sizes given; fd is an open socket we own.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                level,
-                name,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
+        let r = unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut libc::c_int).cast(), &mut len) };
         (r == 0).then_some(v)
     }
 
@@ -603,14 +507,7 @@ mod sys {
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
         // SAFETY: pidfd_getfd duplicates fd `fd` of the process into this one (it does not change the
         // other process); returns a new fd or -1.
-        let dup = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_getfd,
-                std::os::fd::AsRawFd::as_raw_fd(&pidfd),
-                fd,
-                0,
-            )
-        };
+        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0) };
         if dup < 0 {
             return None;
         }
@@ -620,13 +517,8 @@ mod sys {
         let family = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
         let sock_type = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_TYPE)?;
         let protocol = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_PROTOCOL).unwrap_or(0);
-        let udp_corked = protocol == libc::IPPROTO_UDP
-            && getsockopt_int(raw, libc::SOL_UDP, libc::UDP_CORK).unwrap_or(0) != 0;
-        Some(SockOpts {
-            family,
-            sock_type,
-            protocol,
-            udp_corked,
-        })
+        let udp_corked =
+            protocol == libc::IPPROTO_UDP && getsockopt_int(raw, libc::SOL_UDP, libc::UDP_CORK).unwrap_or(0) != 0;
+        Some(SockOpts { family, sock_type, protocol, udp_corked })
     }
 }

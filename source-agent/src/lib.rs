@@ -41,17 +41,11 @@ pub enum AgentError {
     #[error(transparent)]
     Criu(#[from] criu::CriuError),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 /// Runs the agent until `shutdown` resolves.
-pub async fn run(
-    cfg: Config,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), AgentError> {
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     let criu = criu::Criu::find()?;
     let io = |path: &std::path::Path| {
         let path = path.to_owned();
@@ -64,19 +58,13 @@ pub async fn run(
         std::fs::create_dir_all(parent).map_err(io(parent))?;
     }
     let _ = std::fs::remove_file(&cfg.control_socket);
-    let listener =
-        tokio::net::UnixListener::bind(&cfg.control_socket).map_err(io(&cfg.control_socket))?;
+    let listener = tokio::net::UnixListener::bind(&cfg.control_socket).map_err(io(&cfg.control_socket))?;
     // Anyone may connect; the server checks each caller's credentials (SO_PEERCRED).
     std::fs::set_permissions(&cfg.control_socket, std::fs::Permissions::from_mode(0o666))
         .map_err(io(&cfg.control_socket))?;
     let hello = protocol::host::local_hello(&cfg.name, &criu.version);
     tracing::info!(socket = %cfg.control_socket.display(), criu = %criu.version, "source agent ready");
-    let ctx = Arc::new(migration::Context {
-        criu,
-        hello,
-        client,
-        state_dir: cfg.state_dir.clone(),
-    });
+    let ctx = Arc::new(migration::Context { criu, hello, client, state_dir: cfg.state_dir.clone() });
     server::serve(listener, ctx, shutdown).await;
     let _ = std::fs::remove_file(&cfg.control_socket);
     Ok(())

@@ -80,14 +80,7 @@ pub async fn run(
 ) -> Result<Summary, Failure> {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let work_dir = ctx.state_dir.join("outgoing").join(&id);
-    let mut m = Migration {
-        ctx,
-        id,
-        events,
-        stage: Stage::Untouched,
-        pids: Vec::new(),
-        work_dir,
-    };
+    let mut m = Migration { ctx, id, events, stage: Stage::Untouched, pids: Vec::new(), work_dir };
     let result = m.steps(pid, target, caller_uid).await;
     let original = match (&result, m.stage) {
         (Ok(_), _) => Original::Running,
@@ -131,13 +124,7 @@ pub async fn run(
 
 /// The journal in the work dir: "frozen" or "commit-sent", then the pids.
 fn write_journal(dir: &Path, stage: &str, pids: &[u32]) {
-    let text = format!(
-        "{stage}\n{}\n",
-        pids.iter()
-            .map(|p| p.to_string())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let text = format!("{stage}\n{}\n", pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "));
     if let Err(e) = std::fs::write(dir.join("journal"), text) {
         tracing::error!("cannot write the journal in {}: {e}", dir.display());
     }
@@ -153,22 +140,14 @@ pub fn recover(state_dir: &Path) {
         let text = std::fs::read_to_string(dir.join("journal")).unwrap_or_default();
         let mut lines = text.lines();
         let stage = lines.next().unwrap_or("");
-        let pids: Vec<u32> = lines
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect();
+        let pids: Vec<u32> = lines.next().unwrap_or("").split_whitespace().filter_map(|p| p.parse().ok()).collect();
         match stage {
             "commit-sent" => {
                 tracing::error!(dir = %dir.display(), ?pids, "a migration's commit is in doubt: the original is kept stopped; check the target");
                 continue;
             }
             "frozen" => {
-                tracing::warn!(
-                    ?pids,
-                    "resuming an original left frozen by an earlier run of this agent"
-                );
+                tracing::warn!(?pids, "resuming an original left frozen by an earlier run of this agent");
                 let _ = criu::tree::resume(&pids);
             }
             _ => {}
@@ -190,10 +169,7 @@ impl Migration<'_> {
         let facts = inspect_tree(pid)?;
         let report = crate::preflight::judge(&facts, caller_uid);
         if !report.blockers.is_empty() {
-            return Err(format!(
-                "pre-flight: pid {pid} cannot migrate: {}",
-                report.blocker_summary()
-            ));
+            return Err(format!("pre-flight: pid {pid} cannot migrate: {}", report.blocker_summary()));
         }
         let pids = facts.pids();
         let comm = facts.processes[0].comm.clone();
@@ -201,9 +177,7 @@ impl Migration<'_> {
 
         self.phase(Phase::Connect, format!("connecting to {target}"));
         let session = connect(self.ctx, target).await?;
-        let result = self
-            .with_connection(&session, pid, &comm, &pids, &facts.files(), target, started)
-            .await;
+        let result = self.with_connection(&session, pid, &comm, &pids, &facts.files(), target, started).await;
         session.close().await;
         result
     }
@@ -221,27 +195,20 @@ impl Migration<'_> {
     ) -> Result<Summary, String> {
         let conn = &session.conn;
         let remote = &session.remote;
-        let (mut send, mut recv) = (session.send.lock().await, session.recv.lock().await);
-        let (send, recv) = (&mut *send, &mut *recv);
         let send_msg = |m: source_msg::Msg| pb::SourceMsg { msg: Some(m) };
 
         // Prepare.
         self.phase(
             Phase::Prepare,
-            format!(
-                "{} process(es) of {comm}; asking {} whether it can take them",
-                pids.len(),
-                remote.host_name
-            ),
+            format!("{} process(es) of {comm}; asking {} whether it can take them", pids.len(), remote.host_name),
         );
         let prepared = prepare(session, &self.id, pids, comm, files, false).await?;
         if !prepared.blockers.is_empty() {
-            return Err(format!(
-                "{} cannot take pid {pid}: {}",
-                remote.host_name,
-                findings_text(&prepared.blockers)
-            ));
+            return Err(format!("{} cannot take pid {pid}: {}", remote.host_name, findings_text(&prepared.blockers)));
         }
+        // From here this migration is the streams' only user.
+        let (mut send, mut recv) = (session.send.lock().await, session.recv.lock().await);
+        let (send, recv) = (&mut *send, &mut *recv);
         let free = prepared.free_bytes;
 
         // Freeze and dump.
@@ -251,23 +218,11 @@ impl Migration<'_> {
         let frozen_at = Instant::now();
         self.stage = Stage::Frozen;
         write_journal(&self.work_dir, "frozen", pids);
-        let dumped = self
-            .ctx
-            .criu
-            .dump(&criu::DumpRequest {
-                pid,
-                images_dir: self.work_dir.clone(),
-            })
-            .await;
+        let dumped = self.ctx.criu.dump(&criu::DumpRequest { pid, images_dir: self.work_dir.clone() }).await;
         let dump_ms = ms(frozen_at.elapsed());
         if let Err(e) = dumped {
-            let _ = write_frame(
-                send,
-                &send_msg(source_msg::Msg::Abort(pb::Abort {
-                    reason: "dump failed".into(),
-                })),
-            )
-            .await;
+            let _ =
+                write_frame(send, &send_msg(source_msg::Msg::Abort(pb::Abort { reason: "dump failed".into() }))).await;
             return Err(e.to_string());
         }
 
@@ -275,61 +230,35 @@ impl Migration<'_> {
         let files = image_files(&self.work_dir)?;
         let total: u64 = files.iter().map(|(_, s)| s).sum();
         if total > free {
-            let reason = format!(
-                "the images need {total} bytes but {} has only {free} bytes free for them",
-                remote.host_name
-            );
-            let _ = write_frame(
-                send,
-                &send_msg(source_msg::Msg::Abort(pb::Abort {
-                    reason: reason.clone(),
-                })),
-            )
-            .await;
+            let reason =
+                format!("the images need {total} bytes but {} has only {free} bytes free for them", remote.host_name);
+            let _ = write_frame(send, &send_msg(source_msg::Msg::Abort(pb::Abort { reason: reason.clone() }))).await;
             return Err(reason);
         }
-        self.phase(
-            Phase::Transfer,
-            format!("sending {} image files, {total} bytes", files.len()),
-        );
+        self.phase(Phase::Transfer, format!("sending {} image files, {total} bytes", files.len()));
         let transfer_started = Instant::now();
-        let sent =
-            match self.send_files(conn, &files, total).await {
-                Ok(s) => s,
-                Err(e) => {
-                    // The target may have said why it stopped a stream (disk full, bad file): prefer its words.
-                    let reason =
-                        match tokio::time::timeout(Duration::from_secs(2), recv_msg(recv, target))
-                            .await
-                        {
-                            Ok(Ok(target_msg::Msg::Failed(f))) => format!(
-                                "target {} refused the images: {}",
-                                remote.host_name, f.reason
-                            ),
-                            _ => e,
-                        };
-                    let _ = write_frame(
-                        send,
-                        &send_msg(source_msg::Msg::Abort(pb::Abort {
-                            reason: reason.clone(),
-                        })),
-                    )
-                    .await;
-                    return Err(reason);
-                }
-            };
+        let sent = match self.send_files(conn, &files, total).await {
+            Ok(s) => s,
+            Err(e) => {
+                // The target may have said why it stopped a stream (disk full, bad file): prefer its words.
+                let reason = match tokio::time::timeout(Duration::from_secs(2), recv_msg(recv, target)).await {
+                    Ok(Ok(target_msg::Msg::Failed(f))) => {
+                        format!("target {} refused the images: {}", remote.host_name, f.reason)
+                    }
+                    _ => e,
+                };
+                let _ =
+                    write_frame(send, &send_msg(source_msg::Msg::Abort(pb::Abort { reason: reason.clone() }))).await;
+                return Err(reason);
+            }
+        };
         let transfer_ms = ms(transfer_started.elapsed());
         let wire: u64 = sent.iter().map(|(_, t)| t.wire).sum();
         let summaries: Vec<pb::FileSummary> = sent.into_iter().map(|(s, _)| s).collect();
         let nfiles = summaries.len();
-        write_frame(
-            send,
-            &send_msg(source_msg::Msg::ImagesDone(pb::ImagesDone {
-                files: summaries,
-            })),
-        )
-        .await
-        .map_err(link(target))?;
+        write_frame(send, &send_msg(source_msg::Msg::ImagesDone(pb::ImagesDone { files: summaries })))
+            .await
+            .map_err(link(target))?;
 
         // Restore on the target.
         self.phase(Phase::Restore, format!("{} is restoring", remote.host_name));
@@ -348,18 +277,10 @@ impl Migration<'_> {
         };
 
         // Commit: from here on the target may run the copy.
-        self.phase(
-            Phase::Commit,
-            format!(
-                "restored as pid {} on {}; committing",
-                restored.root_pid, remote.host_name
-            ),
-        );
+        self.phase(Phase::Commit, format!("restored as pid {} on {}; committing", restored.root_pid, remote.host_name));
         write_journal(&self.work_dir, "commit-sent", pids);
         self.stage = Stage::CommitSent;
-        write_frame(send, &send_msg(source_msg::Msg::Commit(pb::Commit {})))
-            .await
-            .map_err(link(target))?;
+        write_frame(send, &send_msg(source_msg::Msg::Commit(pb::Commit {}))).await.map_err(link(target))?;
         let resumed = match tokio::time::timeout(COMMIT_TIMEOUT, recv_msg(recv, target)).await {
             Err(_) => {
                 return Err(format!(
@@ -375,11 +296,7 @@ impl Migration<'_> {
         };
         let downtime_ms = ms(frozen_at.elapsed());
         if let Err(e) = criu::tree::kill_all(pids) {
-            tracing::error!(
-                ?pids,
-                "the copy runs on {} but killing the original failed: {e}",
-                remote.host_name
-            );
+            tracing::error!(?pids, "the copy runs on {} but killing the original failed: {e}", remote.host_name);
         }
         let _ = send.finish();
         Ok(Summary {
@@ -397,11 +314,7 @@ impl Migration<'_> {
             total_ms: ms(started.elapsed()),
             image_bytes: total,
             wire_bytes: wire,
-            compression_ratio: if wire > 0 {
-                total as f64 / wire as f64
-            } else {
-                1.0
-            },
+            compression_ratio: if wire > 0 { total as f64 / wire as f64 } else { 1.0 },
             files: nfiles,
         })
     }
@@ -421,14 +334,7 @@ impl Migration<'_> {
                 loop {
                     tick.tick().await;
                     let done = raw.load(Ordering::Relaxed);
-                    if events
-                        .send(Event::Transfer {
-                            done,
-                            total,
-                            wire: wire.load(Ordering::Relaxed),
-                        })
-                        .is_err()
-                    {
+                    if events.send(Event::Transfer { done, total, wire: wire.load(Ordering::Relaxed) }).is_err() {
                         break;
                     }
                 }
@@ -442,27 +348,18 @@ impl Migration<'_> {
                 async move {
                     let mut s = conn.open_uni().await.map_err(|e| format!("link: {e}"))?;
                     let mut last = file_stream::Transferred::default();
-                    let r = file_stream::send_file(
-                        &mut s,
-                        &id,
-                        &name,
-                        &path,
-                        protocol::chunk::DEFAULT_LEVEL,
-                        |t| {
-                            raw.fetch_add(t.raw - last.raw, Ordering::Relaxed);
-                            wire.fetch_add(t.wire - last.wire, Ordering::Relaxed);
-                            last = t;
-                        },
-                    )
+                    let r = file_stream::send_file(&mut s, &id, &name, &path, protocol::chunk::DEFAULT_LEVEL, |t| {
+                        raw.fetch_add(t.raw - last.raw, Ordering::Relaxed);
+                        wire.fetch_add(t.wire - last.wire, Ordering::Relaxed);
+                        last = t;
+                    })
                     .await
                     .map_err(|e| format!("sending {name}: {e}"))?;
                     s.finish().map_err(|e| format!("sending {name}: {e}"))?;
                     // Wait until the target has read the whole stream (or stopped it).
                     match s.stopped().await {
                         Ok(None) => Ok(r),
-                        Ok(Some(code)) => Err(format!(
-                            "target refused {name} (stream stopped with code {code})"
-                        )),
+                        Ok(Some(code)) => Err(format!("target refused {name} (stream stopped with code {code})")),
                         Err(e) => Err(format!("sending {name}: {e}")),
                     }
                 }
@@ -514,9 +411,7 @@ async fn connect(ctx: &Context, target: &str) -> Result<Session, String> {
         .or_else(|_| quinn::Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
         .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
     endpoint.set_default_client_config(ctx.client.clone());
-    let connecting = endpoint
-        .connect(addr, &server_name)
-        .map_err(|e| format!("cannot connect to {target}: {e}"))?;
+    let connecting = endpoint.connect(addr, &server_name).map_err(|e| format!("cannot connect to {target}: {e}"))?;
     let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Err(_) => {
             return Err(format!(
@@ -532,18 +427,11 @@ async fn connect(ctx: &Context, target: &str) -> Result<Session, String> {
     // errors up to the target's Hello are TLS errors as well.
     let hello = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_frame(
-            &mut send,
-            &pb::SourceMsg {
-                msg: Some(source_msg::Msg::Hello(ctx.hello.clone())),
-            },
-        )
-        .await
-        .map_err(|e| e.to_string())?;
+        write_frame(&mut send, &pb::SourceMsg { msg: Some(source_msg::Msg::Hello(ctx.hello.clone())) })
+            .await
+            .map_err(|e| e.to_string())?;
         let remote = match read_frame::<_, pb::TargetMsg>(&mut recv).await {
-            Ok(Some(pb::TargetMsg {
-                msg: Some(target_msg::Msg::Hello(h)),
-            })) => h,
+            Ok(Some(pb::TargetMsg { msg: Some(target_msg::Msg::Hello(h)) })) => h,
             Ok(other) => return Err(format!("expected Hello, got {other:?}")),
             Err(e) => return Err(e.to_string()),
         };
@@ -557,15 +445,8 @@ async fn connect(ctx: &Context, target: &str) -> Result<Session, String> {
             return Err(connect_error(target, &why));
         }
     };
-    protocol::hello::check_compatible(&ctx.hello, &remote)
-        .map_err(|e| format!("cannot migrate to {target}: {e}"))?;
-    Ok(Session {
-        endpoint,
-        conn,
-        send: tokio::sync::Mutex::new(send),
-        recv: tokio::sync::Mutex::new(recv),
-        remote,
-    })
+    protocol::hello::check_compatible(&ctx.hello, &remote).map_err(|e| format!("cannot migrate to {target}: {e}"))?;
+    Ok(Session { endpoint, conn, send: tokio::sync::Mutex::new(send), recv: tokio::sync::Mutex::new(recv), remote })
 }
 
 /// Sends Prepare and returns the target's answer.
@@ -582,23 +463,12 @@ async fn prepare(
         migration_id: id.into(),
         pids: pids.to_vec(),
         comm: comm.into(),
-        files: files
-            .iter()
-            .map(|(path, size)| pb::FileRef {
-                path: path.clone(),
-                size: *size,
-            })
-            .collect(),
+        files: files.iter().map(|(path, size)| pb::FileRef { path: path.clone(), size: *size }).collect(),
         dry_run,
     };
-    write_frame(
-        &mut *s.send.lock().await,
-        &pb::SourceMsg {
-            msg: Some(source_msg::Msg::Prepare(msg)),
-        },
-    )
-    .await
-    .map_err(link(target))?;
+    write_frame(&mut *s.send.lock().await, &pb::SourceMsg { msg: Some(source_msg::Msg::Prepare(msg)) })
+        .await
+        .map_err(link(target))?;
     match recv_msg(&mut *s.recv.lock().await, target).await? {
         target_msg::Msg::Prepared(p) => Ok(p),
         other => Err(unexpected(target, &other, "Prepared")),
@@ -606,10 +476,7 @@ async fn prepare(
 }
 
 fn findings_text(f: &[pb::Finding]) -> String {
-    f.iter()
-        .map(|f| format!("[{}] {} (fix: {})", f.code, f.detail, f.fix))
-        .collect::<Vec<_>>()
-        .join("; ")
+    f.iter().map(|f| format!("[{}] {} (fix: {})", f.code, f.detail, f.fix)).collect::<Vec<_>>().join("; ")
 }
 
 /// `migrate check`: the pre-flight on this host and, when `target` is named, the target's answer to a
@@ -637,18 +504,10 @@ pub async fn check(
         .await;
         s.close().await;
         let answer = answer?;
-        let conv = |f: pb::Finding| crate::preflight::Finding {
-            code: f.code,
-            pid: f.pid,
-            detail: f.detail,
-            fix: f.fix,
-        };
-        report
-            .blockers
-            .extend(answer.blockers.into_iter().map(conv));
-        report
-            .warnings
-            .extend(answer.warnings.into_iter().map(conv));
+        let conv =
+            |f: pb::Finding| crate::preflight::Finding { code: f.code, pid: f.pid, detail: f.detail, fix: f.fix };
+        report.blockers.extend(answer.blockers.into_iter().map(conv));
+        report.warnings.extend(answer.warnings.into_iter().map(conv));
     }
     Ok(report)
 }
@@ -669,10 +528,7 @@ fn image_files(dir: &Path) -> Result<Vec<(String, u64)>, String> {
         }
         let meta = e.metadata().map_err(|err| format!("{name}: {err}"))?;
         if !meta.is_file() {
-            return Err(format!(
-                "unexpected non-file {name} in the images dir {}",
-                dir.display()
-            ));
+            return Err(format!("unexpected non-file {name} in the images dir {}", dir.display()));
         }
         protocol::names::check_image_name(&name).map_err(|err| err.to_string())?;
         out.push((name, meta.len()));
@@ -688,11 +544,7 @@ async fn resolve(target: &str) -> Result<(std::net::SocketAddr, String), String>
     } else if let Ok(ip) = target.parse::<std::net::IpAddr>() {
         return Ok(((ip, protocol::DEFAULT_PORT).into(), ip.to_string()));
     } else if let Some((h, p)) = target.rsplit_once(':') {
-        (
-            h.to_string(),
-            p.parse::<u16>()
-                .map_err(|_| format!("bad port in {target:?}: expected host[:port]"))?,
-        )
+        (h.to_string(), p.parse::<u16>().map_err(|_| format!("bad port in {target:?}: expected host[:port]"))?)
     } else {
         (target.to_string(), protocol::DEFAULT_PORT)
     };
@@ -706,10 +558,7 @@ async fn resolve(target: &str) -> Result<(std::net::SocketAddr, String), String>
 
 fn connect_error(target: &str, text: &str) -> String {
     let lower = text.to_lowercase();
-    if ["certificate", "crypto", "tls", "alert", "unknownissuer"]
-        .iter()
-        .any(|w| lower.contains(w))
-    {
+    if ["certificate", "crypto", "tls", "alert", "unknownissuer"].iter().any(|w| lower.contains(w)) {
         format!(
             "TLS handshake with {target} failed: {text}. Both agents must hold certificates from the same fleet CA \
              (deploy/certs.sh), and the target's certificate must name {target}'s host"
@@ -725,16 +574,11 @@ fn link(target: &str) -> impl Fn(ProtocolError) -> String + '_ {
 
 async fn recv_msg(recv: &mut quinn::RecvStream, target: &str) -> Result<target_msg::Msg, String> {
     match read_frame::<_, pb::TargetMsg>(recv).await {
-        Ok(Some(pb::TargetMsg {
-            msg: Some(target_msg::Msg::Failed(f)),
-        })) => Err(format!(
-            "target {target} refused at {}: {}",
-            f.stage, f.reason
-        )),
-        Ok(Some(pb::TargetMsg { msg: Some(m) })) => Ok(m),
-        Ok(Some(pb::TargetMsg { msg: None })) => {
-            Err(format!("target {target} sent an empty message"))
+        Ok(Some(pb::TargetMsg { msg: Some(target_msg::Msg::Failed(f)) })) => {
+            Err(format!("target {target} refused at {}: {}", f.stage, f.reason))
         }
+        Ok(Some(pb::TargetMsg { msg: Some(m) })) => Ok(m),
+        Ok(Some(pb::TargetMsg { msg: None })) => Err(format!("target {target} sent an empty message")),
         Ok(None) => Err(format!("target {target} closed the connection")),
         Err(e) => Err(format!("link to {target} failed: {e}")),
     }

@@ -41,27 +41,13 @@ impl Report {
             self.pid,
             self.processes,
             if self.processes == 1 { "" } else { "es" },
-            self.target
-                .as_ref()
-                .map(|t| format!(" to {t}"))
-                .unwrap_or_default(),
-            if self.blockers.is_empty() {
-                "can migrate"
-            } else {
-                "cannot migrate"
-            }
+            self.target.as_ref().map(|t| format!(" to {t}")).unwrap_or_default(),
+            if self.blockers.is_empty() { "can migrate" } else { "cannot migrate" }
         );
         for (label, list) in [("blocker", &self.blockers), ("warning", &self.warnings)] {
             for f in list {
-                let who = if f.pid == 0 {
-                    "target".to_string()
-                } else {
-                    format!("pid {}", f.pid)
-                };
-                s.push_str(&format!(
-                    "  {label} [{}] {who}: {}\n    fix: {}\n",
-                    f.code, f.detail, f.fix
-                ));
+                let who = if f.pid == 0 { "target".to_string() } else { format!("pid {}", f.pid) };
+                s.push_str(&format!("  {label} [{}] {who}: {}\n    fix: {}\n", f.code, f.detail, f.fix));
             }
         }
         s
@@ -78,12 +64,7 @@ impl Report {
 }
 
 fn finding(code: &str, pid: u32, detail: String, fix: &str) -> Finding {
-    Finding {
-        code: code.into(),
-        pid,
-        detail,
-        fix: fix.into(),
-    }
+    Finding { code: code.into(), pid, detail, fix: fix.into() }
 }
 
 /// Devices CRIU handles: mem devices null/zero/random/urandom, terminals, and tun.
@@ -97,10 +78,7 @@ fn device_allowed(major: u32, minor: u32) -> bool {
 }
 
 fn is_terminal(path: &str) -> bool {
-    path.starts_with("/dev/pts/")
-        || path.starts_with("/dev/tty")
-        || path == "/dev/console"
-        || path == "/dev/ptmx"
+    path.starts_with("/dev/pts/") || path.starts_with("/dev/tty") || path == "/dev/console" || path == "/dev/ptmx"
 }
 
 fn is_graphical(name: &str) -> bool {
@@ -149,22 +127,26 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
             ));
         }
         if pid == t.root && p.state == 'Z' {
-            blockers.push(finding(
-                "zombie",
-                pid,
-                "the process has exited (zombie)".into(),
-                "nothing to migrate",
-            ));
+            blockers.push(finding("zombie", pid, "the process has exited (zombie)".into(), "nothing to migrate"));
         }
         if caller_uid != 0 && p.uids.iter().any(|&u| u != caller_uid) {
             blockers.push(finding(
                 "other-user",
                 pid,
+                format!("{} runs as uid {:?}, not as the caller's uid {caller_uid}", p.comm, p.uids),
+                "ask root to migrate it, or migrate only your own processes",
+            ));
+        }
+        if !t.agent_cap_sys_resource && p.uids.iter().any(|&u| u != t.agent_uid) {
+            blockers.push(finding(
+                "needs-cap-sys-resource",
+                pid,
                 format!(
-                    "{} runs as uid {:?}, not as the caller's uid {caller_uid}",
+                    "{} runs as uid {:?}; CRIU reads a process' resource limits with prlimit(2), which for another user's \
+                     process needs CAP_SYS_RESOURCE, and this source agent lacks it",
                     p.comm, p.uids
                 ),
-                "ask root to migrate it, or migrate only your own processes",
+                "run the source agent with CAP_SYS_RESOURCE (as a full-root service, not under a capability bounding set that drops it)",
             ));
         }
         if p.tracer != 0 && !pids.contains(&p.tracer) {
@@ -191,11 +173,7 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
             blockers.push(finding(
                 "session",
                 pid,
-                format!(
-                    "its session leader {} ({}) is outside the tree",
-                    p.sid,
-                    criu::tree::comm(p.sid)
-                ),
+                format!("its session leader {} ({}) is outside the tree", p.sid, criu::tree::comm(p.sid)),
                 "start the program with setsid (its own session) and without a terminal",
             ));
         }
@@ -219,15 +197,19 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
         for m in &p.mapped {
             if let Some((ma, mi)) = m.rdev {
                 if !device_allowed(ma, mi) {
-                    blockers.push(finding("device", pid, format!("maps device {} ({ma}:{mi})", m.path), "unmap the device; only null, zero, random, urandom, terminals and tun can move"));
+                    blockers.push(finding(
+                        "device",
+                        pid,
+                        format!("maps device {} ({ma}:{mi})", m.path),
+                        "unmap the device; only null, zero, random, urandom, terminals and tun can move",
+                    ));
                 }
             }
         }
         for fd in &p.fds {
             let n = fd.fd;
             match &fd.kind {
-                FdKind::CharDevice { path, major, minor }
-                | FdKind::BlockDevice { path, major, minor } => {
+                FdKind::CharDevice { path, major, minor } | FdKind::BlockDevice { path, major, minor } => {
                     if is_terminal(path) {
                         blockers.push(finding(
                             "terminal",
@@ -235,9 +217,7 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
                             format!("fd {n} is the terminal {path}"),
                             "start the program with setsid and its stdio redirected (or inside tmux/screen and migrate that)",
                         ));
-                    } else if !device_allowed(*major, *minor)
-                        || matches!(fd.kind, FdKind::BlockDevice { .. })
-                    {
+                    } else if !device_allowed(*major, *minor) || matches!(fd.kind, FdKind::BlockDevice { .. }) {
                         blockers.push(finding(
                             "device",
                             pid,
@@ -254,11 +234,7 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
                         "use a plain pipe; CRIU cannot restore O_DIRECT pipes",
                     ));
                 }
-                FdKind::Regular {
-                    path,
-                    deleted: true,
-                    ..
-                } => {
+                FdKind::Regular { path, deleted: true, .. } => {
                     warnings.push(finding(
                         "deleted-file",
                         pid,
@@ -279,8 +255,16 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
                                 ));
                             }
                             if u.peer != 0 && !tree_sockets.contains(&u.peer) {
-                                let owner = u.peer_owner.as_ref().map(|(pp, c)| format!("pid {pp} ({c})")).unwrap_or_else(|| "an unknown process".into());
-                                let name = if u.peer_name.is_empty() { "an unnamed socket".to_string() } else { format!("{:?}", u.peer_name) };
+                                let owner = u
+                                    .peer_owner
+                                    .as_ref()
+                                    .map(|(pp, c)| format!("pid {pp} ({c})"))
+                                    .unwrap_or_else(|| "an unknown process".into());
+                                let name = if u.peer_name.is_empty() {
+                                    "an unnamed socket".to_string()
+                                } else {
+                                    format!("{:?}", u.peer_name)
+                                };
                                 if is_graphical(&u.peer_name) {
                                     blockers.push(finding(
                                         "graphical",
@@ -298,7 +282,9 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
                                 }
                             }
                         }
-                        (libc::AF_INET | libc::AF_INET6, _) if s.sock_type == libc::SOCK_STREAM && s.protocol == libc::IPPROTO_TCP => {
+                        (libc::AF_INET | libc::AF_INET6, _)
+                            if s.sock_type == libc::SOCK_STREAM && s.protocol == libc::IPPROTO_TCP =>
+                        {
                             match s.tcp_state {
                                 10 => warnings.push(finding(
                                     "tcp-listen",
@@ -315,16 +301,28 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
                                 )),
                             }
                         }
-                        (libc::AF_INET | libc::AF_INET6, _) if s.sock_type == libc::SOCK_DGRAM && s.protocol == libc::IPPROTO_UDP => {
+                        (libc::AF_INET | libc::AF_INET6, _)
+                            if s.sock_type == libc::SOCK_DGRAM && s.protocol == libc::IPPROTO_UDP =>
+                        {
                             if s.udp_corked {
-                                blockers.push(finding("udp-corked", pid, format!("fd {n} is a corked UDP socket (socket {ino})"), "uncork it (UDP_CORK 0) before migrating"));
+                                blockers.push(finding(
+                                    "udp-corked",
+                                    pid,
+                                    format!("fd {n} is a corked UDP socket (socket {ino})"),
+                                    "uncork it (UDP_CORK 0) before migrating",
+                                ));
                             }
                         }
                         (libc::AF_PACKET | libc::AF_NETLINK, _) => {}
                         (fam, _) => blockers.push(finding(
                             "socket-family",
                             pid,
-                            format!("fd {n} is a socket of family {} type {} protocol {} (socket {ino})", family_name(fam), s.sock_type, s.protocol),
+                            format!(
+                                "fd {n} is a socket of family {} type {} protocol {} (socket {ino})",
+                                family_name(fam),
+                                s.sock_type,
+                                s.protocol
+                            ),
                             "close it; only unix, TCP, UDP, packet and netlink sockets can move",
                         )),
                     }
@@ -341,13 +339,7 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
             ));
         }
     }
-    Report {
-        pid: t.root,
-        processes: t.processes.len(),
-        target: None,
-        blockers,
-        warnings,
-    }
+    Report { pid: t.root, processes: t.processes.len(), target: None, blockers, warnings }
 }
 
 fn family_name(f: i32) -> String {
@@ -378,23 +370,10 @@ mod tests {
             uids: vec![1000; 4],
             elf64: true,
             ipc_ns: 5,
-            fds: fds
-                .into_iter()
-                .enumerate()
-                .map(|(i, kind)| Fd {
-                    fd: i as i32,
-                    kind,
-                    locked: false,
-                })
-                .collect(),
+            fds: fds.into_iter().enumerate().map(|(i, kind)| Fd { fd: i as i32, kind, locked: false }).collect(),
             ..Default::default()
         };
-        Tree {
-            root: 100,
-            processes: vec![p],
-            agent_ipc_ns: 5,
-            ..Default::default()
-        }
+        Tree { root: 100, processes: vec![p], agent_ipc_ns: 5, agent_cap_sys_resource: true, ..Default::default() }
     }
 
     fn codes(r: &Report) -> Vec<&str> {
@@ -404,11 +383,7 @@ mod tests {
     #[test]
     fn clean_tree_has_no_blockers() {
         let t = tree(vec![
-            FdKind::CharDevice {
-                path: "/dev/null".into(),
-                major: 1,
-                minor: 3,
-            },
+            FdKind::CharDevice { path: "/dev/null".into(), major: 1, minor: 3 },
             FdKind::Pipe { o_direct: false },
         ]);
         assert!(judge(&t, 0).blockers.is_empty());
@@ -419,27 +394,12 @@ mod tests {
     #[test]
     fn devices_terminals_pipes() {
         let t = tree(vec![
-            FdKind::CharDevice {
-                path: "/dev/kmsg".into(),
-                major: 1,
-                minor: 11,
-            },
-            FdKind::CharDevice {
-                path: "/dev/pts/3".into(),
-                major: 136,
-                minor: 3,
-            },
+            FdKind::CharDevice { path: "/dev/kmsg".into(), major: 1, minor: 11 },
+            FdKind::CharDevice { path: "/dev/pts/3".into(), major: 136, minor: 3 },
             FdKind::Pipe { o_direct: true },
-            FdKind::CharDevice {
-                path: "/dev/net/tun".into(),
-                major: 10,
-                minor: 200,
-            },
+            FdKind::CharDevice { path: "/dev/net/tun".into(), major: 10, minor: 200 },
         ]);
-        assert_eq!(
-            codes(&judge(&t, 0)),
-            ["device", "terminal", "pipe-o-direct"]
-        );
+        assert_eq!(codes(&judge(&t, 0)), ["device", "terminal", "pipe-o-direct"]);
     }
 
     #[test]
@@ -483,26 +443,10 @@ mod tests {
         let r = judge(&t, 0);
         assert_eq!(
             codes(&r),
-            [
-                "unix-relative-path",
-                "external-unix",
-                "graphical",
-                "tcp-established",
-                "udp-corked",
-                "socket-family"
-            ]
+            ["unix-relative-path", "external-unix", "graphical", "tcp-established", "udp-corked", "socket-family"]
         );
-        assert!(
-            r.blockers[1].detail.contains("/run/srv.sock")
-                && r.blockers[1].detail.contains("pid 7 (srv)")
-        );
-        assert_eq!(
-            r.warnings
-                .iter()
-                .map(|w| w.code.as_str())
-                .collect::<Vec<_>>(),
-            ["tcp-listen"]
-        );
+        assert!(r.blockers[1].detail.contains("/run/srv.sock") && r.blockers[1].detail.contains("pid 7 (srv)"));
+        assert_eq!(r.warnings.iter().map(|w| w.code.as_str()).collect::<Vec<_>>(), ["tcp-listen"]);
     }
 
     #[test]
@@ -510,22 +454,26 @@ mod tests {
         let a = FdKind::Socket(Socket {
             ino: 1,
             family: libc::AF_UNIX,
-            unix: Some(UnixInfo {
-                peer: 2,
-                ..Default::default()
-            }),
+            unix: Some(UnixInfo { peer: 2, ..Default::default() }),
             ..Default::default()
         });
         let b = FdKind::Socket(Socket {
             ino: 2,
             family: libc::AF_UNIX,
-            unix: Some(UnixInfo {
-                peer: 1,
-                ..Default::default()
-            }),
+            unix: Some(UnixInfo { peer: 1, ..Default::default() }),
             ..Default::default()
         });
         assert!(judge(&tree(vec![a, b]), 0).blockers.is_empty());
+    }
+
+    #[test]
+    fn another_users_process_needs_cap_sys_resource() {
+        let mut t = tree(vec![]);
+        assert!(judge(&t, 0).blockers.is_empty());
+        t.agent_cap_sys_resource = false;
+        assert_eq!(codes(&judge(&t, 0)), ["needs-cap-sys-resource"]);
+        t.processes[0].uids = vec![0; 4];
+        assert!(judge(&t, 0).blockers.is_empty(), "root's own process needs nothing more");
     }
 
     #[test]
@@ -536,10 +484,7 @@ mod tests {
         t.processes[0].sid = 55;
         t.lock_holders = vec![100];
         t.sysv_users = vec![100];
-        assert_eq!(
-            codes(&judge(&t, 0)),
-            ["tracer", "compat-32bit", "session", "file-lock", "sysv-ipc"]
-        );
+        assert_eq!(codes(&judge(&t, 0)), ["tracer", "compat-32bit", "session", "file-lock", "sysv-ipc"]);
         t.processes[0].ipc_ns = 6; // its own IPC namespace: SysV objects move with it
         assert!(!codes(&judge(&t, 0)).contains(&"sysv-ipc"));
     }

@@ -11,11 +11,7 @@ use crate::control::{Event, MAX_LINE, Original, Request};
 use crate::migration::{self, Context};
 
 /// Serves the control socket until `shutdown` resolves.
-pub async fn serve(
-    listener: UnixListener,
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
+pub async fn serve(listener: UnixListener, ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -48,20 +44,14 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            let ev = Event::Failed {
-                error: format!("bad request: {e}"),
-                original: Original::Running,
-            };
+            let ev = Event::Failed { error: format!("bad request: {e}"), original: Original::Running };
             return w.write_all(&send(&ev)).await;
         }
     };
     match req {
         Request::Migrate { pid, target } => {
             if let Err(why) = may_migrate(cred.uid(), pid) {
-                let ev = Event::Failed {
-                    error: why,
-                    original: Original::Running,
-                };
+                let ev = Event::Failed { error: why, original: Original::Running };
                 return w.write_all(&send(&ev)).await;
             }
             tracing::info!(pid, %target, uid = cred.uid(), "migrate requested");
@@ -70,10 +60,7 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
                 let r = migration::run(&ctx, pid, &target, cred.uid(), tx.clone()).await;
                 let ev = match r {
                     Ok(summary) => Event::Done { summary },
-                    Err(f) => Event::Failed {
-                        error: f.error,
-                        original: f.original,
-                    },
+                    Err(f) => Event::Failed { error: f.error, original: f.original },
                 };
                 let _ = tx.send(ev);
             });
@@ -88,18 +75,12 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
         }
         Request::Check { pid, target } => {
             if let Err(why) = may_migrate(cred.uid(), pid) {
-                let ev = Event::Failed {
-                    error: why,
-                    original: Original::Running,
-                };
+                let ev = Event::Failed { error: why, original: Original::Running };
                 return w.write_all(&send(&ev)).await;
             }
             let ev = match migration::check(&ctx, pid, target.as_deref(), cred.uid()).await {
                 Ok(report) => Event::Checked { report },
-                Err(error) => Event::Failed {
-                    error,
-                    original: Original::Running,
-                },
+                Err(error) => Event::Failed { error, original: Original::Running },
             };
             w.write_all(&send(&ev)).await
         }
@@ -112,19 +93,13 @@ fn may_migrate(uid: u32, pid: u32) -> Result<(), String> {
     if uid == 0 {
         return Ok(());
     }
-    let pids = criu::tree::processes(pid)
-        .map_err(|_| format!("no process with pid {pid} on this host"))?;
+    let pids = criu::tree::processes(pid).map_err(|_| format!("no process with pid {pid} on this host"))?;
     for p in pids {
-        let status = std::fs::read_to_string(Path::new("/proc").join(p.to_string()).join("status"))
-            .unwrap_or_default();
+        let status = std::fs::read_to_string(Path::new("/proc").join(p.to_string()).join("status")).unwrap_or_default();
         let uids: Vec<u32> = status
             .lines()
             .find_map(|l| l.strip_prefix("Uid:"))
-            .map(|l| {
-                l.split_whitespace()
-                    .filter_map(|u| u.parse().ok())
-                    .collect()
-            })
+            .map(|l| l.split_whitespace().filter_map(|u| u.parse().ok()).collect())
             .unwrap_or_default();
         if uids.is_empty() || uids.iter().any(|&u| u != uid) {
             return Err(format!(

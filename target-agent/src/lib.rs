@@ -43,22 +43,13 @@ pub enum AgentError {
     #[error(transparent)]
     Criu(#[from] criu::CriuError),
     #[error("cannot listen on UDP {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("state directory {path}: {source}")]
-    StateDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    StateDir { path: PathBuf, source: std::io::Error },
 }
 
 /// Runs the agent until `shutdown` resolves. Each connection is one migration, handled by its own task.
-pub async fn run(
-    cfg: Config,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), AgentError> {
+pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     let criu = criu::Criu::find()?;
     for sub in ["incoming", "logs"] {
         let p = cfg.state_dir.join(sub);
@@ -66,17 +57,10 @@ pub async fn run(
     }
     let server = protocol::tls::server_config(&cfg.tls)?;
     let endpoint =
-        quinn::Endpoint::server(server, cfg.listen).map_err(|source| AgentError::Bind {
-            addr: cfg.listen,
-            source,
-        })?;
+        quinn::Endpoint::server(server, cfg.listen).map_err(|source| AgentError::Bind { addr: cfg.listen, source })?;
     tracing::info!(listen = %endpoint.local_addr().map_err(|source| AgentError::Bind { addr: cfg.listen, source })?, criu = %criu.version, "target agent ready");
     let hello = protocol::host::local_hello(&cfg.name, &criu.version);
-    let ctx = Arc::new(session::Context {
-        criu,
-        cfg: cfg.clone(),
-        hello,
-    });
+    let ctx = Arc::new(session::Context { criu, cfg: cfg.clone(), hello });
     let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_sessions));
     tokio::pin!(shutdown);
     loop {

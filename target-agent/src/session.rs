@@ -67,10 +67,7 @@ enum SessionError {
 }
 
 fn refuse(stage: &'static str, reason: impl Into<String>) -> SessionError {
-    SessionError::Refused {
-        stage,
-        reason: reason.into(),
-    }
+    SessionError::Refused { stage, reason: reason.into() }
 }
 
 /// Handles one connection; logs the outcome.
@@ -84,11 +81,16 @@ pub async fn handle(ctx: Arc<Context>, conn: quinn::Connection) {
             // Images are not kept: the source still holds its own until it commits.
             let _ = tokio::fs::remove_dir_all(&dir).await;
         }
-        match result {
+        match &result {
             Ok(pid) => tracing::info!(pid, "migration committed: the restored copy runs"),
+            Err(SessionError::Checked) => tracing::info!("answered a check"),
             Err(e) => tracing::warn!("migration not completed here: {e}"),
         }
-        conn.close(0u32.into(), b"done");
+        match result {
+            Ok(_) | Err(SessionError::Checked) => conn.close(0u32.into(), b"done"),
+            // The peer learns why: a protocol violation closes the connection with the reason.
+            Err(e) => conn.close(1u32.into(), truncate(&e.to_string(), 512).as_bytes()),
+        }
     }
     .instrument(span)
     .await
@@ -96,10 +98,7 @@ pub async fn handle(ctx: Arc<Context>, conn: quinn::Connection) {
 
 async fn recv_msg(recv: &mut quinn::RecvStream) -> Result<source_msg::Msg, SessionError> {
     let m: pb::SourceMsg = read_frame(recv).await?.ok_or(SessionError::Closed)?;
-    m.msg.ok_or(SessionError::Unexpected {
-        got: "an empty message".into(),
-        expected: "a message",
-    })
+    m.msg.ok_or(SessionError::Unexpected { got: "an empty message".into(), expected: "a message" })
 }
 
 fn unexpected(got: &source_msg::Msg, expected: &'static str) -> SessionError {
@@ -115,23 +114,14 @@ async fn send_msg(send: &mut quinn::SendStream, msg: target_msg::Msg) -> Result<
     Ok(())
 }
 
-async fn serve(
-    ctx: &Context,
-    conn: &quinn::Connection,
-    work_dir: &mut Option<PathBuf>,
-) -> Result<u32, SessionError> {
+async fn serve(ctx: &Context, conn: &quinn::Connection, work_dir: &mut Option<PathBuf>) -> Result<u32, SessionError> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     let result = serve_control(ctx, conn, &mut send, &mut recv, work_dir).await;
     if let Err(SessionError::Refused { stage, reason }) = &result {
         // Best effort: the source learns why; the connection may already be gone.
-        let _ = send_msg(
-            &mut send,
-            target_msg::Msg::Failed(pb::Failed {
-                stage: (*stage).into(),
-                reason: reason.clone(),
-            }),
-        )
-        .await;
+        let _ =
+            send_msg(&mut send, target_msg::Msg::Failed(pb::Failed { stage: (*stage).into(), reason: reason.clone() }))
+                .await;
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     }
@@ -158,65 +148,33 @@ async fn serve_control(
         source_msg::Msg::Prepare(p) => p,
         other => return Err(unexpected(&other, "Prepare")),
     };
-    names::check_image_name(&prepare.migration_id)
-        .map_err(|e| refuse("prepare", format!("migration id: {e}")))?;
+    names::check_image_name(&prepare.migration_id).map_err(|e| refuse("prepare", format!("migration id: {e}")))?;
     tracing::Span::current().record("id", prepare.migration_id.as_str());
     tracing::info!(from = %hello.host_name, pids = ?prepare.pids, comm = %prepare.comm, "prepare");
     if prepare.files.len() > MAX_CHECKED_FILES || prepare.pids.len() > MAX_CHECKED_FILES {
-        return Err(refuse(
-            "prepare",
-            format!("more than {MAX_CHECKED_FILES} pids or files to check"),
-        ));
+        return Err(refuse("prepare", format!("more than {MAX_CHECKED_FILES} pids or files to check")));
     }
     let blockers = target_blockers(&prepare, &ctx.hello.host_name);
     let state = ctx.cfg.state_dir.join("incoming");
     let free = free_bytes(&state).saturating_sub(DISK_RESERVE);
     if prepare.dry_run || !blockers.is_empty() {
-        tracing::info!(
-            blockers = blockers.len(),
-            dry_run = prepare.dry_run,
-            "answered a check"
-        );
-        send_msg(
-            send,
-            target_msg::Msg::Prepared(pb::Prepared {
-                free_bytes: free,
-                blockers,
-                warnings: vec![],
-            }),
-        )
-        .await?;
+        tracing::info!(blockers = blockers.len(), dry_run = prepare.dry_run, "answered a check");
+        send_msg(send, target_msg::Msg::Prepared(pb::Prepared { free_bytes: free, blockers, warnings: vec![] }))
+            .await?;
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
         return Err(SessionError::Checked);
     }
     let dir = state.join(&prepare.migration_id);
-    std::fs::create_dir(&dir).map_err(|e| {
-        refuse(
-            "prepare",
-            format!("cannot create work dir {}: {e}", dir.display()),
-        )
-    })?;
+    std::fs::create_dir(&dir)
+        .map_err(|e| refuse("prepare", format!("cannot create work dir {}: {e}", dir.display())))?;
     *work_dir = Some(dir.clone());
-    send_msg(
-        send,
-        target_msg::Msg::Prepared(pb::Prepared {
-            free_bytes: free,
-            blockers: vec![],
-            warnings: vec![],
-        }),
-    )
-    .await?;
+    send_msg(send, target_msg::Msg::Prepared(pb::Prepared { free_bytes: free, blockers: vec![], warnings: vec![] }))
+        .await?;
 
     // Files arrive on their own streams while the control stream waits for ImagesDone.
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let receiver = tokio::spawn(receive_files(
-        conn.clone(),
-        dir.clone(),
-        prepare.migration_id.clone(),
-        free,
-        tx,
-    ));
+    let receiver = tokio::spawn(receive_files(conn.clone(), dir.clone(), prepare.migration_id.clone(), free, tx));
     let _abort_receiver = AbortOnDrop(receiver);
     let done = match recv_msg(recv).await? {
         source_msg::Msg::ImagesDone(d) => d,
@@ -226,20 +184,11 @@ async fn serve_control(
 
     // Restore, stopped.
     let started = Instant::now();
-    let restore = ctx
-        .criu
-        .restore(&criu::RestoreRequest {
-            images_dir: dir.clone(),
-        })
-        .await;
+    let restore = ctx.criu.restore(&criu::RestoreRequest { images_dir: dir.clone() }).await;
     let (root, _) = match restore {
         Ok(r) => r,
         Err(e) => {
-            let kept = ctx
-                .cfg
-                .state_dir
-                .join("logs")
-                .join(format!("{}-restore.log", prepare.migration_id));
+            let kept = ctx.cfg.state_dir.join("logs").join(format!("{}-restore.log", prepare.migration_id));
             let _ = std::fs::copy(dir.join("restore.log"), &kept);
             let reason = match &e {
                 criu::CriuError::Failed { status, errors, .. } => format!(
@@ -254,10 +203,7 @@ async fn serve_control(
     };
     let pids = criu::tree::processes(root).unwrap_or_else(|_| vec![root]);
     tracing::info!(root, ?pids, elapsed = ?started.elapsed(), "restored, stopped until commit");
-    let mut copy = StoppedCopy {
-        pids: pids.clone(),
-        committed: false,
-    };
+    let mut copy = StoppedCopy { pids: pids.clone(), committed: false };
     send_msg(
         send,
         target_msg::Msg::Restored(pb::Restored {
@@ -278,11 +224,7 @@ async fn serve_control(
     }
     copy.committed = true;
     criu::tree::resume(&pids).map_err(|e| refuse("resume", format!("restored pid {root}: {e}")))?;
-    send_msg(
-        send,
-        target_msg::Msg::Resumed(pb::Resumed { root_pid: root }),
-    )
-    .await?;
+    send_msg(send, target_msg::Msg::Resumed(pb::Resumed { root_pid: root })).await?;
     let _ = send.finish();
     // Let the Resumed frame reach the source before the connection is closed.
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
@@ -322,8 +264,13 @@ fn target_blockers(prepare: &pb::Prepare, host: &str) -> Vec<pb::Finding> {
             out.push(pb::Finding {
                 code: "pid-taken".into(),
                 pid: p,
-                detail: format!("pid {p} (used by `{}`) already taken on {host}; CRIU restores every process with its original pid", criu::tree::comm(p)),
-                fix: format!("stop the process holding pid {p} on {host}, or start the workload in its own pid namespace"),
+                detail: format!(
+                    "pid {p} (used by `{}`) already taken on {host}; CRIU restores every process with its original pid",
+                    criu::tree::comm(p)
+                ),
+                fix: format!(
+                    "stop the process holding pid {p} on {host}, or start the workload in its own pid namespace"
+                ),
             });
         }
     }
@@ -341,13 +288,23 @@ fn target_blockers(prepare: &pb::Prepare, host: &str) -> Vec<pb::Finding> {
             Err(e) => out.push(pb::Finding {
                 code: "missing-file".into(),
                 pid: 0,
-                detail: format!("{} ({} bytes), which the process holds open or maps, is missing on {host}: {e}", f.path, f.size),
-                fix: format!("make the same file available at the same path on {host} (copy it, or use shared storage)"),
+                detail: format!(
+                    "{} ({} bytes), which the process holds open or maps, is missing on {host}: {e}",
+                    f.path, f.size
+                ),
+                fix: format!(
+                    "make the same file available at the same path on {host} (copy it, or use shared storage)"
+                ),
             }),
             Ok(m) if m.is_file() && m.len() != f.size => out.push(pb::Finding {
                 code: "file-size".into(),
                 pid: 0,
-                detail: format!("{} is {} bytes on {host} but {} bytes on the source; CRIU insists on the same size", f.path, m.len(), f.size),
+                detail: format!(
+                    "{} is {} bytes on {host} but {} bytes on the source; CRIU insists on the same size",
+                    f.path,
+                    m.len(),
+                    f.size
+                ),
                 fix: format!("make {} on {host} identical to the source's", f.path),
             }),
             Ok(_) => {}
@@ -382,7 +339,7 @@ async fn receive_files(
             let _ = tx.send(Err(format!("more than {MAX_FILES} files"))).await;
             return;
         }
-        let (dir, id, tx, budget) = (dir.clone(), id.clone(), tx.clone(), budget.clone());
+        let (dir, id, tx, budget, conn) = (dir.clone(), id.clone(), tx.clone(), budget.clone(), conn.clone());
         tokio::spawn(async move {
             let r = async {
                 let h = file_stream::read_header(&mut stream).await.map_err(|e| e.to_string())?;
@@ -402,12 +359,22 @@ async fn receive_files(
             }
             .await;
             if let Err(e) = &r {
-                tracing::warn!("file stream refused: {e}");
+                // A bad file (hostile name, wrong size, bad checksum, no room) ends the migration.
+                tracing::warn!("file stream refused, closing the connection: {e}");
                 let _ = stream.stop(1u32.into());
+                conn.close(1u32.into(), truncate(&format!("file refused: {e}"), 512).as_bytes());
             }
             let _ = tx.send(r).await;
         });
     }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 async fn wait_for_files(
@@ -415,13 +382,7 @@ async fn wait_for_files(
     rx: &mut tokio::sync::mpsc::Receiver<FileResult>,
 ) -> Result<(), SessionError> {
     if done.files.len() > MAX_FILES {
-        return Err(refuse(
-            "receive",
-            format!(
-                "{} files announced, more than {MAX_FILES}",
-                done.files.len()
-            ),
-        ));
+        return Err(refuse("receive", format!("{} files announced, more than {MAX_FILES}", done.files.len())));
     }
     let mut expected: HashMap<&str, &pb::FileSummary> = HashMap::new();
     for f in &done.files {
@@ -433,12 +394,7 @@ async fn wait_for_files(
     while got < expected.len() {
         let r = tokio::time::timeout_at(deadline, rx.recv())
             .await
-            .map_err(|_| {
-                refuse(
-                    "receive",
-                    format!("only {got} of {} image files arrived", expected.len()),
-                )
-            })?
+            .map_err(|_| refuse("receive", format!("only {got} of {} image files arrived", expected.len())))?
             .ok_or_else(|| refuse("receive", "connection ended before all image files arrived"))?;
         let f = r.map_err(|e| refuse("receive", e))?;
         match expected.get(f.name.as_str()) {
@@ -453,10 +409,7 @@ async fn wait_for_files(
                 ));
             }
             None => {
-                return Err(refuse(
-                    "receive",
-                    format!("{} was sent but is not in the image list", f.name),
-                ));
+                return Err(refuse("receive", format!("{} was sent but is not in the image list", f.name)));
             }
         }
     }

@@ -26,45 +26,28 @@ pub struct MigrateResult {
 pub fn environment_problems(bin: &Path) -> Vec<String> {
     let mut problems = Vec::new();
     if !nix::unistd::geteuid().is_root() {
-        problems.push(
-            "the integration suite must run as root (it creates namespaces and runs CRIU)"
-                .to_string(),
-        );
+        problems.push("the integration suite must run as root (it creates namespaces and runs CRIU)".to_string());
     }
-    let criu = ["/usr/local/sbin/criu", "/usr/sbin/criu"]
-        .iter()
-        .find(|p| Path::new(p).exists())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("PATH").and_then(|p| {
-                std::env::split_paths(&p)
-                    .map(|d| d.join("criu"))
-                    .find(|c| c.exists())
-            })
-        });
+    let criu =
+        ["/usr/local/sbin/criu", "/usr/sbin/criu"].iter().find(|p| Path::new(p).exists()).map(PathBuf::from).or_else(
+            || {
+                std::env::var_os("PATH")
+                    .and_then(|p| std::env::split_paths(&p).map(|d| d.join("criu")).find(|c| c.exists()))
+            },
+        );
     match criu {
         None => problems.push("CRIU is not installed: run deploy/install.sh".to_string()),
         Some(c) => {
-            let ok = Command::new(&c)
-                .arg("check")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success());
+            let ok =
+                Command::new(&c).arg("check").stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success());
             if ok.ok() != Some(true) {
-                problems.push(format!(
-                    "{} check fails: run deploy/install.sh",
-                    c.display()
-                ));
+                problems.push(format!("{} check fails: run deploy/install.sh", c.display()));
             }
         }
     }
     for b in ["source-agent", "target-agent", "migrate", "workload"] {
         if !bin.join(b).exists() {
-            problems.push(format!(
-                "{} is missing: cargo build --release --workspace first",
-                bin.join(b).display()
-            ));
+            problems.push(format!("{} is missing: cargo build --release --workspace first", bin.join(b).display()));
         }
     }
     problems
@@ -73,10 +56,7 @@ pub fn environment_problems(bin: &Path) -> Vec<String> {
 impl Testbed {
     /// Brings up a testbed named `name` with the binaries in `bin`.
     pub fn up(name: &str, bin: &Path) -> Result<Testbed, String> {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("repo root")
-            .to_path_buf();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf();
         let tb = Testbed {
             name: name.into(),
             repo,
@@ -86,10 +66,7 @@ impl Testbed {
         let _ = tb.script(&["down"]);
         let out = tb.script(&["up"]);
         if !out.status.success() {
-            return Err(format!(
-                "testbed up failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
+            return Err(format!("testbed up failed: {}", String::from_utf8_lossy(&out.stderr)));
         }
         Ok(tb)
     }
@@ -130,10 +107,7 @@ impl Testbed {
 
     /// The address of a host.
     pub fn addr(&self, host: &str) -> String {
-        String::from_utf8(self.script(&["addr", host]).stdout)
-            .expect("utf8")
-            .trim()
-            .to_string()
+        String::from_utf8(self.script(&["addr", host]).stdout).expect("utf8").trim().to_string()
     }
 
     /// A directory whose content is private to host b (a tmpfs there, a plain directory on a).
@@ -144,30 +118,26 @@ impl Testbed {
     /// Starts `workload ARGS --pidfile ...` detached in its own session on `host`; returns its pid once
     /// it is ready (as numbered in that host's pid namespace).
     pub fn start_workload(&self, host: &str, args: &[&str]) -> u32 {
-        let pidfile = std::env::temp_dir().join(format!(
-            "migrate-test-{}-{}.pid",
-            std::process::id(),
-            unique()
-        ));
-        let workload = self.bin.join("workload");
-        let mut a: Vec<&str> = vec!["setsid", "-f", workload.to_str().expect("utf8")];
+        self.start_with(host, &["setsid", "-f"], &self.bin.join("workload"), args)
+    }
+
+    /// Starts `PREFIX... WORKLOAD ARGS --pidfile ...` on `host`, where PREFIX must leave the workload
+    /// running in the background; returns its pid once it is ready.
+    pub fn start_with(&self, host: &str, prefix: &[&str], workload: &Path, args: &[&str]) -> u32 {
+        let pidfile = std::env::temp_dir().join(format!("migrate-test-{}-{}.pid", std::process::id(), unique()));
+        let mut a: Vec<&str> = prefix.to_vec();
+        a.push(workload.to_str().expect("utf8"));
         a.extend_from_slice(args);
         let pf = pidfile.to_str().expect("utf8").to_string();
         a.extend_from_slice(&["--pidfile", &pf]);
-        assert!(
-            self.exec_detached(host, &a),
-            "starting workload {args:?} on {host} failed"
-        );
+        assert!(self.exec_detached(host, &a), "starting workload {args:?} on {host} failed");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(s) = std::fs::read_to_string(&pidfile) {
                 let _ = std::fs::remove_file(&pidfile);
                 return s.trim().parse().expect("pid in pidfile");
             }
-            assert!(
-                Instant::now() < deadline,
-                "workload {args:?} did not become ready within 60 s"
-            );
+            assert!(Instant::now() < deadline, "workload {args:?} did not become ready within 60 s");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -175,10 +145,7 @@ impl Testbed {
     /// Asks the workload `name` on `host` for its state.
     pub fn query(&self, host: &str, name: &str) -> Result<serde_json::Value, String> {
         let workload = self.bin.join("workload");
-        let out = self.exec(
-            host,
-            &[workload.to_str().expect("utf8"), "query", "--name", name],
-        );
+        let out = self.exec(host, &[workload.to_str().expect("utf8"), "query", "--name", name]);
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }
@@ -203,15 +170,24 @@ impl Testbed {
 
     /// Runs `migrate --json PID TARGET EXTRA...` on `host` with that host's source agent, or with the
     /// agent socket `agent` when given.
-    pub fn migrate(
+    pub fn migrate(&self, host: &str, pid: u32, target: &str, agent: Option<&Path>) -> MigrateResult {
+        self.migrate_as(host, &[], "migrate", pid, target, agent)
+    }
+
+    /// Like [`Testbed::migrate`], with `prefix` before the command `migrate` (e.g. setpriv to run it as
+    /// a user, with `migrate` a path that user can reach).
+    pub fn migrate_as(
         &self,
         host: &str,
+        prefix: &[&str],
+        migrate: &str,
         pid: u32,
         target: &str,
         agent: Option<&Path>,
     ) -> MigrateResult {
         let pid = pid.to_string();
-        let mut a = vec!["migrate", "--json", &pid, target];
+        let mut a: Vec<&str> = prefix.to_vec();
+        a.extend_from_slice(&[migrate, "--json", &pid, target]);
         let sock;
         if let Some(s) = agent {
             sock = s.to_str().expect("utf8").to_string();
@@ -225,11 +201,29 @@ impl Testbed {
                 String::from_utf8_lossy(&out.stderr)
             )
         });
-        MigrateResult {
-            success: out.status.success(),
-            json,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        MigrateResult { success: out.status.success(), json, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+    }
+
+    /// Runs `migrate check --json PID [TARGET]` on `host` (as `user` when given, through setpriv, with
+    /// `migrate` at `bin`); returns (exit 0, JSON).
+    pub fn check(&self, host: &str, pid: u32, target: Option<&str>) -> (bool, serde_json::Value) {
+        let pid = pid.to_string();
+        let mut a = vec!["migrate", "check", "--json", &pid];
+        a.extend(target);
+        let out = self.exec(host, &a);
+        let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "migrate check printed no JSON ({e}): {:?} {:?}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), json)
+    }
+
+    /// The source agent's log on `host`.
+    pub fn source_log(&self, host: &str) -> String {
+        std::fs::read_to_string(self.dir.join(host).join("source-agent.log")).unwrap_or_default()
     }
 
     /// Kills a process on a host (cleanup).
@@ -243,10 +237,7 @@ impl Testbed {
     pub fn down(&self) {
         let out = self.script(&["down"]);
         if !out.status.success() {
-            eprintln!(
-                "testbed down failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            eprintln!("testbed down failed: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
 }

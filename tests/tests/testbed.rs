@@ -23,18 +23,11 @@ fn bin_dir() -> PathBuf {
     }
     // target/<profile>/deps/testbed-HASH -> target/<profile>
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(|d| d.parent())
-        .expect("target dir")
-        .to_path_buf()
+    exe.parent().and_then(|d| d.parent()).expect("target dir").to_path_buf()
 }
 
 fn check(cond: bool, what: impl Into<String>) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.into().into())
-    }
+    if cond { Ok(()) } else { Err(what.into().into()) }
 }
 
 fn counter(v: &serde_json::Value) -> u64 {
@@ -45,75 +38,31 @@ fn counter(v: &serde_json::Value) -> u64 {
 fn memory_and_counter_survive() -> Result<(), Failed> {
     let tb = tb();
     let name = format!("mem{}", unique());
-    let pid = tb.start_workload(
-        "a",
-        &["mem", "--name", &name, "--mib", "256", "--seed", "7"],
-    );
+    let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "7"]);
     let before = tb.query("a", &name)?;
-    check(
-        before["checksum"] == before["expected"],
-        "workload checksum differs from its content before migration",
-    )?;
+    check(before["checksum"] == before["expected"], "workload checksum differs from its content before migration")?;
     let r = tb.migrate("a", pid, &tb.addr("b"), None);
-    check(
-        r.success,
-        format!("migrate failed: {} {}", r.json, r.stderr),
-    )?;
+    check(r.success, format!("migrate failed: {} {}", r.json, r.stderr))?;
     let s = &r.json;
-    check(
-        s["pid"] == pid && s["target_pid"] == pid,
-        format!("pids in summary: {s}"),
-    )?;
-    check(
-        s["image_bytes"].as_u64().unwrap_or(0) >= 256 << 20,
-        format!("image smaller than the workload: {s}"),
-    )?;
-    check(
-        s["wire_bytes"].as_u64().unwrap_or(0) > 0,
-        format!("no bytes on the wire: {s}"),
-    )?;
+    check(s["pid"] == pid && s["target_pid"] == pid, format!("pids in summary: {s}"))?;
+    check(s["image_bytes"].as_u64().unwrap_or(0) >= 256 << 20, format!("image smaller than the workload: {s}"))?;
+    check(s["wire_bytes"].as_u64().unwrap_or(0) > 0, format!("no bytes on the wire: {s}"))?;
     let downtime = s["downtime_ms"].as_f64().unwrap_or(0.0);
-    check(
-        downtime > 0.0 && downtime <= s["total_ms"].as_f64().unwrap_or(0.0),
-        format!("downtime/total: {s}"),
-    )?;
-    check(
-        s["compression_ratio"].as_f64().unwrap_or(0.0) > 0.0,
-        format!("compression ratio: {s}"),
-    )?;
+    check(downtime > 0.0 && downtime <= s["total_ms"].as_f64().unwrap_or(0.0), format!("downtime/total: {s}"))?;
+    check(s["compression_ratio"].as_f64().unwrap_or(0.0) > 0.0, format!("compression ratio: {s}"))?;
 
     check(
         tb.running("b", pid),
-        format!(
-            "pid {pid} does not run in b's pid namespace (state {:?})",
-            tb.state("b", pid)
-        ),
+        format!("pid {pid} does not run in b's pid namespace (state {:?})", tb.state("b", pid)),
     )?;
-    check(
-        !tb.running("a", pid),
-        format!("pid {pid} still runs on a (state {:?})", tb.state("a", pid)),
-    )?;
-    check(
-        tb.query("a", &name).is_err(),
-        "the workload still answers on a",
-    )?;
+    check(!tb.running("a", pid), format!("pid {pid} still runs on a (state {:?})", tb.state("a", pid)))?;
+    check(tb.query("a", &name).is_err(), "the workload still answers on a")?;
     let after = tb.query("b", &name)?;
-    check(
-        after["pid"] == pid,
-        format!("answer from the wrong process: {after}"),
-    )?;
-    check(
-        after["checksum"] == before["checksum"],
-        format!("memory checksum changed: before {before}, after {after}"),
-    )?;
-    check(
-        counter(&after) >= counter(&before),
-        format!("counter went back: before {before}, after {after}"),
-    )?;
+    check(after["pid"] == pid, format!("answer from the wrong process: {after}"))?;
+    check(after["checksum"] == before["checksum"], format!("memory checksum changed: before {before}, after {after}"))?;
+    check(counter(&after) >= counter(&before), format!("counter went back: before {before}, after {after}"))?;
     let progressed = wait_until(Duration::from_secs(5), || {
-        tb.query("b", &name)
-            .map(|v| counter(&v) > counter(&after))
-            .unwrap_or(false)
+        tb.query("b", &name).map(|v| counter(&v) > counter(&after)).unwrap_or(false)
     });
     check(progressed, "the counter does not advance on b")?;
     tb.kill("b", pid);
@@ -128,37 +77,20 @@ fn process_tree_with_pipe() -> Result<(), Failed> {
     let before = tb.query("a", &name)?;
     let reader = before["pid"].as_u64().expect("pid") as u32;
     let writer = before["writer"].as_u64().expect("writer") as u32;
-    check(
-        before["parent"] == root,
-        format!("reader's parent is not the root: {before}"),
-    )?;
+    check(before["parent"] == root, format!("reader's parent is not the root: {before}"))?;
     let r = tb.migrate("a", root, &tb.addr("b"), None);
-    check(
-        r.success,
-        format!("migrate failed: {} {}", r.json, r.stderr),
-    )?;
-    check(
-        r.json["processes"] == 3,
-        format!("expected 3 processes: {}", r.json),
-    )?;
+    check(r.success, format!("migrate failed: {} {}", r.json, r.stderr))?;
+    check(r.json["processes"] == 3, format!("expected 3 processes: {}", r.json))?;
     for p in [root, reader, writer] {
         check(tb.running("b", p), format!("pid {p} does not run on b"))?;
         check(!tb.running("a", p), format!("pid {p} still runs on a"))?;
     }
     let after = tb.query("b", &name)?;
-    check(
-        after["parent"] == root && after["writer"] == writer,
-        format!("tree changed shape: {after}"),
-    )?;
+    check(after["parent"] == root && after["writer"] == writer, format!("tree changed shape: {after}"))?;
     let last = after["last"].as_u64().expect("last");
-    check(
-        last >= before["last"].as_u64().expect("last"),
-        format!("pipe went back: {before} -> {after}"),
-    )?;
+    check(last >= before["last"].as_u64().expect("last"), format!("pipe went back: {before} -> {after}"))?;
     let flowing = wait_until(Duration::from_secs(5), || {
-        tb.query("b", &name)
-            .map(|v| v["last"].as_u64().unwrap_or(0) > last)
-            .unwrap_or(false)
+        tb.query("b", &name).map(|v| v["last"].as_u64().unwrap_or(0) > last).unwrap_or(false)
     });
     check(flowing, "nothing flows through the pipe on b")?;
     tb.kill("b", root);
@@ -167,67 +99,224 @@ fn process_tree_with_pipe() -> Result<(), Failed> {
     Ok(())
 }
 
-/// The restore on b fails for real (a file the process holds open does not exist there): the original
-/// runs on a with its state, and the error names the cause.
+/// The restore on b fails for real: a file the process holds open exists on both hosts when the
+/// pre-flight looks, and disappears from b while the process is being dumped. The original runs on a
+/// with its state, and the error names the cause.
 fn failed_restore_rolls_back() -> Result<(), Failed> {
     let tb = tb();
     let name = format!("rb{}", unique());
     let held = tb.hostlocal().join(format!("held-{name}.dat"));
-    std::fs::write(&held, b"only on host a")?;
-    let held_s = held.to_str().expect("utf8");
-    let pid = tb.start_workload(
-        "a",
-        &["mem", "--name", &name, "--mib", "16", "--hold-open", held_s],
-    );
+    let held_s = held.to_str().expect("utf8").to_string();
+    std::fs::write(&held, b"same on both hosts")?;
+    let out = tb.exec("b", &["sh", "-c", &format!("printf 'same on both hosts' > {held_s}")]);
+    check(out.status.success(), "could not create the file on b")?;
+    let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--hold-open", &held_s]);
     let before = tb.query("a", &name)?;
-    let r = tb.migrate("a", pid, &tb.addr("b"), None);
-    check(
-        !r.success,
-        format!("migrate should have failed: {}", r.json),
-    )?;
+
+    let migrating = std::thread::spawn({
+        let target = tb.addr("b");
+        move || crate::tb().migrate("a", pid, &target, None)
+    });
+    let freezing = format!("freezing and dumping pid {pid}");
+    let frozen = wait_until(Duration::from_secs(30), || tb.source_log("a").contains(&freezing));
+    let removed = tb.exec("b", &["rm", "-f", &held_s]).status.success();
+    let r = migrating.join().expect("migrate thread");
+    check(frozen && removed, "the dump did not start, or the file could not be removed on b")?;
+    check(!r.success, format!("migrate should have failed: {}", r.json))?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(
-        err.contains("restore"),
-        format!("error does not say the restore failed: {err}"),
-    )?;
-    check(
-        err.contains(&format!("held-{name}.dat")),
-        format!("error does not name the missing file: {err}"),
-    )?;
-    check(
-        err.contains("No such file"),
-        format!("error does not give the cause: {err}"),
-    )?;
-    check(
-        err.contains("resumed on this host"),
-        format!("error does not say the original was resumed: {err}"),
-    )?;
-    check(
-        r.json["original"] == "running",
-        format!("original: {}", r.json),
-    )?;
-    check(
-        tb.running("a", pid),
-        format!(
-            "original is not running on a (state {:?})",
-            tb.state("a", pid)
-        ),
-    )?;
+    check(err.contains("criu restore failed on b"), format!("error does not say the restore failed: {err}"))?;
+    check(err.contains(&format!("held-{name}.dat")), format!("error does not name the missing file: {err}"))?;
+    check(err.contains("No such file"), format!("error does not give the cause: {err}"))?;
+    check(err.contains("resumed on this host"), format!("error does not say the original was resumed: {err}"))?;
+    check(r.json["original"] == "running", format!("original: {}", r.json))?;
+    check(tb.running("a", pid), format!("original is not running on a (state {:?})", tb.state("a", pid)))?;
     check(tb.state("b", pid).is_none(), "a copy was left on b")?;
     let after = tb.query("a", &name)?;
-    check(
-        after["checksum"] == before["checksum"],
-        "memory changed after rollback",
-    )?;
+    check(after["checksum"] == before["checksum"], "memory changed after rollback")?;
     let progressed = wait_until(Duration::from_secs(5), || {
-        tb.query("a", &name)
-            .map(|v| counter(&v) > counter(&after))
-            .unwrap_or(false)
+        tb.query("a", &name).map(|v| counter(&v) > counter(&after)).unwrap_or(false)
     });
     check(progressed, "counter does not advance after rollback")?;
     tb.kill("a", pid);
     std::fs::remove_file(&held)?;
     Ok(())
+}
+
+/// Each blocker the pre-flight knows, produced by a real process: `migrate check` names it, and
+/// `migrate` refuses without freezing the process.
+fn preflight_refuses_each_blocker() -> Result<(), Failed> {
+    let tb = tb();
+    let work = tb.dir.join(format!("preflight-{}", unique()));
+    std::fs::create_dir_all(&work)?;
+    let w = |p: &str| work.join(p).to_str().expect("utf8").to_string();
+    let workload = tb.bin.join("workload");
+    let x11_dir = PathBuf::from("/tmp/.X11-unix");
+    std::fs::create_dir_all(&x11_dir)?;
+    let x11 = x11_dir.join(format!("X{}", 900 + std::process::id() % 50)).to_str().expect("utf8").to_string();
+    let only_on_a = tb.hostlocal().join(format!("only-a-{}", unique())).to_str().expect("utf8").to_string();
+    std::fs::write(&only_on_a, b"not on b")?;
+
+    // (code, workload args, helper: what to start first and how the workload refers to it)
+    struct Case {
+        code: &'static str,
+        args: Vec<String>,
+        peer: Option<String>,
+        traced: bool,
+        own_session: bool,
+    }
+    let case = |code, args: &[&str]| Case {
+        code,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        peer: None,
+        traced: false,
+        own_session: true,
+    };
+    let ext = w("ext.sock");
+    let cases = vec![
+        case("file-lock", &["--flock", &w("lock")]),
+        case("device", &["--open", "/dev/kmsg"]),
+        case("unix-relative-path", &["--unix-bind-relative", &w("rel.sock")]),
+        case("sysv-ipc", &["--sysv-shm"]),
+        case("udp-corked", &["--udp-cork"]),
+        case("pipe-o-direct", &["--o-direct-pipe"]),
+        case("tcp-established", &["--tcp-established"]),
+        case("socket-family", &["--raw-socket"]),
+        Case { peer: Some(ext.clone()), ..case("external-unix", &["--unix-connect", &ext]) },
+        Case { peer: Some(x11.clone()), ..case("graphical", &["--unix-connect", &x11]) },
+        Case { traced: true, ..case("tracer", &[]) },
+        Case { own_session: false, ..case("session", &[]) },
+        case("missing-file", &["--open", &only_on_a]),
+    ];
+    let target = tb.addr("b");
+    let mut failures = Vec::new();
+    for c in cases {
+        let name = format!("pf{}", unique());
+        let mut helpers = Vec::new();
+        if let Some(path) = &c.peer {
+            helpers.push(tb.start_workload("a", &["listen", "--path", path]));
+        }
+        let mut args: Vec<&str> = vec!["hold", "--name", &name];
+        args.extend(c.args.iter().map(String::as_str));
+        let pid = if c.own_session {
+            tb.start_workload("a", &args)
+        } else {
+            // In the background of a shell, in the caller's session.
+            tb.start_with("a", &["sh", "-c", "\"$0\" \"$@\" &"], &workload, &args)
+        };
+        if c.traced {
+            helpers.push(tb.start_workload("a", &["trace", "--pid", &pid.to_string()]));
+        }
+        let (ok, report) = tb.check("a", pid, Some(&target));
+        let codes: Vec<&str> = report["blockers"]
+            .as_array()
+            .map(|b| b.iter().filter_map(|f| f["code"].as_str()).collect())
+            .unwrap_or_default();
+        let r = tb.migrate("a", pid, &target, None);
+        let err = r.json["error"].as_str().unwrap_or_default().to_string();
+        let frozen = tb.source_log("a").contains(&format!("freezing and dumping pid {pid}"));
+        let running = tb.running("a", pid);
+        let answers = tb.query("a", &name).is_ok();
+        if ok || !codes.contains(&c.code) {
+            failures.push(format!("{}: check did not report it: exit ok={ok}, report {report}", c.code));
+        } else if r.success || !err.contains(&format!("[{}]", c.code)) || !err.contains("not touched") {
+            failures.push(format!("{}: migrate did not refuse with it: {}", c.code, r.json));
+        } else if frozen || !running || !answers {
+            failures.push(format!(
+                "{}: the process was touched: frozen={frozen} running={running} answers={answers}",
+                c.code
+            ));
+        }
+        tb.kill("a", pid);
+        for h in helpers {
+            tb.kill("a", h);
+        }
+    }
+    let _ = std::fs::remove_file(&x11);
+    let _ = std::fs::remove_file(&only_on_a);
+    let _ = std::fs::remove_dir_all(&work);
+    check(failures.is_empty(), failures.join("\n"))
+}
+
+/// Who may migrate what: a user migrates their own process, and is refused for root's.
+fn users_migrate_only_their_own() -> Result<(), Failed> {
+    let tb = tb();
+    let user = "migtest";
+    if std::process::Command::new("id").arg(user).output()?.status.code() != Some(0) {
+        let out = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user])
+            .output()?;
+        check(out.status.success(), format!("useradd: {}", String::from_utf8_lossy(&out.stderr)))?;
+    }
+    let result = (|| -> Result<(), Failed> {
+        // Binaries where the user can reach them, whatever the checkout's permissions.
+        let bin = tb.dir.join("user-bin");
+        std::fs::create_dir_all(&bin)?;
+        for b in ["workload", "migrate"] {
+            std::fs::copy(tb.bin.join(b), bin.join(b))?;
+        }
+        let as_user: Vec<String> =
+            ["setpriv", &format!("--reuid={user}"), &format!("--regid={user}"), "--clear-groups"]
+                .map(String::from)
+                .to_vec();
+        let as_user: Vec<&str> = as_user.iter().map(String::as_str).collect();
+        let mut prefix = vec!["setsid", "-f"];
+        prefix.extend_from_slice(&as_user);
+        let name = format!("user{}", unique());
+        let mine = tb.start_with("a", &prefix, &bin.join("workload"), &["mem", "--name", &name, "--mib", "16"]);
+        let roots = tb.start_workload("a", &["mem", "--name", &format!("root{}", unique()), "--mib", "4"]);
+        let migrate = bin.join("migrate");
+        let migrate = migrate.to_str().expect("utf8");
+        let refused = tb.migrate_as("a", &as_user, migrate, roots, &tb.addr("b"), None);
+        let moved = tb.migrate_as("a", &as_user, migrate, mine, &tb.addr("b"), None);
+        let err = refused.json["error"].as_str().unwrap_or_default();
+        check(!refused.success && err.contains("permission denied"), format!("root's process: {}", refused.json))?;
+        check(tb.running("a", roots), "root's process was touched")?;
+        // CRIU reads another user's rlimits with prlimit(2), which needs CAP_SYS_RESOURCE. Where the
+        // source agent has it, the user's process moves; where it lacks it (these VMs), the pre-flight
+        // must say so before anything is frozen, after the permission check let the user through.
+        let agent_pid = std::fs::read_to_string(tb.dir.join("a/source-agent.pid")).ok();
+        let agent_status = match agent_pid {
+            Some(p) => std::fs::read_to_string(format!("/proc/{}/status", p.trim()))?,
+            None => return Err("no pid file for a's source agent".into()),
+        };
+        let cap_eff = agent_status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap_or("0").trim().to_string();
+        let has_cap = u64::from_str_radix(&cap_eff, 16)? & (1 << 24) != 0;
+        if has_cap {
+            check(
+                moved.success,
+                format!("the user could not migrate their own process: {} {}", moved.json, moved.stderr),
+            )?;
+            check(tb.running("b", mine) && !tb.running("a", mine), "the user's process did not move")?;
+            let status = tb.exec("b", &["cat", &format!("/proc/{mine}/status")]);
+            let uid_line = String::from_utf8_lossy(&status.stdout)
+                .lines()
+                .find(|l| l.starts_with("Uid:"))
+                .unwrap_or("")
+                .to_string();
+            let uid = String::from_utf8(std::process::Command::new("id").args(["-u", user]).output()?.stdout)?;
+            check(
+                uid_line.split_whitespace().nth(1) == Some(uid.trim()),
+                format!("restored with the wrong uid: {uid_line}"),
+            )?;
+            tb.kill("b", mine);
+        } else {
+            let err = moved.json["error"].as_str().unwrap_or_default();
+            check(
+                !moved.success && err.contains("[needs-cap-sys-resource]") && err.contains("not touched"),
+                format!(
+                    "without CAP_SYS_RESOURCE the pre-flight must refuse the user's process clearly: {}",
+                    moved.json
+                ),
+            )?;
+            check(!err.contains("permission denied"), "the user's own process must pass the permission check")?;
+            check(tb.running("a", mine), "the user's process was touched")?;
+            tb.kill("a", mine);
+        }
+        tb.kill("a", roots);
+        Ok(())
+    })();
+    let _ = std::process::Command::new("userdel").arg(user).output();
+    result
 }
 
 /// Starts an agent with certificates from another CA on `host`; returns its pid file path.
@@ -238,11 +327,7 @@ fn start_rogue_agent(host: &str, role: &str, extra: &[&str]) -> PathBuf {
         .args([dir.join("tls").to_str().unwrap(), host, &tb.addr(host)])
         .output()
         .expect("certs.sh");
-    assert!(
-        out.status.success(),
-        "certs.sh: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "certs.sh: {}", String::from_utf8_lossy(&out.stderr));
     let pidfile = dir.join("pid");
     let agent = tb.bin.join(format!("{role}-agent"));
     let mut cmd = format!(
@@ -257,14 +342,9 @@ fn start_rogue_agent(host: &str, role: &str, extra: &[&str]) -> PathBuf {
         cmd.push_str(e);
     }
     cmd.push_str(&format!(" >{} 2>&1", dir.join("log").display()));
-    assert!(
-        tb.exec_detached(host, &["setsid", "-f", "sh", "-c", &cmd]),
-        "starting a rogue {role} agent on {host}"
-    );
+    assert!(tb.exec_detached(host, &["setsid", "-f", "sh", "-c", &cmd]), "starting a rogue {role} agent on {host}");
     assert!(wait_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(dir.join("log"))
-            .map(|l| l.contains("ready"))
-            .unwrap_or(false)
+        std::fs::read_to_string(dir.join("log")).map(|l| l.contains("ready")).unwrap_or(false)
     }));
     pidfile
 }
@@ -292,14 +372,8 @@ fn foreign_certificates_are_refused() -> Result<(), Failed> {
         err.contains("TLS handshake") && err.contains("fleet CA"),
         format!("error does not blame the certificate: {err}"),
     )?;
-    check(
-        err.contains("not touched") && r.json["original"] == "running",
-        format!("{}", r.json),
-    )?;
-    check(
-        tb.running("a", pid),
-        "the process does not run on a after a refused target",
-    )?;
+    check(err.contains("not touched") && r.json["original"] == "running", format!("{}", r.json))?;
+    check(tb.running("a", pid), "the process does not run on a after a refused target")?;
 
     // A source agent on a with a certificate from another CA, talking to the real target on b.
     let rogue_source_sock = tb.dir.join(format!("rogue-{}.sock", unique()));
@@ -309,22 +383,124 @@ fn foreign_certificates_are_refused() -> Result<(), Failed> {
     stop_rogue("a", &rogue_source);
     check(!r.success, "a foreign source was accepted")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(
-        err.contains("TLS handshake"),
-        format!("error does not blame the certificate: {err}"),
-    )?;
+    check(err.contains("TLS handshake"), format!("error does not blame the certificate: {err}"))?;
     check(r.json["original"] == "running", format!("{}", r.json))?;
-    check(
-        tb.running("a", pid),
-        "the process does not run on a after being refused by the target",
-    )?;
+    check(tb.running("a", pid), "the process does not run on a after being refused by the target")?;
     let log = std::fs::read_to_string(tb.dir.join("b/target-agent.log"))?;
-    check(
-        log.contains("refused peer during TLS handshake"),
-        "the target did not log the refused peer",
-    )?;
+    check(log.contains("refused peer during TLS handshake"), "the target did not log the refused peer")?;
     tb.kill("a", pid);
     Ok(())
+}
+
+/// A peer with a valid fleet certificate that sends hostile input (an image name with `..` or an
+/// absolute path, a frame length far beyond the limits, a truncated frame, a file larger than the disk)
+/// gets its connection closed with the reason, the target logs it, and nothing is written outside the
+/// target's work directory.
+fn hostile_peer_is_cut_off() -> Result<(), Failed> {
+    use protocol::frame::write_frame;
+    use protocol::pb::{self, source_msg};
+    use tokio::io::AsyncWriteExt;
+    let tb = tb();
+    let dir = tb.dir.join(format!("hostile-{}", unique()));
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state)?;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let log = std::fs::File::create(dir.join("log"))?;
+    let mut agent = std::process::Command::new(tb.bin.join("target-agent"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--host", "b", "--tls-dir"])
+        .arg(tb.dir.join("tls"))
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let log_text = || std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+    let ready = wait_until(Duration::from_secs(10), || log_text().contains("ready"));
+    let abs = format!("/tmp/hostile-abs-{}.img", std::process::id());
+    let outcome = (|| -> Result<Vec<String>, Failed> {
+        check(ready, format!("target agent did not start: {}", log_text()))?;
+        let rt = tokio::runtime::Runtime::new()?;
+        rt.block_on(async {
+            let tls = protocol::tls::TlsFiles::in_dir(&tb.dir.join("tls"), "a");
+            let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+            endpoint.set_default_client_config(protocol::tls::client_config(&tls)?);
+            let hello = protocol::host::local_hello("a", "4.2.1");
+            let msg = |m| pb::SourceMsg { msg: Some(m) };
+            let prepare = |id: &str| {
+                msg(source_msg::Msg::Prepare(pb::Prepare {
+                    migration_id: id.into(),
+                    pids: vec![],
+                    ..Default::default()
+                }))
+            };
+            let file = |name: &str, size: u64| pb::FileHeader { migration_id: "h1".into(), name: name.into(), size };
+            // (what, frames on the control stream after Hello, raw control bytes, a file stream header)
+            #[allow(clippy::type_complexity)]
+            let cases: Vec<(&str, Vec<pb::SourceMsg>, Vec<u8>, Option<pb::FileHeader>)> = vec![
+                ("refused file name", vec![prepare("h1")], vec![], Some(file("../escape.img", 5))),
+                ("refused file name", vec![prepare("h1")], vec![], Some(file(&abs, 5))),
+                ("over the limit", vec![], vec![0xff, 0xff, 0xff, 0x7f, 0, 0], None),
+                ("middle of a frame", vec![], [100u32.to_le_bytes().as_slice(), &[1, 2, 3]].concat(), None),
+                ("no room", vec![prepare("h1")], vec![], Some(file("pages-1.img", u64::MAX / 4))),
+                ("migration id", vec![prepare("../../etc")], vec![], None),
+            ];
+            let mut reasons = Vec::new();
+            for (expect, frames, raw, header) in cases {
+                let conn = endpoint.connect(format!("127.0.0.1:{port}").parse()?, "b")?.await?;
+                let (mut send, _recv) = conn.open_bi().await?;
+                write_frame(&mut send, &msg(source_msg::Msg::Hello(hello.clone()))).await?;
+                for f in &frames {
+                    write_frame(&mut send, f).await?;
+                }
+                if !raw.is_empty() {
+                    send.write_all(&raw).await?;
+                    let _ = send.finish();
+                }
+                if let Some(h) = header {
+                    tokio::time::sleep(Duration::from_millis(200)).await; // after Prepared
+                    let mut uni = conn.open_uni().await?;
+                    write_frame(&mut uni, &h).await?;
+                    let _ = uni.write_all(&[5, 0, 0, 0, 5, 0, 0, 0, b'h', b'e', b'l', b'l', b'o']).await;
+                    let _ = uni.finish();
+                }
+                let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+                let reason = match closed {
+                    Ok(e) => e.to_string(),
+                    Err(_) => format!("the connection was not closed ({expect})"),
+                };
+                if !reason.contains(expect) {
+                    reasons.push(format!("expected {expect:?} in the close reason, got {reason:?}"));
+                }
+            }
+            endpoint.wait_idle().await;
+            Ok::<_, Failed>(reasons)
+        })
+    })();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let mut problems = outcome?;
+    let log = log_text();
+    if log.matches("WARN").count() < 6 {
+        problems.push(format!("the target did not log every refusal:\n{log}"));
+    }
+    for escaped in [state.join("escape.img"), dir.join("escape.img"), tb.dir.join("escape.img"), PathBuf::from(&abs)] {
+        if escaped.exists() {
+            problems.push(format!("{} was written", escaped.display()));
+        }
+    }
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)?.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p != dir.join("log") {
+                problems.push(format!("{} was left behind", p.display()));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    check(problems.is_empty(), problems.join("\n"))
 }
 
 /// Bad input gives a clear error and a non-zero exit, and the process keeps running on a.
@@ -337,10 +513,7 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     let r = tb.migrate("a", gone_pid, &tb.addr("b"), None);
     check(!r.success, "migrating a missing pid succeeded")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(
-        err.contains(&format!("no process with pid {gone_pid}")),
-        format!("{err}"),
-    )?;
+    check(err.contains(&format!("no process with pid {gone_pid}")), format!("{err}"))?;
 
     let name = format!("bad{}", unique());
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "8"]);
@@ -349,22 +522,13 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     let r = tb.migrate("a", pid, &format!("{}:7999", tb.addr("b")), None);
     check(!r.success, "migration to a dead port succeeded")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(
-        err.contains("did not answer") && err.contains("not touched"),
-        format!("{err}"),
-    )?;
-    check(
-        tb.running("a", pid),
-        "process not running after a dead target",
-    )?;
+    check(err.contains("did not answer") && err.contains("not touched"), format!("{err}"))?;
+    check(tb.running("a", pid), "process not running after a dead target")?;
 
     // A pid already taken on b: make the next pid in b's namespace `pid` and start a sleeper there.
     let mut taken = false;
     for _ in 0..5 {
-        let script = format!(
-            "echo {} > /proc/sys/kernel/ns_last_pid && exec setsid -f sleep 300",
-            pid - 1
-        );
+        let script = format!("echo {} > /proc/sys/kernel/ns_last_pid && exec setsid -f sleep 300", pid - 1);
         tb.exec_detached("b", &["sh", "-c", &script]);
         if wait_until(Duration::from_secs(2), || tb.state("b", pid).is_some()) {
             taken = true;
@@ -376,15 +540,9 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     tb.kill("b", pid);
     check(!r.success, "migration onto a taken pid succeeded")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(
-        err.contains(&format!("pid {pid} (used by `sleep`) already taken on b")),
-        format!("{err}"),
-    )?;
+    check(err.contains(&format!("pid {pid} (used by `sleep`) already taken on b")), format!("{err}"))?;
     check(err.contains("not touched"), format!("{err}"))?;
-    check(
-        tb.running("a", pid),
-        "process not running after a taken pid",
-    )?;
+    check(tb.running("a", pid), "process not running after a taken pid")?;
     tb.kill("a", pid);
     Ok(())
 }
@@ -396,24 +554,18 @@ fn main() {
         ("memory_and_counter_survive", memory_and_counter_survive),
         ("process_tree_with_pipe", process_tree_with_pipe),
         ("failed_restore_rolls_back", failed_restore_rolls_back),
-        (
-            "foreign_certificates_are_refused",
-            foreign_certificates_are_refused,
-        ),
-        (
-            "wrong_pid_dead_host_taken_pid",
-            wrong_pid_dead_host_taken_pid,
-        ),
+        ("foreign_certificates_are_refused", foreign_certificates_are_refused),
+        ("preflight_refuses_each_blocker", preflight_refuses_each_blocker),
+        ("users_migrate_only_their_own", users_migrate_only_their_own),
+        ("hostile_peer_is_cut_off", hostile_peer_is_cut_off),
+        ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
     ];
     let listing = args.list;
     let bin = bin_dir();
     if !listing {
         let problems = tests::environment_problems(&bin);
         if !problems.is_empty() {
-            eprintln!(
-                "the integration suite cannot run here:\n  - {}",
-                problems.join("\n  - ")
-            );
+            eprintln!("the integration suite cannot run here:\n  - {}", problems.join("\n  - "));
             std::process::exit(1);
         }
         let name = format!("t{}", std::process::id() % 100_000);
@@ -427,10 +579,7 @@ fn main() {
             }
         }
     }
-    let trials = cases
-        .into_iter()
-        .map(|(n, f)| Trial::test(n, move || f()))
-        .collect();
+    let trials = cases.into_iter().map(|(n, f)| Trial::test(n, move || f())).collect();
     let conclusion = libtest_mimic::run(&args, trials);
     if let Some(tb) = TB.get() {
         // A static is never dropped: tear down explicitly.

@@ -29,14 +29,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
 }
 
 fn socket_addr(name: &str) -> SocketAddr {
-    SocketAddr::from_abstract_name(format!("migrate-workload-{name}").as_bytes())
-        .expect("abstract name")
+    SocketAddr::from_abstract_name(format!("migrate-workload-{name}").as_bytes()).expect("abstract name")
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -53,9 +50,7 @@ fn fill(mib: usize, seed: u64) -> Vec<u64> {
 
 fn checksum(mem: &[u64]) -> u64 {
     // SAFETY: reinterpreting initialised u64s as bytes; u8 has no alignment or validity requirements.
-    let bytes = unsafe {
-        std::slice::from_raw_parts(mem.as_ptr() as *const u8, std::mem::size_of_val(mem))
-    };
+    let bytes = unsafe { std::slice::from_raw_parts(mem.as_ptr() as *const u8, std::mem::size_of_val(mem)) };
     xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
@@ -75,15 +70,10 @@ fn serve(listener: UnixListener, answer: impl Fn() -> serde_json::Value) -> ! {
 
 fn mem(args: &[String]) {
     let name = arg(args, "--name").expect("--name");
-    let mib: usize = arg(args, "--mib")
-        .map(|m| m.parse().expect("--mib"))
-        .unwrap_or(64);
-    let seed: u64 = arg(args, "--seed")
-        .map(|s| s.parse().expect("--seed"))
-        .unwrap_or(1);
+    let mib: usize = arg(args, "--mib").map(|m| m.parse().expect("--mib")).unwrap_or(64);
+    let seed: u64 = arg(args, "--seed").map(|s| s.parse().expect("--seed")).unwrap_or(1);
     let pidfile = arg(args, "--pidfile").expect("--pidfile");
-    let held = arg(args, "--hold-open")
-        .map(|p| std::fs::File::open(&p).unwrap_or_else(|e| panic!("{p}: {e}")));
+    let held = arg(args, "--hold-open").map(|p| std::fs::File::open(&p).unwrap_or_else(|e| panic!("{p}: {e}")));
     let memory = fill(mib, seed);
     let expected = checksum(&memory);
     let counter = Arc::new(AtomicU64::new(0));
@@ -163,9 +153,7 @@ fn tree(args: &[String]) {
         nix::unistd::ForkResult::Parent { .. } => {
             drop((data_r, ready_w));
             let mut b = [0u8; 1];
-            std::fs::File::from(ready_r)
-                .read_exact(&mut b)
-                .expect("reader ready");
+            std::fs::File::from(ready_r).read_exact(&mut b).expect("reader ready");
             write_pidfile(&pidfile, std::process::id());
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
@@ -192,25 +180,13 @@ fn hold(args: &[String]) {
     let mut held: Vec<OwnedFd> = Vec::new();
     let mut streams: Vec<Box<dyn std::any::Any>> = Vec::new();
     if let Some(p) = arg(args, "--flock") {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .expect("flock file");
+        let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&p).expect("flock file");
         // SAFETY: flock on an fd we own.
-        check(
-            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) },
-            "flock",
-        );
+        check(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, "flock");
         held.push(f.into());
     }
     if let Some(p) = arg(args, "--open") {
-        held.push(
-            std::fs::File::open(&p)
-                .unwrap_or_else(|e| panic!("{p}: {e}"))
-                .into(),
-        );
+        held.push(std::fs::File::open(&p).unwrap_or_else(|e| panic!("{p}: {e}")).into());
     }
     if let Some(p) = arg(args, "--unix-bind-relative") {
         let path = std::path::Path::new(&p);
@@ -219,24 +195,15 @@ fn hold(args: &[String]) {
         streams.push(Box::new(l));
     }
     if let Some(p) = arg(args, "--unix-connect") {
-        streams.push(Box::new(
-            UnixStream::connect(&p).unwrap_or_else(|e| panic!("connect {p}: {e}")),
-        ));
+        streams.push(Box::new(UnixStream::connect(&p).unwrap_or_else(|e| panic!("connect {p}: {e}"))));
     }
     if has(args, "--sysv-shm") {
         // SAFETY: plain SysV calls; the segment is marked for removal once attached, so it goes away
         // with the process.
         unsafe {
-            let id = check(
-                libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o600),
-                "shmget",
-            );
+            let id = check(libc::shmget(libc::IPC_PRIVATE, 4096, libc::IPC_CREAT | 0o600), "shmget");
             let addr = libc::shmat(id, std::ptr::null(), 0);
-            assert!(
-                addr as isize != -1,
-                "shmat: {}",
-                std::io::Error::last_os_error()
-            );
+            assert!(addr as isize != -1, "shmat: {}", std::io::Error::last_os_error());
             (addr as *mut u8).write_volatile(1);
             libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut());
         }
@@ -247,13 +214,7 @@ fn hold(args: &[String]) {
         // SAFETY: setsockopt with a valid int on a socket we own.
         check(
             unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_UDP,
-                    libc::UDP_CORK,
-                    (&one as *const libc::c_int).cast(),
-                    4,
-                )
+                libc::setsockopt(s.as_raw_fd(), libc::SOL_UDP, libc::UDP_CORK, (&one as *const libc::c_int).cast(), 4)
             },
             "UDP_CORK",
         );
@@ -262,10 +223,7 @@ fn hold(args: &[String]) {
     if has(args, "--o-direct-pipe") {
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two fds into the array.
-        check(
-            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_DIRECT | libc::O_CLOEXEC) },
-            "pipe2",
-        );
+        check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_DIRECT | libc::O_CLOEXEC) }, "pipe2");
         // SAFETY: both fds were just created and are owned here.
         held.extend(fds.iter().map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) }));
     }
@@ -277,10 +235,7 @@ fn hold(args: &[String]) {
     }
     if has(args, "--raw-socket") {
         // SAFETY: socket(2) returns a new fd or -1.
-        let fd = check(
-            unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) },
-            "raw socket",
-        );
+        let fd = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) }, "raw socket");
         // SAFETY: fd was just created and is owned here.
         held.push(unsafe { OwnedFd::from_raw_fd(fd) });
     }
@@ -315,11 +270,7 @@ fn listen(args: &[String]) {
 fn trace(args: &[String]) {
     let pid: i32 = arg(args, "--pid").expect("--pid").parse().expect("pid");
     let pidfile = arg(args, "--pidfile").expect("--pidfile");
-    nix::sys::ptrace::seize(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::ptrace::Options::empty(),
-    )
-    .expect("PTRACE_SEIZE");
+    nix::sys::ptrace::seize(nix::unistd::Pid::from_raw(pid), nix::sys::ptrace::Options::empty()).expect("PTRACE_SEIZE");
     write_pidfile(&pidfile, std::process::id());
     loop {
         std::thread::sleep(Duration::from_secs(3600));
@@ -335,8 +286,7 @@ fn query(args: &[String]) {
             std::process::exit(3);
         }
     };
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read answer");
     print!("{out}");
