@@ -2,6 +2,8 @@
 //! client: everything happens in the local source agent, which it asks over the control socket
 //! (`source_agent::control`) and whose events it shows as a progress bar and a summary.
 
+pub mod drain;
+
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -42,6 +44,47 @@ pub enum Command {
         /// Target agent to ask as well, as host[:port].
         host: Option<String>,
     },
+    /// Move every migratable tree of a selection to other hosts, report the rest. Exit status 0 when
+    /// nothing failed (refused trees are reported, not failures), 1 otherwise.
+    Drain(drain::DrainArgs),
+    /// List migrations running and recently finished on this host's agents.
+    Status {
+        /// HTTP address of the local source agent's /status.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        source_http: std::net::SocketAddr,
+        /// HTTP address of the local target agent's /status.
+        #[arg(long, default_value = "127.0.0.1:9465")]
+        target_http: std::net::SocketAddr,
+    },
+}
+
+/// The progress bar style of one migration.
+pub fn bar_style() -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(
+        "{spinner} {prefix:>9} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {wide_msg}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ")
+}
+
+/// Shows one agent event on a migration's bar (a bar whose prefix names pid->host keeps it).
+pub fn show(bar: &indicatif::ProgressBar, ev: &Event) {
+    match ev {
+        Event::Phase { phase, message } => {
+            if !bar.prefix().contains("->") {
+                bar.set_prefix(format!("{phase:?}").to_lowercase());
+            }
+            if *phase != Phase::Transfer {
+                bar.set_message(message.clone());
+            }
+        }
+        Event::Transfer { done, total, wire } => {
+            bar.set_length(*total);
+            bar.set_position(*done);
+            bar.set_message(format!("{} on the wire", bytes(*wire)));
+        }
+        _ => {}
+    }
 }
 
 /// Human size, binary units.
@@ -87,6 +130,18 @@ pub fn summary_text(s: &Summary) -> String {
 pub async fn run(cli: Cli) -> i32 {
     match (&cli.command, cli.pid, &cli.host) {
         (Some(Command::Check { pid, host }), _, _) => check(&cli, *pid, host.clone()).await,
+        (Some(Command::Drain(a)), _, _) => match drain::run(&cli.agent_socket, a, !cli.json).await {
+            Ok(r) => {
+                if cli.json {
+                    println!("{}", serde_json::to_string(&r).expect("report serializes"));
+                } else {
+                    print!("{}", r.text());
+                }
+                if r.failed.is_empty() { 0 } else { 1 }
+            }
+            Err(e) => fail(&cli, e, None),
+        },
+        (Some(Command::Status { source_http, target_http }), _, _) => status(&cli, *source_http, *target_http).await,
         (None, Some(pid), Some(host)) => migrate(&cli, pid, host.clone()).await,
         _ => unreachable!("clap requires pid and host without a subcommand"),
     }
@@ -108,6 +163,46 @@ async fn check(cli: &Cli, pid: u32, target: Option<String>) -> i32 {
     }
 }
 
+async fn status(cli: &Cli, source: std::net::SocketAddr, target: std::net::SocketAddr) -> i32 {
+    let mut out = serde_json::Map::new();
+    let mut text = String::new();
+    for (role, addr) in [("source", source), ("target", target)] {
+        let v = match telemetry::get(addr, "/status").await {
+            Ok(body) => serde_json::from_str(&body).unwrap_or(serde_json::json!({ "error": "unreadable status" })),
+            Err(e) => serde_json::json!({ "error": format!("{role} agent at {addr}: {e}") }),
+        };
+        text.push_str(&format!("{role} agent ({addr}):\n"));
+        if let Some(e) = v["error"].as_str() {
+            text.push_str(&format!("  unreachable: {e}\n"));
+        }
+        let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+        for r in v["running"].as_array().into_iter().flatten() {
+            text.push_str(&format!(
+                "  running     pid {} with {} ({}) id {}\n",
+                r["pid"],
+                s(&r["target"]),
+                s(&r["phase"]),
+                s(&r["id"])
+            ));
+        }
+        for r in v["recent"].as_array().into_iter().flatten().rev() {
+            let detail = match (r["downtime_ms"].as_f64(), r["error"].as_str()) {
+                (Some(d), _) => format!("downtime {d:.0} ms"),
+                (_, Some(e)) => e.chars().take(120).collect(),
+                _ => String::new(),
+            };
+            text.push_str(&format!("  {:<11} pid {} with {}: {detail}\n", s(&r["outcome"]), r["pid"], s(&r["target"])));
+        }
+        out.insert(role.into(), v);
+    }
+    if cli.json {
+        println!("{}", serde_json::Value::Object(out));
+    } else {
+        print!("{text}");
+    }
+    0
+}
+
 fn fail(cli: &Cli, error: String, original: Option<serde_json::Value>) -> i32 {
     if cli.json {
         println!("{}", serde_json::json!({ "error": error, "original": original }));
@@ -117,38 +212,16 @@ fn fail(cli: &Cli, error: String, original: Option<serde_json::Value>) -> i32 {
 }
 
 async fn migrate(cli: &Cli, pid: u32, host: String) -> i32 {
-    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use indicatif::{ProgressBar, ProgressDrawTarget};
     let bar = if cli.json {
         ProgressBar::hidden()
     } else {
         ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
     };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} {prefix:>9} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {wide_msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
+    bar.set_style(bar_style());
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
     let req = source_agent::control::Request::Migrate { pid, target: host };
-    let mut wire = 0;
-    let result = source_agent::control::request(&cli.agent_socket, &req, |ev| match ev {
-        Event::Phase { phase, message } => {
-            bar.set_prefix(format!("{phase:?}").to_lowercase());
-            if *phase != Phase::Transfer {
-                bar.set_message(message.clone());
-            }
-        }
-        Event::Transfer { done, total, wire: w } => {
-            wire = *w;
-            bar.set_length(*total);
-            bar.set_position(*done);
-            bar.set_message(format!("{} on the wire", bytes(wire)));
-        }
-        _ => {}
-    })
-    .await;
+    let result = source_agent::control::request(&cli.agent_socket, &req, |ev| show(&bar, ev)).await;
     bar.finish_and_clear();
     match result {
         Ok(Event::Done { summary }) => {

@@ -66,6 +66,7 @@ mod tests {
             kernel_release: "6.18".into(),
             uffd: true,
             soft_dirty: false,
+            mem_available: 1 << 30,
         }
     }
 

@@ -84,5 +84,16 @@ pub fn local_hello(fleet_name: &str, criu_version: &str) -> crate::pb::Hello {
         kernel_release: f.kernel_release,
         uffd: f.uffd,
         soft_dirty: f.soft_dirty,
+        mem_available: mem_available(),
     }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes (0 when unknown).
+pub fn mem_available() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
 }

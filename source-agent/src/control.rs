@@ -23,6 +23,8 @@ pub enum Request {
     Migrate { pid: u32, target: String },
     /// Pre-flight only: what would stop the tree from moving (to `target`, when given). Touches nothing.
     Check { pid: u32, target: Option<String> },
+    /// What the target agent at `target` states about itself (name, free memory), for placement.
+    Probe { target: String },
 }
 
 /// Phases of a migration, in order.
@@ -68,6 +70,11 @@ pub enum Event {
     /// The answer to a Check.
     Checked {
         report: crate::preflight::Report,
+    },
+    /// The answer to a Probe.
+    Probed {
+        host: String,
+        mem_available: u64,
     },
     Failed {
         error: String,
@@ -134,7 +141,7 @@ pub async fn request(socket: &Path, req: &Request, mut on_event: impl FnMut(&Eve
         let ev: Event = serde_json::from_str(&l)?;
         on_event(&ev);
         match ev {
-            Event::Done { .. } | Event::Checked { .. } => return Ok(ev),
+            Event::Done { .. } | Event::Checked { .. } | Event::Probed { .. } => return Ok(ev),
             Event::Failed { error, original } => {
                 return Err(ClientError::Failed { error, original });
             }

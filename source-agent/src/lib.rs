@@ -14,6 +14,7 @@ pub mod inspect;
 pub mod migration;
 pub mod preflight;
 pub mod server;
+pub mod stats;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ pub struct Config {
     pub name: String,
     /// Work directory; dumps go to `outgoing/<migration id>/`.
     pub state_dir: PathBuf,
+    /// Local HTTP address for `/metrics` (Prometheus) and `/status`; None: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Errors that stop the agent.
@@ -64,7 +67,16 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         .map_err(io(&cfg.control_socket))?;
     let hello = protocol::host::local_hello(&cfg.name, &criu.version);
     tracing::info!(socket = %cfg.control_socket.display(), criu = %criu.version, "source agent ready");
-    let ctx = Arc::new(migration::Context { criu, hello, client, state_dir: cfg.state_dir.clone() });
+    let stats = Arc::new(stats::Stats::default());
+    let _metrics = match cfg.metrics_listen {
+        Some(addr) => Some(
+            telemetry::serve(addr, stats.clone())
+                .await
+                .map_err(|source| AgentError::Io { path: addr.to_string().into(), source })?,
+        ),
+        None => None,
+    };
+    let ctx = Arc::new(migration::Context { criu, hello, client, state_dir: cfg.state_dir.clone(), stats });
     server::serve(listener, ctx, shutdown).await;
     let _ = std::fs::remove_file(&cfg.control_socket);
     Ok(())

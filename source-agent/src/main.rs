@@ -21,6 +21,9 @@ struct Args {
     /// Work directory for dumps.
     #[arg(long, default_value = "/var/lib/migrate/source")]
     state_dir: PathBuf,
+    /// Local HTTP address for /metrics (Prometheus text) and /status (JSON); "off" to disable.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_listen: String,
 }
 
 #[tokio::main]
@@ -36,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         tls: TlsFiles::in_dir(&a.tls_dir, &a.host),
         name: a.host.clone(),
         state_dir: a.state_dir,
+        metrics_listen: if a.metrics_listen == "off" { None } else { Some(a.metrics_listen.parse()?) },
     };
     let shutdown = async {
         let mut term =

@@ -44,6 +44,7 @@ pub struct Context {
     pub hello: pb::Hello,
     pub client: quinn::ClientConfig,
     pub state_dir: PathBuf,
+    pub stats: Arc<crate::stats::Stats>,
 }
 
 /// A failure, with where the original stands.
@@ -68,6 +69,8 @@ struct Migration<'a> {
     stage: Stage,
     pids: Vec<u32>,
     work_dir: PathBuf,
+    /// The pre-flight found nothing: from here on this counts as a started migration.
+    preflight_passed: bool,
 }
 
 /// Runs one migration and applies the rollback rule to any failure.
@@ -80,8 +83,27 @@ pub async fn run(
 ) -> Result<Summary, Failure> {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let work_dir = ctx.state_dir.join("outgoing").join(&id);
-    let mut m = Migration { ctx, id, events, stage: Stage::Untouched, pids: Vec::new(), work_dir };
+    let mut m = Migration {
+        ctx,
+        id: id.clone(),
+        events,
+        stage: Stage::Untouched,
+        pids: Vec::new(),
+        work_dir,
+        preflight_passed: false,
+    };
+    ctx.stats.running.lock().expect("lock").insert(
+        id.clone(),
+        telemetry::Running {
+            id: id.clone(),
+            pid,
+            target: target.into(),
+            phase: "inspect".into(),
+            started_unix: telemetry::now_unix(),
+        },
+    );
     let result = m.steps(pid, target, caller_uid).await;
+    ctx.stats.running.lock().expect("lock").remove(&id);
     let original = match (&result, m.stage) {
         (Ok(_), _) => Original::Running,
         (Err(_), Stage::Untouched) => Original::Running,
@@ -106,6 +128,37 @@ pub async fn run(
     if original == Original::Running || result.is_ok() {
         let _ = std::fs::remove_dir_all(&m.work_dir);
     }
+    let stats = &ctx.stats;
+    let outcome = match (&result, m.stage) {
+        (Ok(s), _) => {
+            stats.succeeded.inc();
+            stats.bytes_sent.add(s.wire_bytes);
+            stats.image_bytes.add(s.image_bytes);
+            stats.downtime.observe(s.downtime_ms / 1000.0);
+            "moved"
+        }
+        (Err(_), Stage::Untouched) => "refused",
+        (Err(_), Stage::Frozen) => "rolled_back",
+        (Err(_), Stage::CommitSent) => "in_doubt",
+    };
+    if result.is_err() && m.preflight_passed {
+        stats.failed.inc();
+        match m.stage {
+            Stage::Frozen => stats.rolled_back.inc(),
+            Stage::CommitSent => stats.in_doubt.inc(),
+            Stage::Untouched => {}
+        }
+    }
+    stats.recent.push(telemetry::Finished {
+        id: m.id.clone(),
+        pid,
+        target: target.into(),
+        outcome: outcome.into(),
+        downtime_ms: result.as_ref().ok().map(|s| s.downtime_ms),
+        wire_bytes: result.as_ref().map(|s| s.wire_bytes).unwrap_or(0),
+        error: result.as_ref().err().cloned(),
+        finished_unix: telemetry::now_unix(),
+    });
     result.map_err(|error| {
         // Each error is a sentence; the rollback outcome is the next one.
         let error = if error.ends_with(['.', '?', '!']) { error } else { format!("{error}.") };
@@ -160,6 +213,9 @@ impl Migration<'_> {
     fn phase(&self, phase: Phase, message: impl Into<String>) {
         let message = message.into();
         tracing::info!(id = %self.id, ?phase, "{message}");
+        if let Some(r) = self.ctx.stats.running.lock().expect("lock").get_mut(&self.id) {
+            r.phase = format!("{phase:?}").to_lowercase();
+        }
         let _ = self.events.send(Event::Phase { phase, message });
     }
 
@@ -174,6 +230,8 @@ impl Migration<'_> {
         let pids = facts.pids();
         let comm = facts.processes[0].comm.clone();
         self.pids = pids.clone();
+        self.preflight_passed = true;
+        self.ctx.stats.started.inc();
 
         self.phase(Phase::Connect, format!("connecting to {target}"));
         let session = connect(self.ctx, target).await?;
@@ -477,6 +535,14 @@ async fn prepare(
 
 fn findings_text(f: &[pb::Finding]) -> String {
     f.iter().map(|f| format!("[{}] {} (fix: {})", f.code, f.detail, f.fix)).collect::<Vec<_>>().join("; ")
+}
+
+/// What a target states about itself (its Hello), for placing trees during a drain.
+pub async fn probe(ctx: &Context, target: &str) -> Result<pb::Hello, String> {
+    let s = connect(ctx, target).await?;
+    let hello = s.remote.clone();
+    s.close().await;
+    Ok(hello)
 }
 
 /// `migrate check`: the pre-flight on this host and, when `target` is named, the target's answer to a

@@ -73,6 +73,13 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
             let _ = job.await;
             Ok(())
         }
+        Request::Probe { target } => {
+            let ev = match migration::probe(&ctx, &target).await {
+                Ok(h) => Event::Probed { host: h.host_name, mem_available: h.mem_available },
+                Err(error) => Event::Failed { error, original: Original::Running },
+            };
+            w.write_all(&send(&ev)).await
+        }
         Request::Check { pid, target } => {
             if let Err(why) = may_migrate(cred.uid(), pid) {
                 let ev = Event::Failed { error: why, original: Original::Running };

@@ -10,6 +10,7 @@
 //! It does not decide what to migrate, and never talks to CRIU except through the `criu` crate.
 
 pub mod session;
+pub mod stats;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ pub struct Config {
     pub commit_timeout: Duration,
     /// How many migrations may be received at once.
     pub max_sessions: usize,
+    /// Local HTTP address for `/metrics` (Prometheus) and `/status`; None: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Errors that stop the agent itself (not one migration).
@@ -60,7 +63,14 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         quinn::Endpoint::server(server, cfg.listen).map_err(|source| AgentError::Bind { addr: cfg.listen, source })?;
     tracing::info!(listen = %endpoint.local_addr().map_err(|source| AgentError::Bind { addr: cfg.listen, source })?, criu = %criu.version, "target agent ready");
     let hello = protocol::host::local_hello(&cfg.name, &criu.version);
-    let ctx = Arc::new(session::Context { criu, cfg: cfg.clone(), hello });
+    let stats = Arc::new(stats::Stats::default());
+    let _metrics = match cfg.metrics_listen {
+        Some(addr) => {
+            Some(telemetry::serve(addr, stats.clone()).await.map_err(|source| AgentError::Bind { addr, source })?)
+        }
+        None => None,
+    };
+    let ctx = Arc::new(session::Context { criu, cfg: cfg.clone(), hello, stats });
     let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_sessions));
     tokio::pin!(shutdown);
     loop {

@@ -29,6 +29,9 @@ struct Args {
     /// Migrations received at once.
     #[arg(long, default_value_t = 4)]
     max_sessions: usize,
+    /// Local HTTP address for /metrics (Prometheus text) and /status (JSON); "off" to disable.
+    #[arg(long, default_value = "127.0.0.1:9465")]
+    metrics_listen: String,
 }
 
 #[tokio::main]
@@ -46,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
         state_dir: a.state_dir,
         commit_timeout: Duration::from_secs(a.commit_timeout),
         max_sessions: a.max_sessions,
+        metrics_listen: if a.metrics_listen == "off" { None } else { Some(a.metrics_listen.parse()?) },
     };
     let shutdown = async {
         let mut term =

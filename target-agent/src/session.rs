@@ -43,6 +43,17 @@ pub struct Context {
     pub criu: criu::Criu,
     pub cfg: Config,
     pub hello: pb::Hello,
+    pub stats: Arc<crate::stats::Stats>,
+}
+
+/// What a session learned, for the stats.
+#[derive(Default)]
+struct Record {
+    /// Set once Prepare was accepted (not a dry run).
+    id: Option<String>,
+    pid: u32,
+    /// A copy was restored (and killed unless committed).
+    restored: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,10 +87,40 @@ pub async fn handle(ctx: Arc<Context>, conn: quinn::Connection) {
     let span = tracing::info_span!("migration", %remote, id = tracing::field::Empty);
     async move {
         let mut work_dir = None;
-        let result = serve(&ctx, &conn, &mut work_dir).await;
+        let mut rec = Record::default();
+        let result = serve(&ctx, &conn, &mut work_dir, &mut rec).await;
         if let Some(dir) = work_dir {
             // Images are not kept: the source still holds its own until it commits.
             let _ = tokio::fs::remove_dir_all(&dir).await;
+        }
+        if let Some(id) = rec.id.take() {
+            let stats = &ctx.stats;
+            stats.running.lock().expect("lock").remove(&id);
+            let outcome = match (&result, rec.restored) {
+                (Ok(_), _) => {
+                    stats.succeeded.inc();
+                    "moved"
+                }
+                (Err(_), true) => {
+                    stats.failed.inc();
+                    stats.rolled_back.inc();
+                    "rolled_back"
+                }
+                (Err(_), false) => {
+                    stats.failed.inc();
+                    "failed"
+                }
+            };
+            stats.recent.push(telemetry::Finished {
+                id,
+                pid: rec.pid,
+                target: remote.to_string(),
+                outcome: outcome.into(),
+                downtime_ms: None,
+                wire_bytes: 0,
+                error: result.as_ref().err().map(|e| e.to_string()),
+                finished_unix: telemetry::now_unix(),
+            });
         }
         match &result {
             Ok(pid) => tracing::info!(pid, "migration committed: the restored copy runs"),
@@ -114,9 +155,14 @@ async fn send_msg(send: &mut quinn::SendStream, msg: target_msg::Msg) -> Result<
     Ok(())
 }
 
-async fn serve(ctx: &Context, conn: &quinn::Connection, work_dir: &mut Option<PathBuf>) -> Result<u32, SessionError> {
+async fn serve(
+    ctx: &Context,
+    conn: &quinn::Connection,
+    work_dir: &mut Option<PathBuf>,
+    rec: &mut Record,
+) -> Result<u32, SessionError> {
     let (mut send, mut recv) = conn.accept_bi().await?;
-    let result = serve_control(ctx, conn, &mut send, &mut recv, work_dir).await;
+    let result = serve_control(ctx, conn, &mut send, &mut recv, work_dir, rec).await;
     if let Err(SessionError::Refused { stage, reason }) = &result {
         // Best effort: the source learns why; the connection may already be gone.
         let _ =
@@ -134,6 +180,7 @@ async fn serve_control(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     work_dir: &mut Option<PathBuf>,
+    rec: &mut Record,
 ) -> Result<u32, SessionError> {
     // Hello
     let hello = match recv_msg(recv).await? {
@@ -169,12 +216,34 @@ async fn serve_control(
     std::fs::create_dir(&dir)
         .map_err(|e| refuse("prepare", format!("cannot create work dir {}: {e}", dir.display())))?;
     *work_dir = Some(dir.clone());
+    ctx.stats.started.inc();
+    rec.id = Some(prepare.migration_id.clone());
+    rec.pid = prepare.pids.first().copied().unwrap_or(0);
+    let set_phase = |phase: &str| {
+        let mut running = ctx.stats.running.lock().expect("lock");
+        let r = running.entry(prepare.migration_id.clone()).or_insert_with(|| telemetry::Running {
+            id: prepare.migration_id.clone(),
+            pid: rec.pid,
+            target: conn.remote_address().to_string(),
+            phase: String::new(),
+            started_unix: telemetry::now_unix(),
+        });
+        r.phase = phase.into();
+    };
+    set_phase("receive");
     send_msg(send, target_msg::Msg::Prepared(pb::Prepared { free_bytes: free, blockers: vec![], warnings: vec![] }))
         .await?;
 
     // Files arrive on their own streams while the control stream waits for ImagesDone.
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let receiver = tokio::spawn(receive_files(conn.clone(), dir.clone(), prepare.migration_id.clone(), free, tx));
+    let receiver = tokio::spawn(receive_files(
+        conn.clone(),
+        dir.clone(),
+        prepare.migration_id.clone(),
+        free,
+        tx,
+        ctx.stats.clone(),
+    ));
     let _abort_receiver = AbortOnDrop(receiver);
     let done = match recv_msg(recv).await? {
         source_msg::Msg::ImagesDone(d) => d,
@@ -183,6 +252,7 @@ async fn serve_control(
     wait_for_files(&done, &mut rx).await?;
 
     // Restore, stopped.
+    set_phase("restore");
     let started = Instant::now();
     let restore = ctx.criu.restore(&criu::RestoreRequest { images_dir: dir.clone() }).await;
     let (root, _) = match restore {
@@ -201,6 +271,9 @@ async fn serve_control(
             return Err(refuse("restore", reason));
         }
     };
+    ctx.stats.restore.observe(started.elapsed().as_secs_f64());
+    rec.restored = true;
+    set_phase("commit");
     let pids = criu::tree::processes(root).unwrap_or_else(|_| vec![root]);
     tracing::info!(root, ?pids, elapsed = ?started.elapsed(), "restored, stopped until commit");
     let mut copy = StoppedCopy { pids: pids.clone(), committed: false };
@@ -330,6 +403,7 @@ async fn receive_files(
     id: String,
     budget: u64,
     tx: tokio::sync::mpsc::Sender<FileResult>,
+    stats: Arc<crate::stats::Stats>,
 ) {
     let budget = Arc::new(AtomicU64::new(budget));
     let mut count = 0usize;
@@ -339,7 +413,8 @@ async fn receive_files(
             let _ = tx.send(Err(format!("more than {MAX_FILES} files"))).await;
             return;
         }
-        let (dir, id, tx, budget, conn) = (dir.clone(), id.clone(), tx.clone(), budget.clone(), conn.clone());
+        let (dir, id, tx, budget, conn, stats) =
+            (dir.clone(), id.clone(), tx.clone(), budget.clone(), conn.clone(), stats.clone());
         tokio::spawn(async move {
             let r = async {
                 let h = file_stream::read_header(&mut stream).await.map_err(|e| e.to_string())?;
@@ -355,7 +430,10 @@ async fn receive_files(
                         dir.display()
                     ));
                 }
-                file_stream::receive_body(&mut stream, &h, &dir, h.size, |_| {}).await.map(|(s, _)| s).map_err(|e| e.to_string())
+                let (summary, t) =
+                    file_stream::receive_body(&mut stream, &h, &dir, h.size, |_| {}).await.map_err(|e| e.to_string())?;
+                stats.bytes_received.add(t.wire);
+                Ok(summary)
             }
             .await;
             if let Err(e) = &r {
