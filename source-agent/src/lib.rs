@@ -66,7 +66,6 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     std::fs::set_permissions(&cfg.control_socket, std::fs::Permissions::from_mode(0o666))
         .map_err(io(&cfg.control_socket))?;
     let hello = protocol::host::local_hello(&cfg.name, &criu.version);
-    tracing::info!(socket = %cfg.control_socket.display(), criu = %criu.version, "source agent ready");
     let stats = Arc::new(stats::Stats::default());
     let _metrics = match cfg.metrics_listen {
         Some(addr) => Some(
@@ -77,6 +76,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         None => None,
     };
     let ctx = Arc::new(migration::Context { criu, hello, client, state_dir: cfg.state_dir.clone(), stats });
+    tracing::info!(socket = %cfg.control_socket.display(), criu = %ctx.criu.version, "source agent ready");
     server::serve(listener, ctx, shutdown).await;
     let _ = std::fs::remove_file(&cfg.control_socket);
     Ok(())

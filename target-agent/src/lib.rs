@@ -61,7 +61,6 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let server = protocol::tls::server_config(&cfg.tls)?;
     let endpoint =
         quinn::Endpoint::server(server, cfg.listen).map_err(|source| AgentError::Bind { addr: cfg.listen, source })?;
-    tracing::info!(listen = %endpoint.local_addr().map_err(|source| AgentError::Bind { addr: cfg.listen, source })?, criu = %criu.version, "target agent ready");
     let hello = protocol::host::local_hello(&cfg.name, &criu.version);
     let stats = Arc::new(stats::Stats::default());
     let _metrics = match cfg.metrics_listen {
@@ -70,6 +69,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         }
         None => None,
     };
+    tracing::info!(listen = %endpoint.local_addr().map_err(|source| AgentError::Bind { addr: cfg.listen, source })?, criu = %criu.version, "target agent ready");
     let ctx = Arc::new(session::Context { criu, cfg: cfg.clone(), hello, stats });
     let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_sessions));
     tokio::pin!(shutdown);

@@ -418,6 +418,8 @@ async fn receive_files(
         tokio::spawn(async move {
             let r = async {
                 let h = file_stream::read_header(&mut stream).await.map_err(|e| e.to_string())?;
+                // Count the header frame as the sender does, so both sides' byte counters agree.
+                stats.bytes_received.add(4 + prost::Message::encoded_len(&h) as u64);
                 if h.migration_id != id {
                     return Err(format!("file {} belongs to migration {:?}, not {id:?}", h.name, h.migration_id));
                 }

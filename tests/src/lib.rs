@@ -64,7 +64,7 @@ impl Testbed {
             dir: PathBuf::from(format!("/run/migrate-testbed/{name}")),
         };
         let _ = tb.script(&["down"]);
-        let out = tb.script(&["up"]);
+        let out = tb.script(&["up", "--with-c"]);
         if !out.status.success() {
             return Err(format!("testbed up failed: {}", String::from_utf8_lossy(&out.stderr)));
         }
@@ -224,6 +224,22 @@ impl Testbed {
     /// The source agent's log on `host`.
     pub fn source_log(&self, host: &str) -> String {
         std::fs::read_to_string(self.dir.join(host).join("source-agent.log")).unwrap_or_default()
+    }
+
+    /// Scrapes `/metrics` of the agent listening on `port` of `host`'s loopback (9464 source, 9465
+    /// target): metric name (with labels) -> value.
+    pub fn metrics(&self, host: &str, port: u16) -> std::collections::HashMap<String, f64> {
+        let script =
+            format!("exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3");
+        let out = self.exec(host, &["bash", "-c", &script]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("migrate_"))
+            .filter_map(|l| {
+                let (k, v) = l.rsplit_once(' ')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
     }
 
     /// Kills a process on a host (cleanup).

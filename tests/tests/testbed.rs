@@ -331,7 +331,7 @@ fn start_rogue_agent(host: &str, role: &str, extra: &[&str]) -> PathBuf {
     let pidfile = dir.join("pid");
     let agent = tb.bin.join(format!("{role}-agent"));
     let mut cmd = format!(
-        "echo $$ > {} && exec {} --tls-dir {} --host {host} --state-dir {}",
+        "echo $$ > {} && exec {} --metrics-listen off --tls-dir {} --host {host} --state-dir {}",
         pidfile.display(),
         agent.display(),
         dir.join("tls").display(),
@@ -399,7 +399,6 @@ fn foreign_certificates_are_refused() -> Result<(), Failed> {
 fn hostile_peer_is_cut_off() -> Result<(), Failed> {
     use protocol::frame::write_frame;
     use protocol::pb::{self, source_msg};
-    use tokio::io::AsyncWriteExt;
     let tb = tb();
     let dir = tb.dir.join(format!("hostile-{}", unique()));
     let state = dir.join("state");
@@ -407,7 +406,7 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
     let log = std::fs::File::create(dir.join("log"))?;
     let mut agent = std::process::Command::new(tb.bin.join("target-agent"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--host", "b", "--tls-dir"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "off", "--host", "b", "--tls-dir"])
         .arg(tb.dir.join("tls"))
         .arg("--state-dir")
         .arg(&state)
@@ -503,6 +502,135 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
     check(problems.is_empty(), problems.join("\n"))
 }
 
+/// Drain five workloads of different sizes from a onto b and c: the one with a blocker is reported and
+/// left running, the other four run on b or c with their memory intact; a second drain moves nothing
+/// and says so; the agents' metrics count exactly what happened.
+fn drain_onto_two_hosts() -> Result<(), Failed> {
+    let tb = tb();
+    let metric = |m: &std::collections::HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+    let scrape = || (tb.metrics("a", 9464), tb.metrics("b", 9465), tb.metrics("c", 9465));
+    let (src0, b0, c0) = scrape();
+    check(src0.contains_key("migrate_source_migrations_started_total"), format!("no source metrics: {src0:?}"))?;
+
+    let mut pids = Vec::new();
+    let mut names = Vec::new();
+    for mib in [8, 16, 24, 32] {
+        let name = format!("drain{}", unique());
+        pids.push(
+            tb.start_workload("a", &["mem", "--name", &name, "--mib", &mib.to_string(), "--seed", &mib.to_string()]),
+        );
+        names.push(name);
+    }
+    let lock = tb.dir.join(format!("drain-lock-{}", unique()));
+    let blocked_name = format!("drainblk{}", unique());
+    let blocked = tb.start_workload("a", &["hold", "--name", &blocked_name, "--flock", lock.to_str().expect("utf8")]);
+    let list = tb.dir.join(format!("drain-{}.pids", unique()));
+    let mut all = pids.clone();
+    all.push(blocked);
+    std::fs::write(&list, all.iter().map(|p| format!("{p}\n")).collect::<String>())?;
+    let to = format!("{},{}", tb.addr("b"), tb.addr("c"));
+    let list_s = list.to_str().expect("utf8");
+
+    let out = tb.exec("a", &["migrate", "drain", "--json", "--to", &to, "--pids-file", list_s, "--parallel", "2"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "drain printed no JSON ({e}): {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    check(out.status.success(), format!("drain failed: {report}"))?;
+    let list_of = |k: &str| report[k].as_array().cloned().unwrap_or_default();
+    check(list_of("failed").is_empty(), format!("failures: {report}"))?;
+    let refused = list_of("refused");
+    check(
+        refused.len() == 1
+            && refused[0]["pid"] == blocked
+            && refused[0]["reason"].as_str().unwrap_or("").contains("[file-lock]"),
+        format!("the blocked workload is not reported as refused: {report}"),
+    )?;
+    let moved = list_of("moved");
+    check(moved.len() == 4, format!("expected 4 moved: {report}"))?;
+    let mut hosts_used = std::collections::HashSet::new();
+    let mut wire = 0.0;
+    for (pid, name) in pids.iter().zip(&names) {
+        let m = moved.iter().find(|m| m["pid"] == *pid).ok_or(format!("pid {pid} not moved: {report}"))?;
+        let host = m["target_host"].as_str().unwrap_or("").to_string();
+        check(host == "b" || host == "c", format!("moved to {host:?}"))?;
+        wire += m["wire_bytes"].as_f64().unwrap_or(0.0);
+        let state = tb.query(&host, name)?;
+        check(state["pid"] == *pid && state["checksum"] == state["expected"], format!("{name} on {host}: {state}"))?;
+        check(!tb.running("a", *pid), format!("pid {pid} still runs on a"))?;
+        hosts_used.insert(host);
+    }
+    check(hosts_used.len() == 2, format!("placement used only {hosts_used:?}"))?;
+    check(tb.running("a", blocked) && tb.query("a", &blocked_name).is_ok(), "the refused workload does not run on a")?;
+
+    let again = tb.exec("a", &["migrate", "drain", "--to", &to, "--pids-file", list_s]);
+    let text = String::from_utf8_lossy(&again.stdout);
+    check(again.status.success() && text.starts_with("nothing moved"), format!("second drain: {text}"))?;
+    check(
+        text.contains(&format!("refused pid {blocked}")),
+        format!("second drain does not report the blocked one: {text}"),
+    )?;
+
+    let (src1, b1, c1) = scrape();
+    let d = |a: &std::collections::HashMap<String, f64>, b: &std::collections::HashMap<String, f64>, k: &str| {
+        metric(b, k) - metric(a, k)
+    };
+    let problems: Vec<String> = [
+        ("migrate_source_migrations_started_total", d(&src0, &src1, "migrate_source_migrations_started_total"), 4.0),
+        (
+            "migrate_source_migrations_succeeded_total",
+            d(&src0, &src1, "migrate_source_migrations_succeeded_total"),
+            4.0,
+        ),
+        ("migrate_source_migrations_failed_total", d(&src0, &src1, "migrate_source_migrations_failed_total"), 0.0),
+        (
+            "migrate_source_migrations_rolled_back_total",
+            d(&src0, &src1, "migrate_source_migrations_rolled_back_total"),
+            0.0,
+        ),
+        ("migrate_source_downtime_seconds_count", d(&src0, &src1, "migrate_source_downtime_seconds_count"), 4.0),
+        ("migrate_source_bytes_sent_total", d(&src0, &src1, "migrate_source_bytes_sent_total"), wire),
+        (
+            "migrate_target_migrations_succeeded_total (b+c)",
+            d(&b0, &b1, "migrate_target_migrations_succeeded_total")
+                + d(&c0, &c1, "migrate_target_migrations_succeeded_total"),
+            4.0,
+        ),
+        (
+            "migrate_target_bytes_received_total (b+c)",
+            d(&b0, &b1, "migrate_target_bytes_received_total") + d(&c0, &c1, "migrate_target_bytes_received_total"),
+            wire,
+        ),
+    ]
+    .iter()
+    .filter(|(_, got, want)| (got - want).abs() > 0.5)
+    .map(|(k, got, want)| format!("{k}: changed by {got}, expected {want}"))
+    .collect();
+    check(problems.is_empty(), problems.join("; "))?;
+
+    let status = tb.exec("a", &["migrate", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+    let recent = status["source"]["recent"].as_array().cloned().unwrap_or_default();
+    for pid in &pids {
+        check(
+            recent.iter().any(|r| r["pid"] == *pid && r["outcome"] == "moved"),
+            format!("migrate status does not list pid {pid} as moved: {status}"),
+        )?;
+    }
+    for (pid, m) in pids.iter().zip(&moved) {
+        let host = m["target_host"].as_str().unwrap_or("b");
+        let _ = host;
+        tb.kill("b", *pid);
+        tb.kill("c", *pid);
+    }
+    tb.kill("a", blocked);
+    let _ = std::fs::remove_file(&list);
+    Ok(())
+}
+
 /// Bad input gives a clear error and a non-zero exit, and the process keeps running on a.
 fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     let tb = tb();
@@ -558,6 +686,7 @@ fn main() {
         ("preflight_refuses_each_blocker", preflight_refuses_each_blocker),
         ("users_migrate_only_their_own", users_migrate_only_their_own),
         ("hostile_peer_is_cut_off", hostile_peer_is_cut_off),
+        ("drain_onto_two_hosts", drain_onto_two_hosts),
         ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
     ];
     let listing = args.list;
