@@ -107,7 +107,7 @@ impl Report {
     }
 }
 
-/// The pids selected (processes, not threads), this command and its ancestors left out.
+/// The pids selected (processes, not threads), this command, its ancestors and init left out.
 pub fn select(a: &DrainArgs) -> Result<Vec<u32>, String> {
     let mut pids: Vec<u32> = if let Some(cg) = &a.cgroup {
         let dir = if cg.is_absolute() { cg.clone() } else { Path::new("/sys/fs/cgroup").join(cg) };
@@ -138,8 +138,9 @@ pub fn select(a: &DrainArgs) -> Result<Vec<u32>, String> {
     } else {
         return Err("choose what to drain: --cgroup, --unit, --pids-file or --user".into());
     };
+    // Never this command, its ancestors, or init.
     let mut me = std::process::id();
-    let mut mine = HashSet::new();
+    let mut mine = HashSet::from([1]);
     while me > 1 && mine.insert(me) {
         me = ppid(me).unwrap_or(0);
     }
@@ -309,12 +310,13 @@ pub async fn run(socket: &Path, a: &DrainArgs, show_progress: bool) -> Result<Re
     let mut jobs = Vec::new();
     for (pid, rss, i) in plan {
         let (target, host) = (a.to[i].clone(), names[i].clone());
-        let bar = multi.add(ProgressBar::new(0));
-        bar.set_style(crate::bar_style());
-        bar.set_prefix(format!("{pid}->{host}"));
-        let (socket, permits, overall) = (socket.to_owned(), permits.clone(), overall.clone());
+        let (socket, permits, overall, multi) = (socket.to_owned(), permits.clone(), overall.clone(), multi.clone());
         jobs.push(tokio::spawn(async move {
             let _permit = permits.acquire().await.expect("semaphore open");
+            // A bar per running migration: it appears when the migration starts.
+            let bar = multi.add(ProgressBar::new(0));
+            bar.set_style(crate::bar_style());
+            bar.set_prefix(format!("{pid}->{host}"));
             let req = Request::Migrate { pid, target: target.clone() };
             let r = control::request(&socket, &req, |ev| crate::show(&bar, ev)).await;
             bar.finish_and_clear();
@@ -369,6 +371,40 @@ mod tests {
         assert_eq!(placed[&1], 0); // 100 -> a (tie 200/200: first), a 100 left
         assert_eq!(placed[&4], 1); // 50 -> b (200)
         assert_eq!(nowhere, vec![5]);
+    }
+
+    #[test]
+    fn cgroup_selection_includes_sub_cgroups() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.procs"), "10\n11\n").unwrap();
+        std::fs::create_dir(dir.path().join("child")).unwrap();
+        std::fs::write(dir.path().join("child/cgroup.procs"), "12\n").unwrap();
+        let mut v = cgroup_pids(dir.path()).unwrap();
+        v.sort();
+        assert_eq!(v, vec![10, 11, 12]);
+        assert!(cgroup_pids(&dir.path().join("missing")).unwrap_err().contains("cgroup v2"));
+        assert_eq!(find_dir(dir.path(), "child", 2), Some(dir.path().join("child")));
+    }
+
+    #[test]
+    fn pids_file_and_self_exclusion() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pids");
+        let me = std::process::id();
+        std::fs::write(&f, format!("# mine\n{me}\n1 # init\n")).unwrap();
+        let args = DrainArgs {
+            to: vec!["b".into()],
+            cgroup: None,
+            unit: None,
+            pids_file: Some(f.clone()),
+            user: None,
+            parallel: 1,
+            dry_run: true,
+        };
+        // This process and its ancestors (up to init) are never selected.
+        assert_eq!(select(&args).unwrap(), Vec::<u32>::new());
+        std::fs::write(&f, "12x\n").unwrap();
+        assert!(select(&args).unwrap_err().contains("is not a pid"));
     }
 
     #[test]
