@@ -303,7 +303,13 @@ impl Migration<'_> {
                     Ok(Ok(target_msg::Msg::Failed(f))) => {
                         format!("target {} refused the images: {}", remote.host_name, f.reason)
                     }
-                    _ => e,
+                    _ => match conn.close_reason() {
+                        Some(quinn::ConnectionError::TimedOut) => format!(
+                            "link to {target} lost while sending the images: the connection timed out (no answer from the target); {e}"
+                        ),
+                        Some(why) => format!("link to {target} lost while sending the images: {why}; {e}"),
+                        None => e,
+                    },
                 };
                 let _ =
                     write_frame(send, &send_msg(source_msg::Msg::Abort(pb::Abort { reason: reason.clone() }))).await;

@@ -105,6 +105,11 @@ impl Testbed {
         self.script(&a)
     }
 
+    /// Plugs (`true`) or unplugs a host's network link.
+    pub fn link(&self, host: &str, up: bool) -> bool {
+        self.script(&["link", host, if up { "up" } else { "down" }]).status.success()
+    }
+
     /// The address of a host.
     pub fn addr(&self, host: &str) -> String {
         String::from_utf8(self.script(&["addr", host]).stdout).expect("utf8").trim().to_string()

@@ -319,6 +319,45 @@ fn users_migrate_only_their_own() -> Result<(), Failed> {
     result
 }
 
+/// The link to b drops in the middle of the transfer and stays down past QUIC's idle timeout: the
+/// migration fails saying so, the original runs on a with its memory, and b keeps nothing.
+fn dropped_link_rolls_back() -> Result<(), Failed> {
+    let tb = tb();
+    let name = format!("link{}", unique());
+    let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "3"]);
+    let before = tb.query("a", &name)?;
+    let migrating = std::thread::spawn({
+        let target = tb.addr("b");
+        move || crate::tb().migrate("a", pid, &target, None)
+    });
+    let id_marker = format!("freezing and dumping pid {pid}");
+    let frozen = wait_until(Duration::from_secs(30), || tb.source_log("a").contains(&id_marker));
+    // The dump takes a few hundred ms; unplug as the images start to flow.
+    let sending = wait_until(Duration::from_secs(30), || {
+        let log = tb.source_log("a");
+        log.rfind(&id_marker).is_some_and(|i| log[i..].contains("image files"))
+    });
+    let unplugged = tb.link("b", false);
+    let r = migrating.join().expect("migrate thread");
+    let replugged = tb.link("b", true);
+    check(frozen && sending && unplugged && replugged, "could not unplug b during the transfer")?;
+    check(!r.success, format!("migration over a dead link succeeded: {}", r.json))?;
+    let err = r.json["error"].as_str().unwrap_or_default();
+    check(err.contains("timed out") || err.contains("link"), format!("error does not blame the link: {err}"))?;
+    check(err.contains("resumed on this host") && r.json["original"] == "running", format!("{}", r.json))?;
+    check(tb.running("a", pid), "the original does not run on a")?;
+    check(tb.state("b", pid).is_none(), "a copy exists on b")?;
+    let after = tb.query("a", &name)?;
+    check(after["checksum"] == before["checksum"], "memory changed")?;
+    // b dropped what it had received once it noticed the link was gone.
+    let incoming = tb.dir.join("b/target/incoming");
+    let emptied =
+        wait_until(Duration::from_secs(30), || std::fs::read_dir(&incoming).map(|d| d.count() == 0).unwrap_or(false));
+    check(emptied, format!("{} still holds images", incoming.display()))?;
+    tb.kill("a", pid);
+    Ok(())
+}
+
 /// Starts an agent with certificates from another CA on `host`; returns its pid file path.
 fn start_rogue_agent(host: &str, role: &str, extra: &[&str]) -> PathBuf {
     let tb = tb();
@@ -687,6 +726,7 @@ fn main() {
         ("users_migrate_only_their_own", users_migrate_only_their_own),
         ("hostile_peer_is_cut_off", hostile_peer_is_cut_off),
         ("drain_onto_two_hosts", drain_onto_two_hosts),
+        ("dropped_link_rolls_back", dropped_link_rolls_back),
         ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
     ];
     let listing = args.list;
