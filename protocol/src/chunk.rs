@@ -29,14 +29,19 @@ pub struct ChunkHeader {
     pub compressed: bool,
 }
 
-/// Appends one encoded chunk for `raw` (at most MAX_CHUNK bytes, not empty) to `out`.
-/// Returns whether it was compressed.
+/// Appends one encoded chunk for `raw` (at most MAX_CHUNK bytes, not empty) to `out`, compressed at
+/// `level` when that makes it smaller. Returns whether it was compressed.
 pub fn encode(raw: &[u8], level: i32, out: &mut Vec<u8>) -> bool {
+    encode_with(raw, Some(level), out)
+}
+
+/// Like [`encode`]; `None` stores the chunk raw without trying (for data known not to compress).
+pub fn encode_with(raw: &[u8], level: Option<i32>, out: &mut Vec<u8>) -> bool {
     assert!(!raw.is_empty() && raw.len() <= MAX_CHUNK, "chunk of {} bytes", raw.len());
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER_LEN]);
-    let compressed = match zstd::bulk::compress(raw, level) {
-        Ok(c) if c.len() < raw.len() => {
+    let compressed = match level.map(|l| zstd::bulk::compress(raw, l)) {
+        Some(Ok(c)) if c.len() < raw.len() => {
             out.extend_from_slice(&c);
             true
         }

@@ -8,12 +8,22 @@
 
 use std::path::{Path, PathBuf};
 
+use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::chunk::{self, HEADER_LEN, MAX_CHUNK};
 use crate::frame::{read_frame, write_frame};
 use crate::{ProtocolError, names, pb};
+
+/// Chunks compressed at once (the blocking pool spreads them over the cores).
+const COMPRESS_PARALLEL: usize = 4;
+/// After a chunk that zstd could not shrink, this many chunks are sent raw before trying again.
+const SKIP_AFTER_STORED: u32 = 16;
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
 
 /// Bytes counted while sending or receiving one file.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,16 +48,18 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
     write_frame(w, &header).await?;
     let mut t = Transferred { raw: 0, wire: 4 + prost::Message::encoded_len(&header) as u64 };
 
-    // Reader + compressor thread -> bounded channel -> this task writes. Two chunks in flight are enough
-    // to overlap compression with sending.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<(usize, Vec<u8>)>>(2);
+    // A reader thread (read + xxh3, in order) feeds raw chunks to compression on the blocking pool,
+    // COMPRESS_PARALLEL chunks at a time, whose results are written in order. One core of zstd is slower
+    // than a fast link, hence the parallelism; data that does not shrink (random or already compressed
+    // memory) is sent raw for the next SKIP_AFTER_STORED chunks before zstd is tried again.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(COMPRESS_PARALLEL * 2);
     let owned: PathBuf = path.to_owned();
     let reader = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
         use std::io::Read;
         let mut f = std::fs::File::open(&owned)?;
         let mut hasher = Xxh3::new();
-        let mut buf = vec![0u8; MAX_CHUNK];
         loop {
+            let mut buf = vec![0u8; MAX_CHUNK];
             let mut filled = 0;
             while filled < MAX_CHUNK {
                 let n = f.read(&mut buf[filled..])?;
@@ -59,16 +71,34 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
             if filled == 0 {
                 return Ok(hasher.digest());
             }
-            hasher.update(&buf[..filled]);
-            let mut out = Vec::with_capacity(filled / 2 + HEADER_LEN);
-            chunk::encode(&buf[..filled], level, &mut out);
-            if tx.blocking_send(Ok((filled, out))).is_err() {
+            buf.truncate(filled);
+            hasher.update(&buf);
+            if tx.blocking_send(buf).is_err() {
                 return Err(std::io::Error::other("sender went away"));
             }
         }
     });
-    while let Some(item) = rx.recv().await {
-        let (raw, enc) = item?;
+    let skip = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut encoded = tokio_stream_from(rx)
+        .map(|raw| {
+            let skip = skip.clone();
+            let try_zstd = skip
+                .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |n| {
+                    n.checked_sub(1)
+                })
+                .is_err();
+            tokio::task::spawn_blocking(move || {
+                let mut out = Vec::with_capacity(raw.len() + HEADER_LEN);
+                let compressed = chunk::encode_with(&raw, try_zstd.then_some(level), &mut out);
+                if try_zstd && !compressed {
+                    skip.store(SKIP_AFTER_STORED, std::sync::atomic::Ordering::Relaxed);
+                }
+                (raw.len(), out)
+            })
+        })
+        .buffered(COMPRESS_PARALLEL);
+    while let Some(item) = encoded.next().await {
+        let (raw, enc) = item.map_err(|e| std::io::Error::other(format!("compression task: {e}")))?;
         w.write_all(&enc).await?;
         t.raw += raw as u64;
         t.wire += enc.len() as u64;
@@ -191,6 +221,28 @@ mod tests {
         let (sum, _) = receive_body(&mut r, &h, out.path(), u64::MAX, |_| {}).await.unwrap();
         assert_eq!(sum.name, "pages-1.img");
         assert_eq!(std::fs::read(out.path().join("pages-1.img")).unwrap(), content);
+    }
+
+    #[tokio::test]
+    async fn incompressible_stretch_then_compressible_stretch() {
+        let mut x = 0x2545f4914f6cdd1du64;
+        let mut content: Vec<u8> = (0..20 * MAX_CHUNK)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        content.extend(std::iter::repeat_n(0u8, 40 * MAX_CHUNK));
+        let wire = send_to_vec(&content, "pages-2.img").await;
+        // The random part travels raw, the zeros (after the skip window) compress.
+        assert!(wire.len() > 20 * MAX_CHUNK && wire.len() < 37 * MAX_CHUNK, "{} bytes on the wire", wire.len());
+        let out = tempfile::tempdir().unwrap();
+        let mut r = wire.as_slice();
+        let h = read_header(&mut r).await.unwrap();
+        receive_body(&mut r, &h, out.path(), u64::MAX, |_| {}).await.unwrap();
+        assert_eq!(std::fs::read(out.path().join("pages-2.img")).unwrap(), content);
     }
 
     #[tokio::test]
