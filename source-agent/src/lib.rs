@@ -45,6 +45,8 @@ pub enum AgentError {
     Criu(#[from] criu::CriuError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot serve metrics on TCP {addr}: {source}; choose another --metrics-listen, or off")]
+    Metrics { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -68,11 +70,9 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let hello = protocol::host::local_hello(&cfg.name, &criu.version);
     let stats = Arc::new(stats::Stats::default());
     let _metrics = match cfg.metrics_listen {
-        Some(addr) => Some(
-            telemetry::serve(addr, stats.clone())
-                .await
-                .map_err(|source| AgentError::Io { path: addr.to_string().into(), source })?,
-        ),
+        Some(addr) => {
+            Some(telemetry::serve(addr, stats.clone()).await.map_err(|source| AgentError::Metrics { addr, source })?)
+        }
         None => None,
     };
     let ctx = Arc::new(migration::Context { criu, hello, client, state_dir: cfg.state_dir.clone(), stats });

@@ -28,11 +28,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    telemetry::init_logging();
     let a = Args::parse();
     let cfg = source_agent::Config {
         control_socket: a.control_socket,
@@ -41,11 +37,7 @@ async fn main() -> anyhow::Result<()> {
         state_dir: a.state_dir,
         metrics_listen: if a.metrics_listen == "off" { None } else { Some(a.metrics_listen.parse()?) },
     };
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
-    };
+    let shutdown = telemetry::shutdown_signal();
     source_agent::run(cfg, shutdown).await?;
     Ok(())
 }

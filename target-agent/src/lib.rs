@@ -47,6 +47,8 @@ pub enum AgentError {
     Criu(#[from] criu::CriuError),
     #[error("cannot listen on UDP {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot serve metrics on TCP {addr}: {source}; choose another --metrics-listen, or off")]
+    Metrics { addr: SocketAddr, source: std::io::Error },
     #[error("state directory {path}: {source}")]
     StateDir { path: PathBuf, source: std::io::Error },
 }
@@ -65,7 +67,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     let stats = Arc::new(stats::Stats::default());
     let _metrics = match cfg.metrics_listen {
         Some(addr) => {
-            Some(telemetry::serve(addr, stats.clone()).await.map_err(|source| AgentError::Bind { addr, source })?)
+            Some(telemetry::serve(addr, stats.clone()).await.map_err(|source| AgentError::Metrics { addr, source })?)
         }
         None => None,
     };

@@ -2,6 +2,8 @@
 //! `/status` as JSON (migrations running and recently finished). Counters and histograms are atomics
 //! owned by the agents; this crate renders and serves them. It knows nothing about migrations.
 //!
+//! It also sets up the agents' logging and their shutdown signal.
+//!
 //! The server speaks just enough HTTP/1.0 for Prometheus and curl: GET only, one request per
 //! connection, request line and headers bounded.
 
@@ -11,6 +13,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Logs to stderr at the level of `RUST_LOG` (default info), without colours when stderr is not a
+/// terminal (agents usually log to a file or the journal).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Resolves on SIGTERM or SIGINT: how an agent is told to stop.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+}
 
 /// A monotonically increasing counter.
 #[derive(Debug, Default)]

@@ -54,6 +54,19 @@ fn checksum(mem: &[u64]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
+/// A counter bumped every millisecond by its own thread.
+fn start_counter() -> Arc<AtomicU64> {
+    let counter = Arc::new(AtomicU64::new(0));
+    let c = counter.clone();
+    std::thread::spawn(move || {
+        loop {
+            c.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    });
+    counter
+}
+
 fn write_pidfile(path: &str, pid: u32) {
     let tmp = format!("{path}.tmp");
     std::fs::write(&tmp, format!("{pid}\n")).expect("write pidfile");
@@ -76,14 +89,7 @@ fn mem(args: &[String]) {
     let held = arg(args, "--hold-open").map(|p| std::fs::File::open(&p).unwrap_or_else(|e| panic!("{p}: {e}")));
     let memory = fill(mib, seed);
     let expected = checksum(&memory);
-    let counter = Arc::new(AtomicU64::new(0));
-    let c = counter.clone();
-    std::thread::spawn(move || {
-        loop {
-            c.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    });
+    let counter = start_counter();
     let listener = UnixListener::bind_addr(&socket_addr(&name)).expect("bind");
     write_pidfile(&pidfile, std::process::id());
     serve(listener, move || {
@@ -239,14 +245,7 @@ fn hold(args: &[String]) {
         // SAFETY: fd was just created and is owned here.
         held.push(unsafe { OwnedFd::from_raw_fd(fd) });
     }
-    let counter = Arc::new(AtomicU64::new(0));
-    let c = counter.clone();
-    std::thread::spawn(move || {
-        loop {
-            c.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    });
+    let counter = start_counter();
     let listener = UnixListener::bind_addr(&socket_addr(&name)).expect("bind");
     write_pidfile(&pidfile, std::process::id());
     serve(listener, move || {
