@@ -435,7 +435,12 @@ async fn receive_files(
                 let (summary, t) =
                     file_stream::receive_body(&mut stream, &h, &dir, h.size, |_| {}).await.map_err(|e| e.to_string())?;
                 stats.bytes_received.add(t.wire);
-                Ok(summary)
+                // Read up to the stream's end: dropping a stream whose FIN was not read makes quinn send
+                // STOP_SENDING (code 0), which the source would take for a refusal of a good file.
+                match stream.read_to_end(0).await {
+                    Ok(_) => Ok(summary),
+                    Err(e) => Err(format!("{}: data after the checksum, or the stream broke: {e}", h.name)),
+                }
             }
             .await;
             if let Err(e) = &r {

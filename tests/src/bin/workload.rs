@@ -1,8 +1,10 @@
 //! Test workloads that can prove their state survived a migration. Each answers on the abstract unix
 //! socket `migrate-workload-NAME` (per network namespace, so per testbed host) with one JSON line.
 //!
-//!   workload mem  --name N --mib M [--seed S] [--hold-open PATH] --pidfile F
-//!       M MiB of known content (splitmix64 of S) and a counter bumped every millisecond by a thread.
+//!   workload mem  --name N --mib M [--seed S] [--compressible] [--dirty-pct P] [--hold-open PATH] --pidfile F
+//!       M MiB of known content (splitmix64 of S; with --compressible, mostly zeros with one random word
+//!       per 64 bytes) and a counter bumped every millisecond by a thread. With --dirty-pct, another
+//!       thread rewrites P percent of the pages per second (random pages), as a busy program would.
 //!       Answers {kind, pid, counter, checksum, expected, mib}: checksum is the xxh3 of the memory now,
 //!       expected the one of the content it was filled with.
 //!   workload tree --name N --pidfile F
@@ -43,9 +45,9 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-fn fill(mib: usize, seed: u64) -> Vec<u64> {
+fn fill(mib: usize, seed: u64, compressible: bool) -> Vec<u64> {
     let words = mib << 17; // 1 MiB = 131072 u64
-    (0..words as u64).map(|i| splitmix(seed ^ i)).collect()
+    (0..words as u64).map(|i| if compressible && i % 8 != 0 { 0 } else { splitmix(seed ^ i) }).collect()
 }
 
 fn checksum(mem: &[u64]) -> u64 {
@@ -87,9 +89,32 @@ fn mem(args: &[String]) {
     let seed: u64 = arg(args, "--seed").map(|s| s.parse().expect("--seed")).unwrap_or(1);
     let pidfile = arg(args, "--pidfile").expect("--pidfile");
     let held = arg(args, "--hold-open").map(|p| std::fs::File::open(&p).unwrap_or_else(|e| panic!("{p}: {e}")));
-    let memory = fill(mib, seed);
+    let compressible = has(args, "--compressible");
+    let dirty_pct: f64 = arg(args, "--dirty-pct").map(|p| p.parse().expect("--dirty-pct")).unwrap_or(0.0);
+    let memory = Arc::new(fill(mib, seed, compressible));
     let expected = checksum(&memory);
     let counter = start_counter();
+    if dirty_pct > 0.0 {
+        // Rewrites dirty_pct % of the pages per second, in 10 ms ticks, through a raw pointer: the
+        // answering thread may read a page while it changes, which only matters to the checksum, and
+        // a dirtying workload's checksum is not compared.
+        let pages = memory.len() / 512;
+        let per_tick = ((pages as f64 * dirty_pct / 100.0) / 100.0).ceil() as usize;
+        let base = memory.as_ptr() as usize;
+        std::thread::spawn(move || {
+            let mut x = seed | 1;
+            loop {
+                for _ in 0..per_tick {
+                    x = splitmix(x);
+                    let page = (x as usize) % pages;
+                    // SAFETY: page < pages, so the word is inside the vector, which lives as long as the
+                    // process (the Arc is never dropped: serve() never returns).
+                    unsafe { ((base as *mut u64).add(page * 512)).write_volatile(x) };
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+    }
     let listener = UnixListener::bind_addr(&socket_addr(&name)).expect("bind");
     write_pidfile(&pidfile, std::process::id());
     serve(listener, move || {
