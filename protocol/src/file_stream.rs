@@ -178,7 +178,9 @@ pub async fn receive_body<R: AsyncRead + Unpin>(
                 hasher.digest()
             )));
         }
-        f.sync_data().await?;
+        // No fsync: images are transient. If this host crashes before the commit, the source still
+        // holds the original; syncing a GiB to a disk would only add downtime.
+        f.flush().await?;
         Ok((pb::FileSummary { name: header.name.clone(), size: t.raw, xxh3: digest }, t))
     }
     .await;

@@ -18,8 +18,8 @@ struct Args {
     /// Name of this host's certificate in --tls-dir.
     #[arg(long)]
     host: String,
-    /// Work directory for dumps.
-    #[arg(long, default_value = "/var/lib/migrate/source")]
+    /// Work directory for dumps; put it on tmpfs (the dump is written there while the process is frozen).
+    #[arg(long, default_value = "/run/migrate/source")]
     state_dir: PathBuf,
     /// Local HTTP address for /metrics (Prometheus text) and /status (JSON); "off" to disable.
     #[arg(long, default_value = "127.0.0.1:9464")]

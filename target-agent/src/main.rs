@@ -20,8 +20,9 @@ struct Args {
     /// Name of this host's certificate in --tls-dir.
     #[arg(long)]
     host: String,
-    /// Work directory for received images and kept logs.
-    #[arg(long, default_value = "/var/lib/migrate/target")]
+    /// Work directory for received images and kept logs; put it on tmpfs (images arrive there while the
+    /// process is frozen).
+    #[arg(long, default_value = "/run/migrate/target")]
     state_dir: PathBuf,
     /// Seconds a restored copy waits, stopped, for the source's commit before it is killed.
     #[arg(long, default_value_t = 30)]

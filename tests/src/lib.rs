@@ -61,7 +61,7 @@ impl Testbed {
             name: name.into(),
             repo,
             bin: bin.into(),
-            dir: PathBuf::from(format!("/run/migrate-testbed/{name}")),
+            dir: PathBuf::from(format!("/dev/shm/migrate-testbed/{name}")),
         };
         let _ = tb.script(&["down"]);
         let out = tb.script(&["up", "--with-c"]);
