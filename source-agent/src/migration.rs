@@ -92,18 +92,14 @@ pub async fn run(
         work_dir,
         preflight_passed: false,
     };
-    ctx.stats.running.lock().expect("lock").insert(
-        id.clone(),
-        telemetry::Running {
-            id: id.clone(),
-            pid,
-            target: target.into(),
-            phase: "inspect".into(),
-            started_unix: telemetry::now_unix(),
-        },
-    );
+    ctx.stats.migrations.start(telemetry::Running {
+        id: id.clone(),
+        pid,
+        target: target.into(),
+        phase: "inspect".into(),
+        started_unix: telemetry::now_unix(),
+    });
     let result = m.steps(pid, target, caller_uid).await;
-    ctx.stats.running.lock().expect("lock").remove(&id);
     let original = match (&result, m.stage) {
         (Ok(_), _) => Original::Running,
         (Err(_), Stage::Untouched) => Original::Running,
@@ -149,16 +145,19 @@ pub async fn run(
             Stage::Untouched => {}
         }
     }
-    stats.recent.push(telemetry::Finished {
-        id: m.id.clone(),
-        pid,
-        target: target.into(),
-        outcome: outcome.into(),
-        downtime_ms: result.as_ref().ok().map(|s| s.downtime_ms),
-        wire_bytes: result.as_ref().map(|s| s.wire_bytes).unwrap_or(0),
-        error: result.as_ref().err().cloned(),
-        finished_unix: telemetry::now_unix(),
-    });
+    stats.migrations.finish(
+        &id,
+        telemetry::Finished {
+            id: m.id.clone(),
+            pid,
+            target: target.into(),
+            outcome: outcome.into(),
+            downtime_ms: result.as_ref().ok().map(|s| s.downtime_ms),
+            wire_bytes: result.as_ref().map(|s| s.wire_bytes).unwrap_or(0),
+            error: result.as_ref().err().cloned(),
+            finished_unix: telemetry::now_unix(),
+        },
+    );
     result.map_err(|error| {
         // Each error is a sentence; the rollback outcome is the next one.
         let error = if error.ends_with(['.', '?', '!']) { error } else { format!("{error}.") };
@@ -213,9 +212,7 @@ impl Migration<'_> {
     fn phase(&self, phase: Phase, message: impl Into<String>) {
         let message = message.into();
         tracing::info!(id = %self.id, ?phase, "{message}");
-        if let Some(r) = self.ctx.stats.running.lock().expect("lock").get_mut(&self.id) {
-            r.phase = format!("{phase:?}").to_lowercase();
-        }
+        self.ctx.stats.migrations.set_phase(&self.id, &format!("{phase:?}").to_lowercase());
         let _ = self.events.send(Event::Phase { phase, message });
     }
 

@@ -1,10 +1,7 @@
 //! What the source agent counts and remembers, for `/metrics` and `/status` (see the `telemetry` crate)
 //! and for `migrate status`.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
-use telemetry::{Counter, Finished, Histogram, Recent, Running, Text};
+use telemetry::{Counter, Histogram, Registry, Text};
 
 /// The counters and the lists.
 pub struct Stats {
@@ -17,8 +14,7 @@ pub struct Stats {
     pub image_bytes: Counter,
     pub pages_served_on_faults: Counter,
     pub downtime: Histogram,
-    pub running: Mutex<HashMap<String, Running>>,
-    pub recent: Recent<Finished>,
+    pub migrations: Registry,
 }
 
 impl Default for Stats {
@@ -33,8 +29,7 @@ impl Default for Stats {
             image_bytes: Counter::default(),
             pages_served_on_faults: Counter::default(),
             downtime: Histogram::new(telemetry::DOWNTIME_BUCKETS),
-            running: Mutex::new(HashMap::new()),
-            recent: Recent::new(100),
+            migrations: Registry::default(),
         }
     }
 }
@@ -79,16 +74,11 @@ impl telemetry::Source for Stats {
             "From the freeze to the copy running on the target",
             &self.downtime,
         )
-        .gauge(
-            "migrate_source_migrations_running",
-            "Migrations in progress",
-            self.running.lock().expect("lock").len() as u64,
-        );
+        .gauge("migrate_source_migrations_running", "Migrations in progress", self.migrations.running_count());
         t.finish()
     }
 
     fn status(&self) -> serde_json::Value {
-        let running: Vec<Running> = self.running.lock().expect("lock").values().cloned().collect();
-        serde_json::json!({ "role": "source", "running": running, "recent": self.recent.list() })
+        self.migrations.status("source")
     }
 }

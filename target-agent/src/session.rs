@@ -95,7 +95,6 @@ pub async fn handle(ctx: Arc<Context>, conn: quinn::Connection) {
         }
         if let Some(id) = rec.id.take() {
             let stats = &ctx.stats;
-            stats.running.lock().expect("lock").remove(&id);
             let outcome = match (&result, rec.restored) {
                 (Ok(_), _) => {
                     stats.succeeded.inc();
@@ -111,16 +110,19 @@ pub async fn handle(ctx: Arc<Context>, conn: quinn::Connection) {
                     "failed"
                 }
             };
-            stats.recent.push(telemetry::Finished {
-                id,
-                pid: rec.pid,
-                target: remote.to_string(),
-                outcome: outcome.into(),
-                downtime_ms: None,
-                wire_bytes: 0,
-                error: result.as_ref().err().map(|e| e.to_string()),
-                finished_unix: telemetry::now_unix(),
-            });
+            stats.migrations.finish(
+                &id.clone(),
+                telemetry::Finished {
+                    id,
+                    pid: rec.pid,
+                    target: remote.to_string(),
+                    outcome: outcome.into(),
+                    downtime_ms: None,
+                    wire_bytes: 0,
+                    error: result.as_ref().err().map(|e| e.to_string()),
+                    finished_unix: telemetry::now_unix(),
+                },
+            );
         }
         match &result {
             Ok(pid) => tracing::info!(pid, "migration committed: the restored copy runs"),
@@ -219,18 +221,14 @@ async fn serve_control(
     ctx.stats.started.inc();
     rec.id = Some(prepare.migration_id.clone());
     rec.pid = prepare.pids.first().copied().unwrap_or(0);
-    let set_phase = |phase: &str| {
-        let mut running = ctx.stats.running.lock().expect("lock");
-        let r = running.entry(prepare.migration_id.clone()).or_insert_with(|| telemetry::Running {
-            id: prepare.migration_id.clone(),
-            pid: rec.pid,
-            target: conn.remote_address().to_string(),
-            phase: String::new(),
-            started_unix: telemetry::now_unix(),
-        });
-        r.phase = phase.into();
-    };
-    set_phase("receive");
+    ctx.stats.migrations.start(telemetry::Running {
+        id: prepare.migration_id.clone(),
+        pid: rec.pid,
+        target: conn.remote_address().to_string(),
+        phase: "receive".into(),
+        started_unix: telemetry::now_unix(),
+    });
+    let set_phase = |phase: &str| ctx.stats.migrations.set_phase(&prepare.migration_id, phase);
     send_msg(send, target_msg::Msg::Prepared(pb::Prepared { free_bytes: free, blockers: vec![], warnings: vec![] }))
         .await?;
 

@@ -1,9 +1,6 @@
 //! What the target agent counts and remembers, for `/metrics` and `/status` (see the `telemetry` crate).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-
-use telemetry::{Counter, Finished, Histogram, Recent, Running, Text};
+use telemetry::{Counter, Histogram, Registry, Text};
 
 /// Restore-time buckets, seconds.
 const RESTORE_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -20,8 +17,7 @@ pub struct Stats {
     pub bytes_received: Counter,
     pub pages_served_on_faults: Counter,
     pub restore: Histogram,
-    pub running: Mutex<HashMap<String, Running>>,
-    pub recent: Recent<Finished>,
+    pub migrations: Registry,
 }
 
 impl Default for Stats {
@@ -34,8 +30,7 @@ impl Default for Stats {
             bytes_received: Counter::default(),
             pages_served_on_faults: Counter::default(),
             restore: Histogram::new(RESTORE_BUCKETS),
-            running: Mutex::new(HashMap::new()),
-            recent: Recent::new(100),
+            migrations: Registry::default(),
         }
     }
 }
@@ -66,16 +61,11 @@ impl telemetry::Source for Stats {
                 &self.pages_served_on_faults,
             )
             .histogram("migrate_target_restore_seconds", "Time of criu restore", &self.restore)
-            .gauge(
-                "migrate_target_migrations_running",
-                "Migrations in progress",
-                self.running.lock().expect("lock").len() as u64,
-            );
+            .gauge("migrate_target_migrations_running", "Migrations in progress", self.migrations.running_count());
         t.finish()
     }
 
     fn status(&self) -> serde_json::Value {
-        let running: Vec<Running> = self.running.lock().expect("lock").values().cloned().collect();
-        serde_json::json!({ "role": "target", "running": running, "recent": self.recent.list() })
+        self.migrations.status("target")
     }
 }

@@ -109,6 +109,49 @@ pub struct Finished {
     pub finished_unix: u64,
 }
 
+/// The migrations an agent is running and has recently finished, for `/status` and a
+/// `migrations_running` gauge.
+pub struct Registry {
+    running: Mutex<std::collections::HashMap<String, Running>>,
+    recent: Recent<Finished>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry { running: Mutex::new(std::collections::HashMap::new()), recent: Recent::new(100) }
+    }
+}
+
+impl Registry {
+    /// Records a migration that starts.
+    pub fn start(&self, r: Running) {
+        self.running.lock().expect("not poisoned").insert(r.id.clone(), r);
+    }
+
+    /// Records that migration `id` (if it is running) is at `phase`.
+    pub fn set_phase(&self, id: &str, phase: &str) {
+        if let Some(r) = self.running.lock().expect("not poisoned").get_mut(id) {
+            r.phase = phase.to_string();
+        }
+    }
+
+    /// Moves migration `id` from running to recent.
+    pub fn finish(&self, id: &str, done: Finished) {
+        self.running.lock().expect("not poisoned").remove(id);
+        self.recent.push(done);
+    }
+
+    pub fn running_count(&self) -> u64 {
+        self.running.lock().expect("not poisoned").len() as u64
+    }
+
+    /// `{role, running, recent}`.
+    pub fn status(&self, role: &str) -> serde_json::Value {
+        let running: Vec<Running> = self.running.lock().expect("not poisoned").values().cloned().collect();
+        serde_json::json!({ "role": role, "running": running, "recent": self.recent.list() })
+    }
+}
+
 /// Seconds since the epoch.
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
