@@ -281,12 +281,17 @@ fn copy_send(args: &[String]) {
         if name == "dump.log" {
             continue;
         }
-        let data = std::fs::read(e.path()).expect("read");
+        // Streamed through a small buffer, as the agents do: a buffer as large as the file would leave a
+        // GiB of just-freed memory that the restore then reuses warm (on a VM that is much faster to
+        // touch than cold memory), which would flatter this baseline.
+        let mut f = std::fs::File::open(e.path()).expect("open");
+        let size = f.metadata().expect("stat").len();
         s.write_all(&(name.len() as u16).to_le_bytes()).expect("send");
         s.write_all(name.as_bytes()).expect("send");
-        s.write_all(&(data.len() as u64).to_le_bytes()).expect("send");
-        s.write_all(&data).expect("send");
-        total += 10 + name.len() as u64 + data.len() as u64;
+        s.write_all(&size.to_le_bytes()).expect("send");
+        let copied = std::io::copy(&mut f, &mut s).expect("send");
+        assert_eq!(copied, size, "{name} changed while being sent");
+        total += 10 + name.len() as u64 + size;
     }
     s.write_all(&0u16.to_le_bytes()).expect("send");
     let mut ack = [0u8; 1];
@@ -316,9 +321,10 @@ fn copy_recv(args: &[String]) {
         assert!(!name.contains('/') && !name.starts_with('.'), "bad name {name}");
         let mut size = [0u8; 8];
         s.read_exact(&mut size).expect("read");
-        let mut data = vec![0u8; u64::from_le_bytes(size) as usize];
-        s.read_exact(&mut data).expect("read");
-        std::fs::write(Path::new(&dir).join(&name), &data).expect("write");
+        let size = u64::from_le_bytes(size);
+        let mut f = std::fs::File::create(Path::new(&dir).join(&name)).expect("create");
+        let copied = std::io::copy(&mut (&mut s).take(size), &mut f).expect("receive");
+        assert_eq!(copied, size, "{name}: connection ended early");
     }
     s.write_all(&[1]).expect("ack");
 }
