@@ -199,12 +199,31 @@ pub fn recover(state_dir: &Path) {
                 continue;
             }
             "frozen" => {
+                // A CRIU started by the crashed agent may still be dumping into this directory; it
+                // leaves the tree stopped when it ends, so resume only after it is gone.
+                wait_for_criu_in(&dir);
                 tracing::warn!(?pids, "resuming an original left frozen by an earlier run of this agent");
                 let _ = criu::tree::resume(&pids);
             }
             _ => {}
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Waits (at most 5 minutes) until no process has `dir` on its command line.
+fn wait_for_criu_in(dir: &Path) {
+    let needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    let busy = || {
+        std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_slice()))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while busy() && Instant::now() < deadline {
+        tracing::info!(dir = %dir.display(), "waiting for a CRIU of the earlier run to finish");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

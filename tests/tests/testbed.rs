@@ -4,7 +4,7 @@
 //! down after them, whatever happens. Cases run one at a time: they share the hosts. The suite fails,
 //! never skips, when it cannot run here (not root, no CRIU, binaries not built).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -358,6 +358,31 @@ fn dropped_link_rolls_back() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Starts an extra agent of `role` on `host` with the TLS material in `tls`, state in `state`, its log
+/// in `log`; returns its pid file path once it is ready.
+fn start_agent(host: &str, role: &str, tls: &Path, state: &Path, log: &Path, extra: &[&str]) -> PathBuf {
+    let tb = tb();
+    let pidfile = log.with_extension("pid");
+    let agent = tb.bin.join(format!("{role}-agent"));
+    let mut cmd = format!(
+        "echo $$ > {} && exec {} --metrics-listen off --tls-dir {} --host {host} --state-dir {}",
+        pidfile.display(),
+        agent.display(),
+        tls.display(),
+        state.display()
+    );
+    for e in extra {
+        cmd.push(' ');
+        cmd.push_str(e);
+    }
+    cmd.push_str(&format!(" >{} 2>&1", log.display()));
+    assert!(tb.exec_detached(host, &["setsid", "-f", "sh", "-c", &cmd]), "starting a {role} agent on {host}");
+    assert!(wait_until(Duration::from_secs(10), || {
+        std::fs::read_to_string(log).map(|l| l.contains("ready")).unwrap_or(false)
+    }));
+    pidfile
+}
+
 /// Starts an agent with certificates from another CA on `host`; returns its pid file path.
 fn start_rogue_agent(host: &str, role: &str, extra: &[&str]) -> PathBuf {
     let tb = tb();
@@ -367,25 +392,56 @@ fn start_rogue_agent(host: &str, role: &str, extra: &[&str]) -> PathBuf {
         .output()
         .expect("certs.sh");
     assert!(out.status.success(), "certs.sh: {}", String::from_utf8_lossy(&out.stderr));
-    let pidfile = dir.join("pid");
-    let agent = tb.bin.join(format!("{role}-agent"));
-    let mut cmd = format!(
-        "echo $$ > {} && exec {} --metrics-listen off --tls-dir {} --host {host} --state-dir {}",
-        pidfile.display(),
-        agent.display(),
-        dir.join("tls").display(),
-        dir.join("state").display()
-    );
-    for e in extra {
-        cmd.push(' ');
-        cmd.push_str(e);
-    }
-    cmd.push_str(&format!(" >{} 2>&1", dir.join("log").display()));
-    assert!(tb.exec_detached(host, &["setsid", "-f", "sh", "-c", &cmd]), "starting a rogue {role} agent on {host}");
-    assert!(wait_until(Duration::from_secs(10), || {
-        std::fs::read_to_string(dir.join("log")).map(|l| l.contains("ready")).unwrap_or(false)
-    }));
-    pidfile
+    start_agent(host, role, &dir.join("tls"), &dir.join("state"), &dir.join("log"), extra)
+}
+
+/// The source agent is killed (SIGKILL) while the original is frozen: the migration does not complete,
+/// b keeps nothing, and the agent started again on the same state directory resumes the original.
+fn crashed_source_agent_resumes_the_original() -> Result<(), Failed> {
+    let tb = tb();
+    let name = format!("crash{}", unique());
+    let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "5"]);
+    let before = tb.query("a", &name)?;
+    let dir = tb.dir.join(format!("crash-{}", unique()));
+    std::fs::create_dir_all(&dir)?;
+    let (state, sock) = (dir.join("state"), dir.join("source.sock"));
+    let sock_s = sock.to_str().expect("utf8").to_string();
+    let tls = tb.dir.join("tls");
+    let first = start_agent("a", "source", &tls, &state, &dir.join("first.log"), &["--control-socket", &sock_s]);
+    let migrating = std::thread::spawn({
+        let (target, sock) = (tb.addr("b"), sock.clone());
+        move || crate::tb().migrate("a", pid, &target, Some(&sock))
+    });
+    let freezing = format!("freezing and dumping pid {pid}");
+    let frozen = wait_until(Duration::from_secs(30), || {
+        std::fs::read_to_string(dir.join("first.log")).is_ok_and(|l| l.contains(&freezing))
+    });
+    stop_rogue("a", &first);
+    let r = migrating.join().expect("migrate thread");
+    check(frozen, "the first agent never froze the process")?;
+    check(!r.success, format!("the migration succeeded although its agent was killed: {}", r.json))?;
+    // CRIU, orphaned, finishes its dump and leaves the original stopped.
+    let stopped = wait_until(Duration::from_secs(30), || tb.state("a", pid) == Some('T'));
+    check(stopped, format!("the original is not stopped after the crash (state {:?})", tb.state("a", pid)))?;
+    let second = start_agent("a", "source", &tls, &state, &dir.join("second.log"), &["--control-socket", &sock_s]);
+    let resumed = wait_until(Duration::from_secs(30), || tb.running("a", pid));
+    let log = std::fs::read_to_string(dir.join("second.log")).unwrap_or_default();
+    stop_rogue("a", &second);
+    check(resumed, format!("the restarted agent did not resume the original (state {:?}): {log}", tb.state("a", pid)))?;
+    check(log.contains("resuming an original left frozen"), format!("the restarted agent does not say so: {log}"))?;
+    let after = tb.query("a", &name)?;
+    check(after["checksum"] == before["checksum"], "memory changed")?;
+    let progressed = wait_until(Duration::from_secs(5), || {
+        tb.query("a", &name).map(|v| counter(&v) > counter(&after)).unwrap_or(false)
+    });
+    check(progressed, "the counter does not advance after recovery")?;
+    check(tb.state("b", pid).is_none(), "a copy exists on b")?;
+    let incoming = tb.dir.join("b/target/incoming");
+    let emptied =
+        wait_until(Duration::from_secs(30), || std::fs::read_dir(&incoming).map(|d| d.count() == 0).unwrap_or(false));
+    check(emptied, format!("{} still holds images", incoming.display()))?;
+    tb.kill("a", pid);
+    Ok(())
 }
 
 fn stop_rogue(host: &str, pidfile: &PathBuf) {
@@ -727,6 +783,7 @@ fn main() {
         ("hostile_peer_is_cut_off", hostile_peer_is_cut_off),
         ("drain_onto_two_hosts", drain_onto_two_hosts),
         ("dropped_link_rolls_back", dropped_link_rolls_back),
+        ("crashed_source_agent_resumes_the_original", crashed_source_agent_resumes_the_original),
         ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
     ];
     let listing = args.list;
