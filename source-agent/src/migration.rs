@@ -342,18 +342,9 @@ impl Migration<'_> {
 
         // Restore on the target.
         self.phase(Phase::Restore, format!("{} is restoring", remote.host_name));
-        let restored = match tokio::time::timeout(RESTORE_TIMEOUT, recv_msg(recv, target)).await {
-            Err(_) => {
-                return Err(format!(
-                    "{} did not finish restoring within {}s",
-                    remote.host_name,
-                    RESTORE_TIMEOUT.as_secs()
-                ));
-            }
-            Ok(m) => match m? {
-                target_msg::Msg::Restored(r) => r,
-                other => return Err(unexpected(target, &other, "Restored")),
-            },
+        let restored = match recv_within(recv, target, RESTORE_TIMEOUT, &remote.host_name, "finish restoring").await? {
+            target_msg::Msg::Restored(r) => r,
+            other => return Err(unexpected(target, &other, "Restored")),
         };
 
         // Commit: from here on the target may run the copy.
@@ -361,18 +352,9 @@ impl Migration<'_> {
         write_journal(&self.work_dir, "commit-sent", pids);
         self.stage = Stage::CommitSent;
         write_frame(send, &send_msg(source_msg::Msg::Commit(pb::Commit {}))).await.map_err(link(target))?;
-        let resumed = match tokio::time::timeout(COMMIT_TIMEOUT, recv_msg(recv, target)).await {
-            Err(_) => {
-                return Err(format!(
-                    "{} did not confirm the commit within {}s",
-                    remote.host_name,
-                    COMMIT_TIMEOUT.as_secs()
-                ));
-            }
-            Ok(m) => match m? {
-                target_msg::Msg::Resumed(r) => r,
-                other => return Err(unexpected(target, &other, "Resumed")),
-            },
+        let resumed = match recv_within(recv, target, COMMIT_TIMEOUT, &remote.host_name, "confirm the commit").await? {
+            target_msg::Msg::Resumed(r) => r,
+            other => return Err(unexpected(target, &other, "Resumed")),
         };
         let downtime_ms = ms(frozen_at.elapsed());
         if let Err(e) = criu::tree::kill_all(pids) {
@@ -670,6 +652,19 @@ async fn recv_msg(recv: &mut quinn::RecvStream, target: &str) -> Result<target_m
         Ok(None) => Err(format!("target {target} closed the connection")),
         Err(e) => Err(format!("link to {target} failed: {e}")),
     }
+}
+
+/// [`recv_msg`] with a time limit: "HOST did not WHAT within Ns" when it passes.
+async fn recv_within(
+    recv: &mut quinn::RecvStream,
+    target: &str,
+    limit: Duration,
+    host: &str,
+    what: &str,
+) -> Result<target_msg::Msg, String> {
+    tokio::time::timeout(limit, recv_msg(recv, target))
+        .await
+        .map_err(|_| format!("{host} did not {what} within {}s", limit.as_secs()))?
 }
 
 fn unexpected(target: &str, got: &target_msg::Msg, expected: &str) -> String {
