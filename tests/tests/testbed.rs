@@ -34,6 +34,22 @@ fn counter(v: &serde_json::Value) -> u64 {
     v["counter"].as_u64().expect("counter")
 }
 
+/// True when the counter of workload `name` on `host` goes past the one in `after` within 5 s.
+fn counter_advances(host: &str, name: &str, after: &serde_json::Value) -> bool {
+    wait_until(Duration::from_secs(5), || tb().query(host, name).map(|v| counter(&v) > counter(after)).unwrap_or(false))
+}
+
+/// What the source agent logs when it freezes `pid` (the tests wait for it to act mid-migration).
+fn freeze_marker(pid: u32) -> String {
+    format!("freezing and dumping pid {pid}")
+}
+
+/// `migrate --json PID b` on a, through the agent at `agent` (a's own when None), on its own thread.
+fn migrate_in_background(pid: u32, agent: Option<PathBuf>) -> std::thread::JoinHandle<tests::MigrateResult> {
+    let target = tb().addr("b");
+    std::thread::spawn(move || tb().migrate("a", pid, &target, agent.as_deref()))
+}
+
 /// 256 MiB of known content and a counter move from a to b.
 fn memory_and_counter_survive() -> Result<(), Failed> {
     let tb = tb();
@@ -61,10 +77,7 @@ fn memory_and_counter_survive() -> Result<(), Failed> {
     check(after["pid"] == pid, format!("answer from the wrong process: {after}"))?;
     check(after["checksum"] == before["checksum"], format!("memory checksum changed: before {before}, after {after}"))?;
     check(counter(&after) >= counter(&before), format!("counter went back: before {before}, after {after}"))?;
-    let progressed = wait_until(Duration::from_secs(5), || {
-        tb.query("b", &name).map(|v| counter(&v) > counter(&after)).unwrap_or(false)
-    });
-    check(progressed, "the counter does not advance on b")?;
+    check(counter_advances("b", &name, &after), "the counter does not advance on b")?;
     tb.kill("b", pid);
     Ok(())
 }
@@ -113,11 +126,8 @@ fn failed_restore_rolls_back() -> Result<(), Failed> {
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--hold-open", &held_s]);
     let before = tb.query("a", &name)?;
 
-    let migrating = std::thread::spawn({
-        let target = tb.addr("b");
-        move || crate::tb().migrate("a", pid, &target, None)
-    });
-    let freezing = format!("freezing and dumping pid {pid}");
+    let migrating = migrate_in_background(pid, None);
+    let freezing = freeze_marker(pid);
     let frozen = wait_until(Duration::from_secs(30), || tb.source_log("a").contains(&freezing));
     let removed = tb.exec("b", &["rm", "-f", &held_s]).status.success();
     let r = migrating.join().expect("migrate thread");
@@ -133,10 +143,7 @@ fn failed_restore_rolls_back() -> Result<(), Failed> {
     check(tb.state("b", pid).is_none(), "a copy was left on b")?;
     let after = tb.query("a", &name)?;
     check(after["checksum"] == before["checksum"], "memory changed after rollback")?;
-    let progressed = wait_until(Duration::from_secs(5), || {
-        tb.query("a", &name).map(|v| counter(&v) > counter(&after)).unwrap_or(false)
-    });
-    check(progressed, "counter does not advance after rollback")?;
+    check(counter_advances("a", &name, &after), "counter does not advance after rollback")?;
     tb.kill("a", pid);
     std::fs::remove_file(&held)?;
     Ok(())
@@ -213,7 +220,7 @@ fn preflight_refuses_each_blocker() -> Result<(), Failed> {
             .unwrap_or_default();
         let r = tb.migrate("a", pid, &target, None);
         let err = r.json["error"].as_str().unwrap_or_default().to_string();
-        let frozen = tb.source_log("a").contains(&format!("freezing and dumping pid {pid}"));
+        let frozen = tb.source_log("a").contains(&freeze_marker(pid));
         let running = tb.running("a", pid);
         let answers = tb.query("a", &name).is_ok();
         if ok || !codes.contains(&c.code) {
@@ -326,11 +333,8 @@ fn dropped_link_rolls_back() -> Result<(), Failed> {
     let name = format!("link{}", unique());
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "3"]);
     let before = tb.query("a", &name)?;
-    let migrating = std::thread::spawn({
-        let target = tb.addr("b");
-        move || crate::tb().migrate("a", pid, &target, None)
-    });
-    let id_marker = format!("freezing and dumping pid {pid}");
+    let migrating = migrate_in_background(pid, None);
+    let id_marker = freeze_marker(pid);
     let frozen = wait_until(Duration::from_secs(30), || tb.source_log("a").contains(&id_marker));
     // The dump takes a few hundred ms; unplug as the images start to flow.
     let sending = wait_until(Duration::from_secs(30), || {
@@ -408,11 +412,8 @@ fn crashed_source_agent_resumes_the_original() -> Result<(), Failed> {
     let sock_s = sock.to_str().expect("utf8").to_string();
     let tls = tb.dir.join("tls");
     let first = start_agent("a", "source", &tls, &state, &dir.join("first.log"), &["--control-socket", &sock_s]);
-    let migrating = std::thread::spawn({
-        let (target, sock) = (tb.addr("b"), sock.clone());
-        move || crate::tb().migrate("a", pid, &target, Some(&sock))
-    });
-    let freezing = format!("freezing and dumping pid {pid}");
+    let migrating = migrate_in_background(pid, Some(sock.clone()));
+    let freezing = freeze_marker(pid);
     let frozen = wait_until(Duration::from_secs(30), || {
         std::fs::read_to_string(dir.join("first.log")).is_ok_and(|l| l.contains(&freezing))
     });
@@ -431,10 +432,7 @@ fn crashed_source_agent_resumes_the_original() -> Result<(), Failed> {
     check(log.contains("resuming an original left frozen"), format!("the restarted agent does not say so: {log}"))?;
     let after = tb.query("a", &name)?;
     check(after["checksum"] == before["checksum"], "memory changed")?;
-    let progressed = wait_until(Duration::from_secs(5), || {
-        tb.query("a", &name).map(|v| counter(&v) > counter(&after)).unwrap_or(false)
-    });
-    check(progressed, "the counter does not advance after recovery")?;
+    check(counter_advances("a", &name, &after), "the counter does not advance after recovery")?;
     check(tb.state("b", pid).is_none(), "a copy exists on b")?;
     let incoming = tb.dir.join("b/target/incoming");
     let emptied =
