@@ -4,10 +4,11 @@
 //!   ([`Criu::dump`], [`Criu::restore`]), and failures that carry the command, the exit status and the
 //!   `Error` lines of CRIU's log ([`CriuError`]);
 //! - the process tree CRIU works on: enumerate, resume, kill ([`tree`]);
-
+//! - reading the image files the agents need (pagemaps: which pages are lazy) ([`images`]).
 //!
 //! It does not decide when to dump or restore, nor move images: the agents do.
 
+pub mod images;
 pub mod tree;
 
 use std::os::unix::process::ExitStatusExt;
