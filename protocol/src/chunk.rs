@@ -21,6 +21,37 @@ pub const DEFAULT_LEVEL: i32 = 1;
 
 const COMPRESSED: u32 = 1 << 31;
 
+/// Whether to try zstd on the next chunk: after a chunk that zstd could not shrink (random or already
+/// compressed memory), the next [`AdaptiveLevel::SKIP_AFTER_STORED`] chunks are stored raw before zstd is
+/// tried again, so incompressible data costs no CPU. Shared by the tasks that compress in parallel.
+#[derive(Debug, Clone)]
+pub struct AdaptiveLevel {
+    level: i32,
+    skip: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl AdaptiveLevel {
+    pub const SKIP_AFTER_STORED: u32 = 16;
+
+    pub fn new(level: i32) -> Self {
+        AdaptiveLevel { level, skip: Default::default() }
+    }
+
+    /// The level to use for the next chunk, or None to store it raw.
+    pub fn next(&self) -> Option<i32> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let skipping = self.skip.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok();
+        (!skipping).then_some(self.level)
+    }
+
+    /// Reports how a chunk encoded with the level [`AdaptiveLevel::next`] gave went.
+    pub fn record(&self, tried: Option<i32>, compressed: bool) {
+        if tried.is_some() && !compressed {
+            self.skip.store(Self::SKIP_AFTER_STORED, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// A parsed chunk header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkHeader {

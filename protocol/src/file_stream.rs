@@ -1,4 +1,5 @@
-//! One file on one stream: a [`FileHeader`](crate::pb::FileHeader) frame, chunks (see [`crate::chunk`]),
+//! One file on one stream: a [`StreamHeader`](crate::pb::StreamHeader) frame holding the
+//! [`FileHeader`](crate::pb::FileHeader), chunks (see [`crate::chunk`]),
 //! the end marker, then the xxh3-64 of the file's raw bytes (u64 little-endian).
 //!
 //! The sender reads and compresses on a blocking thread while the async side writes the previous chunk,
@@ -18,10 +19,10 @@ use crate::{ProtocolError, names, pb};
 
 /// Chunks compressed at once (the blocking pool spreads them over the cores).
 const COMPRESS_PARALLEL: usize = 4;
-/// After a chunk that zstd could not shrink, this many chunks are sent raw before trying again.
-const SKIP_AFTER_STORED: u32 = 16;
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
+pub(crate) fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -45,8 +46,9 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
 ) -> Result<(pb::FileSummary, Transferred), ProtocolError> {
     let size = std::fs::metadata(path)?.len();
     let header = pb::FileHeader { migration_id: migration_id.into(), name: name.into(), size };
-    write_frame(w, &header).await?;
-    let mut t = Transferred { raw: 0, wire: 4 + prost::Message::encoded_len(&header) as u64 };
+    let framed = pb::StreamHeader { kind: Some(pb::stream_header::Kind::File(header)) };
+    write_frame(w, &framed).await?;
+    let mut t = Transferred { raw: 0, wire: 4 + prost::Message::encoded_len(&framed) as u64 };
 
     // A reader thread (read + xxh3, in order) feeds raw chunks to compression on the blocking pool,
     // COMPRESS_PARALLEL chunks at a time, whose results are written in order. One core of zstd is slower
@@ -78,21 +80,14 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
             }
         }
     });
-    let skip = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let adaptive = chunk::AdaptiveLevel::new(level);
     let mut encoded = tokio_stream_from(rx)
         .map(|raw| {
-            let skip = skip.clone();
-            let try_zstd = skip
-                .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |n| {
-                    n.checked_sub(1)
-                })
-                .is_err();
+            let adaptive = adaptive.clone();
+            let tried = adaptive.next();
             tokio::task::spawn_blocking(move || {
                 let mut out = Vec::with_capacity(raw.len() + HEADER_LEN);
-                let compressed = chunk::encode_with(&raw, try_zstd.then_some(level), &mut out);
-                if try_zstd && !compressed {
-                    skip.store(SKIP_AFTER_STORED, std::sync::atomic::Ordering::Relaxed);
-                }
+                adaptive.record(tried, chunk::encode_with(&raw, tried, &mut out));
                 (raw.len(), out)
             })
         })
@@ -118,11 +113,34 @@ pub async fn send_file<W: AsyncWrite + Unpin>(
     Ok((pb::FileSummary { name: name.into(), size, xxh3: digest }, t))
 }
 
-/// Reads the header of a file stream, checking the name.
+/// What a unidirectional stream carries, from its first frame.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// An image file, whose name was checked.
+    File(pb::FileHeader),
+    /// The pages stream (see [`crate::pages`]).
+    Pages(pb::PagesHeader),
+}
+
+/// Reads the first frame of a unidirectional stream; a file's name is checked.
+pub async fn read_stream_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<Incoming, ProtocolError> {
+    let h: pb::StreamHeader = read_frame(r).await?.ok_or(ProtocolError::Truncated)?;
+    match h.kind {
+        Some(pb::stream_header::Kind::File(f)) => {
+            names::check_image_name(&f.name)?;
+            Ok(Incoming::File(f))
+        }
+        Some(pb::stream_header::Kind::Pages(p)) => Ok(Incoming::Pages(p)),
+        None => Err(ProtocolError::BadChunk("stream header of no known kind".into())),
+    }
+}
+
+/// Reads the header of a stream that must carry a file, checking the name.
 pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<pb::FileHeader, ProtocolError> {
-    let h: pb::FileHeader = read_frame(r).await?.ok_or(ProtocolError::Truncated)?;
-    names::check_image_name(&h.name)?;
-    Ok(h)
+    match read_stream_header(r).await? {
+        Incoming::File(h) => Ok(h),
+        Incoming::Pages(_) => Err(ProtocolError::BadChunk("expected a file stream, got the pages stream".into())),
+    }
 }
 
 /// Receives the body of a file whose header was read, into `dir/header.name`, refusing more than
@@ -291,7 +309,13 @@ mod tests {
     #[tokio::test]
     async fn hostile_names_are_refused_before_writing() {
         for name in ["../escape", "/etc/passwd", "a/b", "..", ""] {
-            let h = pb::FileHeader { migration_id: "m".into(), name: name.into(), size: 0 };
+            let h = pb::StreamHeader {
+                kind: Some(pb::stream_header::Kind::File(pb::FileHeader {
+                    migration_id: "m".into(),
+                    name: name.into(),
+                    size: 0,
+                })),
+            };
             let mut wire = Vec::new();
             write_frame(&mut wire, &h).await.unwrap();
             let err = read_header(&mut wire.as_slice()).await.unwrap_err();

@@ -12,6 +12,7 @@
 pub mod control;
 pub mod inspect;
 pub mod migration;
+pub mod precopy;
 pub mod preflight;
 pub mod server;
 pub mod stats;

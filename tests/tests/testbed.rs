@@ -551,7 +551,7 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
                 if let Some(h) = header {
                     tokio::time::sleep(Duration::from_millis(200)).await; // after Prepared
                     let mut uni = conn.open_uni().await?;
-                    write_frame(&mut uni, &h).await?;
+                    write_frame(&mut uni, &pb::StreamHeader { kind: Some(pb::stream_header::Kind::File(h)) }).await?;
                     let _ = uni.write_all(&[5, 0, 0, 0, 5, 0, 0, 0, b'h', b'e', b'l', b'l', b'o']).await;
                     let _ = uni.finish();
                 }

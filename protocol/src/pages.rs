@@ -1,0 +1,147 @@
+//! The pages stream: memory pages of the migrating tree, sent while it runs (pre-copy rounds) and during
+//! the freeze (the final delta).
+//!
+//! After its [`PagesHeader`](crate::pb::PagesHeader), the stream is a sequence of batches, each a
+//! [`PageBatch`](crate::pb::PageBatch) frame followed, when it lists `data` pages, by exactly one chunk
+//! ([`crate::chunk`]) of `data.len() * PAGE_SIZE` raw bytes. A batch holds at most [`MAX_DATA_PAGES`] data
+//! pages (one chunk) and [`MAX_RECORDS`] records in all; every address is page-aligned. The stream's FIN
+//! ends it; the source states in ImagesDone how many records it sent, so a cut stream cannot pass for a
+//! complete one.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::chunk::{self, HEADER_LEN, MAX_CHUNK};
+use crate::frame::read_frame;
+use crate::{ProtocolError, pb};
+
+/// Page size of the pages stream (the Hello refuses peers with another).
+pub const PAGE_SIZE: usize = 4096;
+/// Data pages in one batch: one chunk.
+pub const MAX_DATA_PAGES: usize = MAX_CHUNK / PAGE_SIZE;
+/// Records (data, zero and copy pages) in one batch.
+pub const MAX_RECORDS: usize = 16 * 1024;
+
+/// Records in a batch.
+pub fn records(b: &pb::PageBatch) -> usize {
+    b.data.len() + b.zero.len() + b.copies.len()
+}
+
+/// Appends the frame of `batch` and, when it has data pages, their chunk (`data` holds them in order,
+/// `level` None stores it raw) to `out`. Returns whether the chunk was compressed.
+pub fn encode_batch(batch: &pb::PageBatch, data: &[u8], level: Option<i32>, out: &mut Vec<u8>) -> bool {
+    assert_eq!(data.len(), batch.data.len() * PAGE_SIZE, "data pages and their bytes");
+    assert!(batch.data.len() <= MAX_DATA_PAGES && records(batch) <= MAX_RECORDS, "batch over the limits");
+    let len = prost::Message::encoded_len(batch);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    prost::Message::encode(batch, out).expect("Vec grows");
+    if data.is_empty() { false } else { chunk::encode_with(data, level, out) }
+}
+
+/// Reads one batch and the bytes of its data pages. `Ok(None)`: the stream ended cleanly.
+///
+/// # Cancel safety
+/// Not cancel safe.
+pub async fn read_batch<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(pb::PageBatch, Vec<u8>)>, ProtocolError> {
+    let Some(batch) = read_frame::<_, pb::PageBatch>(r).await? else {
+        return Ok(None);
+    };
+    check_batch(&batch)?;
+    if batch.data.is_empty() {
+        return Ok(Some((batch, Vec::new())));
+    }
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h).await.map_err(eof_is_truncation)?;
+    let header = chunk::parse_header(h)?.ok_or_else(|| bad("a batch with data pages but no chunk"))?;
+    if header.raw_len != batch.data.len() * PAGE_SIZE {
+        return Err(bad(format!("chunk of {} bytes for {} data pages", header.raw_len, batch.data.len())));
+    }
+    let mut payload = vec![0u8; header.enc_len];
+    r.read_exact(&mut payload).await.map_err(eof_is_truncation)?;
+    let data = chunk::decode(&header, &payload)?;
+    Ok(Some((batch, data)))
+}
+
+/// The limits every batch from a peer must keep.
+pub fn check_batch(b: &pb::PageBatch) -> Result<(), ProtocolError> {
+    if b.data.len() > MAX_DATA_PAGES {
+        return Err(bad(format!("{} data pages in one batch, over the limit of {MAX_DATA_PAGES}", b.data.len())));
+    }
+    if records(b) > MAX_RECORDS {
+        return Err(bad(format!("{} records in one batch, over the limit of {MAX_RECORDS}", records(b))));
+    }
+    let aligned = |a: u64| a % PAGE_SIZE as u64 == 0;
+    let all = b.data.iter().chain(&b.zero).chain(b.copies.iter().flat_map(|c| [&c.vaddr, &c.from_vaddr]));
+    if let Some(a) = all.copied().find(|&a| !aligned(a)) {
+        return Err(bad(format!("page address {a:#x} is not page-aligned")));
+    }
+    Ok(())
+}
+
+fn bad(what: impl Into<String>) -> ProtocolError {
+    ProtocolError::BadChunk(format!("pages stream: {}", what.into()))
+}
+
+fn eof_is_truncation(e: std::io::Error) -> ProtocolError {
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProtocolError::Truncated,
+        _ => ProtocolError::Io(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(data: Vec<u64>) -> pb::PageBatch {
+        pb::PageBatch {
+            pid: 7,
+            round: 1,
+            data,
+            zero: vec![0x9000],
+            copies: vec![pb::PageCopy { from_pid: 7, from_vaddr: 0x1000, vaddr: 0xa000 }],
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_with_and_without_data() {
+        let b = batch(vec![0x1000, 0x3000]);
+        let mut data = vec![1u8; PAGE_SIZE];
+        data.extend(vec![2u8; PAGE_SIZE]);
+        let mut wire = Vec::new();
+        assert!(encode_batch(&b, &data, Some(1), &mut wire), "uniform pages compress");
+        let empty = pb::PageBatch { data: vec![], ..batch(vec![]) };
+        encode_batch(&empty, &[], Some(1), &mut wire);
+        let mut r = wire.as_slice();
+        let (got, bytes) = read_batch(&mut r).await.unwrap().unwrap();
+        assert_eq!((got, bytes), (b, data));
+        let (got, bytes) = read_batch(&mut r).await.unwrap().unwrap();
+        assert_eq!((got, bytes.len()), (empty, 0));
+        assert!(read_batch(&mut r).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn hostile_batches_are_refused() {
+        let unaligned = pb::PageBatch { zero: vec![0x1001], ..Default::default() };
+        let mut wire = Vec::new();
+        crate::frame::write_frame(&mut wire, &unaligned).await.unwrap();
+        assert!(read_batch(&mut wire.as_slice()).await.unwrap_err().to_string().contains("not page-aligned"));
+
+        let too_many = pb::PageBatch { data: vec![0; MAX_DATA_PAGES + 1], ..Default::default() };
+        let mut wire = Vec::new();
+        crate::frame::write_frame(&mut wire, &too_many).await.unwrap();
+        assert!(read_batch(&mut wire.as_slice()).await.unwrap_err().to_string().contains("over the limit"));
+
+        // A chunk whose size does not match the data pages announced.
+        let b = pb::PageBatch { data: vec![0x1000, 0x2000], ..Default::default() };
+        let mut wire = Vec::new();
+        crate::frame::write_frame(&mut wire, &b).await.unwrap();
+        chunk::encode_with(&[0u8; PAGE_SIZE], None, &mut wire);
+        assert!(read_batch(&mut wire.as_slice()).await.unwrap_err().to_string().contains("for 2 data pages"));
+
+        // Cut in the middle of the chunk.
+        let mut wire = Vec::new();
+        encode_batch(&batch(vec![0x1000]), &[3u8; PAGE_SIZE], None, &mut wire);
+        wire.truncate(wire.len() - 10);
+        assert!(matches!(read_batch(&mut wire.as_slice()).await.unwrap_err(), ProtocolError::Truncated));
+    }
+}

@@ -1,0 +1,514 @@
+//! Pre-copy: the tree's memory crosses the network while it runs, round after round, and only what
+//! changed since is sent during the freeze.
+//!
+//! What is tracked is *what the target holds*: a content hash (xxh3-128) per page it received, keyed
+//! by (pid, address); a page it does not hold is a zero page. A round reads every private anonymous page
+//! of every process of the tree (`/proc/PID/maps`, `process_vm_readv`), and sends a page only when its
+//! hash differs from the one the target holds: as bytes, as "zero now", or as "a copy of that page you
+//! hold" when another page with the same content was sent already. So zero pages never cross, identical
+//! pages cross once, and a round after the first sends only what the process changed (content
+//! tracking: it works on kernels without soft-dirty, like the ones this was built on, where CRIU's own
+//! `pre-dump` aborts and leaves its parasite mapped in the process). Where the kernel has soft-dirty
+//! (the Hello says so) a round reads only the pages whose soft-dirty bit is set since the previous one
+//! (`/proc/PID/clear_refs`, bit 55 of `/proc/PID/pagemap`) and still compares their content.
+//!
+//! Only private anonymous memory is pre-copied: it is what `criu dump --lazy-pages` leaves in the frozen
+//! tree (PE_LAZY in its pagemap) instead of writing it out. At the freeze the final delta reads exactly
+//! those lazy ranges from the stopped tree and sends what differs; everything else CRIU wrote into the
+//! images, which cross as files.
+//!
+//! The reader runs on a blocking thread and hands batches to compression on the blocking pool, several
+//! at once, whose output is written to the pages stream in order: reading, zstd and the network overlap,
+//! and chunks that zstd cannot shrink are stored raw ([`protocol::chunk::AdaptiveLevel`]).
+
+use std::collections::HashMap;
+use std::io::{IoSliceMut, Read, Seek, SeekFrom};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use nix::sys::uio::{RemoteIoVec, process_vm_readv};
+use protocol::chunk::AdaptiveLevel;
+use protocol::pages::{self, MAX_DATA_PAGES, PAGE_SIZE};
+use protocol::pb;
+use tokio::io::AsyncWriteExt;
+
+/// Pages read at once from a process.
+const READ_PAGES: usize = 256;
+/// Batches compressed at once (the blocking pool spreads them over the cores).
+const COMPRESS_PARALLEL: usize = 4;
+/// Zero and copy records in one batch before it is sent even without data pages.
+const MAX_BATCH_RECORDS: usize = 4096;
+/// Hash of a page of zeros.
+fn zero_hash() -> u128 {
+    static Z: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    *Z.get_or_init(|| xxhash_rust::xxh3::xxh3_128(&[0u8; PAGE_SIZE]))
+}
+
+/// A page: (pid, address).
+pub type Key = (u32, u64);
+
+/// A range of one process's memory to read: `[start, end)`, page-aligned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    pub pid: u32,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// What the target holds, as far as this side knows.
+#[derive(Default)]
+pub struct Held {
+    /// Content hash of every non-zero page the target holds.
+    pages: HashMap<Key, u128>,
+    /// A page the target holds with this content (checked against `pages` before use).
+    by_hash: HashMap<u128, Key>,
+    /// Records sent on the pages stream so far (the target checks the total).
+    pub records: u64,
+}
+
+/// What one page needs, given its content hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Unchanged,
+    Zero,
+    Copy(Key),
+    Data,
+}
+
+impl Held {
+    /// Decides what page `key` with content hash `hash` needs, and records that the target will hold it.
+    pub fn update(&mut self, key: Key, hash: u128) -> Action {
+        if hash == zero_hash() {
+            return match self.pages.remove(&key) {
+                Some(_) => Action::Zero,
+                None => Action::Unchanged,
+            };
+        }
+        if self.pages.get(&key) == Some(&hash) {
+            return Action::Unchanged;
+        }
+        let action = match self.by_hash.get(&hash) {
+            Some(&src) if src != key && self.pages.get(&src) == Some(&hash) => Action::Copy(src),
+            _ => Action::Data,
+        };
+        // The newest holder is the likeliest to still hold this content later.
+        self.by_hash.insert(hash, key);
+        self.pages.insert(key, hash);
+        action
+    }
+
+    /// Pages the target holds.
+    pub fn len(&self) -> usize {
+        self.pages.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+}
+
+/// Private anonymous memory of `pid` worth pre-copying: private, readable, not backed by a file, and
+/// not one of the kernel's special mappings (vdso, vvar, vsyscall), which CRIU never restores lazily.
+pub fn regions(pid: u32) -> std::io::Result<Vec<Region>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    Ok(parse_maps(pid, &maps))
+}
+
+fn parse_maps(pid: u32, maps: &str) -> Vec<Region> {
+    let mut out = Vec::new();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let path = f.next().unwrap_or("");
+        let anonymous = inode == "0"
+            && (path.is_empty() || path == "[heap]" || path.starts_with("[stack") || path.starts_with("[anon:"));
+        if !anonymous || !perms.starts_with('r') || perms.as_bytes().get(3) != Some(&b'p') {
+            continue;
+        }
+        let Some((s, e)) = range.split_once('-') else { continue };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else { continue };
+        out.push(Region { pid, start, end });
+    }
+    out
+}
+
+/// Regions of every process of the tree rooted at `root` (processes that vanish are skipped).
+pub fn tree_regions(root: u32) -> Vec<Region> {
+    let pids = criu::tree::processes(root).unwrap_or_default();
+    pids.into_iter().flat_map(|p| regions(p).unwrap_or_default()).collect()
+}
+
+/// The lazy ranges of a dump's images: what the final delta must bring up to date.
+pub fn lazy_regions(images_dir: &std::path::Path) -> Result<Vec<Region>, String> {
+    let lazy = criu::images::lazy_ranges(images_dir).map_err(|e| e.to_string())?;
+    Ok(lazy
+        .into_iter()
+        .flat_map(|(pid, ranges)| ranges.into_iter().map(move |r| Region { pid, start: r.start, end: r.end }))
+        .collect())
+}
+
+/// Clears the soft-dirty bits of every process (writes 4 to clear_refs), so that the next round reads
+/// only pages written after this.
+pub fn clear_soft_dirty(pids: &[u32]) {
+    for p in pids {
+        if let Err(e) = std::fs::write(format!("/proc/{p}/clear_refs"), "4") {
+            tracing::debug!(pid = p, "clear_refs: {e}");
+        }
+    }
+}
+
+/// Counters of one round.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RoundStats {
+    pub round: u32,
+    /// Pages looked at.
+    pub scanned: u64,
+    /// Records sent: data + zero + copy pages.
+    pub sent: u64,
+    /// Data pages among them.
+    pub data: u64,
+    /// Bytes written to the pages stream.
+    pub wire: u64,
+    /// Wall time of the round.
+    pub secs: f64,
+    /// Time the reader spent reading and hashing (not waiting for the network).
+    pub read_secs: f64,
+}
+
+/// Bits of a /proc/PID/pagemap entry.
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_SOFT_DIRTY: u64 = 1 << 55;
+
+/// Reads `regions`, compares every page with what the target holds, and writes what differs to the
+/// pages stream as round `round`. With `soft_dirty`, pages whose soft-dirty bit is clear are taken as
+/// unchanged without being read.
+///
+/// # Cancel safety
+/// Not cancel safe: a cancelled round leaves the stream in the middle of a batch.
+pub async fn send_round<W: tokio::io::AsyncWrite + Unpin>(
+    held: &mut Held,
+    stream: &mut W,
+    regions: Vec<Region>,
+    round: u32,
+    soft_dirty: bool,
+    level: &AdaptiveLevel,
+) -> Result<RoundStats, String> {
+    let started = Instant::now();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(pb::PageBatch, Vec<u8>)>(COMPRESS_PARALLEL * 2);
+    let mut owned = std::mem::take(held);
+    let reader = tokio::task::spawn_blocking(move || {
+        let r = scan(&mut owned, &regions, round, soft_dirty, &tx);
+        (owned, r)
+    });
+    let mut encoded = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+        .map(|(batch, data)| {
+            let level = level.clone();
+            let tried = level.next();
+            tokio::task::spawn_blocking(move || {
+                let mut out = Vec::with_capacity(data.len() + 256);
+                level.record(tried, pages::encode_batch(&batch, &data, tried, &mut out));
+                out
+            })
+        })
+        .buffered(COMPRESS_PARALLEL);
+    let mut wire = 0u64;
+    let mut write_error = None;
+    while let Some(out) = encoded.next().await {
+        let out = out.map_err(|e| format!("compression task: {e}"))?;
+        if let Err(e) = stream.write_all(&out).await {
+            write_error = Some(format!("sending pages: {e}"));
+            break;
+        }
+        wire += out.len() as u64;
+    }
+    drop(encoded); // a reader still sending learns that nobody listens and stops
+    let (back, scanned) = reader.await.map_err(|e| format!("memory reader: {e}"))?;
+    *held = back;
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    let mut stats = scanned?;
+    stats.wire = wire;
+    stats.secs = started.elapsed().as_secs_f64();
+    held.records += stats.sent;
+    Ok(stats)
+}
+
+/// The blocking reader of [`send_round`].
+fn scan(
+    held: &mut Held,
+    regions: &[Region],
+    round: u32,
+    soft_dirty: bool,
+    tx: &tokio::sync::mpsc::Sender<(pb::PageBatch, Vec<u8>)>,
+) -> Result<RoundStats, String> {
+    let mut stats = RoundStats { round, ..Default::default() };
+    let started = Instant::now();
+    // Time spent waiting for the network, which is not the reader's own cost.
+    let mut blocked = Duration::ZERO;
+    let mut buf = vec![0u8; READ_PAGES * PAGE_SIZE];
+    let mut batch = pb::PageBatch { round, ..Default::default() };
+    let mut data: Vec<u8> = Vec::with_capacity(MAX_DATA_PAGES * PAGE_SIZE);
+    let mut pagemap: Option<(u32, std::fs::File)> = None;
+    let mut entries = vec![0u64; READ_PAGES];
+    // Sends the batch; false when the stream side has gone (the round is over).
+    let flush = |batch: &mut pb::PageBatch, data: &mut Vec<u8>, pid: u32, blocked: &mut Duration| -> bool {
+        if pages::records(batch) == 0 {
+            batch.pid = pid;
+            return true;
+        }
+        let full = std::mem::replace(batch, pb::PageBatch { pid, round, ..Default::default() });
+        let bytes = std::mem::replace(data, Vec::with_capacity(MAX_DATA_PAGES * PAGE_SIZE));
+        let t = Instant::now();
+        let ok = tx.blocking_send((full, bytes)).is_ok();
+        *blocked += t.elapsed();
+        ok
+    };
+    for region in regions {
+        if batch.pid != region.pid {
+            if !flush(&mut batch, &mut data, region.pid, &mut blocked) {
+                return Ok(stats);
+            }
+            pagemap = None;
+        }
+        let mut addr = region.start;
+        while addr < region.end {
+            let n = (((region.end - addr) as usize) / PAGE_SIZE).min(READ_PAGES);
+            // Which pages exist (present or swapped) and, with soft-dirty, which were written.
+            if pagemap.as_ref().map(|(p, _)| *p) != Some(region.pid) {
+                pagemap = std::fs::File::open(format!("/proc/{}/pagemap", region.pid)).ok().map(|f| (region.pid, f));
+            }
+            let have_map = match &mut pagemap {
+                Some((_, f)) => read_pagemap(f, addr, &mut entries[..n]).is_ok(),
+                None => false,
+            };
+            let len = n * PAGE_SIZE;
+            let read = read_memory(region.pid, addr, &mut buf[..len]);
+            for i in 0..n {
+                let key = (region.pid, addr + (i * PAGE_SIZE) as u64);
+                let entry = if have_map { entries[i] } else { PM_PRESENT | PM_SOFT_DIRTY };
+                stats.scanned += 1;
+                if soft_dirty && entry & PM_SOFT_DIRTY == 0 && held.pages.contains_key(&key) {
+                    continue;
+                }
+                let page = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+                let hash = if entry & (PM_PRESENT | PM_SWAPPED) == 0 {
+                    zero_hash()
+                } else if (i + 1) * PAGE_SIZE <= read {
+                    xxhash_rust::xxh3::xxh3_128(page)
+                } else {
+                    // Unmapped since /proc/PID/maps was read: the final delta decides.
+                    continue;
+                };
+                let action = held.update(key, hash);
+                match action {
+                    Action::Unchanged => continue,
+                    Action::Zero => batch.zero.push(key.1),
+                    Action::Copy(src) => {
+                        batch.copies.push(pb::PageCopy { from_pid: src.0, from_vaddr: src.1, vaddr: key.1 })
+                    }
+                    Action::Data => {
+                        batch.data.push(key.1);
+                        data.extend_from_slice(page);
+                        stats.data += 1;
+                    }
+                }
+                stats.sent += 1;
+                if batch.data.len() == MAX_DATA_PAGES || batch.zero.len() + batch.copies.len() >= MAX_BATCH_RECORDS {
+                    if !flush(&mut batch, &mut data, region.pid, &mut blocked) {
+                        return Ok(stats);
+                    }
+                }
+            }
+            addr += len as u64;
+        }
+    }
+    flush(&mut batch, &mut data, 0, &mut blocked);
+    stats.read_secs = started.elapsed().saturating_sub(blocked).as_secs_f64();
+    Ok(stats)
+}
+
+/// Reads pagemap entries for the pages from `addr`.
+fn read_pagemap(f: &mut std::fs::File, addr: u64, out: &mut [u64]) -> std::io::Result<()> {
+    let mut raw = vec![0u8; out.len() * 8];
+    f.seek(SeekFrom::Start(addr / PAGE_SIZE as u64 * 8))?;
+    f.read_exact(&mut raw)?;
+    for (o, c) in out.iter_mut().zip(raw.chunks_exact(8)) {
+        *o = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `addr` of `pid`; returns how many could be read (a range unmapped in
+/// the meantime ends the read early).
+fn read_memory(pid: u32, addr: u64, buf: &mut [u8]) -> usize {
+    let len = buf.len();
+    let remote = [RemoteIoVec { base: addr as usize, len }];
+    match process_vm_readv(nix::unistd::Pid::from_raw(pid as i32), &mut [IoSliceMut::new(buf)], &remote) {
+        Ok(n) => n,
+        Err(_) => 0,
+    }
+}
+
+/// When to stop the rounds and freeze.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// Freeze once the estimated downtime is at most this.
+    pub max_downtime: Duration,
+    /// Rounds at most (round 0 included).
+    pub max_rounds: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { max_downtime: Duration::from_millis(100), max_rounds: 8 }
+    }
+}
+
+/// The decision after a round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Why to freeze now, or None for another round.
+    pub freeze: Option<&'static str>,
+    /// Estimated downtime if frozen now: reading the memory once more and sending what the process
+    /// dirtied during the last round, at the measured bandwidth.
+    pub est_downtime: Duration,
+    /// Bytes per second the pages stream carried in the best round so far.
+    pub bandwidth: f64,
+    /// Pages per second the process dirtied during the last round.
+    pub dirty_rate: f64,
+}
+
+/// Decides after each round: freeze when the estimate fits the target, when the dirty set stops
+/// shrinking (another round would not make the freeze shorter), or when the round limit is reached.
+pub fn decide(policy: &Policy, rounds: &[RoundStats]) -> Decision {
+    let last = rounds.last().expect("at least one round");
+    // Rounds that moved at least 4 MiB measure the link; smaller ones mostly measure latency.
+    let bandwidth =
+        rounds.iter().filter(|r| r.wire >= 4 << 20 && r.secs > 0.0).map(|r| r.wire as f64 / r.secs).fold(0.0, f64::max);
+    let bandwidth = if bandwidth > 0.0 { bandwidth } else { 100e6 };
+    let dirty_rate = if last.secs > 0.0 { last.sent as f64 / last.secs } else { 0.0 };
+    let bytes_at_freeze = last.sent as f64 * PAGE_SIZE as f64;
+    let est = Duration::from_secs_f64(last.read_secs + bytes_at_freeze / bandwidth);
+    let freeze = if rounds.len() < 2 {
+        // Round 0 sends everything; the first round after it shows the dirty rate.
+        None
+    } else if est <= policy.max_downtime {
+        Some("the estimated downtime fits the target")
+    } else if rounds.len() as u32 >= policy.max_rounds {
+        Some("round limit reached")
+    } else if rounds.len() >= 3 && last.sent as f64 >= rounds[rounds.len() - 2].sent as f64 * 0.9 {
+        Some("the dirty set stopped shrinking")
+    } else if rounds.len() == 2 && last.sent == 0 {
+        Some("nothing changed during the last round")
+    } else {
+        None
+    };
+    let freeze =
+        if freeze.is_none() && rounds.len() as u32 >= policy.max_rounds { Some("round limit reached") } else { freeze };
+    Decision { freeze, est_downtime: est, bandwidth, dirty_rate }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_pages_decide_what_crosses() {
+        let mut h = Held::default();
+        let (a, b, c) = ((1, 0x1000), (1, 0x2000), (2, 0x1000));
+        assert_eq!(h.update(a, zero_hash()), Action::Unchanged, "a zero page the target lacks is not sent");
+        assert_eq!(h.update(a, 5), Action::Data);
+        assert_eq!(h.update(a, 5), Action::Unchanged);
+        assert_eq!(h.update(b, 5), Action::Copy(a), "identical content crosses once");
+        assert_eq!(h.update(a, 6), Action::Data);
+        assert_eq!(h.update(c, 5), Action::Copy(b), "the copy source must still hold that content");
+        assert_eq!(h.update(b, zero_hash()), Action::Zero, "a page zeroed since must be zeroed there");
+        assert_eq!(h.update(b, zero_hash()), Action::Unchanged);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn maps_keep_private_anonymous_memory_only() {
+        let maps = "\
+55d0c0000000-55d0c0021000 r--p 00000000 fe:01 1234  /usr/bin/prog
+55d0c1000000-55d0c1042000 rw-p 00000000 00:00 0     [heap]
+7f0000000000-7f0040000000 rw-p 00000000 00:00 0
+7f0040000000-7f0040001000 ---p 00000000 00:00 0
+7f0050000000-7f0050100000 rw-s 00000000 00:01 77    /dev/zero (deleted)
+7f0060000000-7f0060010000 rw-p 00000000 00:00 0     [anon:glibc]
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0     [stack]
+7ffd10000000-7ffd10002000 r--p 00000000 00:00 0     [vvar]
+7ffd10002000-7ffd10004000 r-xp 00000000 00:00 0     [vdso]
+";
+        let r = parse_maps(9, maps);
+        let starts: Vec<u64> = r.iter().map(|r| r.start).collect();
+        assert_eq!(starts, vec![0x55d0c1000000, 0x7f0000000000, 0x7f0060000000, 0x7ffd00000000]);
+        assert!(r.iter().all(|r| r.pid == 9));
+    }
+
+    fn round(round: u32, sent: u64, secs: f64, read_secs: f64) -> RoundStats {
+        RoundStats { round, scanned: 262144, sent, data: sent, wire: sent * 4096, secs, read_secs }
+    }
+
+    #[test]
+    fn policy_freezes_when_it_fits_stops_shrinking_or_hits_the_limit() {
+        let p = Policy::default();
+        let r0 = round(0, 262144, 2.5, 0.3);
+        assert_eq!(decide(&p, &[r0]).freeze, None, "round 0 alone says nothing about the dirty rate");
+        let fits = round(1, 100, 0.05, 0.02);
+        let d = decide(&p, &[r0, fits]);
+        assert_eq!(d.freeze, Some("the estimated downtime fits the target"), "{d:?}");
+        assert!((d.bandwidth - 262144.0 * 4096.0 / 2.5).abs() < 1.0);
+        // A big memory: reading it all again costs more than the target, and nothing gets better.
+        let slow = [r0, round(1, 2000, 0.5, 0.3), round(2, 1900, 0.45, 0.3)];
+        assert_eq!(decide(&p, &slow).freeze, Some("the dirty set stopped shrinking"));
+        let shrinking = [r0, round(1, 20000, 0.6, 0.3), round(2, 5000, 0.4, 0.3)];
+        assert_eq!(decide(&p, &shrinking).freeze, None);
+        let limit = Policy { max_rounds: 3, ..p };
+        assert_eq!(decide(&limit, &shrinking).freeze, Some("round limit reached"));
+        let one = Policy { max_rounds: 1, ..p };
+        assert_eq!(decide(&one, &[r0]).freeze, Some("round limit reached"));
+    }
+
+    /// Rounds over this process's own memory: a changed page crosses, an unchanged one does not, and the
+    /// stream decodes to exactly the records counted.
+    #[tokio::test]
+    async fn rounds_over_real_memory_send_only_changes() {
+        let mut mem = vec![0u8; 64 * PAGE_SIZE + PAGE_SIZE];
+        let base = (mem.as_mut_ptr() as usize).next_multiple_of(PAGE_SIZE);
+        let off = base - mem.as_ptr() as usize;
+        for (i, b) in mem[off..off + 64 * PAGE_SIZE].iter_mut().enumerate() {
+            *b = if (i / PAGE_SIZE) % 4 == 0 { 0 } else { (i / PAGE_SIZE) as u8 * 2 + 1 };
+        }
+        // Two pages with the same content.
+        mem.copy_within(off + PAGE_SIZE..off + 2 * PAGE_SIZE, off + 2 * PAGE_SIZE);
+        let region = Region { pid: std::process::id(), start: base as u64, end: (base + 64 * PAGE_SIZE) as u64 };
+        let level = AdaptiveLevel::new(1);
+        let mut held = Held::default();
+        let mut wire = Vec::new();
+        let s0 = send_round(&mut held, &mut wire, vec![region.clone()], 0, false, &level).await.unwrap();
+        assert_eq!(s0.scanned, 64);
+        assert_eq!(s0.sent, 48, "zero pages do not cross: {s0:?}");
+        assert_eq!(s0.data, 47, "the duplicate crosses as a copy: {s0:?}");
+        mem[off + 5 * PAGE_SIZE] ^= 0xff;
+        mem[off + 9 * PAGE_SIZE..off + 10 * PAGE_SIZE].fill(0);
+        std::hint::black_box(&mem);
+        let s1 = send_round(&mut held, &mut wire, vec![region], 1, false, &level).await.unwrap();
+        assert_eq!((s1.sent, s1.data), (2, 1), "{s1:?}");
+        let mut r = wire.as_slice();
+        let mut records = 0;
+        while let Some((b, data)) = pages::read_batch(&mut r).await.unwrap() {
+            assert_eq!(b.pid, std::process::id());
+            records += pages::records(&b) as u64;
+            assert_eq!(data.len(), b.data.len() * PAGE_SIZE);
+        }
+        assert_eq!(records, held.records);
+        assert_eq!(records, 50);
+    }
+}
