@@ -1,12 +1,22 @@
 //! Test workloads that can prove their state survived a migration. Each answers on the abstract unix
 //! socket `migrate-workload-NAME` (per network namespace, so per testbed host) with one JSON line.
 //!
-//!   workload mem  --name N --mib M [--seed S] [--compressible] [--dirty-pct P] [--hold-open PATH] --pidfile F
+//!   workload mem  --name N --mib M [--seed S] [--compressible] [--dirty-pct P [--writers T]]
+//!                 [--hold-open PATH] --pidfile F
 //!       M MiB of known content (splitmix64 of S; with --compressible, mostly zeros with one random word
-//!       per 64 bytes) and a counter bumped every millisecond by a thread. With --dirty-pct, another
-//!       thread rewrites P percent of the pages per second (random pages), as a busy program would.
-//!       Answers {kind, pid, counter, checksum, expected, mib}: checksum is the xxh3 of the memory now,
-//!       expected the one of the content it was filled with.
+//!       per 64 bytes) and a counter bumped every millisecond by a thread. With --dirty-pct, T threads
+//!       (default 1) together rewrite P percent of the pages per second, as a busy program would, in a
+//!       way that can be checked: writer t owns the pages p with p % T == t, and its step k rewrites a
+//!       whole page of its own chosen from (S, t, k) with content derived from (S, t, k) (in the same
+//!       style as the fill), then publishes k. So the step counters alone say what every page must hold.
+//!       Answers {kind, pid, counter, checksum, expected, mib, verified}: checksum is the xxh3 of the
+//!       memory now, expected the one of the content it was filled with. A dirtying workload also
+//!       answers {steps: [k per writer], writes, mismatched_pages, first_mismatch, pause_ms, verify_ms}:
+//!       it stops every writer at a step boundary, replays their sequences up to their counters,
+//!       compares every page word for word with what they say (verified: no page differs;
+//!       first_mismatch: the lowest page that does, or null), takes the checksum, and lets the writers
+//!       go on; pause_ms is how long they were stopped, verify_ms the part of it until the comparison
+//!       was done.
 //!   workload tree --name N --pidfile F
 //!       A parent with two children: a writer sends a counter into a pipe every 5 ms, a reader reads it.
 //!       The reader answers {kind, pid, parent, writer, last, reads}.
@@ -26,9 +36,9 @@
 use std::io::{Read, Write};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
@@ -45,9 +55,211 @@ fn splitmix(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// Words per 4 KiB page.
+const PAGE_WORDS: usize = 512;
+
+/// Word `i` of the initial content.
+fn fill_word(seed: u64, i: u64, compressible: bool) -> u64 {
+    if compressible && !i.is_multiple_of(8) { 0 } else { splitmix(seed ^ i) }
+}
+
 fn fill(mib: usize, seed: u64, compressible: bool) -> Vec<u64> {
     let words = mib << 17; // 1 MiB = 131072 u64
-    (0..words as u64).map(|i| if compressible && i % 8 != 0 { 0 } else { splitmix(seed ^ i) }).collect()
+    (0..words as u64).map(|i| fill_word(seed, i, compressible)).collect()
+}
+
+/// What the dirtying writers do, as pure functions of the seed, so that their step counters alone say
+/// what every page must hold. Writer t of T owns the pages p with p % T == t.
+#[derive(Clone, Copy)]
+struct Dirtying {
+    seed: u64,
+    writers: usize,
+    pages: usize,
+    compressible: bool,
+}
+
+impl Dirtying {
+    /// The key of step k of writer t: the page it picks and the words it writes derive from it.
+    fn key(&self, t: usize, k: u64) -> u64 {
+        splitmix(splitmix(splitmix(self.seed ^ 0x6469_7274_7969_6e67) ^ t as u64) ^ k)
+    }
+
+    /// The page that step k of writer t rewrites, and the step's key.
+    fn step(&self, t: usize, k: u64) -> (usize, u64) {
+        let key = self.key(t, k);
+        let owned = (self.pages - t).div_ceil(self.writers); // pages p < pages with p % writers == t
+        (t + (splitmix(key) % owned as u64) as usize * self.writers, key)
+    }
+
+    /// Word `i` (0..512) of a page written by the step with this key, in the style of the fill.
+    fn word(&self, key: u64, i: usize) -> u64 {
+        if self.compressible && !i.is_multiple_of(8) { 0 } else { splitmix(key ^ i as u64) }
+    }
+
+    /// Performs step k of writer t: rewrites its page whole, through volatile writes.
+    ///
+    /// # Safety
+    /// `base` must point to `pages * 512` writable u64s, and nothing may access the page that step
+    /// picks meanwhile (only writer t writes its pages, and readers wait until the writers are parked).
+    unsafe fn write_step(&self, base: *mut u64, t: usize, k: u64) {
+        let (page, key) = self.step(t, k);
+        for i in 0..PAGE_WORDS {
+            // SAFETY: page < pages, so the word is inside the buffer; the caller guarantees exclusivity.
+            unsafe { base.add(page * PAGE_WORDS + i).write_volatile(self.word(key, i)) };
+        }
+    }
+
+    /// For each page, the step of its writer that wrote it last (0: none, it holds the initial
+    /// content), replaying every writer's sequence up to `steps[t]`.
+    fn replay(&self, steps: &[u64]) -> Vec<u64> {
+        let mut last = vec![0u64; self.pages];
+        for (t, &n) in steps.iter().enumerate() {
+            for k in 1..=n {
+                last[self.step(t, k).0] = k;
+            }
+        }
+        last
+    }
+}
+
+/// What comparing the memory with what the step counters say found.
+#[derive(Debug, PartialEq, Eq)]
+struct Verdict {
+    mismatched_pages: usize,
+    first_mismatch: Option<usize>,
+}
+
+/// Compares `mem` word for word with the initial fill of `seed` overwritten by steps `1..=steps[t]` of
+/// every writer t (so `steps.len()` writers), on all available cores.
+fn verify(mem: &[u64], seed: u64, compressible: bool, steps: &[u64]) -> Verdict {
+    let pages = mem.len() / PAGE_WORDS;
+    let d = Dirtying { seed, writers: steps.len().max(1), pages, compressible };
+    let last = if steps.is_empty() { vec![0; pages] } else { d.replay(steps) };
+    // One page's verdict: does it hold what its last step (or the fill) put there?
+    let page_ok = |p: usize, words: &[u64]| match last[p] {
+        0 => {
+            let first = (p * PAGE_WORDS) as u64;
+            words.iter().zip(first..).all(|(&w, i)| w == fill_word(seed, i, compressible))
+        }
+        k => {
+            let key = d.step(p % d.writers, k).1;
+            words.iter().enumerate().all(|(i, &w)| w == d.word(key, i))
+        }
+    };
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(pages.max(1));
+    let chunk = pages.div_ceil(threads).max(1);
+    let parts: Vec<Verdict> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..pages)
+            .step_by(chunk)
+            .map(|from| {
+                let page_ok = &page_ok;
+                s.spawn(move || {
+                    let mut v = Verdict { mismatched_pages: 0, first_mismatch: None };
+                    for p in from..(from + chunk).min(pages) {
+                        if !page_ok(p, &mem[p * PAGE_WORDS..(p + 1) * PAGE_WORDS]) {
+                            v.mismatched_pages += 1;
+                            v.first_mismatch.get_or_insert(p);
+                        }
+                    }
+                    v
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("verify thread")).collect()
+    });
+    Verdict {
+        mismatched_pages: parts.iter().map(|v| v.mismatched_pages).sum(),
+        first_mismatch: parts.iter().find_map(|v| v.first_mismatch),
+    }
+}
+
+/// Stops the writers at step boundaries for the answering thread, and lets them go on.
+struct Pause {
+    /// (a pause is requested, how many writers are parked)
+    state: Mutex<(bool, usize)>,
+    changed: Condvar,
+    /// The request, for writers to check between steps without locking.
+    requested: AtomicBool,
+}
+
+impl Pause {
+    fn new() -> Self {
+        Pause { state: Mutex::new((false, 0)), changed: Condvar::new(), requested: AtomicBool::new(false) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (bool, usize)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A writer at a step boundary: parks while a pause is requested.
+    fn checkpoint(&self) {
+        if self.requested.load(Ordering::Acquire) {
+            drop(self.park(self.lock()));
+        }
+    }
+
+    fn park<'a>(&self, mut s: MutexGuard<'a, (bool, usize)>) -> MutexGuard<'a, (bool, usize)> {
+        if s.0 {
+            s.1 += 1;
+            self.changed.notify_all();
+            while s.0 {
+                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.1 -= 1;
+        }
+        s
+    }
+
+    /// A writer between ticks (a step boundary): sleeps until `deadline`, parking if asked meanwhile.
+    fn sleep_until(&self, deadline: Instant) {
+        let mut s = self.lock();
+        loop {
+            s = self.park(s);
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            s = self.changed.wait_timeout(s, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Asks every writer to stop at its next step boundary and waits until all `writers` have.
+    fn stop(&self, writers: usize) {
+        let mut s = self.lock();
+        s.0 = true;
+        self.requested.store(true, Ordering::Release);
+        while s.1 < writers {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn resume(&self) {
+        let mut s = self.lock();
+        s.0 = false;
+        self.requested.store(false, Ordering::Release);
+        self.changed.notify_all();
+    }
+}
+
+/// The memory of `workload mem`, leaked so that it lives as long as the process and only ever reached
+/// through this pointer: the writers write the pages of their own partitions, the answering thread
+/// reads it only while no writer runs.
+#[derive(Clone, Copy)]
+struct Memory {
+    base: *mut u64,
+    words: usize,
+}
+
+// SAFETY: a plain pointer to leaked memory; who may touch what when is the Pause protocol's business.
+unsafe impl Send for Memory {}
+// SAFETY: as above.
+unsafe impl Sync for Memory {}
+
+impl Memory {
+    /// (A method, so that closures capture the whole Memory, which is Send, not its pointer field.)
+    fn base(&self) -> *mut u64 {
+        self.base
+    }
 }
 
 fn checksum(mem: &[u64]) -> u64 {
@@ -91,42 +303,88 @@ fn mem(args: &[String]) {
     let held = arg(args, "--hold-open").map(|p| std::fs::File::open(&p).unwrap_or_else(|e| panic!("{p}: {e}")));
     let compressible = has(args, "--compressible");
     let dirty_pct: f64 = arg(args, "--dirty-pct").map(|p| p.parse().expect("--dirty-pct")).unwrap_or(0.0);
-    let memory = Arc::new(fill(mib, seed, compressible));
-    let expected = checksum(&memory);
+    let writers: usize = arg(args, "--writers").map(|w| w.parse().expect("--writers")).unwrap_or(1);
+    let filled: &'static mut [u64] = fill(mib, seed, compressible).leak();
+    let expected = checksum(filled);
+    let memory = Memory { base: filled.as_mut_ptr(), words: filled.len() };
+    let pages = memory.words / PAGE_WORDS;
     let counter = start_counter();
-    if dirty_pct > 0.0 {
-        // Rewrites dirty_pct % of the pages per second, in 10 ms ticks, through a raw pointer: the
-        // answering thread may read a page while it changes, which only matters to the checksum, and
-        // a dirtying workload's checksum is not compared.
-        let pages = memory.len() / 512;
-        let per_tick = ((pages as f64 * dirty_pct / 100.0) / 100.0).ceil() as usize;
-        let base = memory.as_ptr() as usize;
-        std::thread::spawn(move || {
-            let mut x = seed | 1;
-            loop {
-                for _ in 0..per_tick {
-                    x = splitmix(x);
-                    let page = (x as usize) % pages;
-                    // SAFETY: page < pages, so the word is inside the vector, which lives as long as the
-                    // process (the Arc is never dropped: serve() never returns).
-                    unsafe { ((base as *mut u64).add(page * 512)).write_volatile(x) };
+    let dirtying = dirty_pct > 0.0;
+    let pause = Arc::new(Pause::new());
+    let steps: Arc<Vec<AtomicU64>> =
+        Arc::new((0..if dirtying { writers } else { 0 }).map(|_| AtomicU64::new(0)).collect());
+    if dirtying {
+        assert!((1..=pages).contains(&writers), "--writers must be between 1 and the number of pages ({pages})");
+        let d = Dirtying { seed, writers, pages, compressible };
+        // Together dirty_pct % of the pages per second, in 10 ms ticks; the fraction of a step a tick
+        // cannot do is carried to the next. A tick late by more than one (a freeze, a pause) is not caught up.
+        let per_tick = pages as f64 * dirty_pct / 100.0 / writers as f64 / 100.0;
+        for t in 0..writers {
+            let (pause, steps) = (pause.clone(), steps.clone());
+            std::thread::spawn(move || {
+                let (mut k, mut carry) = (0u64, 0.0f64);
+                let tick = Duration::from_millis(10);
+                let mut next = Instant::now();
+                loop {
+                    carry += per_tick;
+                    while carry >= 1.0 {
+                        carry -= 1.0;
+                        pause.checkpoint();
+                        k += 1;
+                        // SAFETY: the buffer has pages * 512 words and lives forever; the pages of
+                        // partition t are written only here, and read only while this thread is parked.
+                        unsafe { d.write_step(memory.base(), t, k) };
+                        steps[t].store(k, Ordering::Release);
+                    }
+                    next += tick;
+                    let now = Instant::now();
+                    if now > next + tick {
+                        next = now;
+                    }
+                    pause.sleep_until(next);
                 }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        });
+            });
+        }
     }
     let listener = UnixListener::bind_addr(&socket_addr(&name)).expect("bind");
     write_pidfile(&pidfile, std::process::id());
     serve(listener, move || {
         let _ = &held;
-        serde_json::json!({
+        let mut answer = serde_json::json!({
             "kind": "mem",
             "pid": std::process::id(),
             "counter": counter.load(Ordering::SeqCst),
-            "checksum": format!("{:016x}", checksum(&memory)),
             "expected": format!("{expected:016x}"),
             "mib": mib,
-        })
+        });
+        if !dirtying {
+            // SAFETY: nothing writes the memory of a workload that does not dirty it.
+            let mem = unsafe { std::slice::from_raw_parts(memory.base(), memory.words) };
+            let sum = checksum(mem);
+            answer["checksum"] = format!("{sum:016x}").into();
+            answer["verified"] = (sum == expected).into();
+            return answer;
+        }
+        let paused = Instant::now();
+        pause.stop(steps.len());
+        let done: Vec<u64> = steps.iter().map(|s| s.load(Ordering::Acquire)).collect();
+        // SAFETY: every writer is parked (they resume only below), so nothing writes the memory while
+        // this shared view of it lives.
+        let mem = unsafe { std::slice::from_raw_parts(memory.base(), memory.words) };
+        let verdict = verify(mem, seed, compressible, &done);
+        let verify_ms = paused.elapsed().as_secs_f64() * 1000.0;
+        let sum = checksum(mem);
+        pause.resume();
+        let pause_ms = paused.elapsed().as_secs_f64() * 1000.0;
+        answer["checksum"] = format!("{sum:016x}").into();
+        answer["steps"] = done.clone().into();
+        answer["writes"] = done.iter().sum::<u64>().into();
+        answer["verified"] = (verdict.mismatched_pages == 0).into();
+        answer["mismatched_pages"] = verdict.mismatched_pages.into();
+        answer["first_mismatch"] = verdict.first_mismatch.into();
+        answer["pause_ms"] = ((pause_ms * 10.0).round() / 10.0).into();
+        answer["verify_ms"] = ((verify_ms * 10.0).round() / 10.0).into();
+        answer
     })
 }
 
@@ -329,5 +587,102 @@ fn main() {
             eprintln!("usage: workload mem|tree|hold|listen|trace|query ...");
             std::process::exit(2);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: u64 = 42;
+    const PAGES: usize = 16;
+
+    /// A small buffer filled as `workload mem` fills it, then dirtied by `steps[t]` steps of each writer
+    /// t, interleaved as real writers would be, with the writers' own step code.
+    fn dirtied(compressible: bool, steps: &[u64]) -> Vec<u64> {
+        let mut mem: Vec<u64> = (0..(PAGES * PAGE_WORDS) as u64).map(|i| fill_word(SEED, i, compressible)).collect();
+        let d = Dirtying { seed: SEED, writers: steps.len(), pages: PAGES, compressible };
+        for k in 1..=steps.iter().copied().max().unwrap_or(0) {
+            for (t, &n) in steps.iter().enumerate() {
+                if k <= n {
+                    // SAFETY: the vector has PAGES * 512 words and nothing else touches it.
+                    unsafe { d.write_step(mem.as_mut_ptr(), t, k) };
+                }
+            }
+        }
+        mem
+    }
+
+    const OK: Verdict = Verdict { mismatched_pages: 0, first_mismatch: None };
+
+    #[test]
+    fn untouched_and_dirtied_memory_verifies() {
+        for compressible in [false, true] {
+            let fresh = dirtied(compressible, &[]);
+            assert_eq!(verify(&fresh, SEED, compressible, &[]), OK);
+            assert_eq!(verify(&fresh, SEED, compressible, &[0, 0, 0]), OK);
+            let steps = [40, 7, 25];
+            let mem = dirtied(compressible, &steps);
+            assert_ne!(mem, fresh, "the steps changed nothing");
+            assert_eq!(verify(&mem, SEED, compressible, &steps), OK);
+        }
+    }
+
+    #[test]
+    fn steps_stay_in_their_writers_partition_and_reach_all_of_it() {
+        let d = Dirtying { seed: SEED, writers: 3, pages: PAGES, compressible: false };
+        for t in 0..3 {
+            let hit: std::collections::BTreeSet<usize> = (1..=500).map(|k| d.step(t, k).0).collect();
+            let owned: std::collections::BTreeSet<usize> = (t..PAGES).step_by(3).collect();
+            assert_eq!(hit, owned, "writer {t}");
+        }
+    }
+
+    #[test]
+    fn compressible_steps_write_mostly_zeros() {
+        let mem = dirtied(true, &[200]);
+        assert!(mem.iter().enumerate().all(|(i, &w)| i % 8 == 0 || w == 0));
+        assert!(mem.iter().step_by(8).all(|&w| w != 0));
+    }
+
+    #[test]
+    fn a_corrupted_word_is_found() {
+        let steps = [40, 7, 25];
+        for page in [0, 5, PAGES - 1] {
+            let mut mem = dirtied(false, &steps);
+            mem[page * PAGE_WORDS + 300] ^= 1;
+            assert_eq!(verify(&mem, SEED, false, &steps), Verdict { mismatched_pages: 1, first_mismatch: Some(page) });
+        }
+    }
+
+    #[test]
+    fn a_lost_write_is_found() {
+        // What a migration that misses a dirty page leaves: the page as it was before its last step.
+        let steps = [40, 7, 25];
+        let before = dirtied(false, &[40, 7, 24]);
+        let after = dirtied(false, &steps);
+        let d = Dirtying { seed: SEED, writers: 3, pages: PAGES, compressible: false };
+        let page = d.step(2, 25).0;
+        let mut mem = after.clone();
+        mem[page * PAGE_WORDS..(page + 1) * PAGE_WORDS]
+            .copy_from_slice(&before[page * PAGE_WORDS..(page + 1) * PAGE_WORDS]);
+        assert_eq!(verify(&mem, SEED, false, &steps), Verdict { mismatched_pages: 1, first_mismatch: Some(page) });
+        // and counters behind the memory (a step done but not counted) do not pass either
+        assert_ne!(verify(&after, SEED, false, &[40, 7, 24]), OK);
+    }
+
+    #[test]
+    fn a_half_written_page_is_found() {
+        // A step interrupted midway and counted as done: its page mixes old and new words.
+        let steps = [40, 7, 25];
+        let before = dirtied(true, &[40, 6, 25]);
+        let mut mem = dirtied(true, &steps);
+        let d = Dirtying { seed: SEED, writers: 3, pages: PAGES, compressible: true };
+        let page = d.step(1, 7).0;
+        let half = page * PAGE_WORDS + PAGE_WORDS / 2;
+        mem[half..(page + 1) * PAGE_WORDS].copy_from_slice(&before[half..(page + 1) * PAGE_WORDS]);
+        let v = verify(&mem, SEED, true, &steps);
+        assert_eq!(v.first_mismatch, Some(page));
+        assert_eq!(v.mismatched_pages, 1);
     }
 }
