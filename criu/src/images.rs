@@ -50,6 +50,9 @@ struct PagemapEntryPb {
     in_parent: Option<bool>,
     #[prost(uint32, optional, tag = "4")]
     flags: Option<u32>,
+    /// CRIU >= 4.2 (its PR #2750) writes the page count here as uint64 and 0 in `nr_pages`.
+    #[prost(uint64, optional, tag = "5")]
+    nr_pages_u64: Option<u64>,
 }
 
 /// One run of pages of a task, at its dump-time address.
@@ -115,11 +118,15 @@ pub fn parse_pagemap(data: &[u8]) -> Result<Pagemap, String> {
     let mut last_end = 0u64;
     while let Some(e) = entries.next_msg::<PagemapEntryPb>()? {
         let flags = e.flags.unwrap_or(if e.in_parent == Some(true) { PE_PARENT } else { PE_PRESENT });
-        let entry = PagemapEntry { vaddr: e.vaddr, nr_pages: e.nr_pages, flags };
-        if e.vaddr % PAGE_SIZE != 0 || e.nr_pages == 0 {
-            return Err(format!("entry at {:#x} with {} pages is not page-aligned or empty", e.vaddr, e.nr_pages));
+        let nr_pages = match e.nr_pages_u64 {
+            Some(n) => u32::try_from(n).map_err(|_| format!("entry at {:#x} with {n} pages", e.vaddr))?,
+            None => e.nr_pages,
+        };
+        let entry = PagemapEntry { vaddr: e.vaddr, nr_pages, flags };
+        if e.vaddr % PAGE_SIZE != 0 || nr_pages == 0 {
+            return Err(format!("entry at {:#x} with {nr_pages} pages is not page-aligned or empty", e.vaddr));
         }
-        let end = e.vaddr.checked_add(e.nr_pages as u64 * PAGE_SIZE).ok_or("entry wraps around")?;
+        let end = e.vaddr.checked_add(nr_pages as u64 * PAGE_SIZE).ok_or("entry wraps around")?;
         if e.vaddr < last_end {
             return Err(format!("entry at {:#x} overlaps or precedes the previous one", e.vaddr));
         }
@@ -190,7 +197,7 @@ impl<'a> Entries<'a> {
     }
 }
 
-/// Encodes a pagemap image (tests and fakes of CRIU).
+/// Encodes a pagemap image as CRIU 4.2 does (page counts in field 5), for tests and fakes of CRIU.
 pub fn encode_pagemap(p: &Pagemap) -> Vec<u8> {
     use prost::Message;
     let mut out = Vec::new();
@@ -204,7 +211,13 @@ pub fn encode_pagemap(p: &Pagemap) -> Vec<u8> {
     };
     push(&|b| PagemapHead { pages_id: p.pages_id }.encode(b).expect("vec"));
     for e in &p.entries {
-        let pb = PagemapEntryPb { vaddr: e.vaddr, nr_pages: e.nr_pages, in_parent: None, flags: Some(e.flags) };
+        let pb = PagemapEntryPb {
+            vaddr: e.vaddr,
+            nr_pages: 0,
+            in_parent: None,
+            flags: Some(e.flags),
+            nr_pages_u64: Some(e.nr_pages.into()),
+        };
         push(&|b| pb.encode(b).expect("vec"));
     }
     out
@@ -230,6 +243,18 @@ mod tests {
         assert_eq!(back, p);
         assert_eq!(back.lazy_ranges(), vec![0x10000..0x15000, 0x30000..0x33000]);
         assert_eq!(back.lazy_pages(), 8);
+    }
+
+    #[test]
+    fn criu_4_1_page_counts_are_read_too() {
+        use prost::Message;
+        let mut img = encode_pagemap(&Pagemap { pages_id: 3, entries: vec![] });
+        let old =
+            PagemapEntryPb { vaddr: 0x5000, nr_pages: 7, in_parent: None, flags: Some(PE_LAZY), nr_pages_u64: None };
+        img.extend_from_slice(&(old.encoded_len() as u32).to_le_bytes());
+        img.extend_from_slice(&old.encode_to_vec());
+        let p = parse_pagemap(&img).unwrap();
+        assert_eq!(p.entries, vec![PagemapEntry { vaddr: 0x5000, nr_pages: 7, flags: PE_LAZY }]);
     }
 
     #[test]
