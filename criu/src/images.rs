@@ -151,8 +151,11 @@ pub fn pagemap_pids(dir: &Path) -> Result<Vec<u32>, ImageError> {
     Ok(pids)
 }
 
-/// Every task's lazy ranges in an images dir: image pid → ranges.
-pub fn lazy_ranges(dir: &Path) -> Result<Vec<(u32, Vec<std::ops::Range<u64>>)>, ImageError> {
+/// Lazy ranges `[start, end)` per image pid, at dump-time addresses.
+pub type LazyRanges = Vec<(u32, Vec<std::ops::Range<u64>>)>;
+
+/// Every task's lazy ranges in an images dir.
+pub fn lazy_ranges(dir: &Path) -> Result<LazyRanges, ImageError> {
     pagemap_pids(dir)?
         .into_iter()
         .map(|pid| Ok((pid, read_pagemap(&dir.join(format!("pagemap-{pid}.img")))?.lazy_ranges())))

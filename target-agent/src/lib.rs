@@ -9,6 +9,8 @@
 //!
 //! It does not decide what to migrate, and never talks to CRIU except through the `criu` crate.
 
+pub mod lazy;
+pub mod pages;
 pub mod session;
 pub mod stats;
 

@@ -1,0 +1,1900 @@
+//! The target agent as CRIU's lazy-pages daemon: post-copy memory through userfaultfd.
+//!
+//! `criu restore --lazy-pages` restores a tree without its lazy private memory (every pagemap entry
+//! flagged PE_LAZY) and hands each restored task's userfaultfd to the daemon listening on
+//! `<work dir>/lazy-pages.socket` (docs/criu-interfaces.md §1). [`LazyPages::listen`] binds that
+//! socket before restore starts; [`LazyPages::start`] serves it on one thread of its own:
+//!
+//! ```text
+//!   criu restore ── int32 pid, then 1 byte + SCM_RIGHTS uffd (per process; a zombie sends -pid) ──┐
+//!                ── u32 "RSTF" once every task is restored and its ranges registered ────────────┤ socket
+//!   restored tasks ── PAGEFAULT / FORK / REMAP / REMOVE / UNMAP messages ────────────────────────┤ uffds
+//!                                                                                       poll ◄───┘
+//!   loop: read every message that is there (a fault is answered at once: UFFDIO_COPY from the
+//!         PageSource, or UFFDIO_ZEROPAGE), then, after RSTF, push one batch of at most 64
+//!         contiguous pages of one process, starting where that process last faulted.
+//! ```
+//!
+//! One thread does everything, so a fault never waits behind more than one batch (about 256 KiB of
+//! copying), and the bookkeeping needs no lock. Nothing is pushed before RSTF: ranges are registered
+//! only at the end of restore and a COPY into an unregistered range fails (ENOENT).
+//!
+//! Each process has a set of *missing* runs: run-time addresses still to be filled, each with the
+//! dump-time (image) address its content is looked up under, so that an `mremap` (REMAP) moves the
+//! run and keeps the image address; a forked child gets a copy of its parent's runs and keeps looking
+//! pages up under the parent's image pid. MADV_DONTNEED/REMOVE (REMOVE) unregisters the range and
+//! drops it; munmap (UNMAP) drops it. Errors of UFFDIO_COPY/ZEROPAGE follow CRIU's daemon (criu/uffd.c)
+//! and firecracker's handlers: EEXIST is done, EAGAIN (an mm change whose event is not read yet) is
+//! retried after the events are read, ESRCH/ENOSPC mean the process is gone, a partial copy counts
+//! what was copied. Once RSTF came and nothing is missing any more the uffds are closed and the tree
+//! runs on without a daemon.
+//!
+//! Every `unsafe` (ioctls, taking ownership of received fds) is in the private module `sys` below.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Read;
+use std::ops::Range;
+use std::os::fd::AsFd;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use criu::images::{PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+/// Where page content comes from (the target's page store): image pid + dump-time address.
+pub trait PageSource: Send + Sync + 'static {
+    /// Copies the page at `vaddr` of image pid `pid` into `out` (PAGE_SIZE bytes); false if the store has
+    /// nothing for it (the daemon then fills it with zeros via UFFDIO_ZEROPAGE).
+    fn read_page(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> bool;
+}
+
+/// Lazy ranges per image pid (see criu::images::lazy_ranges).
+pub use criu::images::LazyRanges;
+
+/// The socket's name inside the restore's work dir (`LAZY_PAGES_SOCK_NAME`, criu/include/uffd.h).
+pub const SOCKET_NAME: &str = "lazy-pages.socket";
+/// Sent by restore once every task is restored and registered (`LAZY_PAGES_RESTORE_FINISHED`). As an
+/// int32 it is positive, but far above any pid (PID_MAX_LIMIT is 2^22), so it cannot be taken for one.
+pub const RESTORE_FINISHED: u32 = 0x5253_5446;
+/// Most pages one background UFFDIO_COPY moves: a fault waits behind at most this much copying.
+pub const PUSH_BATCH_PAGES: u64 = 64;
+
+const PAGE: usize = PAGE_SIZE as usize;
+/// Poll timeout while there is nothing to push: only the cancel check and the "nobody waits" check
+/// need it, every real event wakes poll.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+/// Wait before pushing again into a process whose COPY met EAGAIN (an mm change in flight).
+const AGAIN_BACKOFF: Duration = Duration::from_micros(200);
+/// Messages read from one uffd before looking at the others.
+const DRAIN_MAX: usize = 256;
+
+/// Why serving lazy pages failed. Each message names the cause and what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LazyError {
+    #[error(
+        "cannot listen for `criu restore --lazy-pages` on {path}: {source}; the work directory must exist and be writable, and the socket path must be shorter than 108 bytes (use a shorter work dir)",
+        path = .path.display()
+    )]
+    Bind { path: PathBuf, source: Arc<std::io::Error> },
+    #[error(
+        "criu restore did not connect to {path} within {after:?}: run it with --lazy-pages and this directory as its work dir (-W, or -D without -W), after LazyPages::listen; its log says whether it started",
+        path = .path.display()
+    )]
+    NotConnected { path: PathBuf, after: Duration },
+    #[error(
+        "criu restore did not finish within {after:?} ({processes} processes handed over so far): see where its log stops, and kill the partly restored tree"
+    )]
+    NotRestored { after: Duration, processes: u64 },
+    #[error(
+        "criu restore closed the lazy-pages socket before it finished ({processes} processes handed over, no RSTF): the restore failed and CRIU removed the tree; its log (-o, in the work dir) says why"
+    )]
+    RestoreFailed { processes: u64 },
+    #[error(
+        "criu restore sent {what} on the lazy-pages socket, which is not CRIU's lazy-pages handoff (int32 pid, 1 byte + SCM_RIGHTS uffd, RSTF); check that CRIU on this host is 4.x"
+    )]
+    Protocol { what: String },
+    #[error("lazy-pages daemon: {what} failed: {source}; the restored tree cannot get its memory, kill it")]
+    Serve { what: &'static str, source: Arc<std::io::Error> },
+    #[error(
+        "{op} at {addr:#x} for image pid {pid} failed: {source}; that process cannot get its lazy memory and stays blocked on it, kill the restored tree (a daemon bug or a mapping it does not support)"
+    )]
+    Uffd { op: &'static str, pid: u32, addr: u64, source: Arc<std::io::Error> },
+    #[error("lazy-pages serving was cancelled before every page was in place (the restored tree is being killed)")]
+    Cancelled,
+    #[error("the lazy-pages daemon thread panicked ({what}); kill the restored tree, its memory is incomplete")]
+    Panicked { what: String },
+    #[error("reading the page images: {source}")]
+    Images { source: Arc<criu::images::ImageError> },
+    #[error(
+        "pagemap-{pid}.img in {dir} has lazy pages at {vaddr:#x} without data (an image of `criu dump --lazy-pages`): those pages are still in the source's memory, these files cannot serve them",
+        dir = .dir.display()
+    )]
+    LazyWithoutData { dir: PathBuf, pid: u32, vaddr: u64 },
+    #[error(
+        "{path} holds {have} bytes but its pagemap needs {need}: the images are truncated, copy them again",
+        path = .path.display()
+    )]
+    ShortPages { path: PathBuf, have: u64, need: u64 },
+}
+
+impl LazyError {
+    fn io(what: &'static str, e: impl Into<std::io::Error>) -> LazyError {
+        LazyError::Serve { what, source: Arc::new(e.into()) }
+    }
+}
+
+/// Counters so far, for progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LazyProgress {
+    /// Page faults answered (UFFDIO_COPY or UFFDIO_ZEROPAGE).
+    pub faults: u64,
+    /// Pages copied by the background push (not counting faults).
+    pub pushed_pages: u64,
+    /// Pages filled with UFFDIO_ZEROPAGE (faults outside the lazy ranges, pages the source lacks).
+    pub zero_pages: u64,
+    /// Lazy pages not in place yet (including those of processes not handed over yet).
+    pub pages_left: u64,
+    /// RSTF arrived: the restore finished.
+    pub restored: bool,
+}
+
+/// The final account of one lazy restore.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LazyStats {
+    /// Userfaultfds served: one per restored process, plus one per fork seen while serving.
+    pub processes: u64,
+    /// FORK events (children that got a copy of their parent's missing ranges).
+    pub forks: u64,
+    /// Page faults answered.
+    pub faults: u64,
+    /// Of those, pages copied from the source on a fault.
+    pub fault_pages: u64,
+    /// Pages copied by the background push.
+    pub pushed_pages: u64,
+    /// Pages filled with UFFDIO_ZEROPAGE (on faults or in the push).
+    pub zero_pages: u64,
+    /// Lazy pages never filled: their process exited, they were unmapped or MADV_DONTNEED'd, or their
+    /// range was not registered by the restorer.
+    pub dropped_pages: u64,
+    /// Fault-service latency, from reading the fault message to the completed COPY/ZEROPAGE.
+    pub fault_p50: Duration,
+    pub fault_p99: Duration,
+    pub fault_max: Duration,
+    /// From `start` to the last page in place.
+    pub elapsed: Duration,
+    /// From RSTF to the last page in place: the background push's duration.
+    pub push_elapsed: Duration,
+}
+
+impl LazyStats {
+    /// Pages filled per second from RSTF to the end (pushed, faulted and zero-filled; the few faults
+    /// before RSTF included).
+    pub fn pages_per_sec(&self) -> f64 {
+        let secs = self.push_elapsed.as_secs_f64();
+        if secs > 0.0 { (self.pushed_pages + self.fault_pages + self.zero_pages) as f64 / secs } else { 0.0 }
+    }
+}
+
+/// The bound, listening socket.
+pub struct LazyPages {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl LazyPages {
+    /// Binds <work_dir>/lazy-pages.socket (unlink first). Must be called before criu restore starts.
+    pub fn listen(work_dir: &Path) -> Result<LazyPages, LazyError> {
+        let path = work_dir.join(SOCKET_NAME);
+        let bind_err = |e: std::io::Error| LazyError::Bind { path: path.clone(), source: Arc::new(e) };
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(bind_err(e)),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&path).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        Ok(LazyPages { listener, path })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Starts serving on its own thread(s): accepts CRIU's one connection, takes the uffds, serves faults
+    /// at once, and after RSTF pushes every remaining lazy page in the background. Returns at once.
+    ///
+    /// Dropping every [`LazyHandle`] does not stop a daemon that CRIU connected to (the tree would hang
+    /// on its missing pages): it serves until done. One nobody connected to ends then.
+    pub fn start(self, ranges: LazyRanges, source: Arc<dyn PageSource>) -> LazyHandle {
+        let (waker, wake_rx) = match UnixStream::pair() {
+            Ok(p) => p,
+            Err(e) => return LazyHandle::failed(self.path, LazyError::io("creating the wake-up socket pair", e)),
+        };
+        let _ = wake_rx.set_nonblocking(true);
+        let _ = waker.set_nonblocking(true);
+        let shared = Shared::new(self.path.clone(), Some(waker));
+        let mut unattached: HashMap<u32, Vec<Range<u64>>> = HashMap::new();
+        for (pid, r) in ranges {
+            unattached.entry(pid).or_default().extend(r);
+        }
+        let server = Server {
+            shared: shared.clone(),
+            source,
+            started: Instant::now(),
+            unattached,
+            listener: Some(self.listener),
+            conn: None,
+            rx: Rx::Pid { buf: [0; 4], got: 0 },
+            wake: wake_rx,
+            procs: Vec::new(),
+            rstf_at: None,
+            next: 0,
+            page: vec![0; PAGE],
+            batch: vec![0; PAGE * PUSH_BATCH_PAGES as usize],
+            latencies: Vec::new(),
+            stats: LazyStats::default(),
+            error: None,
+        };
+        server.publish();
+        let s = Arc::downgrade(&shared);
+        let spawned = std::thread::Builder::new().name("lazy-pages".into()).spawn(move || {
+            let guard = EndGuard(s);
+            let result = server.run();
+            guard.end(result);
+        });
+        if let Err(e) = spawned {
+            shared.end(Err(LazyError::io("starting the daemon thread", e)));
+        }
+        LazyHandle { shared }
+    }
+}
+
+/// A running daemon. Clones share it (one may `cancel` while another waits).
+#[derive(Clone)]
+pub struct LazyHandle {
+    shared: Arc<Shared>,
+}
+
+impl LazyHandle {
+    fn failed(path: PathBuf, e: LazyError) -> LazyHandle {
+        let shared = Shared::new(path, None);
+        shared.end(Err(e));
+        LazyHandle { shared }
+    }
+
+    /// Blocks until RSTF arrived (Ok) or restore closed the socket / failed first (Err). Bounded by `timeout`.
+    pub fn wait_restored(&self, timeout: Duration) -> Result<(), LazyError> {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.lock();
+        loop {
+            if g.restored {
+                return Ok(());
+            }
+            if let Some(end) = &g.end {
+                return end.clone().map(|_| ());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(if self.shared.connected.load(Ordering::Relaxed) {
+                    LazyError::NotRestored { after: timeout, processes: self.shared.processes.load(Ordering::Relaxed) }
+                } else {
+                    LazyError::NotConnected { path: self.shared.path.clone(), after: timeout }
+                });
+            }
+            g = self.shared.cond.wait_timeout(g, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Counters so far (cheap; for progress): faults served, pages pushed, zero pages, pages left.
+    pub fn progress(&self) -> LazyProgress {
+        let s = &self.shared;
+        LazyProgress {
+            faults: s.faults.load(Ordering::Acquire),
+            pushed_pages: s.pushed.load(Ordering::Acquire),
+            zero_pages: s.zero.load(Ordering::Acquire),
+            pages_left: s.left.load(Ordering::Acquire),
+            restored: s.lock().restored,
+        }
+    }
+
+    /// Blocks until every lazy page of every process is in place (or its process is gone); returns the
+    /// final stats including fault-service latency percentiles p50/p99 (from reading the fault message to
+    /// the completed UFFDIO_COPY/ZEROPAGE), pushed pages, faults, elapsed.
+    ///
+    /// Not bounded in time by itself: call [`Self::wait_restored`] first (a restore that never connects
+    /// or never finishes is reported there), and [`Self::cancel`] from a clone to give up.
+    pub fn wait_done(self) -> Result<LazyStats, LazyError> {
+        let mut g = self.shared.lock();
+        loop {
+            if let Some(end) = &g.end {
+                return end.clone();
+            }
+            g = self.shared.cond.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Stops serving (the restored tree is being killed).
+    pub fn cancel(&self) {
+        self.shared.cancel.store(true, Ordering::SeqCst);
+        if let Some(w) = &self.shared.waker {
+            // Wakes the daemon's poll; a full pipe means it is woken already.
+            let _ = std::io::Write::write(&mut &*w, b"x");
+        }
+    }
+}
+
+/// What the daemon thread and the handles share.
+struct Shared {
+    phase: Mutex<Phase>,
+    cond: Condvar,
+    cancel: AtomicBool,
+    /// Write end of the pair whose other end is in the poll set: wakes the thread on cancel.
+    waker: Option<UnixStream>,
+    path: PathBuf,
+    connected: AtomicBool,
+    processes: AtomicU64,
+    faults: AtomicU64,
+    pushed: AtomicU64,
+    zero: AtomicU64,
+    left: AtomicU64,
+}
+
+#[derive(Default)]
+struct Phase {
+    restored: bool,
+    end: Option<Result<LazyStats, LazyError>>,
+}
+
+impl Shared {
+    fn new(path: PathBuf, waker: Option<UnixStream>) -> Arc<Shared> {
+        Arc::new(Shared {
+            phase: Mutex::new(Phase::default()),
+            cond: Condvar::new(),
+            cancel: AtomicBool::new(false),
+            waker,
+            path,
+            connected: AtomicBool::new(false),
+            processes: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
+            zero: AtomicU64::new(0),
+            left: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_restored(&self) {
+        self.lock().restored = true;
+        self.cond.notify_all();
+    }
+
+    fn end(&self, r: Result<LazyStats, LazyError>) {
+        let mut g = self.lock();
+        if g.end.is_none() {
+            g.end = Some(r);
+        }
+        drop(g);
+        self.cond.notify_all();
+    }
+}
+
+/// Ends the daemon's phase even when its thread panics, so no waiter blocks forever. Weak: the daemon
+/// notices when nobody holds a handle any more.
+struct EndGuard(std::sync::Weak<Shared>);
+
+impl EndGuard {
+    fn end(self, r: Result<LazyStats, LazyError>) {
+        if let Some(s) = self.0.upgrade() {
+            s.end(r);
+        }
+    }
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        if let Some(s) = self.0.upgrade() {
+            s.end(Err(LazyError::Panicked { what: "see the log for the panic message".into() }));
+        }
+    }
+}
+
+/// The still-missing pages of one process: run-time start → (run-time end, image address of the start).
+/// Runs are disjoint and page-aligned.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Missing {
+    runs: BTreeMap<u64, (u64, u64)>,
+    pages: u64,
+}
+
+impl Missing {
+    fn new(ranges: &[Range<u64>]) -> Missing {
+        let mut m = Missing::default();
+        for r in ranges {
+            let (s, e) = (r.start & !(PAGE_SIZE - 1), r.end.next_multiple_of(PAGE_SIZE));
+            if s < e {
+                m.remove(s, e);
+                m.insert(s, e, s);
+            }
+        }
+        m
+    }
+
+    fn insert(&mut self, start: u64, end: u64, image: u64) {
+        self.pages += (end - start) / PAGE_SIZE;
+        self.runs.insert(start, (end, image));
+    }
+
+    /// The image address of run-time page `addr`, if it is missing.
+    fn lookup(&self, addr: u64) -> Option<u64> {
+        let (&s, &(e, img)) = self.runs.range(..=addr).next_back()?;
+        (addr < e).then(|| img + (addr - s))
+    }
+
+    /// Takes `[start, end)` out; returns the pieces taken as (start, end, image start).
+    fn take(&mut self, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+        let hit: Vec<(u64, u64, u64)> = self
+            .runs
+            .range(..end)
+            .rev()
+            .take_while(|(_, (e, _))| *e > start)
+            .map(|(&s, &(e, img))| (s, e, img))
+            .collect();
+        let mut out = Vec::with_capacity(hit.len());
+        for (s, e, img) in hit {
+            self.runs.remove(&s);
+            self.pages -= (e - s) / PAGE_SIZE;
+            if s < start {
+                self.insert(s, start, img);
+            }
+            if e > end {
+                self.insert(end, e, img + (end - s));
+            }
+            let (cs, ce) = (s.max(start), e.min(end));
+            out.push((cs, ce, img + (cs - s)));
+        }
+        out
+    }
+
+    /// Drops `[start, end)`; returns how many missing pages it held.
+    fn remove(&mut self, start: u64, end: u64) -> u64 {
+        self.take(start, end).iter().map(|(s, e, _)| (e - s) / PAGE_SIZE).sum()
+    }
+
+    /// `[from, from + len)` moved to `to` (mremap): its missing pages move, keeping their image address;
+    /// whatever was missing at the destination is gone (mremap unmapped it).
+    fn remap(&mut self, from: u64, to: u64, len: u64) {
+        let moved = self.take(from, from.saturating_add(len));
+        self.remove(to, to.saturating_add(len));
+        for (s, e, img) in moved {
+            self.insert(s - from + to, e - from + to, img);
+        }
+    }
+
+    /// Where to push next: from `hint` if it is missing, else the first run after it, else the first.
+    fn next_from(&self, hint: u64) -> Option<(u64, u64, u64)> {
+        if let Some(img) = self.lookup(hint) {
+            let (_, &(e, _)) = self.runs.range(..=hint).next_back()?;
+            return Some((hint, e, img));
+        }
+        let (&s, &(e, img)) = self.runs.range(hint..).next().or_else(|| self.runs.iter().next())?;
+        Some((s, e, img))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pages == 0
+    }
+}
+
+/// One served userfaultfd: a restored process, or a child one forked while being served.
+struct Proc {
+    /// Image pid its pages are looked up under (a forked child keeps its parent's).
+    pid: u32,
+    uffd: OwnedFd,
+    missing: Missing,
+    /// Faults (page, when read) whose answer met EAGAIN: answered again once the events are read.
+    retry: Vec<(u64, Instant)>,
+    /// No push before this (a COPY met EAGAIN).
+    push_after: Option<Instant>,
+    /// Below `cap_until`, push batches of at most `cap` pages (a batch crossed the end of a VMA: ENOENT;
+    /// each further ENOENT there halves the cap).
+    cap_until: u64,
+    cap: u64,
+    /// Where the push goes on: just after the last fault or push.
+    hint: u64,
+    gone: bool,
+    /// A fatal error: its uffd is kept open (the process stays blocked rather than read zeros) and the
+    /// error ends the daemon.
+    broken: bool,
+    warned_dropped: bool,
+}
+
+impl Proc {
+    fn settled(&self) -> bool {
+        self.gone || self.broken || (self.missing.is_empty() && self.retry.is_empty())
+    }
+}
+
+enum Rx {
+    /// Reading an int32 pid (or RSTF).
+    Pid { buf: [u8; 4], got: usize },
+    /// Reading the 1 byte + SCM_RIGHTS uffd of `pid`.
+    Fd { pid: u32 },
+    /// RSTF came; only EOF is expected.
+    Finished,
+}
+
+/// How one fill (COPY or ZEROPAGE) ended beyond the bytes it did.
+enum Class {
+    Exists,
+    Again,
+    NoEnt,
+    Gone,
+    Fatal(Errno),
+}
+
+fn classify(e: Errno) -> Class {
+    match e {
+        Errno::EEXIST => Class::Exists,
+        Errno::EAGAIN => Class::Again,
+        Errno::ENOENT => Class::NoEnt,
+        Errno::ESRCH | Errno::ENOSPC => Class::Gone,
+        e => Class::Fatal(e),
+    }
+}
+
+/// The daemon's state, owned by its thread.
+struct Server {
+    shared: Arc<Shared>,
+    source: Arc<dyn PageSource>,
+    started: Instant,
+    /// Lazy ranges of image pids not handed over yet.
+    unattached: HashMap<u32, Vec<Range<u64>>>,
+    listener: Option<UnixListener>,
+    conn: Option<UnixStream>,
+    rx: Rx,
+    wake: UnixStream,
+    procs: Vec<Proc>,
+    rstf_at: Option<Instant>,
+    /// Round-robin position of the push.
+    next: usize,
+    page: Vec<u8>,
+    batch: Vec<u8>,
+    /// Fault-service latencies, ns.
+    latencies: Vec<u64>,
+    stats: LazyStats,
+    error: Option<LazyError>,
+}
+
+impl Server {
+    fn run(mut self) -> Result<LazyStats, LazyError> {
+        let r = self.serve();
+        // Broken processes keep their uffd open: they stay blocked on their missing pages instead of
+        // reading zeros when the kernel drops the registration; the caller kills the tree.
+        for p in self.procs.drain(..) {
+            if p.broken && r.is_err() {
+                std::mem::forget(p.uffd);
+            }
+        }
+        if self.listener.take().is_some() {
+            let _ = std::fs::remove_file(&self.shared.path);
+        }
+        r
+    }
+
+    fn serve(&mut self) -> Result<LazyStats, LazyError> {
+        let mut polled: Vec<usize> = Vec::new();
+        loop {
+            if self.shared.cancel.load(Ordering::SeqCst) {
+                return Err(LazyError::Cancelled);
+            }
+            if self.listener.is_some() && Arc::strong_count(&self.shared) == 1 {
+                // Every handle is gone and CRIU never connected: nobody can use this daemon.
+                return Err(LazyError::Cancelled);
+            }
+            self.procs.retain(|p| !p.gone);
+            self.publish();
+            if self.rstf_at.is_some() && self.procs.iter().all(Proc::settled) {
+                if let Some(e) = self.error.take() {
+                    return Err(e);
+                }
+                return Ok(self.finish());
+            }
+            let timeout = self.poll_timeout();
+            let ready = {
+                let mut fds = Vec::with_capacity(2 + self.procs.len());
+                fds.push(PollFd::new(self.wake.as_fd(), PollFlags::POLLIN));
+                if let Some(l) = &self.listener {
+                    fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+                } else if let Some(c) = &self.conn {
+                    fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+                } else {
+                    fds.push(PollFd::new(self.wake.as_fd(), PollFlags::empty()));
+                }
+                // Processes gone or broken are not polled (`polled` maps poll slots to processes).
+                polled.clear();
+                for (i, p) in self.procs.iter().enumerate() {
+                    if !p.gone && !p.broken {
+                        fds.push(PollFd::new(p.uffd.as_fd(), PollFlags::POLLIN));
+                        polled.push(i);
+                    }
+                }
+                match nix::poll::poll(&mut fds, timeout) {
+                    Ok(_) => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(LazyError::io("poll", e)),
+                }
+                fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect::<Vec<bool>>()
+            };
+            if ready[0] {
+                let mut b = [0u8; 64];
+                while matches!((&self.wake).read(&mut b), Ok(n) if n > 0) {}
+            }
+            if ready[1] {
+                if self.listener.is_some() {
+                    self.accept()?;
+                } else if self.conn.is_some() {
+                    self.read_socket()?;
+                }
+            }
+            for (k, &i) in polled.iter().enumerate() {
+                if ready[k + 2] {
+                    self.drain(i);
+                }
+            }
+            self.retry_faults();
+            if self.rstf_at.is_some() {
+                self.push_one();
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> PollTimeout {
+        let now = Instant::now();
+        let mut t = IDLE_POLL;
+        for p in &self.procs {
+            if p.gone || p.broken {
+                continue;
+            }
+            if !p.retry.is_empty() {
+                t = t.min(Duration::from_millis(1));
+            }
+            if self.rstf_at.is_some() && !p.missing.is_empty() {
+                match p.push_after {
+                    Some(at) if at > now => t = t.min(at - now),
+                    _ => return PollTimeout::ZERO,
+                }
+            }
+        }
+        // Round up to whole milliseconds: a sub-millisecond backoff must not become a busy loop of 0.
+        let ms = t.as_micros().div_ceil(1000).clamp(1, u16::MAX as u128) as u16;
+        PollTimeout::from(ms)
+    }
+
+    fn accept(&mut self) -> Result<(), LazyError> {
+        let Some(l) = &self.listener else { return Ok(()) };
+        match l.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(true)
+                    .map_err(|e| LazyError::io("setting the restore connection non-blocking", e))?;
+                self.conn = Some(conn);
+                self.listener = None;
+                // CRIU connects exactly once; the name is of no further use.
+                let _ = std::fs::remove_file(&self.shared.path);
+                self.shared.connected.store(true, Ordering::Relaxed);
+                tracing::debug!(path = %self.shared.path.display(), "criu restore connected to the lazy-pages socket");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(()),
+            Err(e) => Err(LazyError::io("accepting criu restore's connection", e)),
+        }
+    }
+
+    /// Reads what restore sent: pids, uffds, RSTF, EOF.
+    fn read_socket(&mut self) -> Result<(), LazyError> {
+        loop {
+            let Some(conn) = &self.conn else { return Ok(()) };
+            match &mut self.rx {
+                Rx::Pid { buf, got } => match (&*conn).read(&mut buf[*got..]) {
+                    Ok(0) => return self.eof(),
+                    Ok(n) => {
+                        *got += n;
+                        if *got < 4 {
+                            continue;
+                        }
+                        let v = i32::from_ne_bytes(*buf);
+                        self.rx = Rx::Pid { buf: [0; 4], got: 0 };
+                        self.on_pid(v)?;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(LazyError::io("reading from criu restore", e)),
+                },
+                Rx::Fd { pid } => {
+                    let pid = *pid;
+                    match sys::recv_fds(conn.as_fd()) {
+                        Ok(None) => return Ok(()),
+                        Ok(Some((0, _))) => return self.eof(),
+                        Ok(Some((_, fds))) => {
+                            let mut fds = fds.into_iter();
+                            let Some(uffd) = fds.next() else {
+                                return Err(LazyError::Protocol {
+                                    what: format!("no userfaultfd with the byte after pid {pid}"),
+                                });
+                            };
+                            if fds.next().is_some() {
+                                return Err(LazyError::Protocol { what: format!("several fds for pid {pid}") });
+                            }
+                            self.rx = Rx::Pid { buf: [0; 4], got: 0 };
+                            self.attach(pid, uffd)?;
+                        }
+                        Err(Errno::ENOBUFS) => {
+                            return Err(LazyError::Protocol { what: format!("a truncated fd message for pid {pid}") });
+                        }
+                        Err(Errno::EINTR) => continue,
+                        Err(e) => return Err(LazyError::io("receiving a userfaultfd from criu restore", e)),
+                    }
+                }
+                Rx::Finished => {
+                    let mut b = [0u8; 64];
+                    match (&*conn).read(&mut b) {
+                        Ok(0) => {
+                            self.conn = None;
+                            return Ok(());
+                        }
+                        Ok(n) => {
+                            tracing::warn!(bytes = n, "criu restore sent data after RSTF; ignored");
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => {
+                            self.conn = None;
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn eof(&mut self) -> Result<(), LazyError> {
+        self.conn = None;
+        if self.rstf_at.is_none() {
+            return Err(LazyError::RestoreFailed { processes: self.shared.processes.load(Ordering::Relaxed) });
+        }
+        Ok(())
+    }
+
+    fn on_pid(&mut self, v: i32) -> Result<(), LazyError> {
+        if v as u32 == RESTORE_FINISHED {
+            self.rstf_at = Some(Instant::now());
+            self.rx = Rx::Finished;
+            if !self.unattached.is_empty() {
+                let mut pids: Vec<u32> = self.unattached.keys().copied().collect();
+                pids.sort_unstable();
+                tracing::warn!(
+                    ?pids,
+                    "restore finished without handing over these image pids; their lazy ranges are ignored"
+                );
+                self.unattached.clear();
+            }
+            self.shared.set_restored();
+            tracing::debug!(processes = self.procs.len(), "criu restore finished (RSTF)");
+            return Ok(());
+        }
+        match v {
+            v if v > 0 => self.rx = Rx::Fd { pid: v as u32 },
+            v if v < 0 => {
+                // A zombie: no memory, no uffd.
+                self.unattached.remove(&v.unsigned_abs());
+                tracing::debug!(pid = v.unsigned_abs(), "criu restore: zombie, no userfaultfd");
+            }
+            _ => return Err(LazyError::Protocol { what: "pid 0".into() }),
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, pid: u32, uffd: OwnedFd) -> Result<(), LazyError> {
+        set_nonblocking(&uffd)?;
+        let ranges = self.unattached.remove(&pid).unwrap_or_default();
+        let missing = Missing::new(&ranges);
+        tracing::debug!(pid, pages = missing.pages, "userfaultfd received");
+        self.add_proc(pid, uffd, missing);
+        Ok(())
+    }
+
+    fn add_proc(&mut self, pid: u32, uffd: OwnedFd, missing: Missing) {
+        let hint = missing.runs.keys().next().copied().unwrap_or(0);
+        self.procs.push(Proc {
+            pid,
+            uffd,
+            missing,
+            retry: Vec::new(),
+            push_after: None,
+            cap_until: 0,
+            cap: PUSH_BATCH_PAGES,
+            hint,
+            gone: false,
+            broken: false,
+            warned_dropped: false,
+        });
+        self.stats.processes += 1;
+        self.shared.processes.store(self.stats.processes, Ordering::Relaxed);
+    }
+
+    /// Reads and handles what process `i`'s uffd holds.
+    fn drain(&mut self, i: usize) {
+        for _ in 0..DRAIN_MAX {
+            let p = &mut self.procs[i];
+            if p.gone || p.broken {
+                return;
+            }
+            let msg = match sys::read_msg(p.uffd.as_fd()) {
+                Ok(Some(m)) => m,
+                Ok(None) => return,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    self.fatal(i, "reading the userfaultfd", 0, e);
+                    return;
+                }
+            };
+            let p = &mut self.procs[i];
+            match msg {
+                sys::Msg::Fault { addr } => {
+                    let t0 = Instant::now();
+                    self.answer_fault(i, addr & !(PAGE_SIZE - 1), t0);
+                }
+                sys::Msg::Fork(uffd) => {
+                    let (pid, missing) = (p.pid, p.missing.clone());
+                    let nonblocking = set_nonblocking(&uffd);
+                    self.stats.forks += 1;
+                    tracing::debug!(pid, pages = missing.pages, "fork: the child gets its parent's missing pages");
+                    self.add_proc(pid, uffd, missing);
+                    if let Err(e) = nonblocking {
+                        // A blocking uffd would block the daemon in read: never served, it ends the daemon.
+                        tracing::error!("{e}");
+                        self.procs.last_mut().expect("just added").broken = true;
+                        self.error.get_or_insert(e);
+                    }
+                }
+                sys::Msg::Remap { from, to, len } => p.missing.remap(from, to, len),
+                sys::Msg::Remove { start, end } => {
+                    match sys::unregister(p.uffd.as_fd(), start, end - start) {
+                        Ok(()) => {}
+                        // ENOMEM: the mm is gone (the process exited).
+                        Err(Errno::ENOMEM) | Err(Errno::ESRCH) => p.gone = true,
+                        Err(e) => {
+                            self.fatal(i, "UFFDIO_UNREGISTER", start, e);
+                            return;
+                        }
+                    }
+                    let p = &mut self.procs[i];
+                    let n = p.missing.remove(start, end);
+                    self.stats.dropped_pages += n;
+                }
+                sys::Msg::Unmap { start, end } => {
+                    let n = p.missing.remove(start, end);
+                    self.stats.dropped_pages += n;
+                }
+                sys::Msg::Other(event) => tracing::debug!(event, "userfaultfd: unknown event ignored"),
+            }
+        }
+    }
+
+    fn fatal(&mut self, i: usize, op: &'static str, addr: u64, e: Errno) {
+        let p = &mut self.procs[i];
+        p.broken = true;
+        let err = LazyError::Uffd { op, pid: p.pid, addr, source: Arc::new(e.into()) };
+        tracing::error!("{err}");
+        self.error.get_or_insert(err);
+    }
+
+    fn drop_pages(&mut self, i: usize, start: u64, end: u64, why: &str) {
+        let p = &mut self.procs[i];
+        let n = p.missing.remove(start, end);
+        self.stats.dropped_pages += n;
+        if n > 0 && !p.warned_dropped {
+            p.warned_dropped = true;
+            tracing::warn!(
+                pid = p.pid,
+                addr = start,
+                "lazy pages {why}; left as the kernel has them (further ones of this process not logged)"
+            );
+        }
+    }
+
+    /// Answers a fault on page `page` of process `i`.
+    fn answer_fault(&mut self, i: usize, page: u64, t0: Instant) {
+        let p = &mut self.procs[i];
+        let (op, copied, (done, err)) = match p.missing.lookup(page) {
+            Some(img) if self.source.read_page(p.pid, img, &mut self.page) => {
+                ("UFFDIO_COPY", true, sys::copy(p.uffd.as_fd(), page, &self.page))
+            }
+            _ => ("UFFDIO_ZEROPAGE", false, sys::zeropage(p.uffd.as_fd(), page, PAGE_SIZE)),
+        };
+        let class = err.map(classify);
+        match class {
+            None | Some(Class::Exists) => {
+                let filled = done > 0 || class.is_none();
+                p.missing.remove(page, page + PAGE_SIZE);
+                p.hint = page + PAGE_SIZE;
+                self.stats.faults += 1;
+                if filled && copied {
+                    self.stats.fault_pages += 1;
+                } else if filled {
+                    self.stats.zero_pages += 1;
+                }
+                self.latencies.push(t0.elapsed().as_nanos() as u64);
+            }
+            Some(Class::Again) => p.retry.push((page, t0)),
+            // The range went away (unmapped or unregistered) while the fault waited: nothing to fill.
+            Some(Class::NoEnt) => {
+                self.stats.faults += 1;
+                self.drop_pages(i, page, page + PAGE_SIZE, "of a range that is no longer registered");
+            }
+            Some(Class::Gone) => p.gone = true,
+            Some(Class::Fatal(e)) => self.fatal(i, op, page, e),
+        }
+    }
+
+    fn retry_faults(&mut self) {
+        for i in 0..self.procs.len() {
+            if self.procs[i].retry.is_empty() || self.procs[i].gone || self.procs[i].broken {
+                continue;
+            }
+            let retry = std::mem::take(&mut self.procs[i].retry);
+            for (page, t0) in retry {
+                self.answer_fault(i, page, t0);
+            }
+        }
+    }
+
+    /// Pushes one batch of the next process that has missing pages and is not backing off.
+    fn push_one(&mut self) {
+        let now = Instant::now();
+        let n = self.procs.len();
+        for k in 0..n {
+            let i = (self.next + k) % n;
+            let p = &self.procs[i];
+            if p.gone || p.broken || p.missing.is_empty() || p.push_after.is_some_and(|t| t > now) {
+                continue;
+            }
+            self.next = i + 1;
+            self.push_batch(i);
+            return;
+        }
+    }
+
+    fn push_batch(&mut self, i: usize) {
+        let p = &mut self.procs[i];
+        p.push_after = None;
+        let Some((start, end, img)) = p.missing.next_from(p.hint) else { return };
+        let mut want = ((end - start) / PAGE_SIZE).min(PUSH_BATCH_PAGES);
+        if start < p.cap_until {
+            want = want.min(p.cap);
+        }
+        // As many pages as the source has, from the start; or, if it lacks the first, as many it lacks.
+        let mut have = 0u64;
+        while have < want {
+            let o = (have as usize) * PAGE;
+            if !self.source.read_page(p.pid, img + have * PAGE_SIZE, &mut self.batch[o..o + PAGE]) {
+                break;
+            }
+            have += 1;
+        }
+        let (op, tried, (done, err)) = if have > 0 {
+            ("UFFDIO_COPY", have, sys::copy(p.uffd.as_fd(), start, &self.batch[..have as usize * PAGE]))
+        } else {
+            let mut lack = 1u64;
+            while lack < want && !self.source.read_page(p.pid, img + lack * PAGE_SIZE, &mut self.page) {
+                lack += 1;
+            }
+            ("UFFDIO_ZEROPAGE", lack, sys::zeropage(p.uffd.as_fd(), start, lack * PAGE_SIZE))
+        };
+        let done_pages = done / PAGE_SIZE;
+        p.missing.remove(start, start + done_pages * PAGE_SIZE);
+        p.hint = start + done_pages * PAGE_SIZE;
+        if have > 0 {
+            self.stats.pushed_pages += done_pages;
+        } else {
+            self.stats.zero_pages += done_pages;
+        }
+        let Some(e) = err else { return };
+        let at = start + done_pages * PAGE_SIZE;
+        match classify(e) {
+            // Filled meanwhile (a fault answered it): done.
+            Class::Exists => {
+                p.missing.remove(at, at + PAGE_SIZE);
+                p.hint = at + PAGE_SIZE;
+            }
+            // A partial copy reports EAGAIN: go on at once from where it stopped. A real EAGAIN (an mm
+            // change whose event is not read yet): read the events first, try again a little later.
+            Class::Again => {
+                if done_pages == 0 {
+                    p.push_after = Some(Instant::now() + AGAIN_BACKOFF);
+                }
+            }
+            // Not (or no longer) a registered range. A batch may just have crossed the end of a VMA
+            // (lazy ranges merge adjacent VMAs): halve the batches over that stretch until they fit; a
+            // single page that fails is unfillable.
+            Class::NoEnt => {
+                if tried > 1 && done_pages == 0 {
+                    if start >= p.cap_until {
+                        p.cap_until = start + tried * PAGE_SIZE;
+                    }
+                    p.cap = tried / 2;
+                } else if done_pages == 0 {
+                    self.drop_pages(i, at, at + PAGE_SIZE, "in a range the restorer did not register");
+                }
+            }
+            Class::Gone => p.gone = true,
+            Class::Fatal(e) => self.fatal(i, op, at, e),
+        }
+    }
+
+    fn publish(&self) {
+        // Release, and Acquire in `progress`: a reader that sees pages pushed also sees `restored`.
+        let s = &self.shared;
+        s.faults.store(self.stats.faults, Ordering::Release);
+        s.pushed.store(self.stats.pushed_pages, Ordering::Release);
+        s.zero.store(self.stats.zero_pages, Ordering::Release);
+        let left: u64 = self.procs.iter().filter(|p| !p.gone).map(|p| p.missing.pages).sum::<u64>()
+            + self.unattached.values().map(|r| Missing::new(r).pages).sum::<u64>();
+        s.left.store(left, Ordering::Release);
+    }
+
+    fn finish(&mut self) -> LazyStats {
+        self.latencies.sort_unstable();
+        let mut st = self.stats.clone();
+        st.fault_p50 = percentile(&self.latencies, 50.0);
+        st.fault_p99 = percentile(&self.latencies, 99.0);
+        st.fault_max = self.latencies.last().map_or(Duration::ZERO, |&n| Duration::from_nanos(n));
+        st.elapsed = self.started.elapsed();
+        st.push_elapsed = self.rstf_at.map_or(Duration::ZERO, |t| t.elapsed());
+        tracing::info!(
+            processes = st.processes,
+            faults = st.faults,
+            pushed = st.pushed_pages,
+            zero = st.zero_pages,
+            dropped = st.dropped_pages,
+            p50_us = st.fault_p50.as_micros() as u64,
+            p99_us = st.fault_p99.as_micros() as u64,
+            push_ms = st.push_elapsed.as_millis() as u64,
+            "every lazy page is in place; userfaultfds closed"
+        );
+        // Closing the uffds (dropping the procs) lets the tree run on without a daemon.
+        self.procs.clear();
+        st
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> Result<(), LazyError> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    // poll on a userfaultfd without O_NONBLOCK always reports POLLERR (fs/userfaultfd.c).
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| LazyError::io("reading a userfaultfd's flags", e))?;
+    fcntl(fd, FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK))
+        .map_err(|e| LazyError::io("making a userfaultfd non-blocking", e))?;
+    Ok(())
+}
+
+/// Nearest-rank percentile of sorted nanoseconds.
+fn percentile(sorted: &[u64], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Duration::from_nanos(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// Pages read from an images directory (`pagemap-<pid>.img` + `pages-<id>.img`, following `parent/`
+/// for PE_PARENT entries): the page source when the images of a normal dump arrived whole.
+pub struct ImagePageSource {
+    procs: HashMap<u32, Vec<Layer>>,
+}
+
+/// One directory's pagemap of one pid, with the pages file offset of every entry that has data.
+struct Layer {
+    pages: Option<File>,
+    /// (vaddr, end, flags, offset in the pages file)
+    entries: Vec<(u64, u64, u32, u64)>,
+}
+
+/// `parent/` links followed at most.
+const MAX_PARENT_DEPTH: usize = 64;
+
+impl ImagePageSource {
+    /// Indexes every pagemap in `dir`. Refuses images whose lazy pages have no data here or in a parent.
+    pub fn open(dir: &Path) -> Result<ImagePageSource, LazyError> {
+        let images = |e| LazyError::Images { source: Arc::new(e) };
+        let mut procs = HashMap::new();
+        for pid in criu::images::pagemap_pids(dir).map_err(images)? {
+            let mut layers = Vec::new();
+            let mut d = dir.to_path_buf();
+            loop {
+                let pm = criu::images::read_pagemap(&d.join(format!("pagemap-{pid}.img"))).map_err(images)?;
+                let mut off = 0u64;
+                let mut entries = Vec::with_capacity(pm.entries.len());
+                let mut wants_parent = false;
+                for e in &pm.entries {
+                    if e.flags & PE_LAZY != 0 && e.flags & (PE_PRESENT | PE_PARENT) == 0 {
+                        return Err(LazyError::LazyWithoutData { dir: d, pid, vaddr: e.vaddr });
+                    }
+                    wants_parent |= e.flags & PE_PARENT != 0;
+                    entries.push((e.vaddr, e.end(), e.flags, off));
+                    if e.flags & PE_PRESENT != 0 {
+                        off += e.nr_pages as u64 * PAGE_SIZE;
+                    }
+                }
+                let pages = if off > 0 {
+                    let path = d.join(format!("pages-{}.img", pm.pages_id));
+                    let f = File::open(&path)
+                        .map_err(|source| images(criu::images::ImageError::Io { path: path.clone(), source }))?;
+                    let have = f
+                        .metadata()
+                        .map_err(|source| images(criu::images::ImageError::Io { path: path.clone(), source }))?
+                        .len();
+                    if have < off {
+                        return Err(LazyError::ShortPages { path, have, need: off });
+                    }
+                    Some(f)
+                } else {
+                    None
+                };
+                layers.push(Layer { pages, entries });
+                let parent = d.join("parent");
+                if !wants_parent
+                    || layers.len() >= MAX_PARENT_DEPTH
+                    || !parent.join(format!("pagemap-{pid}.img")).exists()
+                {
+                    break;
+                }
+                d = parent;
+            }
+            procs.insert(pid, layers);
+        }
+        Ok(ImagePageSource { procs })
+    }
+}
+
+impl PageSource for ImagePageSource {
+    fn read_page(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> bool {
+        let Some(layers) = self.procs.get(&pid) else { return false };
+        for layer in layers {
+            let i = layer.entries.partition_point(|e| e.1 <= vaddr);
+            let Some(&(start, _, flags, off)) = layer.entries.get(i).filter(|e| e.0 <= vaddr) else { return false };
+            if flags & PE_PRESENT != 0 {
+                let Some(f) = &layer.pages else { return false };
+                return match f.read_exact_at(&mut out[..PAGE], off + (vaddr - start)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::error!(pid, vaddr, "reading a page from the images failed: {e}; it is zero-filled");
+                        false
+                    }
+                };
+            }
+            if flags & PE_PARENT == 0 {
+                return false;
+            }
+        }
+        false
+    }
+}
+
+/// Every unsafe operation of this module: the userfaultfd ioctls and taking ownership of file
+/// descriptors the kernel just installed (SCM_RIGHTS, FORK messages).
+mod sys {
+    use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+    use nix::errno::Errno;
+
+    // Request numbers: _IOWR/_IOR(0xAA, nr, struct) in the asm-generic encoding (x86-64, arm64, riscv64),
+    // as listed in docs/criu-interfaces.md §1.4; `ioctl_numbers` in the tests recomputes them.
+    // REGISTER and API: only the tests' fake restore calls them (CRIU does, in the restored tasks).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(super) const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+    pub(super) const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
+    pub(super) const UFFDIO_COPY: u64 = 0xc028_aa03;
+    pub(super) const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(super) const UFFDIO_API: u64 = 0xc018_aa3f;
+
+    const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+    const UFFD_EVENT_FORK: u8 = 0x13;
+    const UFFD_EVENT_REMAP: u8 = 0x14;
+    const UFFD_EVENT_REMOVE: u8 = 0x15;
+    const UFFD_EVENT_UNMAP: u8 = 0x16;
+
+    #[repr(C)]
+    struct UffdioCopy {
+        dst: u64,
+        src: u64,
+        len: u64,
+        mode: u64,
+        copy: i64,
+    }
+
+    #[repr(C)]
+    struct UffdioZeropage {
+        start: u64,
+        len: u64,
+        mode: u64,
+        zeropage: i64,
+    }
+
+    #[repr(C)]
+    struct UffdioRange {
+        start: u64,
+        len: u64,
+    }
+
+    /// A message read from a userfaultfd.
+    pub(super) enum Msg {
+        Fault { addr: u64 },
+        Fork(OwnedFd),
+        Remap { from: u64, to: u64, len: u64 },
+        Remove { start: u64, end: u64 },
+        Unmap { start: u64, end: u64 },
+        Other(u8),
+    }
+
+    /// Reads one `struct uffd_msg` (32 bytes: u8 event, 7 reserved, 24-byte union); None when there is
+    /// none (EAGAIN).
+    pub(super) fn read_msg(uffd: BorrowedFd<'_>) -> Result<Option<Msg>, Errno> {
+        let mut b = [0u8; 32];
+        match nix::unistd::read(uffd, &mut b) {
+            Ok(32) => {}
+            Ok(_) => return Err(Errno::EIO),
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().expect("8 bytes"));
+        Ok(Some(match b[0] {
+            UFFD_EVENT_PAGEFAULT => Msg::Fault { addr: u64_at(16) },
+            UFFD_EVENT_FORK => {
+                let raw = u32::from_ne_bytes(b[8..12].try_into().expect("4 bytes")) as RawFd;
+                // SAFETY: the kernel installed this fd in our table while producing the FORK message we
+                // just read (fs/userfaultfd.c resolve_userfault_fork); nothing else knows its number, so
+                // this OwnedFd is its only owner.
+                Msg::Fork(unsafe { OwnedFd::from_raw_fd(raw) })
+            }
+            UFFD_EVENT_REMAP => Msg::Remap { from: u64_at(8), to: u64_at(16), len: u64_at(24) },
+            UFFD_EVENT_REMOVE => Msg::Remove { start: u64_at(8), end: u64_at(16) },
+            UFFD_EVENT_UNMAP => Msg::Unmap { start: u64_at(8), end: u64_at(16) },
+            e => Msg::Other(e),
+        }))
+    }
+
+    /// `recvmsg` of the 1-byte message that carries a uffd: None when nothing is there yet, else the
+    /// bytes read (0 = EOF) and the fds received. Err(ENOBUFS) when the control data was truncated.
+    pub(super) fn recv_fds(sock: BorrowedFd<'_>) -> Result<Option<(usize, Vec<OwnedFd>)>, Errno> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        let mut byte = [0u8; 1];
+        let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let msg = match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => m,
+            Err(Errno::EAGAIN) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut fds = Vec::new();
+        for c in msg.cmsgs()? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for r in raw {
+                    // SAFETY: SCM_RIGHTS just installed this fd in our table for this message; nothing
+                    // else has its number, so this OwnedFd is its only owner.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                }
+            }
+        }
+        Ok(Some((msg.bytes, fds)))
+    }
+
+    /// What a fill ioctl did: bytes filled (a partial fill reports EAGAIN), and the error if not all.
+    fn outcome(r: libc::c_int, len: u64, field: i64) -> (u64, Option<Errno>) {
+        if r == 0 {
+            return (len, None);
+        }
+        let e = Errno::last();
+        (u64::try_from(field).unwrap_or(0).min(len), Some(e))
+    }
+
+    /// UFFDIO_COPY of `src` to `dst` in the uffd's process, mode 0 (wakes the faulting threads).
+    pub(super) fn copy(uffd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> (u64, Option<Errno>) {
+        let mut a = UffdioCopy { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode: 0, copy: 0 };
+        // SAFETY: UFFDIO_COPY reads `len` bytes at `src`, a live slice of exactly that length, and
+        // writes only the `copy` field of `a`, a uffdio_copy laid out as in linux/userfaultfd.h. It fills
+        // only pages that are missing in the uffd's mm (never overwrites one: EEXIST); when that mm is
+        // this process (tests), the pages are in mappings only ever accessed through raw pointers.
+        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &mut a) };
+        outcome(r, a.len, a.copy)
+    }
+
+    /// UFFDIO_ZEROPAGE of `[start, start + len)`, mode 0 (wakes the faulting threads).
+    pub(super) fn zeropage(uffd: BorrowedFd<'_>, start: u64, len: u64) -> (u64, Option<Errno>) {
+        let mut a = UffdioZeropage { start, len, mode: 0, zeropage: 0 };
+        // SAFETY: UFFDIO_ZEROPAGE writes only the `zeropage` field of `a` (laid out as in
+        // linux/userfaultfd.h) and maps zero pages where pages are missing in the uffd's mm.
+        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut a) };
+        outcome(r, len, a.zeropage)
+    }
+
+    /// UFFDIO_UNREGISTER of `[start, start + len)`.
+    pub(super) fn unregister(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<(), Errno> {
+        let a = UffdioRange { start, len };
+        // SAFETY: UFFDIO_UNREGISTER only reads `a`, a uffdio_range laid out as in linux/userfaultfd.h.
+        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_UNREGISTER as _, &a) };
+        Errno::result(r).map(drop)
+    }
+
+    /// What the tests need to play `criu restore` in-process: a userfaultfd of their own, anonymous
+    /// mappings, mremap/madvise/munmap to cause events, and a forked child.
+    #[cfg(test)]
+    pub(super) mod testing {
+        use super::*;
+
+        #[repr(C)]
+        struct UffdioApi {
+            api: u64,
+            features: u64,
+            ioctls: u64,
+        }
+
+        #[repr(C)]
+        struct UffdioRegister {
+            start: u64,
+            len: u64,
+            mode: u64,
+            ioctls: u64,
+        }
+
+        /// A userfaultfd of this process, O_CLOEXEC|O_NONBLOCK, after UFFDIO_API with `features`.
+        pub fn userfaultfd(features: u64) -> std::io::Result<OwnedFd> {
+            // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1.
+            let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+            if raw < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: a new fd just returned by the kernel, owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+            let mut api = UffdioApi { api: 0xaa, features, ioctls: 0 };
+            // SAFETY: UFFDIO_API reads and writes `api`, laid out as in linux/userfaultfd.h.
+            if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(fd)
+        }
+
+        /// UFFDIO_REGISTER_MODE_MISSING over `[start, start + len)`.
+        pub fn register_missing(uffd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
+            let mut r = UffdioRegister { start, len, mode: 1, ioctls: 0 };
+            // SAFETY: UFFDIO_REGISTER reads `r` and writes its `ioctls` field, laid out as in
+            // linux/userfaultfd.h.
+            if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, &mut r) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        }
+
+        /// A new private anonymous read-write mapping of `len` bytes; its address.
+        pub fn mmap_anon(len: usize) -> u64 {
+            // SAFETY: a fresh mapping at an address of the kernel's choice touches no existing memory.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+            p as u64
+        }
+
+        /// munmap; the test owns the range and holds no reference into it.
+        pub fn munmap(addr: u64, len: usize) {
+            // SAFETY: the range is a mapping the test made with mmap_anon and only reads via read_mem.
+            assert_eq!(unsafe { libc::munmap(addr as *mut libc::c_void, len) }, 0);
+        }
+
+        /// mremap(MAYMOVE|FIXED) of `[old, old + len)` onto `new` (a mapping of the test's it replaces).
+        pub fn mremap_fixed(old: u64, len: usize, new: u64) {
+            // SAFETY: both ranges are mappings the test made with mmap_anon and holds no references into.
+            let p = unsafe {
+                libc::mremap(
+                    old as *mut libc::c_void,
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    new as *mut libc::c_void,
+                )
+            };
+            assert_eq!(p as u64, new, "mremap: {}", std::io::Error::last_os_error());
+        }
+
+        /// mprotect to read-only (splits the VMA).
+        pub fn mprotect_read_only(addr: u64, len: usize) {
+            // SAFETY: as munmap: the test's own mapping, no references into it.
+            assert_eq!(unsafe { libc::mprotect(addr as *mut libc::c_void, len, libc::PROT_READ) }, 0);
+        }
+
+        /// madvise(MADV_DONTNEED).
+        pub fn madvise_dontneed(addr: u64, len: usize) {
+            // SAFETY: as munmap: the test's own mapping, no references into it.
+            assert_eq!(unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) }, 0);
+        }
+
+        /// Copies `out.len()` bytes at `addr` (faults there are served by the daemon under test).
+        pub fn read_mem(addr: u64, out: &mut [u8]) {
+            // SAFETY: `addr..addr+len` lies in a live mapping of the test's (mmap_anon), readable, and
+            // disjoint from `out`.
+            unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) }
+        }
+
+        /// Forks; the child runs `f` (which must not allocate or lock: only read memory and compare)
+        /// and exits with its result; returns the child's exit code.
+        pub fn in_child(f: impl FnOnce() -> i32) -> i32 {
+            // SAFETY: the child only runs `f`, which reads memory and compares bytes, then _exit(2)s:
+            // nothing that could need a lock another thread held at fork time.
+            match unsafe { libc::fork() } {
+                0 => {
+                    let code = f();
+                    // SAFETY: ends the child without running any parent state's destructors.
+                    unsafe { libc::_exit(code) }
+                }
+                -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+                pid => {
+                    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).expect("waitpid");
+                    match status {
+                        nix::sys::wait::WaitStatus::Exited(_, c) => c,
+                        s => panic!("child ended with {s:?}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sys::testing::*;
+    use super::*;
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    /// The uffd tests share this process's mm: a fork in one would hand the others' registered ranges
+    /// to a child too. They run one at a time.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    fn serial() -> MutexGuard<'static, ()> {
+        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    const P: u64 = PAGE_SIZE;
+
+    fn word(pid: u32, vaddr: u64, i: u64) -> u64 {
+        let mut x = vaddr ^ ((pid as u64) << 48) ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x ^ (x >> 31)
+    }
+
+    /// The content the fake store holds for a page.
+    fn content(pid: u32, vaddr: u64) -> Vec<u8> {
+        (0..P / 8).flat_map(|i| word(pid, vaddr, i).to_ne_bytes()).collect()
+    }
+
+    /// A page store with every page of `pid` except `holes`, counting reads.
+    struct FakeSource {
+        pid: u32,
+        holes: Vec<u64>,
+        reads: AtomicU64,
+    }
+
+    impl PageSource for FakeSource {
+        fn read_page(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> bool {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            if pid != self.pid || self.holes.contains(&vaddr) {
+                return false;
+            }
+            out[..PAGE].copy_from_slice(&content(pid, vaddr));
+            true
+        }
+    }
+
+    fn source(pid: u32, holes: Vec<u64>) -> Arc<FakeSource> {
+        Arc::new(FakeSource { pid, holes, reads: AtomicU64::new(0) })
+    }
+
+    /// One range of one pid.
+    fn one(pid: u32, r: Range<u64>) -> LazyRanges {
+        vec![(pid, vec![r])]
+    }
+
+    /// Plays `criu restore`'s side of the socket.
+    struct FakeRestore(UnixStream);
+
+    impl FakeRestore {
+        fn connect(dir: &Path) -> FakeRestore {
+            FakeRestore(UnixStream::connect(dir.join(SOCKET_NAME)).expect("connect to the daemon"))
+        }
+
+        /// int32 pid alone, then (pid > 0) 1 dummy byte + SCM_RIGHTS uffd, as criu/uffd.c sends them.
+        fn send_task(&mut self, pid: i32, uffd: Option<&OwnedFd>) {
+            self.0.write_all(&pid.to_ne_bytes()).expect("send pid");
+            if let Some(fd) = uffd {
+                let raw = [fd.as_raw_fd()];
+                let n = sendmsg::<()>(
+                    self.0.as_raw_fd(),
+                    &[std::io::IoSlice::new(&[0])],
+                    &[ControlMessage::ScmRights(&raw)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .expect("sendmsg uffd");
+                assert_eq!(n, 1);
+            }
+        }
+
+        fn finish(&mut self) {
+            self.0.write_all(&RESTORE_FINISHED.to_ne_bytes()).expect("send RSTF");
+        }
+    }
+
+    /// A uffd with CRIU's features (FORK|REMAP|REMOVE|UNMAP = 0x4e) over a new mapping of `pages` pages.
+    fn registered(pages: u64) -> (OwnedFd, u64) {
+        let uffd = userfaultfd(0x4e).unwrap_or_else(|e| {
+            panic!(
+                "userfaultfd with non-cooperative events: {e}; run the tests as root (EVENT_FORK needs CAP_SYS_PTRACE)"
+            )
+        });
+        let addr = mmap_anon((pages * P) as usize);
+        register_missing(&uffd, addr, pages * P).expect("UFFDIO_REGISTER");
+        (uffd, addr)
+    }
+
+    /// Runs `f` on another thread (its faults are served by the daemon); panics if it takes over 10 s,
+    /// which means a fault was never answered.
+    fn touching<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10)).expect("memory access not answered within 10 s: a fault was lost")
+    }
+
+    fn page_at(addr: u64) -> Vec<u8> {
+        touching(move || {
+            let mut b = vec![0u8; PAGE];
+            read_mem(addr, &mut b);
+            b
+        })
+    }
+
+    /// wait_done bounded: cancelled after 20 s.
+    fn done_within(h: LazyHandle) -> Result<LazyStats, LazyError> {
+        let c = h.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+                c.cancel();
+            }
+        });
+        let r = h.wait_done();
+        let _ = tx.send(());
+        r
+    }
+
+    #[test]
+    fn ioctl_numbers_are_the_kernels() {
+        const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
+            (dir << 30) | ((size as u64) << 16) | (0xaa << 8) | nr
+        }
+        assert_eq!(sys::UFFDIO_REGISTER, ioc(3, 0x00, 32));
+        assert_eq!(sys::UFFDIO_UNREGISTER, ioc(2, 0x01, 16));
+        assert_eq!(sys::UFFDIO_COPY, ioc(3, 0x03, 40));
+        assert_eq!(sys::UFFDIO_ZEROPAGE, ioc(3, 0x04, 32));
+        assert_eq!(sys::UFFDIO_API, ioc(3, 0x3f, 24));
+    }
+
+    #[test]
+    fn missing_runs_split_remap_and_look_up() {
+        let mut m = Missing::new(&[0x10000..0x20000, 0x30000..0x31000]);
+        assert_eq!(m.pages, 17);
+        assert_eq!(m.lookup(0x10000), Some(0x10000));
+        assert_eq!(m.lookup(0x1f000), Some(0x1f000));
+        assert_eq!(m.lookup(0x20000), None);
+        assert_eq!(m.remove(0x12000, 0x14000), 2);
+        assert_eq!(m.lookup(0x12000), None);
+        assert_eq!(m.lookup(0x14000), Some(0x14000));
+        // Move [0x14000, 0x18000) to 0x80000: run-time address moves, image address stays.
+        m.remap(0x14000, 0x80000, 0x4000);
+        assert_eq!(m.lookup(0x14000), None);
+        assert_eq!(m.lookup(0x81000), Some(0x15000));
+        assert_eq!(m.pages, 15);
+        // A remap onto missing pages drops those (mremap unmapped them).
+        m.remap(0x30000, 0x18000, 0x1000);
+        assert_eq!(m.lookup(0x18000), Some(0x30000));
+        assert_eq!(m.pages, 14);
+        // Push order: from the hint, else the next run, else the first.
+        assert_eq!(m.next_from(0x81000), Some((0x81000, 0x84000, 0x15000)));
+        assert_eq!(m.next_from(0x17000), Some((0x18000, 0x19000, 0x30000)));
+        assert_eq!(m.next_from(0x90000), Some((0x10000, 0x12000, 0x10000)));
+        assert_eq!(m.remove(0, u64::MAX), 14);
+        assert!(m.is_empty() && m.runs.is_empty());
+    }
+
+    /// Faults before RSTF are answered from the source (holes and pages outside the lazy ranges as
+    /// zeros) and nothing is pushed before RSTF; after it every remaining page is pushed and the uffd
+    /// closed.
+    #[test]
+    fn faults_are_served_and_the_rest_pushed_after_rstf() {
+        let _s = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let pages = 300u64;
+        let (uffd, addr) = registered(pages);
+        // Lazy: the first 256 pages, in two ranges; the store lacks pages 10 and 200.
+        let lazy_end = addr + 256 * P;
+        let ranges = vec![(777, Vec::from([addr..addr + 100 * P, addr + 100 * P..lazy_end]))];
+        let src = source(777, vec![addr + 10 * P, addr + 200 * P]);
+        let lazy = LazyPages::listen(dir.path()).unwrap();
+        let h = lazy.start(ranges, src.clone());
+        let mut criu = FakeRestore::connect(dir.path());
+        criu.send_task(777, Some(&uffd));
+        drop(uffd); // as the restorer does: the daemon holds the only reference
+
+        // Before RSTF: faults only.
+        assert_eq!(page_at(addr + 5 * P), content(777, addr + 5 * P));
+        assert_eq!(page_at(addr + 10 * P), vec![0u8; PAGE], "a page the store lacks reads as zeros");
+        assert_eq!(page_at(addr + 280 * P), vec![0u8; PAGE], "a page outside the lazy ranges reads as zeros");
+        std::thread::sleep(Duration::from_millis(50));
+        let p = h.progress();
+        assert_eq!((p.faults, p.pushed_pages, p.restored), (3, 0, false), "{p:?}");
+        assert_eq!(p.pages_left, 254);
+        assert!(h.wait_restored(Duration::from_millis(20)).is_err(), "restored before RSTF");
+
+        criu.finish();
+        h.wait_restored(Duration::from_secs(5)).expect("RSTF seen");
+        let stats = done_within(h).expect("every page in place");
+        assert_eq!(stats.processes, 1);
+        assert_eq!(stats.faults, 3);
+        assert_eq!(stats.fault_pages, 1);
+        assert_eq!(stats.pushed_pages, 256 - 2 - 1, "{stats:?}");
+        assert_eq!(stats.zero_pages, 2 + 1, "{stats:?}");
+        assert_eq!(stats.dropped_pages, 0);
+        assert!(stats.fault_p50 <= stats.fault_p99 && stats.fault_p99 <= stats.fault_max);
+
+        // The uffd is closed: these reads fault no more, and show what was pushed.
+        let mut b = vec![0u8; PAGE];
+        for i in 0..pages {
+            let a = addr + i * P;
+            read_mem(a, &mut b);
+            let want = if a < lazy_end && i != 10 && i != 200 { content(777, a) } else { vec![0u8; PAGE] };
+            assert!(b == want, "page {i}");
+        }
+        munmap(addr, (pages * P) as usize);
+    }
+
+    /// REMAP moves missing pages (looked up at their image address), REMOVE and UNMAP drop them, and a
+    /// fault while the push runs is served ahead of it.
+    #[test]
+    fn remap_remove_and_unmap_events() {
+        let _s = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let (uffd, addr) = registered(64);
+        let ranges = one(5, addr..addr + 64 * P);
+        let lazy = LazyPages::listen(dir.path()).unwrap();
+        let h = lazy.start(ranges, source(5, vec![]));
+        let mut criu = FakeRestore::connect(dir.path());
+        criu.send_task(5, Some(&uffd));
+        drop(uffd);
+
+        // Pages 8..16 move to a new place (it blocks until the daemon read REMAP).
+        let dest = mmap_anon(8 * P as usize);
+        touching(move || mremap_fixed(addr + 8 * P, 8 * P as usize, dest));
+        assert_eq!(page_at(dest + 3 * P), content(5, addr + 11 * P), "moved page served from its image address");
+        // Pages 16..24 are MADV_DONTNEED'd: unregistered and dropped, they read as zeros.
+        touching(move || madvise_dontneed(addr + 16 * P, 8 * P as usize));
+        assert_eq!(page_at(addr + 17 * P), vec![0u8; PAGE]);
+        // Pages 24..32 are unmapped.
+        touching(move || munmap(addr + 24 * P, 8 * P as usize));
+        std::thread::sleep(Duration::from_millis(50));
+        let p = h.progress();
+        assert_eq!(p.pages_left, 64 - 1 - 8 - 8, "{p:?}");
+
+        criu.finish();
+        let stats = done_within(h).expect("done");
+        assert_eq!(stats.faults, 1, "{stats:?}");
+        assert_eq!(stats.dropped_pages, 16);
+        assert_eq!(stats.pushed_pages, 64 - 1 - 16, "{stats:?}");
+        let mut b = vec![0u8; PAGE];
+        for i in (0..8).chain(32..64) {
+            read_mem(addr + i * P, &mut b);
+            assert!(b == content(5, addr + i * P), "page {i}");
+        }
+        for i in 0..8 {
+            read_mem(dest + i * P, &mut b);
+            assert!(b == content(5, addr + (8 + i) * P), "moved page {i}");
+        }
+        munmap(addr, 8 * P as usize);
+        munmap(addr + 16 * P, 8 * P as usize);
+        munmap(addr + 32 * P, 32 * P as usize);
+        munmap(dest, 8 * P as usize);
+    }
+
+    /// A FORK gives the child a uffd of its own with a copy of the parent's missing pages, looked up
+    /// under the parent's image pid.
+    #[test]
+    fn forked_child_gets_the_parents_missing_pages() {
+        let _s = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let (uffd, addr) = registered(16);
+        let lazy = LazyPages::listen(dir.path()).unwrap();
+        let h = lazy.start(one(9, addr..addr + 16 * P), source(9, vec![]));
+        let mut criu = FakeRestore::connect(dir.path());
+        criu.send_task(9, Some(&uffd));
+        drop(uffd);
+        assert_eq!(page_at(addr), content(9, addr));
+        let want = content(9, addr + 7 * P);
+        let code = touching(move || {
+            in_child(move || {
+                let mut got = [0u8; PAGE];
+                read_mem(addr + 7 * P, &mut got);
+                if got[..] == want[..] { 0 } else { 1 }
+            })
+        });
+        assert_eq!(code, 0, "the child read other content than the parent's image page");
+        // The child is gone; the parent's pages are still all pushed.
+        criu.finish();
+        let stats = done_within(h).expect("done");
+        assert_eq!(stats.forks, 1, "{stats:?}");
+        assert_eq!(stats.processes, 2);
+        assert!(stats.faults >= 2, "{stats:?}");
+        let mut b = vec![0u8; PAGE];
+        for i in 0..16 {
+            read_mem(addr + i * P, &mut b);
+            assert!(b == content(9, addr + i * P), "page {i}");
+        }
+        munmap(addr, 16 * P as usize);
+    }
+
+    /// Lazy ranges merge adjacent VMAs; a push batch across the end of one fails with ENOENT and goes on
+    /// page by page until past it.
+    #[test]
+    fn a_push_batch_across_two_vmas_goes_page_by_page() {
+        let _s = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let (uffd, addr) = registered(96);
+        mprotect_read_only(addr + 40 * P, 56 * P as usize);
+        let lazy = LazyPages::listen(dir.path()).unwrap();
+        let h = lazy.start(one(3, addr..addr + 96 * P), source(3, vec![]));
+        let mut criu = FakeRestore::connect(dir.path());
+        criu.send_task(3, Some(&uffd));
+        drop(uffd);
+        criu.finish();
+        let stats = done_within(h).expect("done");
+        assert_eq!((stats.pushed_pages, stats.dropped_pages), (96, 0), "{stats:?}");
+        let mut b = vec![0u8; PAGE];
+        for i in 0..96 {
+            read_mem(addr + i * P, &mut b);
+            assert!(b == content(3, addr + i * P), "page {i}");
+        }
+        munmap(addr, 96 * P as usize);
+    }
+
+    /// EOF before RSTF is a failed restore; a zombie (-pid) sends no fd; a restore of only zombies is
+    /// done at RSTF.
+    #[test]
+    fn eof_before_rstf_fails_and_zombies_send_no_fd() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = LazyPages::listen(dir.path()).unwrap().start(one(1, 0x1000..0x2000), source(1, vec![]));
+        let mut criu = FakeRestore::connect(dir.path());
+        criu.send_task(-1, None);
+        drop(criu);
+        match h.wait_restored(Duration::from_secs(5)) {
+            Err(LazyError::RestoreFailed { processes: 0 }) => {}
+            r => panic!("expected RestoreFailed, got {r:?}"),
+        }
+        assert!(matches!(h.wait_done(), Err(LazyError::RestoreFailed { .. })));
+
+        let h = LazyPages::listen(dir.path()).unwrap().start(one(1, 0x1000..0x2000), source(1, vec![]));
+        let mut criu = FakeRestore::connect(dir.path());
+        criu.send_task(-1, None);
+        criu.finish();
+        h.wait_restored(Duration::from_secs(5)).unwrap();
+        let stats = done_within(h).unwrap();
+        assert_eq!((stats.processes, stats.faults, stats.pushed_pages), (0, 0, 0));
+    }
+
+    #[test]
+    fn no_connection_times_out_and_cancel_ends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = LazyPages::listen(dir.path()).unwrap().start(vec![], source(1, vec![]));
+        let e = h.wait_restored(Duration::from_millis(100)).unwrap_err();
+        assert!(matches!(e, LazyError::NotConnected { .. }), "{e}");
+        assert!(e.to_string().contains("--lazy-pages"), "{e}");
+        h.cancel();
+        assert!(matches!(h.wait_done(), Err(LazyError::Cancelled)));
+        assert!(!dir.path().join(SOCKET_NAME).exists(), "socket left behind");
+    }
+
+    #[test]
+    fn garbage_on_the_socket_is_a_protocol_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = LazyPages::listen(dir.path()).unwrap().start(vec![], source(1, vec![]));
+        let mut criu = FakeRestore::connect(dir.path());
+        criu.0.write_all(&0i32.to_ne_bytes()).unwrap();
+        let e = h.wait_restored(Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, LazyError::Protocol { .. }), "{e}");
+    }
+
+    #[test]
+    fn bind_error_names_the_fix() {
+        let e = LazyPages::listen(Path::new("/nonexistent/dir")).err().expect("bind fails");
+        assert!(e.to_string().contains("must exist"), "{e}");
+    }
+
+    /// Offsets in pages-N.img: the sum of the PE_PRESENT entries before (§1.6); parent layers for
+    /// PE_PARENT; images of a lazy dump are refused.
+    #[test]
+    fn image_page_source_reads_pages_by_offset() {
+        use criu::images::{Pagemap, PagemapEntry, encode_pagemap};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let parent = d.join("p0");
+        std::fs::create_dir(&parent).unwrap();
+        std::os::unix::fs::symlink("p0", d.join("parent")).unwrap();
+        let e = |vaddr, nr_pages, flags| PagemapEntry { vaddr, nr_pages, flags };
+        // Child: 2 present pages at 0x10000, 1 parent page at 0x20000, 3 lazy+present at 0x30000.
+        let pm = Pagemap {
+            pages_id: 3,
+            entries: vec![e(0x10000, 2, PE_PRESENT), e(0x20000, 1, PE_PARENT), e(0x30000, 3, PE_LAZY | PE_PRESENT)],
+        };
+        std::fs::write(d.join("pagemap-42.img"), encode_pagemap(&pm)).unwrap();
+        let data: Vec<u8> =
+            [0x10000u64, 0x11000, 0x30000, 0x31000, 0x32000].iter().flat_map(|&v| content(42, v)).collect();
+        std::fs::write(d.join("pages-3.img"), &data).unwrap();
+        let ppm = Pagemap { pages_id: 1, entries: vec![e(0x1f000, 2, PE_PRESENT)] };
+        std::fs::write(parent.join("pagemap-42.img"), encode_pagemap(&ppm)).unwrap();
+        let pdata: Vec<u8> = [0x1f000u64, 0x20000].iter().flat_map(|&v| content(42, v)).collect();
+        std::fs::write(parent.join("pages-1.img"), &pdata).unwrap();
+
+        let src = ImagePageSource::open(d).unwrap();
+        let mut b = vec![0u8; PAGE];
+        for v in [0x10000u64, 0x11000, 0x20000, 0x30000, 0x31000, 0x32000] {
+            assert!(src.read_page(42, v, &mut b), "{v:#x}");
+            assert!(b == content(42, v), "{v:#x}");
+        }
+        for v in [0x12000u64, 0x1f000, 0x33000, 0x0] {
+            assert!(!src.read_page(42, v, &mut b), "{v:#x} is not in the child's pagemap");
+        }
+        assert!(!src.read_page(43, 0x10000, &mut b));
+
+        let lazy_only = Pagemap { pages_id: 3, entries: vec![e(0x10000, 2, PE_LAZY)] };
+        std::fs::write(d.join("pagemap-42.img"), encode_pagemap(&lazy_only)).unwrap();
+        let err = ImagePageSource::open(d).err().expect("lazy-only images refused");
+        assert!(matches!(err, LazyError::LazyWithoutData { pid: 42, vaddr: 0x10000, .. }), "{err}");
+        std::fs::write(d.join("pagemap-42.img"), encode_pagemap(&pm)).unwrap();
+        std::fs::write(d.join("pages-3.img"), &data[..PAGE]).unwrap();
+        assert!(matches!(ImagePageSource::open(d), Err(LazyError::ShortPages { .. })));
+    }
+}
