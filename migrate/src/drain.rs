@@ -248,7 +248,12 @@ fn item(pid: u32, rss: u64) -> Item {
 }
 
 /// Runs a drain; returns the report (Err for a drain that could not start at all).
-pub async fn run(socket: &Path, a: &DrainArgs, show_progress: bool) -> Result<Report, String> {
+pub async fn run(
+    socket: &Path,
+    a: &DrainArgs,
+    options: source_agent::control::MigrateOptions,
+    show_progress: bool,
+) -> Result<Report, String> {
     let pids = select(a)?;
     let roots = roots(&pids, ppid);
     let mut report = Report { dry_run: a.dry_run, ..Default::default() };
@@ -317,7 +322,7 @@ pub async fn run(socket: &Path, a: &DrainArgs, show_progress: bool) -> Result<Re
             let bar = multi.add(ProgressBar::new(0));
             bar.set_style(crate::bar_style());
             bar.set_prefix(format!("{pid}->{host}"));
-            let req = Request::Migrate { pid, target: target.clone() };
+            let req = Request::Migrate { pid, target: target.clone(), options };
             let r = control::request(&socket, &req, |ev| crate::show(&bar, ev)).await;
             bar.finish_and_clear();
             overall.inc(1);

@@ -7,7 +7,7 @@ pub mod drain;
 use std::path::PathBuf;
 
 use clap::Parser;
-use source_agent::control::{Event, Phase, Summary};
+use source_agent::control::{Event, MigrateOptions, Mode, Phase, Summary};
 
 /// Move a running process tree to another host, with as little downtime as possible.
 ///
@@ -31,6 +31,29 @@ pub struct Cli {
     /// Control socket of the local source agent.
     #[arg(long, global = true, env = "MIGRATE_AGENT_SOCKET", default_value = source_agent::control::DEFAULT_SOCKET)]
     pub agent_socket: PathBuf,
+    #[command(flatten)]
+    pub how: How,
+}
+
+/// How memory moves (migrate and drain).
+#[derive(clap::Args, Debug, PartialEq, Clone, Copy)]
+pub struct How {
+    /// precopy: copy memory while the tree runs, round after round, and freeze only for what changed
+    /// since; stopcopy: freeze, dump everything, copy, restore.
+    #[arg(long, global = true, value_enum, default_value_t = Mode::Precopy)]
+    pub mode: Mode,
+    /// Pre-copy: freeze once the estimated downtime is at most this many milliseconds.
+    #[arg(long, global = true, default_value_t = MigrateOptions::default().max_downtime_ms)]
+    pub max_downtime: u64,
+    /// Pre-copy: at most this many rounds (the first, which copies everything, included).
+    #[arg(long, global = true, default_value_t = MigrateOptions::default().max_rounds, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_rounds: u32,
+}
+
+impl How {
+    pub fn options(&self) -> MigrateOptions {
+        MigrateOptions { mode: self.mode, max_downtime_ms: self.max_downtime, max_rounds: self.max_rounds }
+    }
 }
 
 /// Other things `migrate` does.
@@ -83,8 +106,28 @@ pub fn show(bar: &indicatif::ProgressBar, ev: &Event) {
             bar.set_position(*done);
             bar.set_message(format!("{} on the wire", bytes(*wire)));
         }
+        Event::Round { .. } => {
+            // Each round stays on screen above the bar.
+            if let Some(line) = round_text(ev) {
+                bar.println(line);
+            }
+        }
         _ => {}
     }
+}
+
+/// One line per pre-copy round: pages sent, dirty rate, estimated downtime, and why the rounds stop.
+pub fn round_text(ev: &Event) -> Option<String> {
+    let Event::Round { round, pages_sent, wire_bytes, dirty_pages_per_s, est_downtime_ms, freeze } = ev else {
+        return None;
+    };
+    Some(format!(
+        "round {round}: {pages_sent} pages sent ({} on the wire), dirtying {:.0} pages/s, downtime if frozen now ~{}{}",
+        bytes(*wire_bytes),
+        dirty_pages_per_s,
+        duration_ms(*est_downtime_ms),
+        freeze.as_ref().map(|f| format!("; freezing: {f}")).unwrap_or_default()
+    ))
 }
 
 /// Human size, binary units.
@@ -106,7 +149,7 @@ fn duration_ms(ms: f64) -> String {
 pub fn summary_text(s: &Summary) -> String {
     format!(
         "migrated pid {} ({}, {} process{}) to {} as pid {}: downtime {}, total {}, {} image, {} on the wire ({:.1}x compression)\n  \
-         dump {}, transfer {}, restore {}; {} files; target host {}",
+         dump {}, transfer {}, restore {}; {} files; target host {}{}",
         s.pid,
         s.comm,
         s.processes,
@@ -123,6 +166,20 @@ pub fn summary_text(s: &Summary) -> String {
         duration_ms(s.restore_ms),
         s.files,
         s.target_host,
+        match s.mode {
+            Mode::Stopcopy => String::new(),
+            Mode::Precopy => format!(
+                "\n  pre-copy: {} round{} in {}, {} pages sent during the freeze; all memory in place on the target {}",
+                s.rounds,
+                if s.rounds == 1 { "" } else { "s" },
+                duration_ms(s.precopy_ms),
+                s.freeze_pages,
+                match s.complete_ms {
+                    Some(ms) => format!("{} after the freeze ({} faults served)", duration_ms(ms), s.faults),
+                    None => "(not confirmed by the target)".into(),
+                }
+            ),
+        }
     )
 }
 
@@ -130,7 +187,7 @@ pub fn summary_text(s: &Summary) -> String {
 pub async fn run(cli: Cli) -> i32 {
     match (&cli.command, cli.pid, &cli.host) {
         (Some(Command::Check { pid, host }), _, _) => check(&cli, *pid, host.clone()).await,
-        (Some(Command::Drain(a)), _, _) => match drain::run(&cli.agent_socket, a, !cli.json).await {
+        (Some(Command::Drain(a)), _, _) => match drain::run(&cli.agent_socket, a, cli.how.options(), !cli.json).await {
             Ok(r) => {
                 if cli.json {
                     println!("{}", serde_json::to_string(&r).expect("report serializes"));
@@ -220,7 +277,7 @@ async fn migrate(cli: &Cli, pid: u32, host: String) -> i32 {
     };
     bar.set_style(bar_style());
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
-    let req = source_agent::control::Request::Migrate { pid, target: host };
+    let req = source_agent::control::Request::Migrate { pid, target: host, options: cli.how.options() };
     let result = source_agent::control::request(&cli.agent_socket, &req, |ev| show(&bar, ev)).await;
     bar.finish_and_clear();
     match result {
@@ -258,7 +315,8 @@ mod tests {
                 pid: Some(123),
                 host: Some("10.0.0.2:7420".into()),
                 json: true,
-                agent_socket: "/x.sock".into()
+                agent_socket: "/x.sock".into(),
+                how: How { mode: Mode::Precopy, max_downtime: 100, max_rounds: 8 },
             }
         );
         assert!(Cli::try_parse_from(["migrate", "notapid", "b"]).is_err());
@@ -267,6 +325,13 @@ mod tests {
         let c = Cli::try_parse_from(["migrate", "check", "--json", "42"]).unwrap();
         assert_eq!(c.command, Some(Command::Check { pid: 42, host: None }));
         assert!(c.json);
+        let c = Cli::try_parse_from(["migrate", "--mode", "stopcopy", "--max-downtime", "300", "1", "b"]).unwrap();
+        assert_eq!(c.how, How { mode: Mode::Stopcopy, max_downtime: 300, max_rounds: 8 });
+        assert!(Cli::try_parse_from(["migrate", "--mode", "teleport", "1", "b"]).is_err());
+        assert!(Cli::try_parse_from(["migrate", "--max-rounds", "0", "1", "b"]).is_err());
+        let c =
+            Cli::try_parse_from(["migrate", "drain", "--to", "b", "--pids-file", "f", "--max-rounds", "3"]).unwrap();
+        assert_eq!(c.how.max_rounds, 3);
         let c = Cli::try_parse_from(["migrate", "check", "42", "b:7420"]).unwrap();
         assert_eq!(c.command, Some(Command::Check { pid: 42, host: Some("b:7420".into()) }));
     }
@@ -290,8 +355,38 @@ mod tests {
             wire_bytes: 3 << 20,
             compression_ratio: 85.3,
             files: 20,
+            mode: Mode::Stopcopy,
+            rounds: 0,
+            precopy_ms: 0.0,
+            freeze_pages: 0,
+            complete_ms: None,
+            faults: 0,
         };
         let t = summary_text(&s);
         assert!(t.starts_with("migrated pid 7 (work, 3 processes) to b as pid 7: downtime 812 ms, total 1.52 s, 256.0 MiB image, 3.0 MiB on the wire (85.3x compression)"), "{t}");
+        assert!(!t.contains("pre-copy"), "{t}");
+        let p = Summary {
+            mode: Mode::Precopy,
+            rounds: 3,
+            precopy_ms: 2500.0,
+            freeze_pages: 812,
+            complete_ms: Some(1900.0),
+            faults: 12,
+            ..s
+        };
+        let t = summary_text(&p);
+        assert!(t.ends_with("pre-copy: 3 rounds in 2.50 s, 812 pages sent during the freeze; all memory in place on the target 1.90 s after the freeze (12 faults served)"), "{t}");
+        let round = Event::Round {
+            round: 1,
+            pages_sent: 2600,
+            wire_bytes: 10 << 20,
+            dirty_pages_per_s: 5200.4,
+            est_downtime_ms: 340.0,
+            freeze: Some("the dirty set stopped shrinking".into()),
+        };
+        assert_eq!(
+            round_text(&round).unwrap(),
+            "round 1: 2600 pages sent (10.0 MiB on the wire), dirtying 5200 pages/s, downtime if frozen now ~340 ms; freezing: the dirty set stopped shrinking"
+        );
     }
 }

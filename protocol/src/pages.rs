@@ -37,17 +37,21 @@ pub fn encode_batch(batch: &pb::PageBatch, data: &[u8], level: Option<i32>, out:
     if data.is_empty() { false } else { chunk::encode_with(data, level, out) }
 }
 
+/// One batch as read: the message, the bytes of its data pages, and the bytes it took on the stream.
+pub type ReadBatch = (pb::PageBatch, Vec<u8>, u64);
+
 /// Reads one batch and the bytes of its data pages. `Ok(None)`: the stream ended cleanly.
 ///
 /// # Cancel safety
 /// Not cancel safe.
-pub async fn read_batch<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(pb::PageBatch, Vec<u8>)>, ProtocolError> {
+pub async fn read_batch<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<ReadBatch>, ProtocolError> {
     let Some(batch) = read_frame::<_, pb::PageBatch>(r).await? else {
         return Ok(None);
     };
     check_batch(&batch)?;
+    let frame = 4 + prost::Message::encoded_len(&batch) as u64;
     if batch.data.is_empty() {
-        return Ok(Some((batch, Vec::new())));
+        return Ok(Some((batch, Vec::new(), frame)));
     }
     let mut h = [0u8; HEADER_LEN];
     r.read_exact(&mut h).await.map_err(eof_is_truncation)?;
@@ -58,7 +62,7 @@ pub async fn read_batch<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(pb::P
     let mut payload = vec![0u8; header.enc_len];
     r.read_exact(&mut payload).await.map_err(eof_is_truncation)?;
     let data = chunk::decode(&header, &payload)?;
-    Ok(Some((batch, data)))
+    Ok(Some((batch, data, frame + (HEADER_LEN + header.enc_len) as u64)))
 }
 
 /// The limits every batch from a peer must keep.
@@ -69,7 +73,7 @@ pub fn check_batch(b: &pb::PageBatch) -> Result<(), ProtocolError> {
     if records(b) > MAX_RECORDS {
         return Err(bad(format!("{} records in one batch, over the limit of {MAX_RECORDS}", records(b))));
     }
-    let aligned = |a: u64| a % PAGE_SIZE as u64 == 0;
+    let aligned = |a: u64| a.is_multiple_of(PAGE_SIZE as u64);
     let all = b.data.iter().chain(&b.zero).chain(b.copies.iter().flat_map(|c| [&c.vaddr, &c.from_vaddr]));
     if let Some(a) = all.copied().find(|&a| !aligned(a)) {
         return Err(bad(format!("page address {a:#x} is not page-aligned")));
@@ -112,10 +116,11 @@ mod tests {
         let empty = pb::PageBatch { data: vec![], ..batch(vec![]) };
         encode_batch(&empty, &[], Some(1), &mut wire);
         let mut r = wire.as_slice();
-        let (got, bytes) = read_batch(&mut r).await.unwrap().unwrap();
+        let (got, bytes, n1) = read_batch(&mut r).await.unwrap().unwrap();
         assert_eq!((got, bytes), (b, data));
-        let (got, bytes) = read_batch(&mut r).await.unwrap().unwrap();
+        let (got, bytes, n2) = read_batch(&mut r).await.unwrap().unwrap();
         assert_eq!((got, bytes.len()), (empty, 0));
+        assert_eq!(n1 + n2, wire.len() as u64, "the wire sizes add up to the stream");
         assert!(read_batch(&mut r).await.unwrap().is_none());
     }
 

@@ -20,11 +20,50 @@ pub const DEFAULT_SOCKET: &str = "/run/migrate/source.sock";
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     /// Move the tree rooted at `pid` to the target agent at `target` (`host[:port]`).
-    Migrate { pid: u32, target: String },
+    Migrate {
+        pid: u32,
+        target: String,
+        #[serde(default)]
+        options: MigrateOptions,
+    },
     /// Pre-flight only: what would stop the tree from moving (to `target`, when given). Touches nothing.
     Check { pid: u32, target: Option<String> },
     /// What the target agent at `target` states about itself (name, free memory), for placement.
     Probe { target: String },
+}
+
+/// How memory moves.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Copy memory round after round while the tree runs, freeze only for what changed since; the
+    /// target restores the private memory lazily from what it received.
+    #[default]
+    Precopy,
+    /// Freeze, dump everything, copy it, restore: no rounds (CRIU cold migration, over QUIC).
+    Stopcopy,
+}
+
+/// How a migration runs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct MigrateOptions {
+    pub mode: Mode,
+    /// Pre-copy: freeze once the estimated downtime is at most this.
+    pub max_downtime_ms: u64,
+    /// Pre-copy: rounds at most, the first (all memory) included.
+    pub max_rounds: u32,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        let p = crate::precopy::Policy::default();
+        MigrateOptions {
+            mode: Mode::default(),
+            max_downtime_ms: p.max_downtime.as_millis() as u64,
+            max_rounds: p.max_rounds,
+        }
+    }
 }
 
 /// Phases of a migration, in order.
@@ -33,10 +72,14 @@ pub enum Request {
 pub enum Phase {
     Connect,
     Prepare,
+    /// Pre-copy rounds while the tree runs.
+    Precopy,
     Dump,
     Transfer,
     Restore,
     Commit,
+    /// The copy runs; the target fills in the rest of its memory from what it received.
+    Complete,
 }
 
 /// Where the original process is after a failure.
@@ -63,6 +106,20 @@ pub enum Event {
         done: u64,
         total: u64,
         wire: u64,
+    },
+    /// A pre-copy round ended.
+    Round {
+        round: u32,
+        /// Pages sent in this round (bytes, zero and copy records).
+        pages_sent: u64,
+        /// Bytes this round put on the wire.
+        wire_bytes: u64,
+        /// Pages per second the tree changed during the round.
+        dirty_pages_per_s: f64,
+        /// Downtime if frozen now.
+        est_downtime_ms: f64,
+        /// Why the rounds stop here, if they do.
+        freeze: Option<String>,
     },
     Done {
         summary: Summary,
@@ -107,6 +164,33 @@ pub struct Summary {
     /// image_bytes / wire_bytes.
     pub compression_ratio: f64,
     pub files: usize,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Pre-copy rounds while the tree ran.
+    #[serde(default)]
+    pub rounds: u32,
+    /// Time spent in those rounds.
+    #[serde(default)]
+    pub precopy_ms: f64,
+    /// Page records sent during the freeze (what changed since the last round).
+    #[serde(default)]
+    pub freeze_pages: u64,
+    /// From the freeze until every page was in place on the target (lazy restore); None when the
+    /// target did not say.
+    #[serde(default)]
+    pub complete_ms: Option<f64>,
+    /// Page faults the target served from its page store while it filled the memory in.
+    #[serde(default)]
+    pub faults: u64,
+}
+
+impl Summary {
+    /// Sets compression_ratio from the byte counts.
+    pub fn with_ratio(mut self) -> Self {
+        self.compression_ratio =
+            if self.wire_bytes > 0 { self.image_bytes as f64 / self.wire_bytes as f64 } else { 1.0 };
+        self
+    }
 }
 
 /// Errors of the control client.
@@ -157,8 +241,14 @@ mod tests {
 
     #[test]
     fn wire_format_is_stable() {
-        let r = Request::Migrate { pid: 42, target: "b:7420".into() };
-        assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"request":"migrate","pid":42,"target":"b:7420"}"#);
+        let r: Request = serde_json::from_str(r#"{"request":"migrate","pid":42,"target":"b:7420"}"#).unwrap();
+        assert_eq!(r, Request::Migrate { pid: 42, target: "b:7420".into(), options: MigrateOptions::default() });
+        let r: Request = serde_json::from_str(
+            r#"{"request":"migrate","pid":42,"target":"b","options":{"mode":"stopcopy","max_downtime_ms":50}}"#,
+        )
+        .unwrap();
+        let Request::Migrate { options, .. } = r else { panic!("{r:?}") };
+        assert_eq!((options.mode, options.max_downtime_ms, options.max_rounds), (Mode::Stopcopy, 50, 8));
         let e = Event::Failed { error: "x".into(), original: Original::Running };
         assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"event":"failed","error":"x","original":"running"}"#);
     }

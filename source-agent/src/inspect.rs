@@ -128,10 +128,11 @@ impl Tree {
                 }
             }
             for m in &p.mapped {
-                if m.rdev.is_none() && m.path.starts_with('/') {
-                    if let Ok(md) = std::fs::metadata(&m.path) {
-                        out.entry(m.path.clone()).or_insert(md.len());
-                    }
+                if m.rdev.is_none()
+                    && m.path.starts_with('/')
+                    && let Ok(md) = std::fs::metadata(&m.path)
+                {
+                    out.entry(m.path.clone()).or_insert(md.len());
                 }
             }
         }
@@ -320,10 +321,10 @@ fn tcp_states(pid: u32) -> HashMap<u64, u8> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).unwrap_or_default();
         for line in text.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
-            if let (Some(st), Some(ino)) = (cols.get(3), cols.get(9)) {
-                if let (Ok(st), Ok(ino)) = (u8::from_str_radix(st, 16), ino.parse::<u64>()) {
-                    out.insert(ino, st);
-                }
+            if let (Some(st), Some(ino)) = (cols.get(3), cols.get(9))
+                && let (Ok(st), Ok(ino)) = (u8::from_str_radix(st, 16), ino.parse::<u64>())
+            {
+                out.insert(ino, st);
             }
         }
     }

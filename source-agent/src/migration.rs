@@ -1,8 +1,14 @@
 //! One migration as the source sees it.
 //!
 //! Steps: find the tree → connect (QUIC, mutual TLS) → Hello → Prepare (target checks its pids) →
-//! **freeze**: `criu dump --leave-stopped` → send every image file on its own stream → ImagesDone →
-//! target restores, stopped → Restored → Commit → target resumes → Resumed → kill the original.
+//! pre-copy rounds while the tree runs ([`crate::precopy`]) → **freeze**: `criu dump --lazy-pages
+//! --leave-stopped` (private memory stays in the stopped tree) → the final delta of the memory on the
+//! pages stream and every image file on its own stream → ImagesDone → target restores, stopped, with
+//! its private memory lazy → Restored → Commit → target resumes → Resumed → kill the original → the
+//! target fills in the memory from its page store and says Complete.
+//!
+//! `--mode stopcopy` skips the rounds and dumps every page into the images (`criu dump
+//! --leave-stopped`), which cross as files; the target restores them as they are.
 //!
 //! Rollback rule, in [`run`] where every failure lands:
 //! - failure before the freeze: nothing was touched, the process runs as before;
@@ -27,7 +33,8 @@ use protocol::pb::{self, source_msg, target_msg};
 use protocol::{ProtocolError, file_stream};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::control::{Event, Original, Phase, Summary};
+use crate::control::{Event, MigrateOptions, Mode, Original, Phase, Summary};
+use crate::precopy;
 
 /// How long to wait for the target to answer the QUIC handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,6 +42,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long to wait for Resumed after Commit.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to wait, after Resumed, for the target to say every page is in place (only reported: the
+/// copy runs and the original is gone by then).
+pub const COMPLETE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Image files sent at once.
 const PARALLEL_FILES: usize = 4;
 
@@ -71,6 +81,18 @@ struct Migration<'a> {
     work_dir: PathBuf,
     /// The pre-flight found nothing: from here on this counts as a started migration.
     preflight_passed: bool,
+    options: MigrateOptions,
+}
+
+/// What the pre-copy rounds leave for the freeze.
+struct PreCopied {
+    stream: quinn::SendStream,
+    held: precopy::Held,
+    level: protocol::chunk::AdaptiveLevel,
+    rounds: u32,
+    ms: f64,
+    /// Bytes the rounds put on the wire.
+    wire: u64,
 }
 
 /// Runs one migration and applies the rollback rule to any failure.
@@ -78,6 +100,7 @@ pub async fn run(
     ctx: &Context,
     pid: u32,
     target: &str,
+    options: MigrateOptions,
     caller_uid: u32,
     events: UnboundedSender<Event>,
 ) -> Result<Summary, Failure> {
@@ -91,6 +114,7 @@ pub async fn run(
         pids: Vec::new(),
         work_dir,
         preflight_passed: false,
+        options,
     };
     ctx.stats.migrations.start(telemetry::Running {
         id: id.clone(),
@@ -285,6 +309,11 @@ impl Migration<'_> {
         let (send, recv) = (&mut *send, &mut *recv);
         let free = prepared.free_bytes;
 
+        let mut pre = match self.options.mode {
+            Mode::Precopy => Some(self.precopy(conn, pid, pids).await?),
+            Mode::Stopcopy => None,
+        };
+
         // Freeze and dump.
         std::fs::create_dir_all(&self.work_dir)
             .map_err(|e| format!("cannot create {}: {e}", self.work_dir.display()))?;
@@ -292,7 +321,16 @@ impl Migration<'_> {
         let frozen_at = Instant::now();
         self.stage = Stage::Frozen;
         write_journal(&self.work_dir, "frozen", pids);
-        let dumped = self.ctx.criu.dump(&criu::DumpRequest { pid, images_dir: self.work_dir.clone() }).await;
+        let req = criu::DumpRequest { pid, images_dir: self.work_dir.clone() };
+        let dumped = match pre {
+            // The private memory stays in the stopped tree (PE_LAZY in the pagemaps); CRIU's own page
+            // server is not needed: the final delta reads the stopped tree directly.
+            Some(_) => match self.ctx.criu.dump_lazy(&req).await {
+                Ok(lazy) => lazy.finish().await,
+                Err(e) => Err(e),
+            },
+            None => self.ctx.criu.dump(&req).await,
+        };
         let dump_ms = ms(frozen_at.elapsed());
         if let Err(e) = dumped {
             let _ =
@@ -300,7 +338,7 @@ impl Migration<'_> {
             return Err(e.to_string());
         }
 
-        // Transfer.
+        // Transfer: the image files and, with pre-copy, what changed in memory since the last round.
         let files = image_files(&self.work_dir)?;
         let total: u64 = files.iter().map(|(_, s)| s).sum();
         if total > free {
@@ -311,7 +349,14 @@ impl Migration<'_> {
         }
         self.phase(Phase::Transfer, format!("sending {} image files, {total} bytes", files.len()));
         let transfer_started = Instant::now();
-        let sent = match self.send_files(conn, &files, total).await {
+        let delta = async {
+            let Some(p) = pre.as_mut() else { return Ok(precopy::RoundStats::default()) };
+            let regions = precopy::lazy_regions(&self.work_dir)?;
+            let s = precopy::send_round(&mut p.held, &mut p.stream, regions, p.rounds, None, &p.level).await?;
+            p.stream.finish().map_err(|e| format!("pages stream: {e}"))?;
+            Ok::<_, String>(s)
+        };
+        let sent = match tokio::try_join!(self.send_files(conn, &files, total), delta) {
             Ok(s) => s,
             Err(e) => {
                 // The target may have said why it stopped a stream (disk full, bad file): prefer its words.
@@ -332,13 +377,15 @@ impl Migration<'_> {
                 return Err(reason);
             }
         };
+        let (sent, delta) = sent;
         let transfer_ms = ms(transfer_started.elapsed());
-        let wire: u64 = sent.iter().map(|(_, t)| t.wire).sum();
+        let wire: u64 = sent.iter().map(|(_, t)| t.wire).sum::<u64>() + delta.wire;
         let summaries: Vec<pb::FileSummary> = sent.into_iter().map(|(s, _)| s).collect();
         let nfiles = summaries.len();
-        write_frame(send, &send_msg(source_msg::Msg::ImagesDone(pb::ImagesDone { files: summaries })))
-            .await
-            .map_err(link(target))?;
+        let page_records = pre.as_ref().map(|p| p.held.records).unwrap_or(0);
+        tracing::info!(id = %self.id, pages = delta.sent, data = delta.data, scanned = delta.scanned, read_ms = delta.read_secs * 1e3, "final delta sent");
+        let done = pb::ImagesDone { files: summaries, lazy: pre.is_some(), page_records };
+        write_frame(send, &send_msg(source_msg::Msg::ImagesDone(done))).await.map_err(link(target))?;
 
         // Restore on the target.
         self.phase(Phase::Restore, format!("{} is restoring", remote.host_name));
@@ -361,6 +408,24 @@ impl Migration<'_> {
             tracing::error!(?pids, "the copy runs on {} but killing the original failed: {e}", remote.host_name);
         }
         let _ = send.finish();
+
+        // With lazy memory the target now fills it in; it says when every page is in place. The copy
+        // runs whatever happens here: this only reports.
+        let mut complete = None;
+        if pre.is_some() {
+            self.phase(
+                Phase::Complete,
+                format!("the copy runs on {}; its memory is being filled in", remote.host_name),
+            );
+            match recv_within(recv, target, COMPLETE_TIMEOUT, &remote.host_name, "fill in the memory").await {
+                Ok(target_msg::Msg::Complete(c)) if c.error.is_empty() => complete = Some((ms(frozen_at.elapsed()), c)),
+                Ok(target_msg::Msg::Complete(c)) => {
+                    tracing::error!(id = %self.id, "{} could not fill in the copy's memory: {}", remote.host_name, c.error)
+                }
+                Ok(other) => tracing::warn!(id = %self.id, "{}", unexpected(target, &other, "Complete")),
+                Err(e) => tracing::warn!(id = %self.id, "no word on the post-copy from {}: {e}", remote.host_name),
+            }
+        }
         Ok(Summary {
             migration_id: self.id.clone(),
             pid,
@@ -374,11 +439,68 @@ impl Migration<'_> {
             transfer_ms,
             restore_ms: restored.restore_micros as f64 / 1000.0,
             total_ms: ms(started.elapsed()),
-            image_bytes: total,
-            wire_bytes: wire,
-            compression_ratio: if wire > 0 { total as f64 / wire as f64 } else { 1.0 },
+            // With pre-copy the private memory is not in the image files: count the pages the target holds.
+            image_bytes: total
+                + pre.as_ref().map(|p| p.held.len() as u64 * protocol::pages::PAGE_SIZE as u64).unwrap_or(0),
+            wire_bytes: wire + pre.as_ref().map(|p| p.wire).unwrap_or(0),
+            compression_ratio: 0.0,
             files: nfiles,
-        })
+            mode: self.options.mode,
+            rounds: pre.as_ref().map(|p| p.rounds).unwrap_or(0),
+            precopy_ms: pre.as_ref().map(|p| p.ms).unwrap_or(0.0),
+            freeze_pages: delta.sent,
+            complete_ms: complete.as_ref().map(|(t, _)| *t),
+            faults: complete.as_ref().map(|(_, c)| c.faults).unwrap_or(0),
+        }
+        .with_ratio())
+    }
+
+    /// Pre-copy rounds while the tree runs, until the policy says freeze (see [`precopy::decide`]).
+    async fn precopy(&self, conn: &quinn::Connection, pid: u32, pids: &[u32]) -> Result<PreCopied, String> {
+        let started = Instant::now();
+        let mut stream = conn.open_uni().await.map_err(|e| format!("link: {e}"))?;
+        let header = pb::StreamHeader {
+            kind: Some(pb::stream_header::Kind::Pages(pb::PagesHeader { migration_id: self.id.clone() })),
+        };
+        write_frame(&mut stream, &header).await.map_err(|e| format!("pages stream: {e}"))?;
+        let policy = precopy::Policy {
+            max_downtime: Duration::from_millis(self.options.max_downtime_ms),
+            max_rounds: self.options.max_rounds.max(1),
+        };
+        let soft_dirty = self.ctx.hello.soft_dirty;
+        let level = protocol::chunk::AdaptiveLevel::new(protocol::chunk::DEFAULT_LEVEL);
+        let mut held = precopy::Held::default();
+        let mut rounds: Vec<precopy::RoundStats> = Vec::new();
+        self.phase(
+            Phase::Precopy,
+            format!(
+                "copying the memory of {} process(es) while they run ({} dirty tracking)",
+                pids.len(),
+                if soft_dirty { "soft-dirty" } else { "content hash" }
+            ),
+        );
+        loop {
+            let round = rounds.len() as u32;
+            let regions = precopy::tree_regions(pid);
+            let only = soft_dirty.then(|| precopy::soft_dirty_pages(&regions)).filter(|_| round > 0);
+            let stats = precopy::send_round(&mut held, &mut stream, regions, round, only, &level).await?;
+            rounds.push(stats);
+            let d = precopy::decide(&policy, &rounds);
+            tracing::info!(id = %self.id, ?stats, ?d, "pre-copy round");
+            let _ = self.events.send(Event::Round {
+                round,
+                pages_sent: stats.sent,
+                wire_bytes: stats.wire,
+                dirty_pages_per_s: d.dirty_rate,
+                est_downtime_ms: d.est_downtime.as_secs_f64() * 1e3,
+                freeze: d.freeze.map(str::to_string),
+            });
+            if d.freeze.is_some() {
+                break;
+            }
+        }
+        let wire = rounds.iter().map(|r| r.wire).sum();
+        Ok(PreCopied { stream, held, level, rounds: rounds.len() as u32, ms: ms(started.elapsed()), wire })
     }
 
     async fn send_files(

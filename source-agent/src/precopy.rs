@@ -151,14 +151,34 @@ pub fn lazy_regions(images_dir: &std::path::Path) -> Result<Vec<Region>, String>
         .collect())
 }
 
-/// Clears the soft-dirty bits of every process (writes 4 to clear_refs), so that the next round reads
-/// only pages written after this.
-pub fn clear_soft_dirty(pids: &[u32]) {
-    for p in pids {
-        if let Err(e) = std::fs::write(format!("/proc/{p}/clear_refs"), "4") {
-            tracing::debug!(pid = p, "clear_refs: {e}");
+/// Where the kernel has soft-dirty: the pages of `regions` written since the last call (their
+/// soft-dirty bit is set), after which every bit is cleared again (`4 > /proc/PID/clear_refs`). The
+/// first call, with no bits cleared before, returns every page. A page written between the read of its
+/// bit and the clear is missed by the next round; the final delta at the freeze reads every page
+/// whatever its bit, so nothing is lost.
+pub fn soft_dirty_pages(regions: &[Region]) -> std::collections::HashSet<Key> {
+    let mut out = std::collections::HashSet::new();
+    let mut pids: Vec<u32> = regions.iter().map(|r| r.pid).collect();
+    pids.dedup();
+    for pid in &pids {
+        let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else { continue };
+        for r in regions.iter().filter(|r| r.pid == *pid) {
+            let n = ((r.end - r.start) / PAGE_SIZE as u64) as usize;
+            let mut entries = vec![0u64; n];
+            if read_pagemap(&mut f, r.start, &mut entries).is_err() {
+                continue;
+            }
+            for (i, e) in entries.iter().enumerate() {
+                if e & PM_SOFT_DIRTY != 0 {
+                    out.insert((*pid, r.start + (i * PAGE_SIZE) as u64));
+                }
+            }
+        }
+        if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "4") {
+            tracing::debug!(pid, "clear_refs: {e}");
         }
     }
+    out
 }
 
 /// Counters of one round.
@@ -185,8 +205,8 @@ const PM_SWAPPED: u64 = 1 << 62;
 const PM_SOFT_DIRTY: u64 = 1 << 55;
 
 /// Reads `regions`, compares every page with what the target holds, and writes what differs to the
-/// pages stream as round `round`. With `soft_dirty`, pages whose soft-dirty bit is clear are taken as
-/// unchanged without being read.
+/// pages stream as round `round`. With `only` (the soft-dirty pages, see [`soft_dirty_pages`]), other
+/// pages the target holds are taken as unchanged without being compared.
 ///
 /// # Cancel safety
 /// Not cancel safe: a cancelled round leaves the stream in the middle of a batch.
@@ -195,14 +215,14 @@ pub async fn send_round<W: tokio::io::AsyncWrite + Unpin>(
     stream: &mut W,
     regions: Vec<Region>,
     round: u32,
-    soft_dirty: bool,
+    only: Option<std::collections::HashSet<Key>>,
     level: &AdaptiveLevel,
 ) -> Result<RoundStats, String> {
     let started = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(pb::PageBatch, Vec<u8>)>(COMPRESS_PARALLEL * 2);
     let mut owned = std::mem::take(held);
     let reader = tokio::task::spawn_blocking(move || {
-        let r = scan(&mut owned, &regions, round, soft_dirty, &tx);
+        let r = scan(&mut owned, &regions, round, only.as_ref(), &tx);
         (owned, r)
     });
     let mut encoded = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
@@ -244,7 +264,7 @@ fn scan(
     held: &mut Held,
     regions: &[Region],
     round: u32,
-    soft_dirty: bool,
+    only: Option<&std::collections::HashSet<Key>>,
     tx: &tokio::sync::mpsc::Sender<(pb::PageBatch, Vec<u8>)>,
 ) -> Result<RoundStats, String> {
     let mut stats = RoundStats { round, ..Default::default() };
@@ -279,7 +299,7 @@ fn scan(
         let mut addr = region.start;
         while addr < region.end {
             let n = (((region.end - addr) as usize) / PAGE_SIZE).min(READ_PAGES);
-            // Which pages exist (present or swapped) and, with soft-dirty, which were written.
+            // Which pages exist (present or swapped).
             if pagemap.as_ref().map(|(p, _)| *p) != Some(region.pid) {
                 pagemap = std::fs::File::open(format!("/proc/{}/pagemap", region.pid)).ok().map(|f| (region.pid, f));
             }
@@ -288,12 +308,15 @@ fn scan(
                 None => false,
             };
             let len = n * PAGE_SIZE;
-            let read = read_memory(region.pid, addr, &mut buf[..len]);
+            // Reading pages that were never touched would map the zero page into them: skip runs of
+            // absent pages without reading (they hash as zero below).
+            let any = !have_map || entries[..n].iter().any(|e| e & (PM_PRESENT | PM_SWAPPED) != 0);
+            let read = if any { read_memory(region.pid, addr, &mut buf[..len]) } else { 0 };
             for i in 0..n {
                 let key = (region.pid, addr + (i * PAGE_SIZE) as u64);
-                let entry = if have_map { entries[i] } else { PM_PRESENT | PM_SOFT_DIRTY };
+                let entry = if have_map { entries[i] } else { PM_PRESENT };
                 stats.scanned += 1;
-                if soft_dirty && entry & PM_SOFT_DIRTY == 0 && held.pages.contains_key(&key) {
+                if only.is_some_and(|o| !o.contains(&key)) && held.pages.contains_key(&key) {
                     continue;
                 }
                 let page = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
@@ -319,10 +342,10 @@ fn scan(
                     }
                 }
                 stats.sent += 1;
-                if batch.data.len() == MAX_DATA_PAGES || batch.zero.len() + batch.copies.len() >= MAX_BATCH_RECORDS {
-                    if !flush(&mut batch, &mut data, region.pid, &mut blocked) {
-                        return Ok(stats);
-                    }
+                if (batch.data.len() == MAX_DATA_PAGES || batch.zero.len() + batch.copies.len() >= MAX_BATCH_RECORDS)
+                    && !flush(&mut batch, &mut data, region.pid, &mut blocked)
+                {
+                    return Ok(stats);
                 }
             }
             addr += len as u64;
@@ -349,10 +372,7 @@ fn read_pagemap(f: &mut std::fs::File, addr: u64, out: &mut [u64]) -> std::io::R
 fn read_memory(pid: u32, addr: u64, buf: &mut [u8]) -> usize {
     let len = buf.len();
     let remote = [RemoteIoVec { base: addr as usize, len }];
-    match process_vm_readv(nix::unistd::Pid::from_raw(pid as i32), &mut [IoSliceMut::new(buf)], &remote) {
-        Ok(n) => n,
-        Err(_) => 0,
-    }
+    process_vm_readv(nix::unistd::Pid::from_raw(pid as i32), &mut [IoSliceMut::new(buf)], &remote).unwrap_or_default()
 }
 
 /// When to stop the rounds and freeze.
@@ -484,7 +504,7 @@ mod tests {
         let base = (mem.as_mut_ptr() as usize).next_multiple_of(PAGE_SIZE);
         let off = base - mem.as_ptr() as usize;
         for (i, b) in mem[off..off + 64 * PAGE_SIZE].iter_mut().enumerate() {
-            *b = if (i / PAGE_SIZE) % 4 == 0 { 0 } else { (i / PAGE_SIZE) as u8 * 2 + 1 };
+            *b = if (i / PAGE_SIZE).is_multiple_of(4) { 0 } else { (i / PAGE_SIZE) as u8 * 2 + 1 };
         }
         // Two pages with the same content.
         mem.copy_within(off + PAGE_SIZE..off + 2 * PAGE_SIZE, off + 2 * PAGE_SIZE);
@@ -492,18 +512,18 @@ mod tests {
         let level = AdaptiveLevel::new(1);
         let mut held = Held::default();
         let mut wire = Vec::new();
-        let s0 = send_round(&mut held, &mut wire, vec![region.clone()], 0, false, &level).await.unwrap();
+        let s0 = send_round(&mut held, &mut wire, vec![region.clone()], 0, None, &level).await.unwrap();
         assert_eq!(s0.scanned, 64);
         assert_eq!(s0.sent, 48, "zero pages do not cross: {s0:?}");
         assert_eq!(s0.data, 47, "the duplicate crosses as a copy: {s0:?}");
         mem[off + 5 * PAGE_SIZE] ^= 0xff;
         mem[off + 9 * PAGE_SIZE..off + 10 * PAGE_SIZE].fill(0);
         std::hint::black_box(&mem);
-        let s1 = send_round(&mut held, &mut wire, vec![region], 1, false, &level).await.unwrap();
+        let s1 = send_round(&mut held, &mut wire, vec![region], 1, None, &level).await.unwrap();
         assert_eq!((s1.sent, s1.data), (2, 1), "{s1:?}");
         let mut r = wire.as_slice();
         let mut records = 0;
-        while let Some((b, data)) = pages::read_batch(&mut r).await.unwrap() {
+        while let Some((b, data, _)) = pages::read_batch(&mut r).await.unwrap() {
             assert_eq!(b.pid, std::process::id());
             records += pages::records(&b) as u64;
             assert_eq!(data.len(), b.data.len() * PAGE_SIZE);

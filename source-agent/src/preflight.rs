@@ -195,15 +195,15 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
             ));
         }
         for m in &p.mapped {
-            if let Some((ma, mi)) = m.rdev {
-                if !device_allowed(ma, mi) {
-                    blockers.push(finding(
-                        "device",
-                        pid,
-                        format!("maps device {} ({ma}:{mi})", m.path),
-                        "unmap the device; only null, zero, random, urandom, terminals and tun can move",
-                    ));
-                }
+            if let Some((ma, mi)) = m.rdev
+                && !device_allowed(ma, mi)
+            {
+                blockers.push(finding(
+                    "device",
+                    pid,
+                    format!("maps device {} ({ma}:{mi})", m.path),
+                    "unmap the device; only null, zero, random, urandom, terminals and tun can move",
+                ));
             }
         }
         for fd in &p.fds {

@@ -49,7 +49,7 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
         }
     };
     match req {
-        Request::Migrate { pid, target } => {
+        Request::Migrate { pid, target, options } => {
             if let Err(why) = may_migrate(cred.uid(), pid) {
                 let ev = Event::Failed { error: why, original: Original::Running };
                 return w.write_all(&send(&ev)).await;
@@ -57,7 +57,7 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
             tracing::info!(pid, %target, uid = cred.uid(), "migrate requested");
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let job = tokio::spawn(async move {
-                let r = migration::run(&ctx, pid, &target, cred.uid(), tx.clone()).await;
+                let r = migration::run(&ctx, pid, &target, options, cred.uid(), tx.clone()).await;
                 let ev = match r {
                     Ok(summary) => Event::Done { summary },
                     Err(f) => Event::Failed { error: f.error, original: f.original },

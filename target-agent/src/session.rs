@@ -37,6 +37,11 @@ const FILES_SETTLE: Duration = Duration::from_secs(60);
 const MAX_CHECKED_FILES: usize = 100_000;
 /// Free space kept back on the work dir's file system.
 const DISK_RESERVE: u64 = 64 << 20;
+/// Memory kept back from the page store: the restored tree and this agent need some too.
+const MEM_RESERVE: u64 = 512 << 20;
+/// How long a lazy restore may take to hand over every task and say it finished (RSTF) after `criu
+/// restore` itself returned.
+const LAZY_HANDOFF: Duration = Duration::from_secs(30);
 
 /// What every session shares.
 pub struct Context {
@@ -232,15 +237,22 @@ async fn serve_control(
     send_msg(send, target_msg::Msg::Prepared(pb::Prepared { free_bytes: free, blockers: vec![], warnings: vec![] }))
         .await?;
 
-    // Files arrive on their own streams while the control stream waits for ImagesDone.
+    // Files (and the pages stream) arrive on their own streams while the control stream waits for
+    // ImagesDone.
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let (pages_tx, pages_rx) = tokio::sync::oneshot::channel();
+    let store = Arc::new(crate::pages::PageStore::new(protocol::host::mem_available().saturating_sub(MEM_RESERVE)));
     let receiver = tokio::spawn(receive_files(
-        conn.clone(),
-        dir.clone(),
-        prepare.migration_id.clone(),
+        Incoming {
+            conn: conn.clone(),
+            dir: dir.clone(),
+            id: prepare.migration_id.clone(),
+            store: store.clone(),
+            stats: ctx.stats.clone(),
+        },
         free,
         tx,
-        ctx.stats.clone(),
+        pages_tx,
     ));
     let _abort_receiver = AbortOnDrop(receiver);
     let done = match recv_msg(recv).await? {
@@ -248,26 +260,45 @@ async fn serve_control(
         other => return Err(unexpected(&other, "ImagesDone")),
     };
     wait_for_files(&done, &mut rx).await?;
+    if done.lazy || done.page_records > 0 {
+        let applied = tokio::time::timeout(FILES_SETTLE, pages_rx)
+            .await
+            .map_err(|_| refuse("receive", "the pages stream did not end"))?
+            .map_err(|_| refuse("receive", "the connection ended before the pages stream did"))?
+            .map_err(|e| refuse("receive", e))?;
+        if applied != done.page_records {
+            return Err(refuse(
+                "receive",
+                format!("applied {applied} page records, the source sent {}", done.page_records),
+            ));
+        }
+        tracing::info!(records = applied, pages = store.len(), "page store complete");
+    }
 
-    // Restore, stopped.
+    // Restore, stopped; with lazy pages, this agent fills the private memory (see crate::lazy).
     set_phase("restore");
     let started = Instant::now();
-    let restore = ctx.criu.restore(&criu::RestoreRequest { images_dir: dir.clone() }).await;
+    let lazy = if done.lazy {
+        let ranges = criu::images::lazy_ranges(&dir).map_err(|e| refuse("restore", e.to_string()))?;
+        let listener = crate::lazy::LazyPages::listen(&dir).map_err(|e| refuse("restore", e.to_string()))?;
+        Some(LazyCopy(Some(listener.start(ranges, store.clone()))))
+    } else {
+        None
+    };
+    let restore = ctx.criu.restore(&criu::RestoreRequest { images_dir: dir.clone(), lazy_pages: lazy.is_some() }).await;
+    let restore = match (restore, &lazy) {
+        (Ok(r), Some(l)) => {
+            // CRIU said RSTF before it exited, so this returns at once unless something is off.
+            let handle = l.0.as_ref().expect("lazy handle");
+            tokio::task::block_in_place(|| handle.wait_restored(LAZY_HANDOFF))
+                .map(|()| r)
+                .map_err(|e| refuse("restore", format!("lazy restore: {e}")))
+        }
+        (r, _) => r.map_err(|e| restore_failure(ctx, &dir, &prepare.migration_id, e)),
+    };
     let (root, _) = match restore {
         Ok(r) => r,
-        Err(e) => {
-            let kept = ctx.cfg.state_dir.join("logs").join(format!("{}-restore.log", prepare.migration_id));
-            let _ = std::fs::copy(dir.join("restore.log"), &kept);
-            let reason = match &e {
-                criu::CriuError::Failed { status, errors, .. } => format!(
-                    "criu restore failed on {} ({status}): {errors} (full log there: {})",
-                    ctx.hello.host_name,
-                    kept.display()
-                ),
-                other => other.to_string(),
-            };
-            return Err(refuse("restore", reason));
-        }
+        Err(e) => return Err(e),
     };
     ctx.stats.restore.observe(started.elapsed().as_secs_f64());
     rec.restored = true;
@@ -296,10 +327,63 @@ async fn serve_control(
     copy.committed = true;
     criu::tree::resume(&pids).map_err(|e| refuse("resume", format!("restored pid {root}: {e}")))?;
     send_msg(send, target_msg::Msg::Resumed(pb::Resumed { root_pid: root })).await?;
+    if let Some(mut l) = lazy {
+        // The copy runs; the daemon fills the rest of its memory from the page store. The source is
+        // told when every page is in place (it has already given up its original).
+        set_phase("post-copy");
+        let handle = l.0.take().expect("lazy handle");
+        let done = tokio::task::spawn_blocking(move || handle.wait_done()).await;
+        let complete = match done {
+            Ok(Ok(s)) => {
+                tracing::info!(?s, "every lazy page is in place");
+                pb::Complete {
+                    pushed_pages: s.pushed_pages,
+                    faults: s.faults,
+                    fault_p50_us: s.fault_p50.as_micros() as u64,
+                    fault_p99_us: s.fault_p99.as_micros() as u64,
+                    micros: started.elapsed().as_micros() as u64,
+                    error: String::new(),
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(root, "filling the restored tree's memory failed: {e}");
+                pb::Complete { error: e.to_string(), ..Default::default() }
+            }
+            Err(e) => pb::Complete { error: e.to_string(), ..Default::default() },
+        };
+        let _ = send_msg(send, target_msg::Msg::Complete(complete)).await;
+    }
     let _ = send.finish();
     // Let the Resumed frame reach the source before the connection is closed.
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
     Ok(root)
+}
+
+/// Says why a restore failed, with CRIU's error lines, and keeps its log.
+fn restore_failure(ctx: &Context, dir: &Path, id: &str, e: criu::CriuError) -> SessionError {
+    let kept = ctx.cfg.state_dir.join("logs").join(format!("{id}-restore.log"));
+    let _ = std::fs::copy(dir.join("restore.log"), &kept);
+    let reason = match &e {
+        criu::CriuError::Failed { status, errors, .. } => format!(
+            "criu restore failed on {} ({status}): {errors} (full log there: {})",
+            ctx.hello.host_name,
+            kept.display()
+        ),
+        other => other.to_string(),
+    };
+    refuse("restore", reason)
+}
+
+/// A lazy-pages daemon serving a restored copy: stopped when dropped before it finished (the copy is
+/// being killed).
+struct LazyCopy(Option<crate::lazy::LazyHandle>);
+
+impl Drop for LazyCopy {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.cancel();
+        }
+    }
 }
 
 /// A restored tree that has not been committed yet: killed when dropped.
@@ -386,39 +470,72 @@ fn target_blockers(prepare: &pb::Prepare, host: &str) -> Vec<pb::Finding> {
 
 fn free_bytes(dir: &Path) -> u64 {
     match nix::sys::statvfs::statvfs(dir) {
-        Ok(s) => s.blocks_available() as u64 * s.fragment_size() as u64,
+        Ok(s) => s.blocks_available() * s.fragment_size(),
         Err(_) => 0,
     }
 }
 
 type FileResult = Result<pb::FileSummary, String>;
 
-/// Accepts file streams until the connection ends; each result goes to `tx`. Bytes are taken from a
-/// shared budget (free disk space) before a file is received, so a peer cannot fill the disk.
-async fn receive_files(
+/// Where incoming streams go.
+struct Incoming {
     conn: quinn::Connection,
     dir: PathBuf,
     id: String,
+    store: Arc<crate::pages::PageStore>,
+    stats: Arc<crate::stats::Stats>,
+}
+
+/// Accepts streams until the connection ends: image files (each result goes to `tx`) and the one pages
+/// stream (its record count goes to `pages_tx`). Bytes are taken from a shared budget (free disk space)
+/// before a file is received, so a peer cannot fill the disk; the page store bounds memory likewise.
+async fn receive_files(
+    inc: Incoming,
     budget: u64,
     tx: tokio::sync::mpsc::Sender<FileResult>,
-    stats: Arc<crate::stats::Stats>,
+    pages_tx: tokio::sync::oneshot::Sender<Result<u64, String>>,
 ) {
     let budget = Arc::new(AtomicU64::new(budget));
+    let pages_tx = Arc::new(std::sync::Mutex::new(Some(pages_tx)));
+    let inc = Arc::new(inc);
     let mut count = 0usize;
-    while let Ok(mut stream) = conn.accept_uni().await {
+    while let Ok(mut stream) = inc.conn.accept_uni().await {
         count += 1;
         if count > MAX_FILES {
             let _ = tx.send(Err(format!("more than {MAX_FILES} files"))).await;
             return;
         }
-        let (dir, id, tx, budget, conn, stats) =
-            (dir.clone(), id.clone(), tx.clone(), budget.clone(), conn.clone(), stats.clone());
+        let (inc, tx, budget, pages_tx) = (inc.clone(), tx.clone(), budget.clone(), pages_tx.clone());
         tokio::spawn(async move {
+            let (dir, id, stats) = (&inc.dir, &inc.id, &inc.stats);
+            let header = file_stream::read_stream_header(&mut stream).await.map_err(|e| e.to_string());
+            let h = match header {
+                Ok(file_stream::Incoming::File(h)) => Ok(h),
+                Ok(file_stream::Incoming::Pages(p)) => {
+                    let r = receive_pages(&mut stream, &p, id, &inc.store, stats).await;
+                    if let Err(e) = &r {
+                        tracing::warn!("pages stream refused, closing the connection: {e}");
+                        let _ = stream.stop(1u32.into());
+                        inc.conn.close(1u32.into(), truncate(&format!("pages refused: {e}"), 512).as_bytes());
+                    }
+                    match pages_tx.lock().expect("lock").take() {
+                        Some(ptx) => {
+                            let _ = ptx.send(r);
+                        }
+                        None => {
+                            inc.conn.close(1u32.into(), b"pages refused: a second pages stream");
+                        }
+                    }
+                    return;
+                }
+                Err(e) => Err(e),
+            };
             let r = async {
-                let h = file_stream::read_header(&mut stream).await.map_err(|e| e.to_string())?;
+                let h = h?;
                 // Count the header frame as the sender does, so both sides' byte counters agree.
-                stats.bytes_received.add(4 + prost::Message::encoded_len(&h) as u64);
-                if h.migration_id != id {
+                let framed = pb::StreamHeader { kind: Some(pb::stream_header::Kind::File(h.clone())) };
+                stats.bytes_received.add(4 + prost::Message::encoded_len(&framed) as u64);
+                if &h.migration_id != id {
                     return Err(format!("file {} belongs to migration {:?}, not {id:?}", h.name, h.migration_id));
                 }
                 let reserved = budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(h.size));
@@ -431,7 +548,7 @@ async fn receive_files(
                     ));
                 }
                 let (summary, t) =
-                    file_stream::receive_body(&mut stream, &h, &dir, h.size, |_| {}).await.map_err(|e| e.to_string())?;
+                    file_stream::receive_body(&mut stream, &h, dir, h.size, |_| {}).await.map_err(|e| e.to_string())?;
                 stats.bytes_received.add(t.wire);
                 // Read up to the stream's end: dropping a stream whose FIN was not read makes quinn send
                 // STOP_SENDING (code 0), which the source would take for a refusal of a good file.
@@ -445,11 +562,35 @@ async fn receive_files(
                 // A bad file (hostile name, wrong size, bad checksum, no room) ends the migration.
                 tracing::warn!("file stream refused, closing the connection: {e}");
                 let _ = stream.stop(1u32.into());
-                conn.close(1u32.into(), truncate(&format!("file refused: {e}"), 512).as_bytes());
+                inc.conn.close(1u32.into(), truncate(&format!("file refused: {e}"), 512).as_bytes());
             }
             let _ = tx.send(r).await;
         });
     }
+}
+
+/// Applies the pages stream to the store until its end; returns the records applied.
+async fn receive_pages(
+    stream: &mut quinn::RecvStream,
+    header: &pb::PagesHeader,
+    id: &str,
+    store: &Arc<crate::pages::PageStore>,
+    stats: &crate::stats::Stats,
+) -> Result<u64, String> {
+    if header.migration_id != id {
+        return Err(format!("pages stream of migration {:?}, not {id:?}", header.migration_id));
+    }
+    let mut records = 0u64;
+    while let Some((batch, data, wire)) = protocol::pages::read_batch(stream).await.map_err(|e| e.to_string())? {
+        stats.bytes_received.add(wire);
+        records += protocol::pages::records(&batch) as u64;
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.apply(&batch, &data))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(records)
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -179,6 +179,11 @@ impl Testbed {
         self.migrate_as(host, &[], "migrate", pid, target, agent)
     }
 
+    /// `migrate --json EXTRA... PID TARGET` on `host` with its own source agent (e.g. `--mode stopcopy`).
+    pub fn migrate_with(&self, host: &str, pid: u32, target: &str, extra: &[&str]) -> MigrateResult {
+        self.run_migrate(host, &[], "migrate", extra, pid, target, None)
+    }
+
     /// Like [`Testbed::migrate`], with `prefix` before the command `migrate` (e.g. setpriv to run it as
     /// a user, with `migrate` a path that user can reach).
     pub fn migrate_as(
@@ -190,9 +195,26 @@ impl Testbed {
         target: &str,
         agent: Option<&Path>,
     ) -> MigrateResult {
+        self.run_migrate(host, prefix, migrate, &[], pid, target, agent)
+    }
+
+    /// `[PREFIX...] MIGRATE EXTRA... --json PID TARGET [--agent-socket AGENT]` on `host`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_migrate(
+        &self,
+        host: &str,
+        prefix: &[&str],
+        migrate: &str,
+        extra: &[&str],
+        pid: u32,
+        target: &str,
+        agent: Option<&Path>,
+    ) -> MigrateResult {
         let pid = pid.to_string();
         let mut a: Vec<&str> = prefix.to_vec();
-        a.extend_from_slice(&[migrate, "--json", &pid, target]);
+        a.push(migrate);
+        a.extend_from_slice(extra);
+        a.extend_from_slice(&["--json", &pid, target]);
         let sock;
         if let Some(s) = agent {
             sock = s.to_str().expect("utf8").to_string();

@@ -46,20 +46,44 @@ fn freeze_marker(pid: u32) -> String {
 
 /// `migrate --json PID b` on a, through the agent at `agent` (a's own when None), on its own thread.
 fn migrate_in_background(pid: u32, agent: Option<PathBuf>) -> std::thread::JoinHandle<tests::MigrateResult> {
-    let target = tb().addr("b");
-    std::thread::spawn(move || tb().migrate("a", pid, &target, agent.as_deref()))
+    migrate_in_background_with(pid, agent, "precopy")
 }
 
-/// 256 MiB of known content and a counter move from a to b.
+/// [`migrate_in_background`] with `--mode MODE`.
+fn migrate_in_background_with(
+    pid: u32,
+    agent: Option<PathBuf>,
+    mode: &'static str,
+) -> std::thread::JoinHandle<tests::MigrateResult> {
+    let target = tb().addr("b");
+    std::thread::spawn(move || tb().run_migrate("a", &[], "migrate", &["--mode", mode], pid, &target, agent.as_deref()))
+}
+
+/// 256 MiB of known content and a counter move from a to b, in both modes: pre-copy (the default: rounds,
+/// lazy restore filled from the target's page store) and stop-and-copy.
 fn memory_and_counter_survive() -> Result<(), Failed> {
+    for mode in ["precopy", "stopcopy"] {
+        memory_and_counter_survive_in(mode).map_err(|e| format!("--mode {mode}: {}", e.message().unwrap_or("")))?;
+    }
+    Ok(())
+}
+
+fn memory_and_counter_survive_in(mode: &str) -> Result<(), Failed> {
     let tb = tb();
     let name = format!("mem{}", unique());
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "7"]);
     let before = tb.query("a", &name)?;
     check(before["checksum"] == before["expected"], "workload checksum differs from its content before migration")?;
-    let r = tb.migrate("a", pid, &tb.addr("b"), None);
+    let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", mode]);
     check(r.success, format!("migrate failed: {} {}", r.json, r.stderr))?;
     let s = &r.json;
+    check(s["mode"] == mode, format!("mode in summary: {s}"))?;
+    if mode == "precopy" {
+        check(s["rounds"].as_u64().unwrap_or(0) >= 2, format!("pre-copy ran fewer than 2 rounds: {s}"))?;
+        check(s["complete_ms"].as_f64().is_some(), format!("the target did not confirm all memory in place: {s}"))?;
+        // The memory does not change: the freeze sends (almost) nothing, far less than 256 MiB.
+        check(s["freeze_pages"].as_u64().unwrap_or(u64::MAX) < 1000, format!("pages sent during the freeze: {s}"))?;
+    }
     check(s["pid"] == pid && s["target_pid"] == pid, format!("pids in summary: {s}"))?;
     check(s["image_bytes"].as_u64().unwrap_or(0) >= 256 << 20, format!("image smaller than the workload: {s}"))?;
     check(s["wire_bytes"].as_u64().unwrap_or(0) > 0, format!("no bytes on the wire: {s}"))?;
@@ -78,6 +102,38 @@ fn memory_and_counter_survive() -> Result<(), Failed> {
     check(after["checksum"] == before["checksum"], format!("memory checksum changed: before {before}, after {after}"))?;
     check(counter(&after) >= counter(&before), format!("counter went back: before {before}, after {after}"))?;
     check(counter_advances("b", &name, &after), "the counter does not advance on b")?;
+    tb.kill("b", pid);
+    Ok(())
+}
+
+/// Pre-copy under writers: three threads rewrite whole random pages (10 % of the memory per second) during
+/// every round and up to the freeze. After the migration the workload replays every write it made and
+/// compares all its memory with the result: no page may be lost, stale or torn. The writers go on on b.
+fn precopy_keeps_every_page_under_writers() -> Result<(), Failed> {
+    let tb = tb();
+    let name = format!("dirty{}", unique());
+    let args = ["mem", "--name", &name, "--mib", "256", "--seed", "11", "--dirty-pct", "10", "--writers", "3"];
+    let pid = tb.start_workload("a", &args);
+    std::thread::sleep(Duration::from_secs(1));
+    let before = tb.query("a", &name)?;
+    check(before["verified"] == true, format!("workload does not verify before the migration: {before}"))?;
+    let r = tb.migrate("a", pid, &tb.addr("b"), None);
+    check(r.success, format!("migrate failed: {} {}", r.json, r.stderr))?;
+    let s = &r.json;
+    check(s["mode"] == "precopy" && s["rounds"].as_u64().unwrap_or(0) >= 2, format!("no pre-copy rounds: {s}"))?;
+    check(s["freeze_pages"].as_u64().unwrap_or(0) > 0, format!("the writers dirtied nothing before the freeze? {s}"))?;
+    check(!tb.running("a", pid), "the original still runs on a")?;
+    let after = tb.query("b", &name)?;
+    check(
+        after["verified"] == true && after["mismatched_pages"] == 0,
+        format!("memory on b differs from the writes the workload made: {after}"),
+    )?;
+    let writes = |v: &serde_json::Value| v["writes"].as_u64().unwrap_or(0);
+    check(writes(&after) > writes(&before), format!("writes went back: {before} -> {after}"))?;
+    let going = wait_until(Duration::from_secs(5), || tb.query("b", &name).is_ok_and(|v| writes(&v) > writes(&after)));
+    check(going, "the writers do not go on on b")?;
+    let last = tb.query("b", &name)?;
+    check(last["verified"] == true, format!("memory on b stops verifying while the writers go on: {last}"))?;
     tb.kill("b", pid);
     Ok(())
 }
@@ -402,6 +458,14 @@ fn start_rogue_agent(host: &str, role: &str, extra: &[&str]) -> PathBuf {
 /// The source agent is killed (SIGKILL) while the original is frozen: the migration does not complete,
 /// b keeps nothing, and the agent started again on the same state directory resumes the original.
 fn crashed_source_agent_resumes_the_original() -> Result<(), Failed> {
+    for mode in ["stopcopy", "precopy"] {
+        crashed_source_agent_resumes_the_original_in(mode)
+            .map_err(|e| format!("--mode {mode}: {}", e.message().unwrap_or("")))?;
+    }
+    Ok(())
+}
+
+fn crashed_source_agent_resumes_the_original_in(mode: &'static str) -> Result<(), Failed> {
     let tb = tb();
     let name = format!("crash{}", unique());
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "5"]);
@@ -412,7 +476,7 @@ fn crashed_source_agent_resumes_the_original() -> Result<(), Failed> {
     let sock_s = sock.to_str().expect("utf8").to_string();
     let tls = tb.dir.join("tls");
     let first = start_agent("a", "source", &tls, &state, &dir.join("first.log"), &["--control-socket", &sock_s]);
-    let migrating = migrate_in_background(pid, Some(sock.clone()));
+    let migrating = migrate_in_background_with(pid, Some(sock.clone()), mode);
     let freezing = freeze_marker(pid);
     let frozen = wait_until(Duration::from_secs(30), || {
         std::fs::read_to_string(dir.join("first.log")).is_ok_and(|l| l.contains(&freezing))
@@ -421,9 +485,17 @@ fn crashed_source_agent_resumes_the_original() -> Result<(), Failed> {
     let r = migrating.join().expect("migrate thread");
     check(frozen, "the first agent never froze the process")?;
     check(!r.success, format!("the migration succeeded although its agent was killed: {}", r.json))?;
-    // CRIU, orphaned, finishes its dump and leaves the original stopped.
-    let stopped = wait_until(Duration::from_secs(30), || tb.state("a", pid) == Some('T'));
-    check(stopped, format!("the original is not stopped after the crash (state {:?})", tb.state("a", pid)))?;
+    if mode == "stopcopy" {
+        // CRIU, orphaned, finishes its dump and leaves the original stopped.
+        let stopped = wait_until(Duration::from_secs(30), || tb.state("a", pid) == Some('T'));
+        check(stopped, format!("the original is not stopped after the crash (state {:?})", tb.state("a", pid)))?;
+    } else {
+        // `criu dump --lazy-pages` orphaned: it either resumes the tree itself (its status pipe broke
+        // before it was ready) or leaves it stopped (the agent's page-server connection closed): never
+        // frozen for good ('t').
+        let settled = wait_until(Duration::from_secs(30), || matches!(tb.state("a", pid), Some(s) if s != 't'));
+        check(settled, format!("CRIU still holds the original after the crash (state {:?})", tb.state("a", pid)))?;
+    }
     let second = start_agent("a", "source", &tls, &state, &dir.join("second.log"), &["--control-socket", &sock_s]);
     let resumed = wait_until(Duration::from_secs(30), || tb.running("a", pid));
     let log = std::fs::read_to_string(dir.join("second.log")).unwrap_or_default();
@@ -778,6 +850,7 @@ fn main() {
         ("foreign_certificates_are_refused", foreign_certificates_are_refused),
         ("preflight_refuses_each_blocker", preflight_refuses_each_blocker),
         ("users_migrate_only_their_own", users_migrate_only_their_own),
+        ("precopy_keeps_every_page_under_writers", precopy_keeps_every_page_under_writers),
         ("hostile_peer_is_cut_off", hostile_peer_is_cut_off),
         ("drain_onto_two_hosts", drain_onto_two_hosts),
         ("dropped_link_rolls_back", dropped_link_rolls_back),

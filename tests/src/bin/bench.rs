@@ -2,10 +2,13 @@
 //! plain CRIU, in one run, on the same workloads. Prints a table and writes JSON.
 //!
 //!   bench [--sizes 256,1024] [--dirty 0,1,10] [--content random,compressible]
-//!         [--modes migrate,criu-cold] [--json bench.json]
+//!         [--modes precopy,criu-cold] [--json bench.json]
 //!
 //! Modes:
-//! - `migrate`: this project's `migrate` (as it is now: freeze, dump, stream over QUIC, restore).
+//! - `precopy`: this project's `migrate` (default mode): rounds while the workload runs, a lazy dump,
+//!   the final delta, a lazy restore filled from the target's page store. `complete ms` is the time
+//!   from the freeze until every page was in place on b.
+//! - `stopcopy`: this project's `migrate --mode stopcopy`: freeze, dump, stream over QUIC, restore.
 //! - `criu-cold`: plain CRIU cold migration: `criu dump` to tmpfs on a, the files copied over the same
 //!   veth link with a plain TCP stream (this binary's `copy-send`/`copy-recv`), `criu restore` on b.
 //!   Downtime runs from the start of the dump to the end of the restore, on the bench's clock; it
@@ -40,6 +43,8 @@ struct Row {
     total_ms: f64,
     wire_bytes: u64,
     rounds: u32,
+    /// From the freeze until all memory was in place on the target (pre-copy's lazy restore).
+    complete_ms: Option<f64>,
     note: String,
 }
 
@@ -53,7 +58,7 @@ fn main() {
     let sizes: Vec<u64> = list(&args, "--sizes", "256,1024");
     let dirty: Vec<f64> = list(&args, "--dirty", "0,1,10");
     let contents: Vec<String> = list(&args, "--content", "random,compressible");
-    let modes: Vec<String> = list(&args, "--modes", "migrate,criu-cold");
+    let modes: Vec<String> = list(&args, "--modes", "precopy,criu-cold");
     let json_path = PathBuf::from(arg(&args, "--json").unwrap_or_else(|| "bench.json".into()));
     let bin = std::env::current_exe().expect("exe").parent().expect("dir").to_path_buf();
     let problems = tests::environment_problems(&bin);
@@ -69,8 +74,8 @@ fn main() {
         }
     };
     println!(
-        "{:>6} {:>8} {:>12} {:>10} {:>12} {:>10} {:>12} {:>6}  note",
-        "MiB", "dirty%/s", "content", "mode", "downtime ms", "total ms", "wire MiB", "rounds"
+        "{:>6} {:>8} {:>12} {:>10} {:>12} {:>10} {:>12} {:>6} {:>12}  note",
+        "MiB", "dirty%/s", "content", "mode", "downtime ms", "total ms", "wire MiB", "rounds", "complete ms"
     );
     let mut rows = Vec::new();
     let mut case = 0usize;
@@ -83,13 +88,13 @@ fn main() {
                 // second.
                 case += 1;
                 let mut order: Vec<&String> = modes.iter().collect();
-                if case % 2 == 0 {
+                if case.is_multiple_of(2) {
                     order.reverse();
                 }
                 for mode in order {
                     let row = run_case(&tb, mib, d, content, mode);
                     println!(
-                        "{:>6} {:>8} {:>12} {:>10} {:>12.0} {:>10.0} {:>12.1} {:>6}  {}",
+                        "{:>6} {:>8} {:>12} {:>10} {:>12.0} {:>10.0} {:>12.1} {:>6} {:>12}  {}",
                         row.mib,
                         row.dirty_pct_per_s,
                         row.content,
@@ -98,6 +103,7 @@ fn main() {
                         row.total_ms,
                         row.wire_bytes as f64 / (1 << 20) as f64,
                         row.rounds,
+                        row.complete_ms.map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into()),
                         if row.ok { row.note.clone() } else { format!("FAILED: {}", row.note) }
                     );
                     rows.push(row);
@@ -105,7 +111,24 @@ fn main() {
             }
         }
     }
+    // The target of pre-copy: downtime against CRIU cold migration of the same case.
+    let mut ratios = Vec::new();
+    for r in rows.iter().filter(|r| r.mode == "precopy" && r.ok) {
+        let same = |c: &&Row| c.mib == r.mib && c.dirty_pct_per_s == r.dirty_pct_per_s && c.content == r.content;
+        if let Some(cold) = rows.iter().filter(|c| c.mode == "criu-cold" && c.ok).find(same) {
+            let ratio = r.downtime_ms / cold.downtime_ms;
+            println!(
+                "{:>6} MiB {:>4} %/s {:>12}: pre-copy downtime {:.0} ms = {:.2} x CRIU cold's {:.0} ms",
+                r.mib, r.dirty_pct_per_s, r.content, r.downtime_ms, ratio, cold.downtime_ms
+            );
+            ratios.push(serde_json::json!({
+                "mib": r.mib, "dirty_pct_per_s": r.dirty_pct_per_s, "content": r.content,
+                "precopy_downtime_ms": r.downtime_ms, "criu_cold_downtime_ms": cold.downtime_ms, "ratio": ratio,
+            }));
+        }
+    }
     let meta = serde_json::json!({
+        "precopy_vs_criu_cold": ratios,
         "command": args.join(" "),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
@@ -122,7 +145,9 @@ fn main() {
 fn start(tb: &Testbed, mib: u64, dirty: f64, content: &str) -> (String, u32) {
     let name = format!("bench{}", unique());
     let (m, d) = (mib.to_string(), dirty.to_string());
-    let mut a = vec!["mem", "--name", &name, "--mib", &m, "--dirty-pct", &d];
+    // Two writer threads rewrite whole random pages; the workload can prove afterwards that every write
+    // survived (its `verified`).
+    let mut a = vec!["mem", "--name", &name, "--mib", &m, "--dirty-pct", &d, "--writers", "2"];
     if content == "compressible" {
         a.push("--compressible");
     }
@@ -142,22 +167,37 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
         total_ms: 0.0,
         wire_bytes: 0,
         rounds: 0,
+        complete_ms: None,
         note: String::new(),
     };
-    let (_name, pid) = start(tb, mib, dirty, content);
+    let (name, pid) = start(tb, mib, dirty, content);
     match mode {
-        "migrate" => {
-            let r = tb.migrate("a", pid, &tb.addr("b"), None);
+        "precopy" | "stopcopy" => {
+            let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", mode]);
             row.ok = r.success;
             if r.success {
-                row.downtime_ms = r.json["downtime_ms"].as_f64().unwrap_or(0.0);
-                row.total_ms = r.json["total_ms"].as_f64().unwrap_or(0.0);
-                row.wire_bytes = r.json["wire_bytes"].as_u64().unwrap_or(0);
+                let j = &r.json;
+                row.downtime_ms = j["downtime_ms"].as_f64().unwrap_or(0.0);
+                row.total_ms = j["total_ms"].as_f64().unwrap_or(0.0);
+                row.wire_bytes = j["wire_bytes"].as_u64().unwrap_or(0);
+                row.rounds = j["rounds"].as_u64().unwrap_or(0) as u32;
+                row.complete_ms = j["complete_ms"].as_f64();
+                let f = |k: &str| j[k].as_f64().unwrap_or(0.0);
                 row.note = format!(
-                    "dump {:.0} ms, restore {:.0} ms",
-                    r.json["dump_ms"].as_f64().unwrap_or(0.0),
-                    r.json["restore_ms"].as_f64().unwrap_or(0.0)
+                    "dump {:.0} ms, transfer {:.0} ms, restore {:.0} ms, {} pages at the freeze",
+                    f("dump_ms"),
+                    f("transfer_ms"),
+                    f("restore_ms"),
+                    j["freeze_pages"]
                 );
+                // The workload replays its writes and compares all its memory: a wrong page is a failure.
+                match tb.query("b", &name) {
+                    Ok(v) if v["verified"] == true => row.note.push_str(", memory verified"),
+                    other => {
+                        row.ok = false;
+                        row.note.push_str(&format!(", MEMORY DIFFERS: {other:?}"));
+                    }
+                }
             } else {
                 row.note = r.json["error"].as_str().unwrap_or("").chars().take(200).collect();
                 tb.kill("a", pid);
