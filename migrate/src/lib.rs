@@ -38,9 +38,10 @@ pub struct Cli {
 /// How memory moves (migrate and drain).
 #[derive(clap::Args, Debug, PartialEq, Clone, Copy)]
 pub struct How {
-    /// precopy: copy memory while the tree runs, round after round, and freeze only for what changed
-    /// since; stopcopy: freeze, dump everything, copy, restore.
-    #[arg(long, global = true, value_enum, default_value_t = Mode::Precopy)]
+    /// hybrid: a few pre-copy rounds, then post-copy; postcopy: run on the target at once, memory
+    /// fetched on first touch while the rest streams in; precopy: copy memory while the tree runs and
+    /// freeze only for what changed since; stopcopy: freeze, dump everything, copy, restore.
+    #[arg(long, global = true, value_enum, default_value_t = Mode::Hybrid)]
     pub mode: Mode,
     /// Pre-copy: freeze once the estimated downtime is at most this many milliseconds.
     #[arg(long, global = true, default_value_t = MigrateOptions::default().max_downtime_ms)]
@@ -48,11 +49,20 @@ pub struct How {
     /// Pre-copy: at most this many rounds (the first, which copies everything, included).
     #[arg(long, global = true, default_value_t = MigrateOptions::default().max_rounds, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rounds: u32,
+    /// Post-copy and hybrid: ride out link outages up to this many seconds; after a longer one the copy
+    /// is dropped on the target and the original resumes here.
+    #[arg(long, global = true, default_value_t = MigrateOptions::default().grace_s, value_parser = clap::value_parser!(u64).range(1..=source_agent::control::MAX_GRACE.as_secs()))]
+    pub grace: u64,
 }
 
 impl How {
     pub fn options(&self) -> MigrateOptions {
-        MigrateOptions { mode: self.mode, max_downtime_ms: self.max_downtime, max_rounds: self.max_rounds }
+        MigrateOptions {
+            mode: self.mode,
+            max_downtime_ms: self.max_downtime,
+            max_rounds: self.max_rounds,
+            grace_s: self.grace,
+        }
     }
 }
 
@@ -168,15 +178,25 @@ pub fn summary_text(s: &Summary) -> String {
         s.target_host,
         match s.mode {
             Mode::Stopcopy => String::new(),
-            Mode::Precopy => format!(
-                "\n  pre-copy: {} round{} in {}, {} pages sent during the freeze; all memory in place on the target {}",
+            mode => format!(
+                "\n  {}: {} round{} in {}, {} pages sent during the freeze; all memory in place on the target {}",
+                match mode {
+                    Mode::Precopy => "pre-copy",
+                    Mode::Postcopy => "post-copy",
+                    _ => "hybrid",
+                },
                 s.rounds,
                 if s.rounds == 1 { "" } else { "s" },
                 duration_ms(s.precopy_ms),
                 s.freeze_pages,
-                match s.complete_ms {
-                    Some(ms) => format!("{} after the freeze ({} faults served)", duration_ms(ms), s.faults),
-                    None => "(not confirmed by the target)".into(),
+                match (s.complete_ms, s.fault_p50_us, s.fault_p99_us) {
+                    (Some(ms), Some(p50), Some(p99)) => format!(
+                        "{} after the freeze ({} faults served, p50 {p50} us, p99 {p99} us)",
+                        duration_ms(ms),
+                        s.faults
+                    ),
+                    (Some(ms), _, _) => format!("{} after the freeze ({} faults served)", duration_ms(ms), s.faults),
+                    (None, _, _) => "(not confirmed by the target)".into(),
                 }
             ),
         }
@@ -316,7 +336,7 @@ mod tests {
                 host: Some("10.0.0.2:7420".into()),
                 json: true,
                 agent_socket: "/x.sock".into(),
-                how: How { mode: Mode::Precopy, max_downtime: 100, max_rounds: 8 },
+                how: How { mode: Mode::Hybrid, max_downtime: 100, max_rounds: 8, grace: 10 },
             }
         );
         assert!(Cli::try_parse_from(["migrate", "notapid", "b"]).is_err());
@@ -326,7 +346,9 @@ mod tests {
         assert_eq!(c.command, Some(Command::Check { pid: 42, host: None }));
         assert!(c.json);
         let c = Cli::try_parse_from(["migrate", "--mode", "stopcopy", "--max-downtime", "300", "1", "b"]).unwrap();
-        assert_eq!(c.how, How { mode: Mode::Stopcopy, max_downtime: 300, max_rounds: 8 });
+        assert_eq!(c.how, How { mode: Mode::Stopcopy, max_downtime: 300, max_rounds: 8, grace: 10 });
+        assert!(Cli::try_parse_from(["migrate", "--grace", "0", "1", "b"]).is_err());
+        assert!(Cli::try_parse_from(["migrate", "--grace", "61", "1", "b"]).is_err());
         assert!(Cli::try_parse_from(["migrate", "--mode", "teleport", "1", "b"]).is_err());
         assert!(Cli::try_parse_from(["migrate", "--max-rounds", "0", "1", "b"]).is_err());
         let c =
@@ -361,6 +383,8 @@ mod tests {
             freeze_pages: 0,
             complete_ms: None,
             faults: 0,
+            fault_p50_us: None,
+            fault_p99_us: None,
         };
         let t = summary_text(&s);
         assert!(t.starts_with("migrated pid 7 (work, 3 processes) to b as pid 7: downtime 812 ms, total 1.52 s, 256.0 MiB image, 3.0 MiB on the wire (85.3x compression)"), "{t}");

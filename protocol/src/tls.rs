@@ -65,11 +65,20 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Flow-control windows sized for a fast local link: image files are large and several stream at once.
-fn transport() -> Arc<quinn::TransportConfig> {
+/// The target agent's idle timeout: the longest link outage any migration can ride out. A source asks
+/// for its own (the migration's grace, [`transport`]) and QUIC takes the shorter of the two.
+pub const MAX_IDLE: Duration = Duration::from_secs(60);
+/// Keep-alive interval: an idle connection still hears from its peer this often, so the idle timeout
+/// measures how long the link has been silent, give or take this.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// Flow-control windows sized for a fast local link (image files are large and several stream at
+/// once), and the idle timeout: a link silent for `idle` ends the connection; a shorter outage is
+/// ridden out by QUIC's loss recovery, with nothing lost.
+pub fn transport(idle: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.max_idle_timeout(Some(Duration::from_secs(20).try_into().expect("20 s fits")));
-    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(Some(idle.min(MAX_IDLE).try_into().expect("at most 60 s fits")));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
     t.receive_window(quinn::VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
@@ -93,7 +102,7 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, ProtocolEr
     cfg.alpn_protocols = vec![crate::ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(cfg).map_err(|e| tls_err(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server.transport_config(transport());
+    server.transport_config(transport(MAX_IDLE));
     Ok(server)
 }
 
@@ -110,6 +119,6 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, ProtocolEr
     cfg.alpn_protocols = vec![crate::ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(cfg).map_err(|e| tls_err(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    client.transport_config(transport());
+    client.transport_config(transport(Duration::from_secs(20)));
     Ok(client)
 }

@@ -5,6 +5,7 @@
 //! JSON rather than protobuf: it is local, low-rate, and an operator can speak it with `socat`.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -36,9 +37,15 @@ pub enum Request {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
-    /// Copy memory round after round while the tree runs, freeze only for what changed since; the
-    /// target restores the private memory lazily from what it received.
+    /// A few pre-copy rounds, then post-copy for the rest: the copy runs on the target after a short
+    /// freeze, whatever the dirty rate, and most of its memory is already there.
     #[default]
+    Hybrid,
+    /// Restore at once with all private memory missing; the target fetches each page on first touch
+    /// while the rest streams in.
+    Postcopy,
+    /// Copy memory round after round while the tree runs, freeze only for what changed since; the
+    /// target holds all memory before the copy runs.
     Precopy,
     /// Freeze, dump everything, copy it, restore: no rounds (CRIU cold migration, over QUIC).
     Stopcopy,
@@ -53,7 +60,15 @@ pub struct MigrateOptions {
     pub max_downtime_ms: u64,
     /// Pre-copy: rounds at most, the first (all memory) included.
     pub max_rounds: u32,
+    /// Post-copy and hybrid: how long a link outage is ridden out (seconds, at most MAX_GRACE). Longer,
+    /// and the copy is dropped on the target and the original resumed here.
+    pub grace_s: u64,
 }
+
+/// Default of MigrateOptions::grace_s.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// Longest grace: the target agent's own idle timeout (protocol::tls::MAX_IDLE).
+pub const MAX_GRACE: Duration = protocol::tls::MAX_IDLE;
 
 impl Default for MigrateOptions {
     fn default() -> Self {
@@ -62,6 +77,7 @@ impl Default for MigrateOptions {
             mode: Mode::default(),
             max_downtime_ms: p.max_downtime.as_millis() as u64,
             max_rounds: p.max_rounds,
+            grace_s: DEFAULT_GRACE.as_secs(),
         }
     }
 }
@@ -179,9 +195,15 @@ pub struct Summary {
     /// target did not say.
     #[serde(default)]
     pub complete_ms: Option<f64>,
-    /// Page faults the target served from its page store while it filled the memory in.
+    /// Page faults the target served while it filled the memory in.
     #[serde(default)]
     pub faults: u64,
+    /// Fault service time on the target (from the fault to the filled page), median and 99th
+    /// percentile, microseconds; None without faults.
+    #[serde(default)]
+    pub fault_p50_us: Option<u64>,
+    #[serde(default)]
+    pub fault_p99_us: Option<u64>,
 }
 
 impl Summary {
@@ -249,6 +271,7 @@ mod tests {
         .unwrap();
         let Request::Migrate { options, .. } = r else { panic!("{r:?}") };
         assert_eq!((options.mode, options.max_downtime_ms, options.max_rounds), (Mode::Stopcopy, 50, 8));
+        assert_eq!(MigrateOptions::default().mode, Mode::Hybrid);
         let e = Event::Failed { error: "x".into(), original: Original::Running };
         assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"event":"failed","error":"x","original":"running"}"#);
     }

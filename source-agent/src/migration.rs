@@ -42,9 +42,14 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long to wait for Resumed after Commit.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long to wait, after Resumed, for the target to say every page is in place (only reported: the
-/// copy runs and the original is gone by then).
+/// How long to wait, after Resumed, for the target to say every page is in place.
 pub const COMPLETE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Pre-copy rounds at most in hybrid mode, before post-copy takes the rest.
+pub const HYBRID_ROUNDS: u32 = 3;
+/// After the link to a post-copy target is lost, how much longer than the grace this side waits before
+/// resuming the original: the target's own idle timer may start up to a keep-alive interval later
+/// (protocol::tls::KEEP_ALIVE), and it then has to kill its copy.
+pub const ROLLBACK_MARGIN: Duration = Duration::from_secs(3);
 /// Image files sent at once.
 const PARALLEL_FILES: usize = 4;
 
@@ -70,6 +75,10 @@ enum Stage {
     Untouched,
     Frozen,
     CommitSent,
+    /// Post-copy: the target runs (or is about to run) the copy, which fetches its memory from here.
+    /// The target kills it when the link is gone longer than the grace, unless every page had reached
+    /// it (`delivered`): before that the original is resumed after the grace, after it is in doubt.
+    PostCopy,
 }
 
 struct Migration<'a> {
@@ -82,17 +91,134 @@ struct Migration<'a> {
     /// The pre-flight found nothing: from here on this counts as a started migration.
     preflight_passed: bool,
     options: MigrateOptions,
+    /// Post-copy: the target acknowledged the whole pages stream (it may complete without this host).
+    delivered: Arc<std::sync::atomic::AtomicBool>,
+    /// Post-copy: the target said it killed its copy.
+    copy_dropped: bool,
+    /// Pre-copy rounds run, their time and bytes on the wire.
+    rounds: u32,
+    precopy_ms: f64,
+    precopy_wire: u64,
 }
 
-/// What the pre-copy rounds leave for the freeze.
+/// What the pre-copy rounds leave for the freeze: the pages stream and what the target holds.
 struct PreCopied {
     stream: quinn::SendStream,
     held: precopy::Held,
     level: protocol::chunk::AdaptiveLevel,
     rounds: u32,
-    ms: f64,
-    /// Bytes the rounds put on the wire.
-    wire: u64,
+}
+
+/// Stream priorities (quinn: higher first): fault answers before control and files before bulk pages.
+const PRIORITY_FAULTS: i32 = 10;
+const PRIORITY_BULK: i32 = -10;
+
+/// Most fault requests answered at once.
+const PARALLEL_FAULTS: usize = 8;
+
+/// The source's side of post-copy, after ImagesDone: answers the target's page faults from the stopped
+/// tree, and streams every page that differs from what the target holds (all of them after no rounds),
+/// going first where the faults are. Returns the bytes it put on the wire.
+struct PostCopy {
+    conn: quinn::Connection,
+    pids: Vec<u32>,
+    regions: Vec<precopy::Region>,
+    delivered: Arc<std::sync::atomic::AtomicBool>,
+    work_dir: PathBuf,
+}
+
+impl PostCopy {
+    /// Returns the bytes it put on the wire and the pages the target holds.
+    async fn run(self, mut pre: PreCopied) -> Result<(u64, u64), String> {
+        let (hint_tx, hint_rx) = std::sync::mpsc::channel();
+        let answered = Arc::new(AtomicU64::new(0));
+        let faults = tokio::spawn(serve_faults(
+            self.conn.clone(),
+            self.pids.clone(),
+            self.regions.clone(),
+            hint_tx,
+            answered.clone(),
+        ));
+        // Once every page reached the target, no fault waits for this host any more.
+        let _stop_faults = AbortOnDrop(faults.abort_handle());
+        let pass = precopy::Pass {
+            round: pre.rounds,
+            frozen: true,
+            hints: Some(hint_rx),
+            no_copies: true,
+            ..Default::default()
+        };
+        let stats = precopy::send_round(&mut pre.held, &mut pre.stream, self.regions.clone(), pass, &pre.level).await?;
+        let end = precopy::send_end(&mut pre.stream, pre.held.records).await?;
+        pre.stream.finish().map_err(|e| format!("pages stream: {e}"))?;
+        tracing::info!(pages = stats.sent, scanned = stats.scanned, secs = stats.secs, "post-copy: every page sent");
+        // Once the target has read the whole stream it can complete without this host.
+        match pre.stream.stopped().await {
+            Ok(None) => {
+                self.delivered.store(true, Ordering::SeqCst);
+                write_journal(&self.work_dir, "delivered", &self.pids);
+            }
+            Ok(Some(code)) => return Err(format!("the target stopped the pages stream (code {code})")),
+            Err(e) => return Err(format!("pages stream: {e}")),
+        }
+        if faults.is_finished() {
+            if let Ok(Err(e)) = faults.await {
+                tracing::warn!("fault stream: {e}");
+            }
+        }
+        Ok((stats.wire + end + answered.load(Ordering::Relaxed), pre.held.len() as u64))
+    }
+}
+
+/// Answers fault requests on the bidirectional stream the target opens, until it ends it. A request
+/// must name a process of the tree and a page of its lazy memory: anything else is a hostile or broken
+/// peer asking to read this host's memory, and ends the stream.
+async fn serve_faults(
+    conn: quinn::Connection,
+    pids: Vec<u32>,
+    regions: Vec<precopy::Region>,
+    hints: std::sync::mpsc::Sender<precopy::Key>,
+    wire: Arc<AtomicU64>,
+) -> Result<(), String> {
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| format!("fault stream: {e}"))?;
+    let _ = send.set_priority(PRIORITY_FAULTS);
+    let mut answers = futures::stream::FuturesOrdered::new();
+    let mut open = true;
+    loop {
+        tokio::select! {
+            req = read_frame::<_, pb::FaultRequest>(&mut recv), if open && answers.len() < PARALLEL_FAULTS => {
+                let Some(req) = req.map_err(|e| format!("fault stream: {e}"))? else {
+                    open = false;
+                    continue;
+                };
+                let inside = pids.contains(&req.pid)
+                    && regions.iter().any(|r| r.pid == req.pid && r.start <= req.vaddr && req.vaddr < r.end);
+                if !inside || req.vaddr % protocol::pages::PAGE_SIZE as u64 != 0 {
+                    let _ = send.reset(1u32.into());
+                    return Err(format!("the target asked for page {}:{:#x}, which is not lazy memory of the tree", req.pid, req.vaddr));
+                }
+                let _ = hints.send((req.pid, req.vaddr));
+                answers.push_back(tokio::task::spawn_blocking(move || precopy::fault_answer(req.pid, req.vaddr)));
+            }
+            Some(out) = answers.next(), if !answers.is_empty() => {
+                let out = out.map_err(|e| format!("fault answer: {e}"))?;
+                send.write_all(&out).await.map_err(|e| format!("fault stream: {e}"))?;
+                wire.fetch_add(out.len() as u64, Ordering::Relaxed);
+            }
+            else => break,
+        }
+    }
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Runs one migration and applies the rollback rule to any failure.
@@ -115,6 +241,11 @@ pub async fn run(
         work_dir,
         preflight_passed: false,
         options,
+        delivered: Default::default(),
+        copy_dropped: false,
+        rounds: 0,
+        precopy_ms: 0.0,
+        precopy_wire: 0,
     };
     ctx.stats.migrations.start(telemetry::Running {
         id: id.clone(),
@@ -144,6 +275,28 @@ pub async fn run(
             }
         }
         (Err(_), Stage::CommitSent) => Original::StoppedInDoubt,
+        (Err(_), Stage::PostCopy) if m.delivered.load(Ordering::SeqCst) && !m.copy_dropped => Original::StoppedInDoubt,
+        (Err(e), Stage::PostCopy) => {
+            // The target killed its copy (it said so), or will: the copy cannot finish without this
+            // host's pages, and the target drops it once the link has been gone for the grace. Wait that
+            // long (and a margin), then the original runs again.
+            let wait =
+                if m.copy_dropped { Duration::ZERO } else { Duration::from_secs(m.options.grace_s) + ROLLBACK_MARGIN };
+            tracing::warn!(pids = ?m.pids, ?wait, "post-copy failed ({e}); resuming the original once the target has dropped its copy");
+            tokio::time::sleep(wait).await;
+            match criu::tree::resume(&m.pids) {
+                Ok(()) => Original::Running,
+                Err(re) => {
+                    return Err(Failure {
+                        error: format!(
+                            "{e}; and resuming the original failed: {re}: resume it with kill -CONT {:?}",
+                            m.pids
+                        ),
+                        original: Original::StoppedInDoubt,
+                    });
+                }
+            }
+        }
     };
     if original == Original::Running || result.is_ok() {
         let _ = std::fs::remove_dir_all(&m.work_dir);
@@ -159,14 +312,15 @@ pub async fn run(
         }
         (Err(_), Stage::Untouched) => "refused",
         (Err(_), Stage::Frozen) => "rolled_back",
-        (Err(_), Stage::CommitSent) => "in_doubt",
+        (Err(_), Stage::PostCopy) if original == Original::Running => "rolled_back",
+        (Err(_), Stage::CommitSent | Stage::PostCopy) => "in_doubt",
     };
     if result.is_err() && m.preflight_passed {
         stats.failed.inc();
-        match m.stage {
-            Stage::Frozen => stats.rolled_back.inc(),
-            Stage::CommitSent => stats.in_doubt.inc(),
-            Stage::Untouched => {}
+        match (m.stage, original) {
+            (Stage::Untouched, _) => {}
+            (_, Original::Running) => stats.rolled_back.inc(),
+            (_, Original::StoppedInDoubt) => stats.in_doubt.inc(),
         }
     }
     stats.migrations.finish(
@@ -187,7 +341,16 @@ pub async fn run(
         let error = if error.ends_with(['.', '?', '!']) { error } else { format!("{error}.") };
         let error = match original {
             Original::Running if m.stage == Stage::Frozen => format!("{error} The original was resumed on this host."),
+            Original::Running if m.stage == Stage::PostCopy => format!(
+                "{error} The copy on the target could not get the rest of its memory and was dropped there; the original \
+                 was resumed on this host."
+            ),
             Original::Running => format!("{error} The process was not touched."),
+            Original::StoppedInDoubt if m.stage == Stage::PostCopy => format!(
+                "{error} The target had received all memory, so its copy may run: the original (pids {:?}) is kept stopped \
+                 here. If the target does not run it, resume the original with kill -CONT; otherwise kill it.",
+                m.pids
+            ),
             Original::StoppedInDoubt => format!(
                 "{error} Commit was sent but not confirmed: the copy may run on the target, so the original (pids {:?}) is kept \
                  stopped here. If the target does not run it, resume the original with kill -CONT; otherwise kill it.",
@@ -218,8 +381,23 @@ pub fn recover(state_dir: &Path) {
         let stage = lines.next().unwrap_or("");
         let pids: Vec<u32> = lines.next().unwrap_or("").split_whitespace().filter_map(|p| p.parse().ok()).collect();
         match stage {
-            "commit-sent" => {
+            "commit-sent" | "delivered" => {
                 tracing::error!(dir = %dir.display(), ?pids, "a migration's commit is in doubt: the original is kept stopped; check the target");
+                continue;
+            }
+            "postcopy" => {
+                // The copy on the target depended on this host's pages; it is killed there once the
+                // link has been gone for the grace (at most MAX_GRACE). Resume after that, without
+                // holding up the agent's start.
+                std::thread::spawn(move || {
+                    std::thread::sleep(crate::control::MAX_GRACE + ROLLBACK_MARGIN);
+                    tracing::warn!(
+                        ?pids,
+                        "resuming an original whose post-copy an earlier run of this agent left unfinished"
+                    );
+                    let _ = criu::tree::resume(&pids);
+                    let _ = std::fs::remove_dir_all(&dir);
+                });
                 continue;
             }
             "frozen" => {
@@ -274,7 +452,7 @@ impl Migration<'_> {
         self.ctx.stats.started.inc();
 
         self.phase(Phase::Connect, format!("connecting to {target}"));
-        let session = connect(self.ctx, target).await?;
+        let session = connect_with(self.ctx, target, Duration::from_secs(self.options.grace_s)).await?;
         let result = self.with_connection(&session, pid, &comm, &pids, &facts.files(), target, started).await;
         session.close().await;
         result
@@ -309,9 +487,13 @@ impl Migration<'_> {
         let (send, recv) = (&mut *send, &mut *recv);
         let free = prepared.free_bytes;
 
-        let mut pre = match self.options.mode {
-            Mode::Precopy => Some(self.precopy(conn, pid, pids).await?),
+        let mode = self.options.mode;
+        let postcopy = matches!(mode, Mode::Postcopy | Mode::Hybrid);
+        let mut pre = match mode {
             Mode::Stopcopy => None,
+            Mode::Postcopy => Some(self.precopy(conn, pid, pids, 0).await?),
+            Mode::Hybrid => Some(self.precopy(conn, pid, pids, self.options.max_rounds.min(HYBRID_ROUNDS)).await?),
+            Mode::Precopy => Some(self.precopy(conn, pid, pids, self.options.max_rounds).await?),
         };
 
         // Freeze and dump.
@@ -324,7 +506,7 @@ impl Migration<'_> {
         let req = criu::DumpRequest { pid, images_dir: self.work_dir.clone() };
         let dumped = match pre {
             // The private memory stays in the stopped tree (PE_LAZY in the pagemaps); CRIU's own page
-            // server is not needed: the final delta reads the stopped tree directly.
+            // server is not needed: this agent reads the stopped tree directly.
             Some(_) => match self.ctx.criu.dump_lazy(&req).await {
                 Ok(lazy) => lazy.finish().await,
                 Err(e) => Err(e),
@@ -338,7 +520,8 @@ impl Migration<'_> {
             return Err(e.to_string());
         }
 
-        // Transfer: the image files and, with pre-copy, what changed in memory since the last round.
+        // Transfer: the image files and, with pre-copy, what changed in memory since the last round
+        // (post-copy sends that after the restore, see post_copy).
         let files = image_files(&self.work_dir)?;
         let total: u64 = files.iter().map(|(_, s)| s).sum();
         if total > free {
@@ -347,12 +530,17 @@ impl Migration<'_> {
             let _ = write_frame(send, &send_msg(source_msg::Msg::Abort(pb::Abort { reason: reason.clone() }))).await;
             return Err(reason);
         }
+        let lazy_regions = match pre {
+            Some(_) => precopy::lazy_regions(&self.work_dir)?,
+            None => Vec::new(),
+        };
         self.phase(Phase::Transfer, format!("sending {} image files, {total} bytes", files.len()));
         let transfer_started = Instant::now();
         let delta = async {
-            let Some(p) = pre.as_mut() else { return Ok(precopy::RoundStats::default()) };
-            let regions = precopy::lazy_regions(&self.work_dir)?;
-            let s = precopy::send_round(&mut p.held, &mut p.stream, regions, p.rounds, None, &p.level).await?;
+            let Some(p) = pre.as_mut().filter(|_| !postcopy) else { return Ok(precopy::RoundStats::default()) };
+            let pass = precopy::Pass { round: p.rounds, frozen: true, ..Default::default() };
+            let mut s = precopy::send_round(&mut p.held, &mut p.stream, lazy_regions.clone(), pass, &p.level).await?;
+            s.wire += precopy::send_end(&mut p.stream, p.held.records).await?;
             p.stream.finish().map_err(|e| format!("pages stream: {e}"))?;
             Ok::<_, String>(s)
         };
@@ -382,10 +570,35 @@ impl Migration<'_> {
         let wire: u64 = sent.iter().map(|(_, t)| t.wire).sum::<u64>() + delta.wire;
         let summaries: Vec<pb::FileSummary> = sent.into_iter().map(|(s, _)| s).collect();
         let nfiles = summaries.len();
-        let page_records = pre.as_ref().map(|p| p.held.records).unwrap_or(0);
-        tracing::info!(id = %self.id, pages = delta.sent, data = delta.data, scanned = delta.scanned, read_ms = delta.read_secs * 1e3, "final delta sent");
-        let done = pb::ImagesDone { files: summaries, lazy: pre.is_some(), page_records };
+        let page_records = match &pre {
+            Some(p) if !postcopy => p.held.records,
+            _ => 0,
+        };
+        if pre.is_some() && !postcopy {
+            tracing::info!(id = %self.id, pages = delta.sent, data = delta.data, scanned = delta.scanned, read_ms = delta.read_secs * 1e3, "final delta sent");
+        }
+        let done = pb::ImagesDone { files: summaries, lazy: pre.is_some(), page_records, postcopy };
         write_frame(send, &send_msg(source_msg::Msg::ImagesDone(done))).await.map_err(link(target))?;
+
+        // Post-copy: the rest of the memory streams from the stopped tree while the target restores
+        // and runs the copy, and pages the copy faults on are answered first.
+        let background = match pre.take() {
+            Some(p) if postcopy => {
+                let task = PostCopy {
+                    conn: conn.clone(),
+                    pids: pids.to_vec(),
+                    regions: lazy_regions,
+                    delivered: self.delivered.clone(),
+                    work_dir: self.work_dir.clone(),
+                };
+                Some(tokio::spawn(task.run(p)))
+            }
+            other => {
+                pre = other;
+                None
+            }
+        };
+        let _abort_background = background.as_ref().map(|b| AbortOnDrop(b.abort_handle()));
 
         // Restore on the target.
         self.phase(Phase::Restore, format!("{} is restoring", remote.host_name));
@@ -396,36 +609,76 @@ impl Migration<'_> {
 
         // Commit: from here on the target may run the copy.
         self.phase(Phase::Commit, format!("restored as pid {} on {}; committing", restored.root_pid, remote.host_name));
-        write_journal(&self.work_dir, "commit-sent", pids);
-        self.stage = Stage::CommitSent;
+        let lazy = pre.is_some() || background.is_some();
+        if lazy {
+            // The copy depends on the target agent until its memory is filled in (and, in post-copy, on
+            // this host's pages): the original stays stopped until the target says Complete.
+            if !postcopy {
+                self.delivered.store(true, Ordering::SeqCst);
+            }
+            write_journal(&self.work_dir, if postcopy { "postcopy" } else { "delivered" }, pids);
+            self.stage = Stage::PostCopy;
+        } else {
+            write_journal(&self.work_dir, "commit-sent", pids);
+            self.stage = Stage::CommitSent;
+        }
         write_frame(send, &send_msg(source_msg::Msg::Commit(pb::Commit {}))).await.map_err(link(target))?;
         let resumed = match recv_within(recv, target, COMMIT_TIMEOUT, &remote.host_name, "confirm the commit").await? {
             target_msg::Msg::Resumed(r) => r,
             other => return Err(unexpected(target, &other, "Resumed")),
         };
         let downtime_ms = ms(frozen_at.elapsed());
-        if let Err(e) = criu::tree::kill_all(pids) {
-            tracing::error!(?pids, "the copy runs on {} but killing the original failed: {e}", remote.host_name);
+        if !lazy {
+            // Stop-and-copy: the copy has everything it needs.
+            self.kill_original(pids, &remote.host_name);
+        }
+
+        // With lazy memory the target now fills it in (post-copy: as it streams from here, faults
+        // answered first) and says when every page is in place; only then is the original killed.
+        let mut complete = None;
+        if lazy {
+            let what = if postcopy {
+                "its memory streams from here, faults answered first"
+            } else {
+                "its memory is being filled in"
+            };
+            self.phase(Phase::Complete, format!("pid {pid}: post-copy: the copy runs on {}; {what}", remote.host_name));
+            let answer = recv_within(recv, target, COMPLETE_TIMEOUT, &remote.host_name, "finish the post-copy").await;
+            let c = match answer {
+                Ok(target_msg::Msg::Complete(c)) => c,
+                Ok(other) => return Err(unexpected(target, &other, "Complete")),
+                Err(e) => {
+                    // A Failed from the target means it killed its copy (see target-agent's session).
+                    self.copy_dropped = e.starts_with(&format!("target {target} refused at post-copy"));
+                    let why = match background {
+                        Some(task) if task.is_finished() => task.await.ok().and_then(|r| r.err()),
+                        _ => None,
+                    };
+                    return Err(match why {
+                        Some(w) => format!("post-copy to {target} failed: {e}; {w}"),
+                        None => format!("post-copy to {target} failed: {e}"),
+                    });
+                }
+            };
+            let (wire_after, held_after) = match background {
+                Some(task) => match task.await {
+                    Ok(Ok(w)) => w,
+                    Ok(Err(e)) => {
+                        tracing::warn!(id = %self.id, "the target completed but the page sender says: {e}");
+                        (0, 0)
+                    }
+                    Err(e) => {
+                        tracing::warn!(id = %self.id, "page sender task: {e}");
+                        (0, 0)
+                    }
+                },
+                None => (0, pre.as_ref().map(|p| p.held.len() as u64).unwrap_or(0)),
+            };
+            self.kill_original(pids, &remote.host_name);
+            complete = Some((ms(frozen_at.elapsed()), c, wire_after, held_after));
         }
         let _ = send.finish();
-
-        // With lazy memory the target now fills it in; it says when every page is in place. The copy
-        // runs whatever happens here: this only reports.
-        let mut complete = None;
-        if pre.is_some() {
-            self.phase(
-                Phase::Complete,
-                format!("the copy runs on {}; its memory is being filled in", remote.host_name),
-            );
-            match recv_within(recv, target, COMPLETE_TIMEOUT, &remote.host_name, "fill in the memory").await {
-                Ok(target_msg::Msg::Complete(c)) if c.error.is_empty() => complete = Some((ms(frozen_at.elapsed()), c)),
-                Ok(target_msg::Msg::Complete(c)) => {
-                    tracing::error!(id = %self.id, "{} could not fill in the copy's memory: {}", remote.host_name, c.error)
-                }
-                Ok(other) => tracing::warn!(id = %self.id, "{}", unexpected(target, &other, "Complete")),
-                Err(e) => tracing::warn!(id = %self.id, "no word on the post-copy from {}: {e}", remote.host_name),
-            }
-        }
+        let held_pages = complete.as_ref().map(|c| c.3).unwrap_or(0);
         Ok(Summary {
             migration_id: self.id.clone(),
             pid,
@@ -439,51 +692,67 @@ impl Migration<'_> {
             transfer_ms,
             restore_ms: restored.restore_micros as f64 / 1000.0,
             total_ms: ms(started.elapsed()),
-            // With pre-copy the private memory is not in the image files: count the pages the target holds.
-            image_bytes: total
-                + pre.as_ref().map(|p| p.held.len() as u64 * protocol::pages::PAGE_SIZE as u64).unwrap_or(0),
-            wire_bytes: wire + pre.as_ref().map(|p| p.wire).unwrap_or(0),
+            // With lazy memory the private pages are not in the image files: count what the target got.
+            image_bytes: total + held_pages * protocol::pages::PAGE_SIZE as u64,
+            wire_bytes: wire + self.precopy_wire + complete.as_ref().map(|c| c.2).unwrap_or(0),
             compression_ratio: 0.0,
             files: nfiles,
-            mode: self.options.mode,
-            rounds: pre.as_ref().map(|p| p.rounds).unwrap_or(0),
-            precopy_ms: pre.as_ref().map(|p| p.ms).unwrap_or(0.0),
+            mode,
+            rounds: self.rounds,
+            precopy_ms: self.precopy_ms,
             freeze_pages: delta.sent,
-            complete_ms: complete.as_ref().map(|(t, _)| *t),
-            faults: complete.as_ref().map(|(_, c)| c.faults).unwrap_or(0),
+            complete_ms: complete.as_ref().map(|c| c.0),
+            faults: complete.as_ref().map(|c| c.1.faults).unwrap_or(0),
+            fault_p50_us: complete.as_ref().filter(|c| c.1.faults > 0).map(|c| c.1.fault_p50_us),
+            fault_p99_us: complete.as_ref().filter(|c| c.1.faults > 0).map(|c| c.1.fault_p99_us),
         }
         .with_ratio())
     }
 
-    /// Pre-copy rounds while the tree runs, until the policy says freeze (see [`precopy::decide`]).
-    async fn precopy(&self, conn: &quinn::Connection, pid: u32, pids: &[u32]) -> Result<PreCopied, String> {
+    fn kill_original(&self, pids: &[u32], host: &str) {
+        if let Err(e) = criu::tree::kill_all(pids) {
+            tracing::error!(?pids, "the copy runs on {host} but killing the original failed: {e}");
+        }
+    }
+
+    /// Pre-copy rounds while the tree runs, at most `max_rounds`, until the policy says freeze (see
+    /// [`precopy::decide`]). Opens the pages stream either way.
+    async fn precopy(
+        &mut self,
+        conn: &quinn::Connection,
+        pid: u32,
+        pids: &[u32],
+        max_rounds: u32,
+    ) -> Result<PreCopied, String> {
         let started = Instant::now();
         let mut stream = conn.open_uni().await.map_err(|e| format!("link: {e}"))?;
+        // Bulk pages yield to everything else on the connection, fault answers first.
+        let _ = stream.set_priority(PRIORITY_BULK);
         let header = pb::StreamHeader {
             kind: Some(pb::stream_header::Kind::Pages(pb::PagesHeader { migration_id: self.id.clone() })),
         };
         write_frame(&mut stream, &header).await.map_err(|e| format!("pages stream: {e}"))?;
-        let policy = precopy::Policy {
-            max_downtime: Duration::from_millis(self.options.max_downtime_ms),
-            max_rounds: self.options.max_rounds.max(1),
-        };
+        let policy = precopy::Policy { max_downtime: Duration::from_millis(self.options.max_downtime_ms), max_rounds };
         let soft_dirty = self.ctx.hello.soft_dirty;
         let level = protocol::chunk::AdaptiveLevel::new(protocol::chunk::DEFAULT_LEVEL);
         let mut held = precopy::Held::default();
         let mut rounds: Vec<precopy::RoundStats> = Vec::new();
-        self.phase(
-            Phase::Precopy,
-            format!(
-                "copying the memory of {} process(es) while they run ({} dirty tracking)",
-                pids.len(),
-                if soft_dirty { "soft-dirty" } else { "content hash" }
-            ),
-        );
-        loop {
+        if max_rounds > 0 {
+            self.phase(
+                Phase::Precopy,
+                format!(
+                    "copying the memory of {} process(es) while they run ({} dirty tracking)",
+                    pids.len(),
+                    if soft_dirty { "soft-dirty" } else { "content hash" }
+                ),
+            );
+        }
+        while (rounds.len() as u32) < max_rounds {
             let round = rounds.len() as u32;
             let regions = precopy::tree_regions(pid);
             let only = soft_dirty.then(|| precopy::soft_dirty_pages(&regions)).filter(|_| round > 0);
-            let stats = precopy::send_round(&mut held, &mut stream, regions, round, only, &level).await?;
+            let pass = precopy::Pass { round, only, ..Default::default() };
+            let stats = precopy::send_round(&mut held, &mut stream, regions, pass, &level).await?;
             rounds.push(stats);
             let d = precopy::decide(&policy, &rounds);
             tracing::info!(id = %self.id, ?stats, ?d, "pre-copy round");
@@ -499,8 +768,10 @@ impl Migration<'_> {
                 break;
             }
         }
-        let wire = rounds.iter().map(|r| r.wire).sum();
-        Ok(PreCopied { stream, held, level, rounds: rounds.len() as u32, ms: ms(started.elapsed()), wire })
+        self.rounds = rounds.len() as u32;
+        self.precopy_ms = ms(started.elapsed());
+        self.precopy_wire = rounds.iter().map(|r| r.wire).sum();
+        Ok(PreCopied { stream, held, level, rounds: self.rounds })
     }
 
     async fn send_files(
@@ -588,13 +859,20 @@ impl Session {
     }
 }
 
-/// Connects to `target`, with mutual TLS, and exchanges Hello; refuses an incompatible target.
+/// Connects to `target`, with mutual TLS, and exchanges Hello; refuses an incompatible target. A link
+/// silent for `grace` ends the connection (see protocol::tls::transport).
 async fn connect(ctx: &Context, target: &str) -> Result<Session, String> {
+    connect_with(ctx, target, crate::control::DEFAULT_GRACE).await
+}
+
+async fn connect_with(ctx: &Context, target: &str, grace: Duration) -> Result<Session, String> {
     let (addr, server_name) = resolve(target).await?;
     let mut endpoint = quinn::Endpoint::client((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
         .or_else(|_| quinn::Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
         .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-    endpoint.set_default_client_config(ctx.client.clone());
+    let mut client = ctx.client.clone();
+    client.transport_config(protocol::tls::transport(grace));
+    endpoint.set_default_client_config(client);
     let connecting = endpoint.connect(addr, &server_name).map_err(|e| format!("cannot connect to {target}: {e}"))?;
     let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Err(_) => {

@@ -204,9 +204,25 @@ const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
 const PM_SOFT_DIRTY: u64 = 1 << 55;
 
+/// How one pass over the memory runs.
+#[derive(Default)]
+pub struct Pass {
+    pub round: u32,
+    /// With soft-dirty: only these pages may have changed (see [`soft_dirty_pages`]); other pages the
+    /// target holds are taken as unchanged without being compared.
+    pub only: Option<std::collections::HashSet<Key>>,
+    /// The tree is frozen: what this pass sends is current (PageBatch.frozen).
+    pub frozen: bool,
+    /// Post-copy: pages the target faulted on; the pass reads the memory around them next, so the
+    /// background stream goes where the tree is working.
+    pub hints: Option<std::sync::mpsc::Receiver<Key>>,
+    /// Post-copy: send no copy records (the fault answers change what the target holds behind the
+    /// back of [`Held`], so a copy source could be out of date).
+    pub no_copies: bool,
+}
+
 /// Reads `regions`, compares every page with what the target holds, and writes what differs to the
-/// pages stream as round `round`. With `only` (the soft-dirty pages, see [`soft_dirty_pages`]), other
-/// pages the target holds are taken as unchanged without being compared.
+/// pages stream.
 ///
 /// # Cancel safety
 /// Not cancel safe: a cancelled round leaves the stream in the middle of a batch.
@@ -214,15 +230,14 @@ pub async fn send_round<W: tokio::io::AsyncWrite + Unpin>(
     held: &mut Held,
     stream: &mut W,
     regions: Vec<Region>,
-    round: u32,
-    only: Option<std::collections::HashSet<Key>>,
+    pass: Pass,
     level: &AdaptiveLevel,
 ) -> Result<RoundStats, String> {
     let started = Instant::now();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(pb::PageBatch, Vec<u8>)>(COMPRESS_PARALLEL * 2);
     let mut owned = std::mem::take(held);
     let reader = tokio::task::spawn_blocking(move || {
-        let r = scan(&mut owned, &regions, round, only.as_ref(), &tx);
+        let r = scan(&mut owned, &regions, pass, &tx);
         (owned, r)
     });
     let mut encoded = futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
@@ -259,20 +274,88 @@ pub async fn send_round<W: tokio::io::AsyncWrite + Unpin>(
     Ok(stats)
 }
 
+/// Pages read ahead of a fault's address, in chunks of [`READ_PAGES`].
+const HINT_AHEAD_CHUNKS: usize = 8;
+
+/// One read of the scan: up to READ_PAGES pages of one process.
+struct Chunk {
+    pid: u32,
+    addr: u64,
+    pages: usize,
+}
+
+fn chunks(regions: &[Region]) -> Vec<Chunk> {
+    let mut out = Vec::new();
+    for r in regions {
+        let mut addr = r.start;
+        while addr < r.end {
+            let pages = (((r.end - addr) as usize) / PAGE_SIZE).min(READ_PAGES);
+            out.push(Chunk { pid: r.pid, addr, pages });
+            addr += (pages * PAGE_SIZE) as u64;
+        }
+    }
+    out
+}
+
+/// The order of the chunks: in address order, except that a hint (a page the target faulted on)
+/// puts its chunk and the next few of that process first.
+struct Order {
+    done: Vec<bool>,
+    next: usize,
+    urgent: std::collections::VecDeque<usize>,
+}
+
+impl Order {
+    fn new(n: usize) -> Self {
+        Order { done: vec![false; n], next: 0, urgent: Default::default() }
+    }
+
+    fn hint(&mut self, chunks: &[Chunk], (pid, addr): Key) {
+        let Some(i) =
+            chunks.iter().position(|c| c.pid == pid && c.addr <= addr && addr < c.addr + (c.pages * PAGE_SIZE) as u64)
+        else {
+            return;
+        };
+        for j in i..(i + HINT_AHEAD_CHUNKS).min(chunks.len()) {
+            if chunks[j].pid == pid && !self.done[j] {
+                self.urgent.push_back(j);
+            }
+        }
+    }
+
+    fn pop(&mut self) -> Option<usize> {
+        while let Some(i) = self.urgent.pop_front() {
+            if !self.done[i] {
+                self.done[i] = true;
+                return Some(i);
+            }
+        }
+        while self.next < self.done.len() && self.done[self.next] {
+            self.next += 1;
+        }
+        let i = self.next;
+        (i < self.done.len()).then(|| {
+            self.done[i] = true;
+            i
+        })
+    }
+}
+
 /// The blocking reader of [`send_round`].
 fn scan(
     held: &mut Held,
     regions: &[Region],
-    round: u32,
-    only: Option<&std::collections::HashSet<Key>>,
+    pass: Pass,
     tx: &tokio::sync::mpsc::Sender<(pb::PageBatch, Vec<u8>)>,
 ) -> Result<RoundStats, String> {
+    let Pass { round, only, frozen, hints, no_copies } = pass;
     let mut stats = RoundStats { round, ..Default::default() };
     let started = Instant::now();
     // Time spent waiting for the network, which is not the reader's own cost.
     let mut blocked = Duration::ZERO;
     let mut buf = vec![0u8; READ_PAGES * PAGE_SIZE];
-    let mut batch = pb::PageBatch { round, ..Default::default() };
+    let empty = |pid| pb::PageBatch { pid, round, frozen, ..Default::default() };
+    let mut batch = empty(0);
     let mut data: Vec<u8> = Vec::with_capacity(MAX_DATA_PAGES * PAGE_SIZE);
     let mut pagemap: Option<(u32, std::fs::File)> = None;
     let mut entries = vec![0u64; READ_PAGES];
@@ -282,78 +365,103 @@ fn scan(
             batch.pid = pid;
             return true;
         }
-        let full = std::mem::replace(batch, pb::PageBatch { pid, round, ..Default::default() });
+        let full = std::mem::replace(batch, empty(pid));
         let bytes = std::mem::replace(data, Vec::with_capacity(MAX_DATA_PAGES * PAGE_SIZE));
         let t = Instant::now();
         let ok = tx.blocking_send((full, bytes)).is_ok();
         *blocked += t.elapsed();
         ok
     };
-    for region in regions {
-        if batch.pid != region.pid {
-            if !flush(&mut batch, &mut data, region.pid, &mut blocked) {
+    let chunks = chunks(regions);
+    let mut order = Order::new(chunks.len());
+    loop {
+        if let Some(h) = &hints {
+            while let Ok(k) = h.try_recv() {
+                order.hint(&chunks, k);
+            }
+        }
+        let Some(c) = order.pop().map(|i| &chunks[i]) else { break };
+        let (pid, addr, n) = (c.pid, c.addr, c.pages);
+        if batch.pid != pid && !flush(&mut batch, &mut data, pid, &mut blocked) {
+            return Ok(stats);
+        }
+        // Which pages exist (present or swapped).
+        if pagemap.as_ref().map(|(p, _)| *p) != Some(pid) {
+            pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok().map(|f| (pid, f));
+        }
+        let have_map = match &mut pagemap {
+            Some((_, f)) => read_pagemap(f, addr, &mut entries[..n]).is_ok(),
+            None => false,
+        };
+        let len = n * PAGE_SIZE;
+        // Reading pages that were never touched would map the zero page into them: skip runs of
+        // absent pages without reading (they hash as zero below).
+        let any = !have_map || entries[..n].iter().any(|e| e & (PM_PRESENT | PM_SWAPPED) != 0);
+        let read = if any { read_memory(pid, addr, &mut buf[..len]) } else { 0 };
+        for i in 0..n {
+            let key = (pid, addr + (i * PAGE_SIZE) as u64);
+            let entry = if have_map { entries[i] } else { PM_PRESENT };
+            stats.scanned += 1;
+            if only.as_ref().is_some_and(|o| !o.contains(&key)) && held.pages.contains_key(&key) {
+                continue;
+            }
+            let page = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            let hash = if entry & (PM_PRESENT | PM_SWAPPED) == 0 {
+                zero_hash()
+            } else if (i + 1) * PAGE_SIZE <= read {
+                xxhash_rust::xxh3::xxh3_128(page)
+            } else {
+                // Unmapped since /proc/PID/maps was read: the final delta decides.
+                continue;
+            };
+            match held.update(key, hash) {
+                Action::Unchanged => continue,
+                Action::Zero => batch.zero.push(key.1),
+                Action::Copy(src) if !no_copies => {
+                    batch.copies.push(pb::PageCopy { from_pid: src.0, from_vaddr: src.1, vaddr: key.1 })
+                }
+                Action::Copy(_) | Action::Data => {
+                    batch.data.push(key.1);
+                    data.extend_from_slice(page);
+                    stats.data += 1;
+                }
+            }
+            stats.sent += 1;
+            if (batch.data.len() == MAX_DATA_PAGES || batch.zero.len() + batch.copies.len() >= MAX_BATCH_RECORDS)
+                && !flush(&mut batch, &mut data, pid, &mut blocked)
+            {
                 return Ok(stats);
             }
-            pagemap = None;
-        }
-        let mut addr = region.start;
-        while addr < region.end {
-            let n = (((region.end - addr) as usize) / PAGE_SIZE).min(READ_PAGES);
-            // Which pages exist (present or swapped).
-            if pagemap.as_ref().map(|(p, _)| *p) != Some(region.pid) {
-                pagemap = std::fs::File::open(format!("/proc/{}/pagemap", region.pid)).ok().map(|f| (region.pid, f));
-            }
-            let have_map = match &mut pagemap {
-                Some((_, f)) => read_pagemap(f, addr, &mut entries[..n]).is_ok(),
-                None => false,
-            };
-            let len = n * PAGE_SIZE;
-            // Reading pages that were never touched would map the zero page into them: skip runs of
-            // absent pages without reading (they hash as zero below).
-            let any = !have_map || entries[..n].iter().any(|e| e & (PM_PRESENT | PM_SWAPPED) != 0);
-            let read = if any { read_memory(region.pid, addr, &mut buf[..len]) } else { 0 };
-            for i in 0..n {
-                let key = (region.pid, addr + (i * PAGE_SIZE) as u64);
-                let entry = if have_map { entries[i] } else { PM_PRESENT };
-                stats.scanned += 1;
-                if only.is_some_and(|o| !o.contains(&key)) && held.pages.contains_key(&key) {
-                    continue;
-                }
-                let page = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-                let hash = if entry & (PM_PRESENT | PM_SWAPPED) == 0 {
-                    zero_hash()
-                } else if (i + 1) * PAGE_SIZE <= read {
-                    xxhash_rust::xxh3::xxh3_128(page)
-                } else {
-                    // Unmapped since /proc/PID/maps was read: the final delta decides.
-                    continue;
-                };
-                let action = held.update(key, hash);
-                match action {
-                    Action::Unchanged => continue,
-                    Action::Zero => batch.zero.push(key.1),
-                    Action::Copy(src) => {
-                        batch.copies.push(pb::PageCopy { from_pid: src.0, from_vaddr: src.1, vaddr: key.1 })
-                    }
-                    Action::Data => {
-                        batch.data.push(key.1);
-                        data.extend_from_slice(page);
-                        stats.data += 1;
-                    }
-                }
-                stats.sent += 1;
-                if (batch.data.len() == MAX_DATA_PAGES || batch.zero.len() + batch.copies.len() >= MAX_BATCH_RECORDS)
-                    && !flush(&mut batch, &mut data, region.pid, &mut blocked)
-                {
-                    return Ok(stats);
-                }
-            }
-            addr += len as u64;
         }
     }
     flush(&mut batch, &mut data, 0, &mut blocked);
     stats.read_secs = started.elapsed().saturating_sub(blocked).as_secs_f64();
     Ok(stats)
+}
+
+/// The last batch of the pages stream: `total` records were sent (see PageBatch.end).
+pub async fn send_end<W: tokio::io::AsyncWrite + Unpin>(stream: &mut W, total: u64) -> Result<u64, String> {
+    let mut out = Vec::new();
+    pages::encode_batch(&pb::PageBatch { end: true, total, frozen: true, ..Default::default() }, &[], None, &mut out);
+    stream.write_all(&out).await.map_err(|e| format!("sending pages: {e}"))?;
+    Ok(out.len() as u64)
+}
+
+/// One page of a stopped tree, encoded as the answer to a fault (a frozen batch with one record).
+pub fn fault_answer(pid: u32, vaddr: u64) -> Vec<u8> {
+    let mut page = vec![0u8; PAGE_SIZE];
+    let read = read_memory(pid, vaddr, &mut page);
+    let mut batch = pb::PageBatch { pid, frozen: true, ..Default::default() };
+    let mut out = Vec::with_capacity(PAGE_SIZE + 64);
+    if read == PAGE_SIZE && page.iter().any(|&b| b != 0) {
+        batch.data.push(vaddr);
+        pages::encode_batch(&batch, &page, None, &mut out);
+    } else {
+        // All zeros, or not readable (no longer mapped): the target zero-fills it.
+        batch.zero.push(vaddr);
+        pages::encode_batch(&batch, &[], None, &mut out);
+    }
+    out
 }
 
 /// Reads pagemap entries for the pages from `addr`.
@@ -512,14 +620,16 @@ mod tests {
         let level = AdaptiveLevel::new(1);
         let mut held = Held::default();
         let mut wire = Vec::new();
-        let s0 = send_round(&mut held, &mut wire, vec![region.clone()], 0, None, &level).await.unwrap();
+        let s0 = send_round(&mut held, &mut wire, vec![region.clone()], Pass::default(), &level).await.unwrap();
         assert_eq!(s0.scanned, 64);
         assert_eq!(s0.sent, 48, "zero pages do not cross: {s0:?}");
         assert_eq!(s0.data, 47, "the duplicate crosses as a copy: {s0:?}");
         mem[off + 5 * PAGE_SIZE] ^= 0xff;
         mem[off + 9 * PAGE_SIZE..off + 10 * PAGE_SIZE].fill(0);
         std::hint::black_box(&mem);
-        let s1 = send_round(&mut held, &mut wire, vec![region], 1, None, &level).await.unwrap();
+        let s1 = send_round(&mut held, &mut wire, vec![region], Pass { round: 1, ..Default::default() }, &level)
+            .await
+            .unwrap();
         assert_eq!((s1.sent, s1.data), (2, 1), "{s1:?}");
         let mut r = wire.as_slice();
         let mut records = 0;

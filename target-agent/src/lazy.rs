@@ -9,29 +9,55 @@
 //!   criu restore ── int32 pid, then 1 byte + SCM_RIGHTS uffd (per process; a zombie sends -pid) ──┐
 //!                ── u32 "RSTF" once every task is restored and its ranges registered ────────────┤ socket
 //!   restored tasks ── PAGEFAULT / FORK / REMAP / REMOVE / UNMAP messages ────────────────────────┤ uffds
+//!   page source ── waker: pages became known, or the source became complete ─────────────────────┤ wake
 //!                                                                                       poll ◄───┘
-//!   loop: read every message that is there (a fault is answered at once: UFFDIO_COPY from the
-//!         PageSource, or UFFDIO_ZEROPAGE), then, after RSTF, push one batch of at most 64
-//!         contiguous pages of one process, starting where that process last faulted.
+//!   loop: read every message that is there (a fault is answered at once: UFFDIO_COPY or
+//!         UFFDIO_ZEROPAGE, or parked while its page is not known yet), answer the parked faults whose
+//!         page became known, then, after RSTF, push one batch of at most 64 contiguous pages of one
+//!         process.
 //! ```
 //!
 //! One thread does everything, so a fault never waits behind more than one batch (about 256 KiB of
 //! copying), and the bookkeeping needs no lock. Nothing is pushed before RSTF: ranges are registered
 //! only at the end of restore and a COPY into an unregistered range fails (ENOENT).
 //!
+//! **Three states of a page.** The [`PageSource`] may still be filling while the restored tree runs
+//! (post-copy: the source streams the pages in the background and answers page requests on a priority
+//! stream). [`PageSource::lookup`] says of each page whether it is *known* ([`Lookup::Page`]: copied
+//! with UFFDIO_COPY), *known zero* ([`Lookup::Zero`]: UFFDIO_ZEROPAGE), or *not known yet*
+//! ([`Lookup::Pending`]). A pending page is never zero-filled, neither on a fault nor by the push (that
+//! would be silent corruption): a fault on it calls [`PageSource::request`] once for that page and is
+//! parked, with the time its message was read; parked faults are tried again whenever the daemon wakes.
+//! The source wakes it through the callback it got with [`PageSource::set_waker`] (a byte on the same
+//! socket pair that [`LazyHandle::cancel`] writes to) whenever pages become known; the idle poll
+//! timeout is only a safety net. A waited fault's latency in the stats includes the wait. A source that
+//! is complete from the start (the trait's defaults, e.g. pre-copy's page store or [`ImagePageSource`])
+//! never returns Pending: everything below then behaves as the complete phase.
+//!
+//! **Two push phases**, both after RSTF only, in batches of at most [`PUSH_BATCH_PAGES`] contiguous
+//! pages with the uffds read between batches:
+//! - while the source is not [complete](PageSource::complete): the pages that
+//!   [arrived](PageSource::take_arrivals), in arrival order, into every process with that image pid (a
+//!   forked child shares its parent's) where they are still missing and not moved by mremap (run-time
+//!   address = image address; moved ones wait for the complete phase). Arrivals taken before RSTF are
+//!   kept until it. Pages that did not arrive are not pushed; with nothing to do the daemon sleeps in
+//!   poll until the waker, an event or a fault wakes it.
+//! - once the source is complete: everything still missing, from the source, with zeros where it has
+//!   nothing, starting where the process last faulted.
+//!
 //! Each process has a set of *missing* runs: run-time addresses still to be filled, each with the
 //! dump-time (image) address its content is looked up under, so that an `mremap` (REMAP) moves the
-//! run and keeps the image address; a forked child gets a copy of its parent's runs and keeps looking
-//! pages up under the parent's image pid. MADV_DONTNEED/REMOVE (REMOVE) unregisters the range and
-//! drops it; munmap (UNMAP) drops it. Errors of UFFDIO_COPY/ZEROPAGE follow CRIU's daemon (criu/uffd.c)
-//! and firecracker's handlers: EEXIST is done, EAGAIN (an mm change whose event is not read yet) is
-//! retried after the events are read, ESRCH/ENOSPC mean the process is gone, a partial copy counts
-//! what was copied. Once RSTF came and nothing is missing any more the uffds are closed and the tree
-//! runs on without a daemon.
+//! run and keeps the image address; a forked child gets a copy of its parent's runs (and of its arrivals
+//! still to push) and keeps looking pages up under the parent's image pid. MADV_DONTNEED/REMOVE (REMOVE)
+//! unregisters the range and drops it; munmap (UNMAP) drops it. Errors of UFFDIO_COPY/ZEROPAGE follow
+//! CRIU's daemon (criu/uffd.c) and firecracker's handlers: EEXIST is done, EAGAIN (an mm change whose
+//! event is not read yet) is retried after the events are read, ESRCH/ENOSPC mean the process is gone,
+//! a partial copy counts what was copied. Once RSTF came and nothing is missing any more the uffds are
+//! closed and the tree runs on without a daemon.
 //!
 //! Every `unsafe` (ioctls, taking ownership of received fds) is in the private module `sys` below.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::Read;
 use std::ops::Range;
@@ -48,11 +74,56 @@ use criu::images::{PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
+/// What a [`PageSource`] knows of one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    /// Known: its content was copied into `out`.
+    Page,
+    /// Known to be a zero page (or the source has nothing for it, which is the same).
+    Zero,
+    /// Not known yet (still on its way from the source): it must not be filled until it is.
+    Pending,
+}
+
 /// Where page content comes from (the target's page store): image pid + dump-time address.
+///
+/// Only [`read_page`](Self::read_page) is required: the defaults describe a source that is complete
+/// from the start (every page known, no arrivals, no requests), which is how pre-copy and image sources
+/// behave. A source filled while the restored tree runs implements the others too.
 pub trait PageSource: Send + Sync + 'static {
     /// Copies the page at `vaddr` of image pid `pid` into `out` (PAGE_SIZE bytes); false if the store has
     /// nothing for it (the daemon then fills it with zeros via UFFDIO_ZEROPAGE).
     fn read_page(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> bool;
+
+    /// Like `read_page`, but can also say that the page is not known yet. Default: Page if `read_page`
+    /// copied it, Zero otherwise.
+    fn lookup(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> Lookup {
+        if self.read_page(pid, vaddr, out) { Lookup::Page } else { Lookup::Zero }
+    }
+
+    /// A fault waits for this page (for which `lookup` said Pending): fetch it with priority. Called
+    /// once per page. Default: nothing.
+    fn request(&self, pid: u32, vaddr: u64) {
+        let _ = (pid, vaddr);
+    }
+
+    /// Every page is known from now on (`lookup` never returns Pending again). Default: true.
+    fn complete(&self) -> bool {
+        true
+    }
+
+    /// Pages that became known since the last call, as runs (image pid, first vaddr, pages), in arrival
+    /// order. Default: none.
+    fn take_arrivals(&self) -> Vec<(u32, u64, u32)> {
+        Vec::new()
+    }
+
+    /// The daemon gives a callback to call whenever pages become known (or `complete` becomes true), so
+    /// it wakes up at once rather than polling. Cheap, non-blocking, callable from any thread, and
+    /// harmless after the daemon ended. Default: ignored.
+    fn set_waker(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        drop(wake);
+    }
 }
 
 /// Lazy ranges per image pid (see criu::images::lazy_ranges).
@@ -67,9 +138,15 @@ pub const RESTORE_FINISHED: u32 = 0x5253_5446;
 pub const PUSH_BATCH_PAGES: u64 = 64;
 
 const PAGE: usize = PAGE_SIZE as usize;
-/// Poll timeout while there is nothing to push: only the cancel check and the "nobody waits" check
-/// need it, every real event wakes poll.
+/// Poll timeout while there is nothing to push: only the "nobody waits" check needs it, and it is the
+/// safety net for parked faults and arrivals of a source whose waker did not fire; every real event
+/// (restore socket, uffds, the waker, cancel) wakes poll.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+/// Wait before pushing again into a process whose next page a complete source still calls Pending (a
+/// source that breaks its promise: the page is requested and waited for, never zero-filled).
+const PENDING_BACKOFF: Duration = Duration::from_millis(10);
+/// Arrived runs with nothing left to push that one push step skips before it returns to the uffds.
+const READY_SCAN_MAX: usize = 4096;
 /// Wait before pushing again into a process whose COPY met EAGAIN (an mm change in flight).
 const AGAIN_BACKOFF: Duration = Duration::from_micros(200);
 /// Messages read from one uffd before looking at the others.
@@ -135,6 +212,8 @@ impl LazyError {
 pub struct LazyProgress {
     /// Page faults answered (UFFDIO_COPY or UFFDIO_ZEROPAGE).
     pub faults: u64,
+    /// Of those, faults that had to wait for a page the source did not know yet.
+    pub waited_faults: u64,
     /// Pages copied by the background push (not counting faults).
     pub pushed_pages: u64,
     /// Pages filled with UFFDIO_ZEROPAGE (faults outside the lazy ranges, pages the source lacks).
@@ -154,6 +233,8 @@ pub struct LazyStats {
     pub forks: u64,
     /// Page faults answered.
     pub faults: u64,
+    /// Of those, faults that had to wait for a page the source did not know yet (Pending).
+    pub waited_faults: u64,
     /// Of those, pages copied from the source on a fault.
     pub fault_pages: u64,
     /// Pages copied by the background push.
@@ -163,7 +244,8 @@ pub struct LazyStats {
     /// Lazy pages never filled: their process exited, they were unmapped or MADV_DONTNEED'd, or their
     /// range was not registered by the restorer.
     pub dropped_pages: u64,
-    /// Fault-service latency, from reading the fault message to the completed COPY/ZEROPAGE.
+    /// Fault-service latency, from reading the fault message to the completed COPY/ZEROPAGE (for a
+    /// waited fault: to the fill of its page once the source had it, so the wait is included).
     pub fault_p50: Duration,
     pub fault_p99: Duration,
     pub fault_max: Duration,
@@ -220,6 +302,14 @@ impl LazyPages {
         let _ = wake_rx.set_nonblocking(true);
         let _ = waker.set_nonblocking(true);
         let shared = Shared::new(self.path.clone(), Some(waker));
+        // Weak: the source may outlive the daemon, and a strong reference would keep "every handle is
+        // gone" from ever being seen.
+        let weak = Arc::downgrade(&shared);
+        source.set_waker(Box::new(move || {
+            if let Some(s) = weak.upgrade() {
+                s.wake();
+            }
+        }));
         let mut unattached: HashMap<u32, Vec<Range<u64>>> = HashMap::new();
         for (pid, r) in ranges {
             unattached.entry(pid).or_default().extend(r);
@@ -235,6 +325,9 @@ impl LazyPages {
             wake: wake_rx,
             procs: Vec::new(),
             rstf_at: None,
+            complete: false,
+            arrivals: Vec::new(),
+            requested: HashSet::new(),
             next: 0,
             page: vec![0; PAGE],
             batch: vec![0; PAGE * PUSH_BATCH_PAGES as usize],
@@ -297,6 +390,7 @@ impl LazyHandle {
         let s = &self.shared;
         LazyProgress {
             faults: s.faults.load(Ordering::Acquire),
+            waited_faults: s.waited.load(Ordering::Acquire),
             pushed_pages: s.pushed.load(Ordering::Acquire),
             zero_pages: s.zero.load(Ordering::Acquire),
             pages_left: s.left.load(Ordering::Acquire),
@@ -323,10 +417,7 @@ impl LazyHandle {
     /// Stops serving (the restored tree is being killed).
     pub fn cancel(&self) {
         self.shared.cancel.store(true, Ordering::SeqCst);
-        if let Some(w) = &self.shared.waker {
-            // Wakes the daemon's poll; a full pipe means it is woken already.
-            let _ = std::io::Write::write(&mut &*w, b"x");
-        }
+        self.shared.wake();
     }
 }
 
@@ -335,12 +426,14 @@ struct Shared {
     phase: Mutex<Phase>,
     cond: Condvar,
     cancel: AtomicBool,
-    /// Write end of the pair whose other end is in the poll set: wakes the thread on cancel.
+    /// Write end of the pair whose other end is in the poll set: wakes the thread on cancel and when the
+    /// page source calls its waker.
     waker: Option<UnixStream>,
     path: PathBuf,
     connected: AtomicBool,
     processes: AtomicU64,
     faults: AtomicU64,
+    waited: AtomicU64,
     pushed: AtomicU64,
     zero: AtomicU64,
     left: AtomicU64,
@@ -363,6 +456,7 @@ impl Shared {
             connected: AtomicBool::new(false),
             processes: AtomicU64::new(0),
             faults: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
             pushed: AtomicU64::new(0),
             zero: AtomicU64::new(0),
             left: AtomicU64::new(0),
@@ -371,6 +465,16 @@ impl Shared {
 
     fn lock(&self) -> MutexGuard<'_, Phase> {
         self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the daemon's poll. Never blocks (a full buffer means it is woken already) and raises no
+    /// SIGPIPE (the daemon may have ended and closed the other end).
+    fn wake(&self) {
+        use std::os::fd::AsRawFd;
+        if let Some(w) = &self.waker {
+            let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+            let _ = nix::sys::socket::send(w.as_raw_fd(), b"x", flags);
+        }
     }
 
     fn set_restored(&self) {
@@ -493,6 +597,21 @@ impl Missing {
         Some((s, e, img))
     }
 
+    /// The first missing piece in `[start, end)` that is where its image address says (not moved by
+    /// mremap): (start, end) of that piece.
+    fn first_in_place(&self, start: u64, end: u64) -> Option<(u64, u64)> {
+        if start >= end {
+            return None;
+        }
+        let holding = self.runs.range(..=start).next_back().filter(|(_, (e, _))| *e > start);
+        // A piece of a run is in place exactly when the run is (image - start is the same offset).
+        holding
+            .into_iter()
+            .chain(self.runs.range(start + 1..end))
+            .find(|(s, (_, img))| **s == *img)
+            .map(|(&s, &(e, _))| (s.max(start), e.min(end)))
+    }
+
     fn is_empty(&self) -> bool {
         self.pages == 0
     }
@@ -504,8 +623,14 @@ struct Proc {
     pid: u32,
     uffd: OwnedFd,
     missing: Missing,
-    /// Faults (page, when read) whose answer met EAGAIN: answered again once the events are read.
-    retry: Vec<(u64, Instant)>,
+    /// Faults (page, when read, whether it waited for a Pending page) whose answer met EAGAIN:
+    /// answered again once the events are read.
+    retry: Vec<(u64, Instant, bool)>,
+    /// Faults (page, when read) on pages the source does not know yet: answered once it does.
+    parked: Vec<(u64, Instant)>,
+    /// Arrived runs `[start, end)` (run-time = image address) to push while the source is not complete,
+    /// in arrival order; pages in them that are no longer missing (or were moved) are skipped.
+    ready: VecDeque<(u64, u64)>,
     /// No push before this (a COPY met EAGAIN).
     push_after: Option<Instant>,
     /// Below `cap_until`, push batches of at most `cap` pages (a batch crossed the end of a VMA: ENOENT;
@@ -519,11 +644,17 @@ struct Proc {
     /// error ends the daemon.
     broken: bool,
     warned_dropped: bool,
+    warned_pending: bool,
 }
 
 impl Proc {
     fn settled(&self) -> bool {
-        self.gone || self.broken || (self.missing.is_empty() && self.retry.is_empty())
+        self.gone || self.broken || (self.missing.is_empty() && self.retry.is_empty() && self.parked.is_empty())
+    }
+
+    /// Whether the push has something to do here (after RSTF).
+    fn has_push(&self, complete: bool) -> bool {
+        !self.gone && !self.broken && if complete { !self.missing.is_empty() } else { !self.ready.is_empty() }
     }
 }
 
@@ -568,6 +699,12 @@ struct Server {
     wake: UnixStream,
     procs: Vec<Proc>,
     rstf_at: Option<Instant>,
+    /// The source said every page is known (it stays so): the complete push phase.
+    complete: bool,
+    /// Arrivals taken from the source before RSTF, handed to the processes at RSTF.
+    arrivals: Vec<(u32, u64, u32)>,
+    /// Pages (image pid, image address) requested from the source for a fault.
+    requested: HashSet<(u32, u64)>,
     /// Round-robin position of the push.
     next: usize,
     page: Vec<u8>,
@@ -605,6 +742,7 @@ impl Server {
                 return Err(LazyError::Cancelled);
             }
             self.procs.retain(|p| !p.gone);
+            self.check_complete();
             self.publish();
             if self.rstf_at.is_some() && self.procs.iter().all(Proc::settled) {
                 if let Some(e) = self.error.take() {
@@ -655,6 +793,8 @@ impl Server {
                 }
             }
             self.retry_faults();
+            self.retry_parked();
+            self.collect_arrivals();
             if self.rstf_at.is_some() {
                 self.push_one();
             }
@@ -671,7 +811,8 @@ impl Server {
             if !p.retry.is_empty() {
                 t = t.min(Duration::from_millis(1));
             }
-            if self.rstf_at.is_some() && !p.missing.is_empty() {
+            // Parked faults need no timer: the source's waker wakes poll when pages become known.
+            if self.rstf_at.is_some() && p.has_push(self.complete) {
                 match p.push_after {
                     Some(at) if at > now => t = t.min(at - now),
                     _ => return PollTimeout::ZERO,
@@ -812,17 +953,19 @@ impl Server {
         let ranges = self.unattached.remove(&pid).unwrap_or_default();
         let missing = Missing::new(&ranges);
         tracing::debug!(pid, pages = missing.pages, "userfaultfd received");
-        self.add_proc(pid, uffd, missing);
+        self.add_proc(pid, uffd, missing, VecDeque::new());
         Ok(())
     }
 
-    fn add_proc(&mut self, pid: u32, uffd: OwnedFd, missing: Missing) {
+    fn add_proc(&mut self, pid: u32, uffd: OwnedFd, missing: Missing, ready: VecDeque<(u64, u64)>) {
         let hint = missing.runs.keys().next().copied().unwrap_or(0);
         self.procs.push(Proc {
             pid,
             uffd,
             missing,
             retry: Vec::new(),
+            parked: Vec::new(),
+            ready,
             push_after: None,
             cap_until: 0,
             cap: PUSH_BATCH_PAGES,
@@ -830,6 +973,7 @@ impl Server {
             gone: false,
             broken: false,
             warned_dropped: false,
+            warned_pending: false,
         });
         self.stats.processes += 1;
         self.shared.processes.store(self.stats.processes, Ordering::Relaxed);
@@ -855,14 +999,15 @@ impl Server {
             match msg {
                 sys::Msg::Fault { addr } => {
                     let t0 = Instant::now();
-                    self.answer_fault(i, addr & !(PAGE_SIZE - 1), t0);
+                    self.answer_fault(i, addr & !(PAGE_SIZE - 1), t0, false);
                 }
                 sys::Msg::Fork(uffd) => {
-                    let (pid, missing) = (p.pid, p.missing.clone());
+                    // The child's faulting threads are its own: its parked faults start empty.
+                    let (pid, missing, ready) = (p.pid, p.missing.clone(), p.ready.clone());
                     let nonblocking = set_nonblocking(&uffd);
                     self.stats.forks += 1;
                     tracing::debug!(pid, pages = missing.pages, "fork: the child gets its parent's missing pages");
-                    self.add_proc(pid, uffd, missing);
+                    self.add_proc(pid, uffd, missing, ready);
                     if let Err(e) = nonblocking {
                         // A blocking uffd would block the daemon in read: never served, it ends the daemon.
                         tracing::error!("{e}");
@@ -916,13 +1061,26 @@ impl Server {
         }
     }
 
-    /// Answers a fault on page `page` of process `i`.
-    fn answer_fault(&mut self, i: usize, page: u64, t0: Instant) {
+    /// Answers a fault on page `page` of process `i`, read at `t0`; `waited`: it was parked before. A
+    /// page the source does not know yet is requested (once) and the fault parked.
+    fn answer_fault(&mut self, i: usize, page: u64, t0: Instant, waited: bool) {
         let p = &mut self.procs[i];
-        let (op, copied, (done, err)) = match p.missing.lookup(page) {
-            Some(img) if self.source.read_page(p.pid, img, &mut self.page) => {
-                ("UFFDIO_COPY", true, sys::copy(p.uffd.as_fd(), page, &self.page))
+        let img = p.missing.lookup(page);
+        // Not missing (outside the lazy ranges, or filled meanwhile): ZEROPAGE fills a hole and finds a
+        // filled page (EEXIST); there is nothing to wait for.
+        let known = match img {
+            Some(img) => self.source.lookup(p.pid, img, &mut self.page),
+            None => Lookup::Zero,
+        };
+        let (op, copied, (done, err)) = match (known, img) {
+            (Lookup::Pending, Some(img)) => {
+                if self.requested.insert((p.pid, img)) {
+                    self.source.request(p.pid, img);
+                }
+                p.parked.push((page, t0));
+                return;
             }
+            (Lookup::Page, _) => ("UFFDIO_COPY", true, sys::copy(p.uffd.as_fd(), page, &self.page)),
             _ => ("UFFDIO_ZEROPAGE", false, sys::zeropage(p.uffd.as_fd(), page, PAGE_SIZE)),
         };
         let class = err.map(classify);
@@ -932,6 +1090,7 @@ impl Server {
                 p.missing.remove(page, page + PAGE_SIZE);
                 p.hint = page + PAGE_SIZE;
                 self.stats.faults += 1;
+                self.stats.waited_faults += u64::from(waited);
                 if filled && copied {
                     self.stats.fault_pages += 1;
                 } else if filled {
@@ -939,10 +1098,11 @@ impl Server {
                 }
                 self.latencies.push(t0.elapsed().as_nanos() as u64);
             }
-            Some(Class::Again) => p.retry.push((page, t0)),
+            Some(Class::Again) => p.retry.push((page, t0, waited)),
             // The range went away (unmapped or unregistered) while the fault waited: nothing to fill.
             Some(Class::NoEnt) => {
                 self.stats.faults += 1;
+                self.stats.waited_faults += u64::from(waited);
                 self.drop_pages(i, page, page + PAGE_SIZE, "of a range that is no longer registered");
             }
             Some(Class::Gone) => p.gone = true,
@@ -956,99 +1116,233 @@ impl Server {
                 continue;
             }
             let retry = std::mem::take(&mut self.procs[i].retry);
-            for (page, t0) in retry {
-                self.answer_fault(i, page, t0);
+            for (page, t0, waited) in retry {
+                self.answer_fault(i, page, t0, waited);
             }
         }
     }
 
-    /// Pushes one batch of the next process that has missing pages and is not backing off.
+    /// Tries every parked fault again: those whose page the source knows now are answered, the others
+    /// stay parked (without a new request).
+    fn retry_parked(&mut self) {
+        for i in 0..self.procs.len() {
+            if self.procs[i].parked.is_empty() || self.procs[i].gone || self.procs[i].broken {
+                continue;
+            }
+            let parked = std::mem::take(&mut self.procs[i].parked);
+            for (page, t0) in parked {
+                self.answer_fault(i, page, t0, true);
+            }
+        }
+    }
+
+    /// Parked faults of process `i` on pages in `[start, end)`, which the push just filled: answered
+    /// (the fill woke their threads).
+    fn resolve_parked(&mut self, i: usize, start: u64, end: u64) {
+        let p = &mut self.procs[i];
+        if p.parked.is_empty() || start >= end {
+            return;
+        }
+        let (latencies, mut n) = (&mut self.latencies, 0u64);
+        p.parked.retain(|&(page, t0)| {
+            let filled = (start..end).contains(&page);
+            if filled {
+                latencies.push(t0.elapsed().as_nanos() as u64);
+                n += 1;
+            }
+            !filled
+        });
+        self.stats.faults += n;
+        self.stats.waited_faults += n;
+    }
+
+    /// Once the source says it is complete: the complete push phase from now on.
+    fn check_complete(&mut self) {
+        if self.complete || !self.source.complete() {
+            return;
+        }
+        self.complete = true;
+        self.arrivals = Vec::new();
+        self.requested = HashSet::new();
+        for p in &mut self.procs {
+            p.ready = VecDeque::new();
+        }
+        tracing::debug!(restored = self.rstf_at.is_some(), "the page source is complete: every missing page is pushed");
+    }
+
+    /// Takes the source's arrivals; from RSTF on hands them to every process with their image pid that
+    /// still misses a page of them in place (before RSTF they are kept).
+    fn collect_arrivals(&mut self) {
+        if self.complete {
+            return;
+        }
+        self.arrivals.extend(self.source.take_arrivals());
+        if self.rstf_at.is_none() || self.arrivals.is_empty() {
+            return;
+        }
+        for (pid, vaddr, pages) in std::mem::take(&mut self.arrivals) {
+            let start = vaddr & !(PAGE_SIZE - 1);
+            let end = start.saturating_add(u64::from(pages) * PAGE_SIZE);
+            for p in self.procs.iter_mut().filter(|p| p.pid == pid && !p.gone && !p.broken) {
+                if p.missing.first_in_place(start, end).is_some() {
+                    p.ready.push_back((start, end));
+                }
+            }
+        }
+    }
+
+    /// Pushes one batch of the next process that has something to push and is not backing off.
     fn push_one(&mut self) {
         let now = Instant::now();
         let n = self.procs.len();
         for k in 0..n {
             let i = (self.next + k) % n;
             let p = &self.procs[i];
-            if p.gone || p.broken || p.missing.is_empty() || p.push_after.is_some_and(|t| t > now) {
+            if !p.has_push(self.complete) || p.push_after.is_some_and(|t| t > now) {
                 continue;
             }
             self.next = i + 1;
-            self.push_batch(i);
+            if self.complete {
+                self.push_missing(i);
+            } else {
+                self.push_arrived(i);
+            }
             return;
         }
     }
 
-    fn push_batch(&mut self, i: usize) {
+    /// Complete phase: the next missing pages of process `i`, from where it last faulted or pushed.
+    fn push_missing(&mut self, i: usize) {
         let p = &mut self.procs[i];
-        p.push_after = None;
         let Some((start, end, img)) = p.missing.next_from(p.hint) else { return };
         let mut want = ((end - start) / PAGE_SIZE).min(PUSH_BATCH_PAGES);
         if start < p.cap_until {
             want = want.min(p.cap);
         }
-        // As many pages as the source has, from the start; or, if it lacks the first, as many it lacks.
-        let mut have = 0u64;
-        while have < want {
-            let o = (have as usize) * PAGE;
-            if !self.source.read_page(p.pid, img + have * PAGE_SIZE, &mut self.batch[o..o + PAGE]) {
-                break;
+        if !self.fill(i, start, img, want) {
+            // A complete source must know every page. Never zero-fill it: ask for it and wait.
+            let p = &mut self.procs[i];
+            p.push_after = Some(Instant::now() + PENDING_BACKOFF);
+            if !p.warned_pending {
+                p.warned_pending = true;
+                tracing::warn!(
+                    pid = p.pid,
+                    vaddr = img,
+                    "the page source is complete but does not know this page yet; waiting for it"
+                );
             }
-            have += 1;
+            if self.requested.insert((p.pid, img)) {
+                self.source.request(p.pid, img);
+            }
         }
-        let (op, tried, (done, err)) = if have > 0 {
-            ("UFFDIO_COPY", have, sys::copy(p.uffd.as_fd(), start, &self.batch[..have as usize * PAGE]))
-        } else {
-            let mut lack = 1u64;
-            while lack < want && !self.source.read_page(p.pid, img + lack * PAGE_SIZE, &mut self.page) {
-                lack += 1;
+    }
+
+    /// Before the source is complete: the next arrived pages of process `i` that it still misses in place.
+    fn push_arrived(&mut self, i: usize) {
+        for _ in 0..READY_SCAN_MAX {
+            let p = &mut self.procs[i];
+            let Some(&(s, e)) = p.ready.front() else { return };
+            let Some((start, end)) = p.missing.first_in_place(s, e) else {
+                p.ready.pop_front();
+                continue;
+            };
+            let mut want = ((end - start) / PAGE_SIZE).min(PUSH_BATCH_PAGES);
+            if start < p.cap_until {
+                want = want.min(p.cap);
             }
-            ("UFFDIO_ZEROPAGE", lack, sys::zeropage(p.uffd.as_fd(), start, lack * PAGE_SIZE))
+            let filled = self.fill(i, start, start, want);
+            let p = &mut self.procs[i];
+            if let Some(front) = p.ready.front_mut() {
+                // Said to have arrived but Pending again: skip it (a fault or the complete phase gets it).
+                front.0 = if filled { start } else { start + PAGE_SIZE };
+            }
+            return;
+        }
+    }
+
+    /// Fills at most `want` pages of process `i` from run-time `start` (image address `img`) with one
+    /// ioctl: UFFDIO_COPY of the known pages from `start` on, or, if the first is a known zero page,
+    /// UFFDIO_ZEROPAGE of the known zero pages from there. Stops before a page the source does not know
+    /// yet; false (nothing done) if the first is such a page.
+    fn fill(&mut self, i: usize, start: u64, img: u64, want: u64) -> bool {
+        let p = &mut self.procs[i];
+        p.push_after = None;
+        let first = self.source.lookup(p.pid, img, &mut self.batch[..PAGE]);
+        let mut n = 1u64;
+        match first {
+            Lookup::Pending => return false,
+            Lookup::Page => {
+                while n < want {
+                    let o = n as usize * PAGE;
+                    if self.source.lookup(p.pid, img + n * PAGE_SIZE, &mut self.batch[o..o + PAGE]) != Lookup::Page {
+                        break;
+                    }
+                    n += 1;
+                }
+            }
+            Lookup::Zero => {
+                while n < want && self.source.lookup(p.pid, img + n * PAGE_SIZE, &mut self.page) == Lookup::Zero {
+                    n += 1;
+                }
+            }
+        }
+        let copy = first == Lookup::Page;
+        let (op, (done, err)) = if copy {
+            ("UFFDIO_COPY", sys::copy(p.uffd.as_fd(), start, &self.batch[..n as usize * PAGE]))
+        } else {
+            ("UFFDIO_ZEROPAGE", sys::zeropage(p.uffd.as_fd(), start, n * PAGE_SIZE))
         };
         let done_pages = done / PAGE_SIZE;
         p.missing.remove(start, start + done_pages * PAGE_SIZE);
         p.hint = start + done_pages * PAGE_SIZE;
-        if have > 0 {
+        if copy {
             self.stats.pushed_pages += done_pages;
         } else {
             self.stats.zero_pages += done_pages;
         }
-        let Some(e) = err else { return };
-        let at = start + done_pages * PAGE_SIZE;
-        match classify(e) {
-            // Filled meanwhile (a fault answered it): done.
-            Class::Exists => {
-                p.missing.remove(at, at + PAGE_SIZE);
-                p.hint = at + PAGE_SIZE;
-            }
-            // A partial copy reports EAGAIN: go on at once from where it stopped. A real EAGAIN (an mm
-            // change whose event is not read yet): read the events first, try again a little later.
-            Class::Again => {
-                if done_pages == 0 {
-                    p.push_after = Some(Instant::now() + AGAIN_BACKOFF);
+        let mut filled_end = start + done_pages * PAGE_SIZE;
+        if let Some(e) = err {
+            let at = filled_end;
+            match classify(e) {
+                // Filled meanwhile (a fault answered it): done.
+                Class::Exists => {
+                    p.missing.remove(at, at + PAGE_SIZE);
+                    p.hint = at + PAGE_SIZE;
+                    filled_end = at + PAGE_SIZE;
                 }
-            }
-            // Not (or no longer) a registered range. A batch may just have crossed the end of a VMA
-            // (lazy ranges merge adjacent VMAs): halve the batches over that stretch until they fit; a
-            // single page that fails is unfillable.
-            Class::NoEnt => {
-                if tried > 1 && done_pages == 0 {
-                    if start >= p.cap_until {
-                        p.cap_until = start + tried * PAGE_SIZE;
+                // A partial copy reports EAGAIN: go on at once from where it stopped. A real EAGAIN (an mm
+                // change whose event is not read yet): read the events first, try again a little later.
+                Class::Again => {
+                    if done_pages == 0 {
+                        p.push_after = Some(Instant::now() + AGAIN_BACKOFF);
                     }
-                    p.cap = tried / 2;
-                } else if done_pages == 0 {
-                    self.drop_pages(i, at, at + PAGE_SIZE, "in a range the restorer did not register");
                 }
+                // Not (or no longer) a registered range. A batch may just have crossed the end of a VMA
+                // (lazy ranges merge adjacent VMAs): halve the batches over that stretch until they fit; a
+                // single page that fails is unfillable.
+                Class::NoEnt => {
+                    if n > 1 && done_pages == 0 {
+                        if start >= p.cap_until {
+                            p.cap_until = start + n * PAGE_SIZE;
+                        }
+                        p.cap = n / 2;
+                    } else if done_pages == 0 {
+                        self.drop_pages(i, at, at + PAGE_SIZE, "in a range the restorer did not register");
+                    }
+                }
+                Class::Gone => p.gone = true,
+                Class::Fatal(e) => self.fatal(i, op, at, e),
             }
-            Class::Gone => p.gone = true,
-            Class::Fatal(e) => self.fatal(i, op, at, e),
         }
+        self.resolve_parked(i, start, filled_end);
+        true
     }
 
     fn publish(&self) {
         // Release, and Acquire in `progress`: a reader that sees pages pushed also sees `restored`.
         let s = &self.shared;
         s.faults.store(self.stats.faults, Ordering::Release);
+        s.waited.store(self.stats.waited_faults, Ordering::Release);
         s.pushed.store(self.stats.pushed_pages, Ordering::Release);
         s.zero.store(self.stats.zero_pages, Ordering::Release);
         let left: u64 = self.procs.iter().filter(|p| !p.gone).map(|p| p.missing.pages).sum::<u64>()
@@ -1067,6 +1361,7 @@ impl Server {
         tracing::info!(
             processes = st.processes,
             faults = st.faults,
+            waited = st.waited_faults,
             pushed = st.pushed_pages,
             zero = st.zero_pages,
             dropped = st.dropped_pages,
@@ -1604,6 +1899,164 @@ mod tests {
         r
     }
 
+    /// A store filled while the tree runs (post-copy): a page is Pending until it is published (with its
+    /// content, or as a known zero page), or until `finish`, after which the store is complete and every
+    /// page never published is a zero page. Publishing records an arrival and calls the daemon's waker.
+    /// With `serve_after`, a requested page is published that long after the request (the priority
+    /// stream).
+    struct LateSource {
+        pid: u32,
+        serve_after: Option<Duration>,
+        me: std::sync::Weak<LateSource>,
+        state: Mutex<Late>,
+        waker: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    }
+
+    #[derive(Default)]
+    struct Late {
+        /// Published pages: true = content, false = a zero page.
+        known: HashMap<u64, bool>,
+        arrivals: Vec<(u32, u64, u32)>,
+        complete: bool,
+        requests: Vec<(u32, u64)>,
+        /// Lookups answered Pending.
+        pending_lookups: u64,
+    }
+
+    impl LateSource {
+        fn new(pid: u32, serve_after: Option<Duration>) -> Arc<LateSource> {
+            Arc::new_cyclic(|me| LateSource {
+                pid,
+                serve_after,
+                me: me.clone(),
+                state: Mutex::new(Late::default()),
+                waker: Mutex::new(None),
+            })
+        }
+
+        fn state(&self) -> MutexGuard<'_, Late> {
+            self.state.lock().unwrap_or_else(|e| e.into_inner())
+        }
+
+        fn publish(&self, vaddr: u64, pages: u32, data: bool) {
+            {
+                let mut st = self.state();
+                for k in 0..u64::from(pages) {
+                    st.known.insert(vaddr + k * P, data);
+                }
+                st.arrivals.push((self.pid, vaddr, pages));
+            }
+            self.wake();
+        }
+
+        fn finish(&self) {
+            self.state().complete = true;
+            self.wake();
+        }
+
+        fn wake(&self) {
+            if let Some(w) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
+                w();
+            }
+        }
+
+        fn requests(&self) -> Vec<(u32, u64)> {
+            self.state().requests.clone()
+        }
+    }
+
+    impl PageSource for LateSource {
+        fn read_page(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> bool {
+            self.lookup(pid, vaddr, out) == Lookup::Page
+        }
+
+        fn lookup(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> Lookup {
+            let mut st = self.state();
+            match st.known.get(&vaddr).filter(|_| pid == self.pid) {
+                Some(true) => {
+                    out[..PAGE].copy_from_slice(&content(pid, vaddr));
+                    Lookup::Page
+                }
+                Some(false) => Lookup::Zero,
+                None if st.complete => Lookup::Zero,
+                None => {
+                    st.pending_lookups += 1;
+                    Lookup::Pending
+                }
+            }
+        }
+
+        fn request(&self, pid: u32, vaddr: u64) {
+            self.state().requests.push((pid, vaddr));
+            if let Some(d) = self.serve_after {
+                let me = self.me.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(d);
+                    if let Some(s) = me.upgrade() {
+                        s.publish(vaddr, 1, true);
+                    }
+                });
+            }
+        }
+
+        fn complete(&self) -> bool {
+            self.state().complete
+        }
+
+        fn take_arrivals(&self) -> Vec<(u32, u64, u32)> {
+            std::mem::take(&mut self.state().arrivals)
+        }
+
+        fn set_waker(&self, wake: Box<dyn Fn() + Send + Sync>) {
+            *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(wake);
+        }
+    }
+
+    /// Reads page `addr` on another thread (bounded as `touching`): its content and how long the read
+    /// took (the fault's service time as the faulting thread sees it).
+    fn timed_page_at(addr: u64) -> (Vec<u8>, Duration) {
+        touching(move || {
+            let mut b = vec![0u8; PAGE];
+            let t = Instant::now();
+            read_mem(addr, &mut b);
+            (b, t.elapsed())
+        })
+    }
+
+    /// Polls `progress` until `what` holds; panics after 5 s.
+    fn progress_until(h: &LazyHandle, what: impl Fn(&LazyProgress) -> bool) -> LazyProgress {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let p = h.progress();
+            if what(&p) {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "progress stuck at {p:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// CPU time (user + system, in clock ticks) of this process's threads named "lazy-pages".
+    fn daemon_cpu_ticks() -> u64 {
+        let mut ticks = 0;
+        for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else { continue };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+            if &stat[open + 1..close] != "lazy-pages" {
+                continue;
+            }
+            // After "(comm) ": state is field 3, utime 14, stime 15.
+            let f: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+            ticks += f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+        ticks
+    }
+
+    fn micros(d: &[Duration]) -> Vec<u128> {
+        d.iter().map(|d| d.as_micros()).collect()
+    }
+
     #[test]
     fn ioctl_numbers_are_the_kernels() {
         const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
@@ -1773,6 +2226,220 @@ mod tests {
         for i in 0..16 {
             read_mem(addr + i * P, &mut b);
             assert!(b == content(9, addr + i * P), "page {i}");
+        }
+        munmap(addr, 16 * P as usize);
+    }
+
+    /// Post-copy: a fault on a page the source does not know yet is never zero-filled. The page is
+    /// requested once (also when two threads wait for it), the fault waits until it arrives (the
+    /// source's waker wakes the daemon) and then reads its content; the wait is in the fault latency.
+    #[test]
+    fn a_fault_on_a_pending_page_waits_for_it() {
+        let _s = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let pid = 21u32;
+        let (uffd, addr) = registered(64);
+        let pg = move |k: u64| addr + k * P;
+        let delay = Duration::from_millis(150);
+        let src = LateSource::new(pid, Some(delay));
+        src.publish(pg(0), 8, true); // known before the restore
+        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..pg(64)), src.clone());
+        let mut criu = FakeRestore::connect(dir.path());
+        criu.send_task(pid as i32, Some(&uffd));
+        drop(uffd);
+
+        // Known pages: answered at once.
+        let mut immediate = Vec::new();
+        for k in 0..8 {
+            let (b, t) = timed_page_at(pg(k));
+            assert!(b == content(pid, pg(k)), "page {k}");
+            immediate.push(t);
+        }
+        // Pending pages: requested, and waited for.
+        let mut waited = Vec::new();
+        for k in [20u64, 30, 40] {
+            let (b, t) = timed_page_at(pg(k));
+            assert!(b == content(pid, pg(k)), "page {k} is not its content (zero-filled while pending?)");
+            assert!(t >= delay, "page {k} read after {t:?}, before it arrived");
+            waited.push(t);
+        }
+        // Two threads on one pending page: one request, both read it.
+        let both: Vec<_> = (0..2).map(|_| std::thread::spawn(move || timed_page_at(pg(50)))).collect();
+        for t in both {
+            let (b, t) = t.join().expect("reader");
+            assert!(b == content(pid, pg(50)), "page 50");
+            assert!(t >= delay / 2, "page 50 read after {t:?}");
+        }
+        let asked: Vec<(u32, u64)> = [20u64, 30, 40, 50].iter().map(|&k| (pid, pg(k))).collect();
+        assert_eq!(src.requests(), asked, "each pending page requested once, and only those");
+        assert!(src.state().pending_lookups >= 4);
+        let p = progress_until(&h, |p| p.waited_faults >= 4 && p.faults >= 12);
+        assert_eq!((p.pushed_pages, p.zero_pages, p.restored), (0, 0, false), "{p:?}");
+        assert_eq!(p.pages_left, 64 - 12, "{p:?}");
+
+        // The source completes: the pages never sent are zero pages, pushed after RSTF.
+        src.finish();
+        criu.finish();
+        let stats = done_within(h).expect("every page in place");
+        assert_eq!((stats.fault_pages, stats.pushed_pages, stats.zero_pages), (12, 0, 52), "{stats:?}");
+        assert!(stats.waited_faults >= 4 && stats.waited_faults == stats.faults - 8, "{stats:?}");
+        assert!(stats.fault_max >= delay, "the wait is not in the fault latency: {stats:?}");
+        assert!(stats.fault_p50 < delay, "{stats:?}");
+        eprintln!(
+            "fault latency seen by the faulting thread: known pages {:?} us, pending pages {:?} us (source \
+             delay {delay:?}); daemon stats over {} faults ({} waited): p50 {:?} p99 {:?} max {:?}",
+            micros(&immediate),
+            micros(&waited),
+            stats.faults,
+            stats.waited_faults,
+            stats.fault_p50,
+            stats.fault_p99,
+            stats.fault_max
+        );
+        let mut b = vec![0u8; PAGE];
+        for k in 0..64 {
+            read_mem(pg(k), &mut b);
+            let want = if k < 8 || [20, 30, 40, 50].contains(&k) { content(pid, pg(k)) } else { vec![0u8; PAGE] };
+            assert!(b == want, "page {k}");
+        }
+        munmap(addr, (64 * P) as usize);
+    }
+
+    /// Post-copy push: arrivals are kept until RSTF, then pushed while the source is not complete (only
+    /// pages in place: moved ones wait), known zero pages with ZEROPAGE; with nothing arrived the daemon
+    /// sleeps (no busy loop) and is not done; once the source is complete the rest is pushed (zeros for
+    /// what it never sent) and `wait_done` returns.
+    #[test]
+    fn arrivals_are_pushed_before_completion_and_the_rest_after() {
+        let _s = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let pid = 31u32;
+        let pages = 128u64;
+        let (uffd, addr) = registered(pages);
+        let pg = move |k: u64| addr + k * P;
+        let src = LateSource::new(pid, None);
+        src.publish(pg(0), 16, true); // before the daemon starts
+        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..pg(pages)), src.clone());
+        let mut criu = FakeRestore::connect(dir.path());
+        criu.send_task(pid as i32, Some(&uffd));
+        drop(uffd);
+        src.publish(pg(16), 8, true); // before RSTF
+        // Pages 100..108 move: their run-time address is no longer their image address.
+        let dest = mmap_anon(8 * P as usize);
+        touching(move || mremap_fixed(pg(100), 8 * P as usize, dest));
+        std::thread::sleep(Duration::from_millis(100));
+        let p = h.progress();
+        assert_eq!((p.pushed_pages, p.zero_pages, p.restored), (0, 0, false), "pushed before RSTF: {p:?}");
+
+        criu.finish();
+        h.wait_restored(Duration::from_secs(5)).expect("RSTF");
+        let p = progress_until(&h, |p| p.pushed_pages >= 24);
+        assert_eq!((p.pushed_pages, p.pages_left), (24, pages - 24), "the arrivals kept until RSTF: {p:?}");
+        // More arrive while the tree runs: data in runs of 4, known zero pages, the moved pages.
+        let publisher = {
+            let src = src.clone();
+            std::thread::spawn(move || {
+                for k in (24..40).step_by(4) {
+                    src.publish(pg(k), 4, true);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                src.publish(pg(40), 8, false);
+                src.publish(pg(100), 8, true);
+            })
+        };
+        publisher.join().expect("publisher");
+        progress_until(&h, |p| p.pushed_pages >= 40 && p.zero_pages >= 8);
+
+        // Nothing else arrives: the daemon idles in poll and is not done.
+        let done = {
+            let h = h.clone();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(done_within(h));
+            });
+            rx
+        };
+        let cpu = daemon_cpu_ticks();
+        assert!(done.recv_timeout(Duration::from_millis(500)).is_err(), "done before the source was complete");
+        let cpu = daemon_cpu_ticks().saturating_sub(cpu);
+        assert!(cpu <= 10, "the idle daemon used {cpu} clock ticks in 0.5 s: a busy loop");
+        let p = h.progress();
+        assert_eq!((p.faults, p.pushed_pages, p.zero_pages), (0, 40, 8), "{p:?}");
+        assert_eq!(p.pages_left, pages - 48, "the moved pages are not pushed before completion: {p:?}");
+        let pushed = touching(move || {
+            let mut b = vec![0u8; PAGE];
+            (0..48).all(|k| {
+                read_mem(pg(k), &mut b);
+                b == if k < 40 { content(pid, pg(k)) } else { vec![0u8; PAGE] }
+            })
+        });
+        assert!(pushed, "a pushed page has other content than its arrival");
+        assert_eq!(h.progress().faults, 0, "reading pushed pages faulted");
+
+        src.finish();
+        let stats =
+            done.recv_timeout(Duration::from_secs(25)).expect("wait_done returns").expect("every page in place");
+        assert_eq!((stats.faults, stats.waited_faults, stats.dropped_pages), (0, 0, 0), "{stats:?}");
+        assert_eq!(stats.pushed_pages, 48, "{stats:?}");
+        assert_eq!(stats.zero_pages, 8 + (100 - 48) + (pages - 108), "{stats:?}");
+        let mut b = vec![0u8; PAGE];
+        for k in (0..100).chain(108..pages) {
+            read_mem(pg(k), &mut b);
+            assert!(b == if k < 40 { content(pid, pg(k)) } else { vec![0u8; PAGE] }, "page {k}");
+        }
+        for k in 0..8 {
+            read_mem(dest + k * P, &mut b);
+            assert!(b == content(pid, pg(100 + k)), "moved page {k}");
+        }
+        munmap(addr, (100 * P) as usize);
+        munmap(pg(108), ((pages - 108) * P) as usize);
+        munmap(dest, 8 * P as usize);
+    }
+
+    /// Post-copy and fork: a child faulting on a page the source does not know yet waits for it under its
+    /// parent's image pid and reads its content; the parent gets every page too.
+    #[test]
+    fn a_forked_child_waiting_for_a_pending_page_gets_it() {
+        let _s = serial();
+        let dir = tempfile::tempdir().unwrap();
+        let pid = 9u32;
+        let (uffd, addr) = registered(16);
+        let pg = move |k: u64| addr + k * P;
+        let delay = Duration::from_millis(200);
+        let src = LateSource::new(pid, Some(delay));
+        src.publish(pg(0), 1, true);
+        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..pg(16)), src.clone());
+        let mut criu = FakeRestore::connect(dir.path());
+        criu.send_task(pid as i32, Some(&uffd));
+        drop(uffd);
+        assert_eq!(page_at(pg(0)), content(pid, pg(0)));
+        let want = content(pid, pg(7));
+        let t = Instant::now();
+        let code = touching(move || {
+            in_child(move || {
+                let mut got = [0u8; PAGE];
+                read_mem(pg(7), &mut got);
+                if got[..] == want[..] { 0 } else { 1 }
+            })
+        });
+        let took = t.elapsed();
+        assert_eq!(code, 0, "the child read other content than the page that arrived (zero-filled?)");
+        assert!(took >= delay, "the child was done after {took:?}, before its page arrived");
+        assert_eq!(src.requests(), vec![(pid, pg(7))]);
+        let p = progress_until(&h, |p| p.waited_faults >= 1);
+        assert_eq!((p.faults, p.waited_faults, p.zero_pages, p.pushed_pages), (2, 1, 0, 0), "{p:?}");
+
+        // The rest arrives, the source completes: every page of the parent is pushed.
+        src.publish(pg(1), 6, true);
+        src.publish(pg(8), 8, true);
+        src.finish();
+        criu.finish();
+        let stats = done_within(h).expect("done");
+        assert_eq!((stats.forks, stats.processes, stats.waited_faults, stats.zero_pages), (1, 2, 1, 0), "{stats:?}");
+        let mut b = vec![0u8; PAGE];
+        for k in 0..16 {
+            read_mem(pg(k), &mut b);
+            assert!(b == content(pid, pg(k)), "page {k}");
         }
         munmap(addr, 16 * P as usize);
     }

@@ -13,6 +13,7 @@ pub mod lazy;
 pub mod pages;
 pub mod session;
 pub mod stats;
+pub mod watchdog;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

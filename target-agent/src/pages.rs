@@ -6,9 +6,15 @@
 //! now" for a page that became zero). Pages live in slabs of [`SLAB_PAGES`] pages allocated as needed;
 //! slots of pages that became zero are reused. The store refuses to grow past its limit (the host's
 //! available memory when the migration was prepared), so a peer cannot exhaust this host's memory.
+//!
+//! Which pages are *current*: pages sent before the freeze may have changed since. Batches read from
+//! the frozen tree (`frozen`: the final delta, and answers to faults) are current; once the stream's
+//! `end` arrived ([`PageStore::set_complete`]) every page is. Until then the lazy-pages daemon treats a
+//! page that is not current as pending: it asks for it ([`PageStore::request`], sent on the fault stream)
+//! and waits, and it pushes pages in the order they become current ([`PageStore::take_arrivals`]).
 
-use std::collections::HashMap;
-use std::sync::RwLock;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, RwLock};
 
 use protocol::pages::PAGE_SIZE;
 use protocol::pb;
@@ -35,6 +41,11 @@ struct Inner {
     slabs: Vec<Box<[u8]>>,
     free: Vec<u32>,
     next: u32,
+    /// Pages known current before `complete` (emptied then).
+    fresh: HashSet<(u32, u64)>,
+    complete: bool,
+    /// Runs (pid, first page, pages) that became current, not yet taken by the daemon.
+    arrivals: Vec<(u32, u64, u32)>,
 }
 
 impl Inner {
@@ -71,16 +82,93 @@ impl Inner {
     }
 }
 
+/// Called when pages become current (the daemon's wake-up).
+type Waker = Box<dyn Fn() + Send + Sync>;
+
 /// See the module doc.
 pub struct PageStore {
     inner: RwLock<Inner>,
     limit: u64,
+    waker: Mutex<Option<Waker>>,
+    /// Where requests for pending pages go (the fault stream), and those already asked for.
+    requests: Mutex<(Option<tokio::sync::mpsc::UnboundedSender<(u32, u64)>>, HashSet<(u32, u64)>)>,
+}
+
+/// What the store knows of a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// Current; its bytes were copied out.
+    Page,
+    /// Current, and all zeros.
+    Zero,
+    /// Not known to be current yet.
+    Pending,
 }
 
 impl PageStore {
     /// A store that holds at most `limit` bytes of pages.
     pub fn new(limit: u64) -> Self {
-        PageStore { inner: RwLock::new(Inner::default()), limit }
+        PageStore { inner: RwLock::new(Inner::default()), limit, waker: Mutex::new(None), requests: Default::default() }
+    }
+
+    /// Every page is current from now on: the pages stream ended.
+    pub fn set_complete(&self) {
+        {
+            let mut inner = self.inner.write().expect("page store lock");
+            inner.complete = true;
+            inner.fresh = HashSet::new();
+        }
+        self.wake();
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.inner.read().expect("page store lock").complete
+    }
+
+    /// Page `vaddr` of `pid`: copied into `out` when current and not zero.
+    pub fn lookup(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> Known {
+        let inner = self.inner.read().expect("page store lock");
+        if !inner.complete && !inner.fresh.contains(&(pid, vaddr)) {
+            return Known::Pending;
+        }
+        match inner.index.get(&(pid, vaddr)) {
+            Some(&s) => {
+                out[..PAGE_SIZE].copy_from_slice(inner.slot(s));
+                Known::Page
+            }
+            None => Known::Zero,
+        }
+    }
+
+    /// Post-copy: pending pages are asked for on `requests` (see [`PageStore::request`]).
+    pub fn set_requests(&self, requests: tokio::sync::mpsc::UnboundedSender<(u32, u64)>) {
+        self.requests.lock().expect("requests lock").0 = Some(requests);
+    }
+
+    /// Asks the source for a pending page (once per page).
+    pub fn request(&self, pid: u32, vaddr: u64) {
+        let mut r = self.requests.lock().expect("requests lock");
+        if r.1.insert((pid, vaddr)) {
+            if let Some(tx) = &r.0 {
+                let _ = tx.send((pid, vaddr));
+            }
+        }
+    }
+
+    /// Runs of pages that became current since the last call, in the order they did.
+    pub fn take_arrivals(&self) -> Vec<(u32, u64, u32)> {
+        std::mem::take(&mut self.inner.write().expect("page store lock").arrivals)
+    }
+
+    /// `wake` is called whenever pages become current.
+    pub fn set_waker(&self, wake: Waker) {
+        *self.waker.lock().expect("waker lock") = Some(wake);
+    }
+
+    fn wake(&self) {
+        if let Some(w) = &*self.waker.lock().expect("waker lock") {
+            w();
+        }
     }
 
     /// Applies one batch of the pages stream: `data` holds the bytes of `batch.data` pages in order.
@@ -109,6 +197,21 @@ impl PageStore {
                 inner.free.push(s);
             }
         }
+        if !batch.frozen || inner.complete {
+            return Ok(());
+        }
+        let pid = batch.pid;
+        let mut current: Vec<u64> = batch.data.iter().chain(batch.copies.iter().map(|c| &c.vaddr)).copied().collect();
+        inner.fresh.extend(current.iter().chain(&batch.zero).map(|&v| (pid, v)));
+        current.sort_unstable();
+        for v in current {
+            match inner.arrivals.last_mut() {
+                Some((p, start, n)) if *p == pid && *start + *n as u64 * PAGE_SIZE as u64 == v => *n += 1,
+                _ => inner.arrivals.push((pid, v, 1)),
+            }
+        }
+        drop(inner);
+        self.wake();
         Ok(())
     }
 
@@ -138,6 +241,30 @@ impl crate::lazy::PageSource for PageStore {
     fn read_page(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> bool {
         self.read(pid, vaddr, out)
     }
+
+    fn lookup(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> crate::lazy::Lookup {
+        match PageStore::lookup(self, pid, vaddr, out) {
+            Known::Page => crate::lazy::Lookup::Page,
+            Known::Zero => crate::lazy::Lookup::Zero,
+            Known::Pending => crate::lazy::Lookup::Pending,
+        }
+    }
+
+    fn request(&self, pid: u32, vaddr: u64) {
+        PageStore::request(self, pid, vaddr)
+    }
+
+    fn complete(&self) -> bool {
+        self.is_complete()
+    }
+
+    fn take_arrivals(&self) -> Vec<(u32, u64, u32)> {
+        PageStore::take_arrivals(self)
+    }
+
+    fn set_waker(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        PageStore::set_waker(self, wake)
+    }
 }
 
 #[cfg(test)]
@@ -166,6 +293,49 @@ mod tests {
         // The freed slot is reused.
         s.apply(&pb::PageBatch { pid: 7, data: vec![0], ..Default::default() }, &page(4)).unwrap();
         assert_eq!(s.inner.read().unwrap().next, 3);
+    }
+
+    #[test]
+    fn pages_are_pending_until_current() {
+        let s = PageStore::new(1 << 30);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        s.set_requests(tx);
+        let woken = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let w = woken.clone();
+        s.set_waker(Box::new(move || {
+            w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        let mut out = vec![0u8; PAGE_SIZE];
+        // A round before the freeze: held, but maybe stale.
+        s.apply(
+            &pb::PageBatch { pid: 1, data: vec![0x1000, 0x2000], ..Default::default() },
+            &[page(1), page(2)].concat(),
+        )
+        .unwrap();
+        assert_eq!(s.lookup(1, 0x1000, &mut out), Known::Pending);
+        assert_eq!(s.lookup(1, 0x5000, &mut out), Known::Pending, "not even a zero page is known yet");
+        s.request(1, 0x1000);
+        s.request(1, 0x1000);
+        assert_eq!(rx.try_recv().unwrap(), (1, 0x1000));
+        assert!(rx.try_recv().is_err(), "a page is asked for once");
+        // From the frozen tree: current.
+        let frozen = pb::PageBatch {
+            pid: 1,
+            frozen: true,
+            data: vec![0x3000, 0x1000],
+            zero: vec![0x5000],
+            ..Default::default()
+        };
+        s.apply(&frozen, &[page(3), page(9)].concat()).unwrap();
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!((s.lookup(1, 0x1000, &mut out), out[0]), (Known::Page, 9));
+        assert_eq!(s.lookup(1, 0x5000, &mut out), Known::Zero);
+        assert_eq!(s.lookup(1, 0x2000, &mut out), Known::Pending);
+        assert_eq!(s.take_arrivals(), vec![(1, 0x1000, 1), (1, 0x3000, 1)]);
+        assert!(s.take_arrivals().is_empty());
+        s.set_complete();
+        assert_eq!((s.lookup(1, 0x2000, &mut out), out[0]), (Known::Page, 2));
+        assert_eq!(s.lookup(1, 0x7000, &mut out), Known::Zero);
     }
 
     #[test]

@@ -260,8 +260,10 @@ async fn serve_control(
         other => return Err(unexpected(&other, "ImagesDone")),
     };
     wait_for_files(&done, &mut rx).await?;
-    if done.lazy || done.page_records > 0 {
-        let applied = tokio::time::timeout(FILES_SETTLE, pages_rx)
+    let mut pages_rx = Some(pages_rx);
+    if done.lazy && !done.postcopy {
+        // Pre-copy: every page is here before the restore.
+        let applied = tokio::time::timeout(FILES_SETTLE, pages_rx.take().expect("pages result"))
             .await
             .map_err(|_| refuse("receive", "the pages stream did not end"))?
             .map_err(|_| refuse("receive", "the connection ended before the pages stream did"))?
@@ -274,6 +276,16 @@ async fn serve_control(
         }
         tracing::info!(records = applied, pages = store.len(), "page store complete");
     }
+    // Post-copy: pages a restored task faults on before they are known current are asked for on a
+    // stream of their own, answered ahead of the bulk pages.
+    let faults = if done.postcopy {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        store.set_requests(tx);
+        let (fs, fr) = conn.open_bi().await?;
+        Some(AbortOnDrop(tokio::spawn(fetch_faults(fs, fr, rx, store.clone(), ctx.stats.clone()))))
+    } else {
+        None
+    };
 
     // Restore, stopped; with lazy pages, this agent fills the private memory (see crate::lazy).
     set_phase("restore");
@@ -296,16 +308,22 @@ async fn serve_control(
         }
         (r, _) => r.map_err(|e| restore_failure(ctx, &dir, &prepare.migration_id, e)),
     };
-    let (root, _) = match restore {
-        Ok(r) => r,
-        Err(e) => return Err(e),
-    };
+    let (root, _) = restore?;
     ctx.stats.restore.observe(started.elapsed().as_secs_f64());
     rec.restored = true;
     set_phase("commit");
     let pids = criu::tree::processes(root).unwrap_or_else(|_| vec![root]);
     tracing::info!(root, ?pids, elapsed = ?started.elapsed(), "restored, stopped until commit");
     let mut copy = StoppedCopy { pids: pids.clone(), committed: false };
+    // Lazy memory: should this agent die before every page is in place, the copy dies with it.
+    let watchdog = if done.lazy {
+        Some(
+            crate::watchdog::Watchdog::arm(&pids)
+                .map_err(|e| refuse("restore", format!("cannot start the watchdog: {e}")))?,
+        )
+    } else {
+        None
+    };
     send_msg(
         send,
         target_msg::Msg::Restored(pb::Restored {
@@ -324,33 +342,67 @@ async fn serve_control(
         source_msg::Msg::Commit(_) => {}
         other => return Err(unexpected(&other, "Commit")),
     }
-    copy.committed = true;
+    // Lazy memory: until it is filled in, the copy is killed here if that fails (post-copy: if the rest
+    // of its memory cannot arrive), and the source resumes its original.
+    copy.committed = !done.lazy;
     criu::tree::resume(&pids).map_err(|e| refuse("resume", format!("restored pid {root}: {e}")))?;
     send_msg(send, target_msg::Msg::Resumed(pb::Resumed { root_pid: root })).await?;
     if let Some(mut l) = lazy {
-        // The copy runs; the daemon fills the rest of its memory from the page store. The source is
-        // told when every page is in place (it has already given up its original).
+        // The copy runs; the daemon fills the rest of its memory from the page store (post-copy: as
+        // the pages arrive). The source is told when every page is in place.
         set_phase("post-copy");
         let handle = l.0.take().expect("lazy handle");
-        let done = tokio::task::spawn_blocking(move || handle.wait_done()).await;
-        let complete = match done {
+        let cancel = handle.clone();
+        let mut filling = tokio::task::spawn_blocking(move || handle.wait_done());
+        let pages = async {
+            match pages_rx.take() {
+                Some(rx) => rx.await.unwrap_or_else(|_| Err("the pages stream was dropped".into())),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(pages);
+        let mut pages_done = !done.postcopy;
+        let filled = loop {
+            tokio::select! {
+                r = &mut filling => break r,
+                r = &mut pages, if !pages_done => match r {
+                    Ok(n) => {
+                        pages_done = true;
+                        tracing::info!(records = n, "post-copy: every page arrived");
+                    }
+                    Err(e) => {
+                        cancel.cancel();
+                        return Err(refuse("post-copy", format!("the rest of the memory cannot arrive ({e}): the copy was killed")));
+                    }
+                },
+                e = conn.closed(), if !pages_done => {
+                    cancel.cancel();
+                    return Err(refuse("post-copy", format!("link to the source lost before all memory arrived ({e}): the copy was killed")));
+                }
+            }
+        };
+        let complete = match filled {
             Ok(Ok(s)) => {
                 tracing::info!(?s, "every lazy page is in place");
+                copy.committed = true;
+                if let Some(w) = watchdog {
+                    w.release();
+                }
                 pb::Complete {
                     pushed_pages: s.pushed_pages,
                     faults: s.faults,
                     fault_p50_us: s.fault_p50.as_micros() as u64,
                     fault_p99_us: s.fault_p99.as_micros() as u64,
                     micros: started.elapsed().as_micros() as u64,
-                    error: String::new(),
                 }
             }
             Ok(Err(e)) => {
-                tracing::error!(root, "filling the restored tree's memory failed: {e}");
-                pb::Complete { error: e.to_string(), ..Default::default() }
+                return Err(refuse("post-copy", format!("filling the copy's memory failed: {e}; the copy was killed")));
             }
-            Err(e) => pb::Complete { error: e.to_string(), ..Default::default() },
+            Err(e) => return Err(refuse("post-copy", format!("the lazy-pages daemon: {e}; the copy was killed"))),
         };
+        // No fault waits for the source any more.
+        drop(faults);
         let _ = send_msg(send, target_msg::Msg::Complete(complete)).await;
     }
     let _ = send.finish();
@@ -403,6 +455,7 @@ impl Drop for StoppedCopy {
     }
 }
 
+/// Aborts a task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
@@ -583,6 +636,17 @@ async fn receive_pages(
     let mut records = 0u64;
     while let Some((batch, data, wire)) = protocol::pages::read_batch(stream).await.map_err(|e| e.to_string())? {
         stats.bytes_received.add(wire);
+        if batch.end {
+            if batch.total != records {
+                return Err(format!("the pages stream carried {records} records, the source says {}", batch.total));
+            }
+            store.set_complete();
+            // Nothing may follow the end.
+            return match protocol::pages::read_batch(stream).await.map_err(|e| e.to_string())? {
+                None => Ok(records),
+                Some(_) => Err("pages after the end of the pages stream".into()),
+            };
+        }
         records += protocol::pages::records(&batch) as u64;
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.apply(&batch, &data))
@@ -590,7 +654,39 @@ async fn receive_pages(
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
     }
-    Ok(records)
+    Err(format!("the pages stream ended after {records} records without its end"))
+}
+
+/// Post-copy: sends the store's requests for pending pages and applies the answers, until the
+/// connection ends or the session drops this task.
+async fn fetch_faults(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<(u32, u64)>,
+    store: Arc<crate::pages::PageStore>,
+    stats: Arc<crate::stats::Stats>,
+) {
+    let _ = send.set_priority(10);
+    let sender = async {
+        while let Some((pid, vaddr)) = requests.recv().await {
+            write_frame(&mut send, &pb::FaultRequest { pid, vaddr }).await?;
+        }
+        Ok::<_, ProtocolError>(())
+    };
+    let receiver = async {
+        while let Some((batch, data, wire)) = protocol::pages::read_batch(&mut recv).await? {
+            stats.bytes_received.add(wire);
+            if !batch.frozen || batch.end || protocol::pages::records(&batch) != 1 {
+                return Err(ProtocolError::BadChunk("a fault answer must be one page from the frozen tree".into()));
+            }
+            store.apply(&batch, &data).map_err(|e| ProtocolError::BadChunk(e.to_string()))?;
+        }
+        Ok(())
+    };
+    let r = tokio::select! { r = sender => r, r = receiver => r };
+    if let Err(e) = r {
+        tracing::warn!("fault stream: {e}");
+    }
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -10,18 +10,25 @@
 //!   every page in place, the copy's checksum equal to its content's, its counter advancing.
 //! - `workload tree` (3 processes, a pipe between two): one uffd per process on one connection; the
 //!   reader keeps reading the writer's counter.
+//! - post-copy (`workload mem`, 64 MiB): the pages are not known when the copy starts running: a
+//!   stream releases them after RSTF (runs of 64 pages, one per millisecond) and a fault's request
+//!   releases its page after a simulated round trip. The copy's checksum (read while most pages are
+//!   still on their way) equals its content's: no page was zero-filled while pending.
 //!
 //! Needs root and CRIU (>= 4.1), and `target/<profile>/workload` (`cargo build --release --workspace`);
 //! it fails, naming what is missing, rather than pass without them. Images go under /dev/shm.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use target_agent::lazy::{ImagePageSource, LazyError, LazyHandle, LazyPages, LazyProgress, LazyRanges, LazyStats};
+use target_agent::lazy::{
+    ImagePageSource, LazyError, LazyHandle, LazyPages, LazyProgress, LazyRanges, LazyStats, Lookup, PageSource,
+};
 
 /// Size of the `mem` workload: large enough that the push lasts a while (about 0.2 s here) and the
 /// query's faults meet it.
@@ -152,7 +159,7 @@ impl Case {
     fn restore_lazily(
         &self,
         ranges: LazyRanges,
-        source: Arc<ImagePageSource>,
+        source: Arc<dyn PageSource>,
     ) -> (LazyHandle, LazyProgress, Child, Duration) {
         let t = Instant::now();
         let h = LazyPages::listen(&self.dir).expect("listen").start(ranges, source);
@@ -380,6 +387,190 @@ fn lazy_restore_of_a_process_tree_serves_every_process() {
     eprintln!(
         "lazy restore of a 3-process tree ({lazy_pages} lazy pages): faults {}, pushed {}, zero {}, p99 {:?}",
         stats.faults, stats.pushed_pages, stats.zero_pages, stats.fault_p99
+    );
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+}
+
+/// A post-copy page source over the images: a page is Pending until it is released, by the background
+/// stream ([`Trickle::stream`]) or on request (a priority thread releases it after `rtt`); complete
+/// once the stream released everything.
+struct Trickle {
+    images: Arc<ImagePageSource>,
+    state: Mutex<TrickleState>,
+    waker: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    requests: Mutex<std::sync::mpsc::Sender<(u32, u64)>>,
+}
+
+#[derive(Default)]
+struct TrickleState {
+    released: HashSet<(u32, u64)>,
+    arrivals: Vec<(u32, u64, u32)>,
+    complete: bool,
+    requested: HashSet<(u32, u64)>,
+    /// Requests for a page already asked for (the daemon must ask once).
+    repeated: u64,
+}
+
+impl Trickle {
+    fn new(images: Arc<ImagePageSource>, rtt: Duration) -> Arc<Trickle> {
+        let (tx, rx) = std::sync::mpsc::channel::<(u32, u64)>();
+        let t = Arc::new(Trickle {
+            images,
+            state: Mutex::new(TrickleState::default()),
+            waker: Mutex::new(None),
+            requests: Mutex::new(tx),
+        });
+        let me: Weak<Trickle> = Arc::downgrade(&t);
+        // The priority stream: one request at a time, each answered after a round trip. Ends when the
+        // source is dropped (the sender with it).
+        std::thread::spawn(move || {
+            while let Ok((pid, vaddr)) = rx.recv() {
+                std::thread::sleep(rtt);
+                match me.upgrade() {
+                    Some(t) => t.release(pid, vaddr, 1),
+                    None => return,
+                }
+            }
+        });
+        t
+    }
+
+    fn state(&self) -> MutexGuard<'_, TrickleState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self) {
+        if let Some(w) = &*self.waker.lock().unwrap_or_else(|e| e.into_inner()) {
+            w();
+        }
+    }
+
+    fn release(&self, pid: u32, vaddr: u64, pages: u32) {
+        {
+            let mut st = self.state();
+            for k in 0..u64::from(pages) {
+                st.released.insert((pid, vaddr + k * 4096));
+            }
+            st.arrivals.push((pid, vaddr, pages));
+        }
+        self.wake();
+    }
+
+    /// The background stream: every lazy page, in runs of 64 in address order, one run per `every`;
+    /// then complete.
+    fn stream(self: &Arc<Self>, ranges: LazyRanges, every: Duration) -> std::thread::JoinHandle<()> {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            for (pid, rs) in ranges {
+                for r in rs {
+                    let mut a = r.start;
+                    while a < r.end {
+                        let n = ((r.end - a) / 4096).min(64) as u32;
+                        me.release(pid, a, n);
+                        a += u64::from(n) * 4096;
+                        std::thread::sleep(every);
+                    }
+                }
+            }
+            me.state().complete = true;
+            me.wake();
+        })
+    }
+}
+
+impl PageSource for Trickle {
+    fn read_page(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> bool {
+        self.lookup(pid, vaddr, out) == Lookup::Page
+    }
+
+    fn lookup(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> Lookup {
+        {
+            let st = self.state();
+            if !st.complete && !st.released.contains(&(pid, vaddr)) {
+                return Lookup::Pending;
+            }
+        }
+        self.images.lookup(pid, vaddr, out)
+    }
+
+    fn request(&self, pid: u32, vaddr: u64) {
+        let mut st = self.state();
+        if !st.requested.insert((pid, vaddr)) {
+            st.repeated += 1;
+        }
+        drop(st);
+        let _ = self.requests.lock().unwrap_or_else(|e| e.into_inner()).send((pid, vaddr));
+    }
+
+    fn complete(&self) -> bool {
+        self.state().complete
+    }
+
+    fn take_arrivals(&self) -> Vec<(u32, u64, u32)> {
+        std::mem::take(&mut self.state().arrivals)
+    }
+
+    fn set_waker(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        *self.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(wake);
+    }
+}
+
+#[test]
+fn post_copy_restore_waits_for_pages_still_on_their_way() {
+    const POST_MIB: u64 = 64;
+    let started = Instant::now();
+    let mut case = Case::new("post");
+    let pid = case.start("mem", &["--mib", &POST_MIB.to_string(), "--seed", "5"]);
+    let before = case.query();
+    assert_eq!(before["checksum"], before["expected"], "workload before the dump: {before}");
+    case.dump(pid);
+    let (ranges, images, lazy_pages) = case.lazy_ranges();
+    case.kill_originals();
+
+    // Nothing is known when the restore starts; the stream begins at RSTF.
+    let source = Trickle::new(images, Duration::from_micros(200));
+    let (h, _, criu, _) = case.restore_lazily(ranges.clone(), source.clone());
+    let stream = source.stream(ranges, Duration::from_millis(1));
+    // The copy reads all its memory at once, far ahead of the stream: its faults wait for requests.
+    let during = {
+        let (workload, name, scratch) = (case.workload.clone(), case.name.clone(), case.base.join("during"));
+        std::thread::spawn(move || query(&workload, &name, &scratch))
+    };
+    case.criu_exits(criu);
+    let during = during.join().expect("query during the stream");
+    let mid = h.progress();
+    stream.join().expect("stream");
+    let stats = done_within_30s(h).expect("every lazy page in place");
+
+    assert_eq!(during["pid"].as_u64(), Some(pid as u64), "the copy has the original's pid");
+    assert_eq!(during["checksum"], during["expected"], "the copy read wrong memory while pages were pending: {during}");
+    std::thread::sleep(Duration::from_millis(200));
+    let after = case.query();
+    assert_eq!(after["checksum"], after["expected"], "after the stream: {after}");
+    assert!(after["counter"].as_u64() > during["counter"].as_u64(), "the copy's counter does not advance");
+
+    let st = source.state();
+    assert!(stats.waited_faults > 0, "no fault waited for a pending page: {stats:?}");
+    assert_eq!(st.repeated, 0, "a page was requested twice");
+    assert!(st.requested.len() as u64 <= stats.waited_faults, "{} requests, {stats:?}", st.requested.len());
+    assert!(stats.pushed_pages > 0, "nothing pushed: {stats:?}");
+    assert!(
+        stats.pushed_pages + stats.fault_pages + stats.zero_pages + stats.dropped_pages >= lazy_pages,
+        "{lazy_pages} lazy pages, not all accounted for: {stats:?}"
+    );
+    eprintln!(
+        "post-copy restore of {POST_MIB} MiB ({lazy_pages} lazy pages, streamed 64 pages/ms from RSTF, requests \
+         answered after 200 us): faults {} ({} waited for a pending page, {} requests), pushed {}, zero {}; fault \
+         latency p50 {:?} p99 {:?} max {:?}; push {:?}; when the query was done: {mid:?}",
+        stats.faults,
+        stats.waited_faults,
+        st.requested.len(),
+        stats.pushed_pages,
+        stats.zero_pages,
+        stats.fault_p50,
+        stats.fault_p99,
+        stats.fault_max,
+        stats.push_elapsed,
     );
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
 }

@@ -117,7 +117,7 @@ fn precopy_keeps_every_page_under_writers() -> Result<(), Failed> {
     std::thread::sleep(Duration::from_secs(1));
     let before = tb.query("a", &name)?;
     check(before["verified"] == true, format!("workload does not verify before the migration: {before}"))?;
-    let r = tb.migrate("a", pid, &tb.addr("b"), None);
+    let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "precopy"]);
     check(r.success, format!("migrate failed: {} {}", r.json, r.stderr))?;
     let s = &r.json;
     check(s["mode"] == "precopy" && s["rounds"].as_u64().unwrap_or(0) >= 2, format!("no pre-copy rounds: {s}"))?;
@@ -135,6 +135,123 @@ fn precopy_keeps_every_page_under_writers() -> Result<(), Failed> {
     let last = tb.query("b", &name)?;
     check(last["verified"] == true, format!("memory on b stops verifying while the writers go on: {last}"))?;
     tb.kill("b", pid);
+    Ok(())
+}
+
+/// Post-copy and hybrid with 1 GiB: three writer threads dirty 10 % of the pages per second and a
+/// thread forks a checking child every 300 ms, before, during and after the post-copy. The copy runs on
+/// b with every write it made intact (the workload replays them all), its children's checks pass
+/// (a forked child reads memory the daemon still had to fill), and the writers and counter go on.
+fn postcopy_and_hybrid_move_a_gib() -> Result<(), Failed> {
+    for mode in ["postcopy", "hybrid"] {
+        postcopy_moves_a_gib_in(mode).map_err(|e| format!("--mode {mode}: {}", e.message().unwrap_or("")))?;
+    }
+    Ok(())
+}
+
+fn postcopy_moves_a_gib_in(mode: &str) -> Result<(), Failed> {
+    let tb = tb();
+    let name = format!("gib{}", unique());
+    let args = [
+        "mem",
+        "--name",
+        &name,
+        "--mib",
+        "1024",
+        "--seed",
+        "21",
+        "--dirty-pct",
+        "10",
+        "--writers",
+        "3",
+        "--fork-every-ms",
+        "300",
+    ];
+    let pid = tb.start_workload("a", &args);
+    std::thread::sleep(Duration::from_secs(1));
+    let before = tb.query("a", &name)?;
+    check(before["verified"] == true, format!("workload does not verify before the migration: {before}"))?;
+    let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", mode]);
+    check(r.success, format!("migrate failed: {} {}", r.json, r.stderr))?;
+    let s = &r.json;
+    check(s["mode"] == mode, format!("mode in summary: {s}"))?;
+    let rounds = s["rounds"].as_u64().unwrap_or(99);
+    check(if mode == "postcopy" { rounds == 0 } else { (1..=3).contains(&rounds) }, format!("rounds: {s}"))?;
+    check(s["complete_ms"].as_f64().is_some(), format!("the target did not confirm all memory in place: {s}"))?;
+    check(!tb.running("a", pid), "the original still runs on a")?;
+    let after = tb.query("b", &name)?;
+    check(after["verified"] == true, format!("memory on b differs from the writes the workload made: {after}"))?;
+    let forks = |v: &serde_json::Value| v["forks_ok"].as_u64().unwrap_or(0);
+    check(after["forks_failed"] == 0, format!("a forked child found wrong memory: {after}"))?;
+    let forking = wait_until(Duration::from_secs(5), || tb.query("b", &name).is_ok_and(|v| forks(&v) > forks(&after)));
+    check(forking, format!("no child forked on b checked its memory: {after}"))?;
+    check(counter_advances("b", &name, &after), "the counter does not advance on b")?;
+    let last = tb.query("b", &name)?;
+    check(last["verified"] == true && last["forks_failed"] == 0, format!("memory on b went wrong later: {last}"))?;
+    tb.kill("b", pid);
+    Ok(())
+}
+
+/// Post-copy rides out a link outage shorter than the grace: b is unplugged for 3 s while the memory
+/// streams, faults wait, and the migration completes with every page right.
+fn postcopy_rides_out_a_short_link_drop() -> Result<(), Failed> {
+    let tb = tb();
+    let name = format!("drop{}", unique());
+    let args = ["mem", "--name", &name, "--mib", "1024", "--seed", "23", "--dirty-pct", "10", "--writers", "2"];
+    let pid = tb.start_workload("a", &args);
+    let migrating = migrate_in_background_with(pid, None, "postcopy");
+    let marker = format!("pid {pid}: post-copy");
+    let streaming = wait_until(Duration::from_secs(60), || tb.source_log("a").contains(&marker));
+    let unplugged = tb.link("b", false);
+    std::thread::sleep(Duration::from_secs(3));
+    let replugged = tb.link("b", true);
+    let r = migrating.join().expect("migrate thread");
+    check(streaming && unplugged && replugged, "could not unplug b during the post-copy")?;
+    check(r.success, format!("the migration did not ride out a 3 s outage: {} {}", r.json, r.stderr))?;
+    check(!tb.running("a", pid), "the original still runs on a")?;
+    let after = tb.query("b", &name)?;
+    check(after["verified"] == true, format!("memory on b differs from the writes the workload made: {after}"))?;
+    check(counter_advances("b", &name, &after), "the counter does not advance on b")?;
+    tb.kill("b", pid);
+    Ok(())
+}
+
+/// An outage longer than the grace during post-copy: the copy is killed on b, the original resumes on
+/// a with its memory, and the error says what happened.
+fn postcopy_longer_outage_rolls_back() -> Result<(), Failed> {
+    let tb = tb();
+    let name = format!("cut{}", unique());
+    let args = ["mem", "--name", &name, "--mib", "1024", "--seed", "29", "--dirty-pct", "10", "--writers", "2"];
+    let pid = tb.start_workload("a", &args);
+    let before = tb.query("a", &name)?;
+    let target = tb.addr("b");
+    let migrating = std::thread::spawn(move || {
+        TB.get().expect("testbed").migrate_with("a", pid, &target, &["--mode", "postcopy", "--grace", "3"])
+    });
+    let marker = format!("pid {pid}: post-copy");
+    let streaming = wait_until(Duration::from_secs(60), || tb.source_log("a").contains(&marker));
+    let unplugged = tb.link("b", false);
+    let r = migrating.join().expect("migrate thread");
+    // The copy on b must be gone before the link comes back (b saw the outage too).
+    let copy_gone =
+        wait_until(Duration::from_secs(10), || !matches!(tb.state("b", pid), Some(s) if s != 'Z' && s != 'X'));
+    let replugged = tb.link("b", true);
+    check(streaming && unplugged && replugged, "could not unplug b during the post-copy")?;
+    check(!r.success, format!("a migration whose link was cut for longer than the grace succeeded: {}", r.json))?;
+    let err = r.json["error"].as_str().unwrap_or_default();
+    check(
+        err.contains("post-copy") && (err.contains("timed out") || err.contains("lost")),
+        format!("error does not say the link was lost during post-copy: {err}"),
+    )?;
+    check(err.contains("original was resumed") && r.json["original"] == "running", format!("{}", r.json))?;
+    check(copy_gone, format!("the copy still runs on b (state {:?})", tb.state("b", pid)))?;
+    check(tb.running("a", pid), "the original does not run on a")?;
+    let after = tb.query("a", &name)?;
+    check(after["verified"] == true, format!("the original's memory went wrong: {after}"))?;
+    let writes = |v: &serde_json::Value| v["writes"].as_u64().unwrap_or(0);
+    check(writes(&after) >= writes(&before), format!("writes went back: {before} -> {after}"))?;
+    check(counter_advances("a", &name, &after), "the counter does not advance on a")?;
+    tb.kill("a", pid);
     Ok(())
 }
 
@@ -851,6 +968,9 @@ fn main() {
         ("preflight_refuses_each_blocker", preflight_refuses_each_blocker),
         ("users_migrate_only_their_own", users_migrate_only_their_own),
         ("precopy_keeps_every_page_under_writers", precopy_keeps_every_page_under_writers),
+        ("postcopy_and_hybrid_move_a_gib", postcopy_and_hybrid_move_a_gib),
+        ("postcopy_rides_out_a_short_link_drop", postcopy_rides_out_a_short_link_drop),
+        ("postcopy_longer_outage_rolls_back", postcopy_longer_outage_rolls_back),
         ("hostile_peer_is_cut_off", hostile_peer_is_cut_off),
         ("drain_onto_two_hosts", drain_onto_two_hosts),
         ("dropped_link_rolls_back", dropped_link_rolls_back),

@@ -2,27 +2,59 @@
 //! plain CRIU, in one run, on the same workloads. Prints a table and writes JSON.
 //!
 //!   bench [--sizes 256,1024] [--dirty 0,1,10] [--content random,compressible]
-//!         [--modes precopy,criu-cold] [--json bench.json]
+//!         [--modes hybrid,postcopy,precopy,criu-cold,criu-lazy] [--json bench.json]
+//!         [--link-mib 1024] [--testbed bench]
+//!
+//! The post-copy comparison: `bench --sizes 256,1024,2048 --dirty 10 --content random
+//! --modes hybrid,postcopy,precopy,criu-cold,criu-lazy`.
 //!
 //! Modes:
-//! - `precopy`: this project's `migrate` (default mode): rounds while the workload runs, a lazy dump,
-//!   the final delta, a lazy restore filled from the target's page store. `complete ms` is the time
-//!   from the freeze until every page was in place on b.
-//! - `stopcopy`: this project's `migrate --mode stopcopy`: freeze, dump, stream over QUIC, restore.
+//! - `precopy`, `postcopy`, `hybrid`, `stopcopy`: this project's `migrate --mode MODE`. Downtime, total
+//!   time, bytes, rounds, `complete ms` (from the freeze until every page was in place on b) and the
+//!   fault latencies (`fault p50/p99 us`, pages fetched on a fault) are what `migrate --json` reports.
 //! - `criu-cold`: plain CRIU cold migration: `criu dump` to tmpfs on a, the files copied over the same
 //!   veth link with a plain TCP stream (this binary's `copy-send`/`copy-recv`), `criu restore` on b.
 //!   Downtime runs from the start of the dump to the end of the restore, on the bench's clock; it
 //!   includes a few ms of `nsenter` per step.
+//! - `criu-lazy`: plain CRIU lazy (post-copy) migration: `criu dump --lazy-pages --address A --port P`
+//!   on a (every image but the private memory, which stays in the frozen tree and is served by CRIU's
+//!   page server), the image files copied to b as for `criu-cold`, then on b `criu lazy-pages
+//!   --page-server` (waited for on its `--status-fd`) and `criu restore --lazy-pages --restore-detached`.
+//!   Downtime runs from the start of the dump until the restore returned; `complete ms` until `criu
+//!   lazy-pages` exited, i.e. every page had crossed; `total ms` until the dump on a exited (after the
+//!   transfer CRIU kills the source tree, its default). Bytes on the wire: the image files plus the lazy
+//!   pages (4 KiB each, as `pagemap-*.img` lists them).
+//!
+//! After every migration the workload on b replays its writes and compares all its memory (`workload
+//! query`, `verified`); a difference fails the case. Every step has a time limit; a step that overruns
+//! is killed with everything it started, and the case fails with a note saying which step it was.
+//!
+//! Once per run, before the cases, the bench measures the TCP throughput from a to b over the same veth
+//! (`--link-mib`, default 1 GiB, this binary's `rate-send`/`rate-recv`): `link_mb_s` in the JSON, in
+//! 10^6 bytes per second. The post-copy target is every page on the target within 1.2 x (memory / link
+//! rate); the `x link` column is `complete ms / (memory bytes / link rate)` for every row with a complete
+//! time.
 //!
 //! Workloads (`workload mem`) dirty `--dirty` percent of their pages per second while they run, for two
 //! seconds before the migration starts. Needs root, CRIU and a release build (like the integration
-//! suite); it brings up its own testbed named "bench" and takes it down at the end.
+//! suite); it brings up its own testbed (named `--testbed`, default "bench") and takes it down at the end.
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 use tests::{Testbed, unique, wait_until};
+
+/// The modes that run through this project's `migrate --mode MODE`.
+const MIGRATE_MODES: [&str; 4] = ["precopy", "postcopy", "hybrid", "stopcopy"];
+
+/// The post-copy target: every page on the target within this many times memory / link rate.
+const LINK_TARGET: f64 = 1.2;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
@@ -43,8 +75,13 @@ struct Row {
     total_ms: f64,
     wire_bytes: u64,
     rounds: u32,
-    /// From the freeze until all memory was in place on the target (pre-copy's lazy restore).
+    /// From the freeze until all memory was in place on the target.
     complete_ms: Option<f64>,
+    /// `complete_ms / (memory bytes / link rate)`; the post-copy target is at most [`LINK_TARGET`].
+    complete_vs_link: Option<f64>,
+    /// Latency of the faults served over the network (this project's post-copy modes).
+    fault_p50_us: Option<f64>,
+    fault_p99_us: Option<f64>,
     note: String,
 }
 
@@ -53,30 +90,57 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("copy-send") => return copy_send(&args),
         Some("copy-recv") => return copy_recv(&args),
+        Some("rate-send") => return rate_send(&args),
+        Some("rate-recv") => return rate_recv(&args),
         _ => {}
     }
     let sizes: Vec<u64> = list(&args, "--sizes", "256,1024");
     let dirty: Vec<f64> = list(&args, "--dirty", "0,1,10");
     let contents: Vec<String> = list(&args, "--content", "random,compressible");
-    let modes: Vec<String> = list(&args, "--modes", "precopy,criu-cold");
+    let modes: Vec<String> = list(&args, "--modes", "hybrid,postcopy,precopy,criu-cold,criu-lazy");
     let json_path = PathBuf::from(arg(&args, "--json").unwrap_or_else(|| "bench.json".into()));
+    let link_mib: u64 = arg(&args, "--link-mib").and_then(|m| m.parse().ok()).unwrap_or(1024);
+    let testbed = arg(&args, "--testbed").unwrap_or_else(|| "bench".into());
     let bin = std::env::current_exe().expect("exe").parent().expect("dir").to_path_buf();
     let problems = tests::environment_problems(&bin);
     if !problems.is_empty() {
         eprintln!("bench cannot run here:\n  - {}", problems.join("\n  - "));
         std::process::exit(1);
     }
-    let tb = match Testbed::up("bench", &bin) {
+    let tb = match Testbed::up(&testbed, &bin) {
         Ok(tb) => tb,
         Err(e) => {
             eprintln!("{e}");
             std::process::exit(1);
         }
     };
+    // Bytes per second from a to b over the veth, once per run.
+    let link = link_rate(&tb, link_mib << 20);
+    match &link {
+        Ok(rate) => println!(
+            "link a -> b: {:.0} MB/s ({:.0} MiB/s), {link_mib} MiB over one TCP stream; post-copy target: \
+             complete ms <= {LINK_TARGET} x memory / link rate (column `x link`)",
+            rate / 1e6,
+            rate / (1 << 20) as f64
+        ),
+        Err(e) => println!("link a -> b: NOT MEASURED: {e}"),
+    }
     println!(
-        "{:>6} {:>8} {:>12} {:>10} {:>12} {:>10} {:>12} {:>6} {:>12}  note",
-        "MiB", "dirty%/s", "content", "mode", "downtime ms", "total ms", "wire MiB", "rounds", "complete ms"
+        "{:>6} {:>8} {:>12} {:>10} {:>12} {:>10} {:>10} {:>6} {:>12} {:>7} {:>12} {:>12}  note",
+        "MiB",
+        "dirty%/s",
+        "content",
+        "mode",
+        "downtime ms",
+        "total ms",
+        "wire MiB",
+        "rounds",
+        "complete ms",
+        "x link",
+        "fault p50 us",
+        "fault p99 us"
     );
+    let opt = |v: Option<f64>, decimals: usize| v.map(|c| format!("{c:.decimals$}")).unwrap_or_else(|| "-".into());
     let mut rows = Vec::new();
     let mut case = 0usize;
     for &mib in &sizes {
@@ -92,9 +156,12 @@ fn main() {
                     order.reverse();
                 }
                 for mode in order {
-                    let row = run_case(&tb, mib, d, content, mode);
+                    let mut row = run_case(&tb, mib, d, content, mode);
+                    if let (Some(c), Ok(rate)) = (row.complete_ms, &link) {
+                        row.complete_vs_link = Some(c / ((mib << 20) as f64 / rate * 1000.0));
+                    }
                     println!(
-                        "{:>6} {:>8} {:>12} {:>10} {:>12.0} {:>10.0} {:>12.1} {:>6} {:>12}  {}",
+                        "{:>6} {:>8} {:>12} {:>10} {:>12.0} {:>10.0} {:>10.1} {:>6} {:>12} {:>7} {:>12} {:>12}  {}",
                         row.mib,
                         row.dirty_pct_per_s,
                         row.content,
@@ -103,7 +170,10 @@ fn main() {
                         row.total_ms,
                         row.wire_bytes as f64 / (1 << 20) as f64,
                         row.rounds,
-                        row.complete_ms.map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into()),
+                        opt(row.complete_ms, 0),
+                        opt(row.complete_vs_link, 2),
+                        opt(row.fault_p50_us, 0),
+                        opt(row.fault_p99_us, 0),
                         if row.ok { row.note.clone() } else { format!("FAILED: {}", row.note) }
                     );
                     rows.push(row);
@@ -111,11 +181,11 @@ fn main() {
             }
         }
     }
+    let same = |a: &Row, b: &Row| a.mib == b.mib && a.dirty_pct_per_s == b.dirty_pct_per_s && a.content == b.content;
     // The target of pre-copy: downtime against CRIU cold migration of the same case.
     let mut ratios = Vec::new();
     for r in rows.iter().filter(|r| r.mode == "precopy" && r.ok) {
-        let same = |c: &&Row| c.mib == r.mib && c.dirty_pct_per_s == r.dirty_pct_per_s && c.content == r.content;
-        if let Some(cold) = rows.iter().filter(|c| c.mode == "criu-cold" && c.ok).find(same) {
+        if let Some(cold) = rows.iter().filter(|c| c.mode == "criu-cold" && c.ok).find(|c| same(r, c)) {
             let ratio = r.downtime_ms / cold.downtime_ms;
             println!(
                 "{:>6} MiB {:>4} %/s {:>12}: pre-copy downtime {:.0} ms = {:.2} x CRIU cold's {:.0} ms",
@@ -127,8 +197,32 @@ fn main() {
             }));
         }
     }
+    // Post-copy against CRIU's own lazy migration of the same case: downtime, and time to complete.
+    let mut lazy_ratios = Vec::new();
+    for r in rows.iter().filter(|r| (r.mode == "hybrid" || r.mode == "postcopy") && r.ok) {
+        if let Some(lazy) = rows.iter().filter(|c| c.mode == "criu-lazy" && c.ok).find(|c| same(r, c)) {
+            let ratio = r.downtime_ms / lazy.downtime_ms;
+            let complete = match (r.complete_ms, lazy.complete_ms) {
+                (Some(a), Some(b)) => format!("; complete {a:.0} ms = {:.2} x CRIU lazy's {b:.0} ms", a / b),
+                _ => String::new(),
+            };
+            println!(
+                "{:>6} MiB {:>4} %/s {:>12}: {} downtime {:.0} ms = {:.2} x CRIU lazy's {:.0} ms{complete}",
+                r.mib, r.dirty_pct_per_s, r.content, r.mode, r.downtime_ms, ratio, lazy.downtime_ms
+            );
+            lazy_ratios.push(serde_json::json!({
+                "mib": r.mib, "dirty_pct_per_s": r.dirty_pct_per_s, "content": r.content, "mode": r.mode,
+                "downtime_ms": r.downtime_ms, "criu_lazy_downtime_ms": lazy.downtime_ms, "ratio": ratio,
+                "complete_ms": r.complete_ms, "criu_lazy_complete_ms": lazy.complete_ms,
+            }));
+        }
+    }
     let meta = serde_json::json!({
+        "link_mb_s": link.as_ref().ok().map(|r| r / 1e6),
+        "link_error": link.as_ref().err(),
+        "link_target": LINK_TARGET,
         "precopy_vs_criu_cold": ratios,
+        "postcopy_vs_criu_lazy": lazy_ratios,
         "command": args.join(" "),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
@@ -137,7 +231,7 @@ fn main() {
     std::fs::write(&json_path, serde_json::to_string_pretty(&meta).expect("json")).expect("write json");
     println!("wrote {}", json_path.display());
     drop(tb);
-    if rows.iter().any(|r| !r.ok) {
+    if link.is_err() || rows.iter().any(|r| !r.ok) {
         std::process::exit(1);
     }
 }
@@ -156,6 +250,11 @@ fn start(tb: &Testbed, mib: u64, dirty: f64, content: &str) -> (String, u32) {
     (name, pid)
 }
 
+/// The time a step that moves `mib` MiB may take before it counts as hung.
+fn limit(mib: u64) -> Duration {
+    Duration::from_secs(60) + Duration::from_millis(mib * 100)
+}
+
 fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Row {
     let mut row = Row {
         mib,
@@ -168,20 +267,23 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
         wire_bytes: 0,
         rounds: 0,
         complete_ms: None,
+        complete_vs_link: None,
+        fault_p50_us: None,
+        fault_p99_us: None,
         note: String::new(),
     };
     let (name, pid) = start(tb, mib, dirty, content);
     match mode {
-        "precopy" | "stopcopy" => {
-            let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", mode]);
-            row.ok = r.success;
-            if r.success {
-                let j = &r.json;
+        m if MIGRATE_MODES.contains(&m) => match migrate(tb, pid, m, limit(mib) * 2) {
+            Ok(j) => {
+                row.ok = true;
                 row.downtime_ms = j["downtime_ms"].as_f64().unwrap_or(0.0);
                 row.total_ms = j["total_ms"].as_f64().unwrap_or(0.0);
                 row.wire_bytes = j["wire_bytes"].as_u64().unwrap_or(0);
                 row.rounds = j["rounds"].as_u64().unwrap_or(0) as u32;
                 row.complete_ms = j["complete_ms"].as_f64();
+                row.fault_p50_us = j["fault_p50_us"].as_f64();
+                row.fault_p99_us = j["fault_p99_us"].as_f64();
                 let f = |k: &str| j[k].as_f64().unwrap_or(0.0);
                 row.note = format!(
                     "dump {:.0} ms, transfer {:.0} ms, restore {:.0} ms, {} pages at the freeze",
@@ -190,20 +292,13 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
                     f("restore_ms"),
                     j["freeze_pages"]
                 );
-                // The workload replays its writes and compares all its memory: a wrong page is a failure.
-                match tb.query("b", &name) {
-                    Ok(v) if v["verified"] == true => row.note.push_str(", memory verified"),
-                    other => {
-                        row.ok = false;
-                        row.note.push_str(&format!(", MEMORY DIFFERS: {other:?}"));
-                    }
-                }
-            } else {
-                row.note = r.json["error"].as_str().unwrap_or("").chars().take(200).collect();
+            }
+            Err(e) => {
+                row.note = e.chars().take(300).collect();
                 tb.kill("a", pid);
             }
-        }
-        "criu-cold" => match criu_cold(tb, pid) {
+        },
+        "criu-cold" => match criu_cold(tb, pid, mib) {
             Ok((downtime, wire, note)) => {
                 row.ok = true;
                 row.downtime_ms = downtime;
@@ -216,7 +311,31 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
                 tb.kill("a", pid);
             }
         },
+        "criu-lazy" => match criu_lazy(tb, pid, mib) {
+            Ok(l) => {
+                row.ok = true;
+                row.downtime_ms = l.downtime_ms;
+                row.total_ms = l.total_ms;
+                row.complete_ms = Some(l.complete_ms);
+                row.wire_bytes = l.wire_bytes;
+                row.note = l.note;
+            }
+            Err(e) => {
+                row.note = e;
+                tb.kill("a", pid);
+            }
+        },
         other => row.note = format!("unknown mode {other}"),
+    }
+    if row.ok {
+        // The workload replays its writes and compares all its memory: a wrong page is a failure.
+        match tb.query("b", &name) {
+            Ok(v) if v["verified"] == true => row.note.push_str(", memory verified"),
+            other => {
+                row.ok = false;
+                row.note.push_str(&format!(", MEMORY DIFFERS: {other:?}"));
+            }
+        }
     }
     tb.kill("b", pid);
     row
@@ -226,65 +345,255 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// A command on a testbed host (`deploy/testbed exec HOST ...`) that leads its own process group: nsenter,
+/// its child inside the host's namespaces and what that execs (CRIU, a helper) all stay in the group, so a
+/// timeout ends every one of them by the group's id. Dropped while it still runs, the group is killed.
+struct HostProc {
+    what: String,
+    child: Child,
+    status: Option<ExitStatus>,
+    /// Its stderr, read all along by a thread (so a chatty command never blocks on a full pipe).
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl HostProc {
+    fn spawn(tb: &Testbed, host: &str, args: &[&str], what: &str) -> Result<HostProc, String> {
+        let mut a = vec!["exec", host];
+        a.extend_from_slice(args);
+        let mut child = Command::new(tb.repo.join("deploy/testbed"))
+            .args(a)
+            .env("TESTBED_NAME", &tb.name)
+            .env("MIGRATE_BIN_DIR", &tb.bin)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start {what}: {e}"))?;
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        if let Some(mut e) = child.stderr.take() {
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = e.read(&mut buf) {
+                    sink.lock().expect("stderr buffer").extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+        Ok(HostProc { what: what.into(), child, status: None, stderr })
+    }
+
+    /// `criu ARGS` on `host`, with CRIU's `--status-fd 3` on our stdout pipe (its own stdout goes to
+    /// /dev/null): [`HostProc::ready`] then reads the `\0` CRIU writes once it is ready.
+    fn criu_with_status(tb: &Testbed, host: &str, args: &[&str], what: &str) -> Result<HostProc, String> {
+        let mut a = vec!["sh", "-c", "exec \"$@\" --status-fd 3 3>&1 >/dev/null", "sh", "criu"];
+        a.extend_from_slice(args);
+        HostProc::spawn(tb, host, &a, what)
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits until it exits, at most until `deadline`. Polls every millisecond: this is on timed paths.
+    fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        loop {
+            if let Some(s) = self.exited() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Exits 0 within `timeout`; otherwise it is killed and the error says which it was.
+    fn finish(&mut self, timeout: Duration) -> Result<(), String> {
+        match self.wait_until(Instant::now() + timeout) {
+            Some(s) if s.success() => Ok(()),
+            Some(s) => Err(format!("{} failed ({s}){}", self.what, self.stderr_tail())),
+            None => {
+                self.kill();
+                Err(format!("{} did not finish within {} s (killed)", self.what, timeout.as_secs()))
+            }
+        }
+    }
+
+    /// Reads its stdout up to the first `\0` or newline (CRIU's status byte, a helper's "listening"),
+    /// at most `timeout`. On EOF first, it is waited for (briefly) and the error carries its stderr; on
+    /// timeout it is killed.
+    fn ready(&mut self, timeout: Duration) -> Result<(), String> {
+        let mut out = self.child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            let ready = loop {
+                match out.read(&mut byte) {
+                    Ok(1) if byte[0] == 0 || byte[0] == b'\n' => break true,
+                    Ok(1) => continue,
+                    _ => break false,
+                }
+            };
+            let _ = tx.send(ready);
+        });
+        match rx.recv_timeout(timeout) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                let status = self.wait_until(Instant::now() + Duration::from_secs(5));
+                Err(format!(
+                    "{} ended before it was ready ({}){}",
+                    self.what,
+                    status.map(|s| s.to_string()).unwrap_or_else(|| "still running".into()),
+                    self.stderr_tail()
+                ))
+            }
+            Err(_) => {
+                self.kill();
+                Err(format!("{} was not ready within {} s (killed)", self.what, timeout.as_secs()))
+            }
+        }
+    }
+
+    /// Its stdout to the end (after it exited).
+    fn stdout(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            let _ = o.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The end of what it wrote on stderr so far (": ..."), or nothing.
+    fn stderr_tail(&self) -> String {
+        let text = String::from_utf8_lossy(&self.stderr.lock().expect("stderr buffer")).into_owned();
+        let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        let tail = lines[lines.len().saturating_sub(3)..].join(" / ");
+        if tail.is_empty() { tail } else { format!(": {tail}") }
+    }
+
+    /// Kills the whole group unless it already ended (then its id may belong to someone else).
+    fn kill(&mut self) {
+        if self.exited().is_some() {
+            return;
+        }
+        let _ = killpg(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        self.status = self.child.wait().ok();
+    }
+}
+
+impl Drop for HostProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `migrate --mode MODE --json PID b` on a, at most `timeout`: its JSON when it succeeded, else why not.
+fn migrate(tb: &Testbed, pid: u32, mode: &str, timeout: Duration) -> Result<serde_json::Value, String> {
+    let p = pid.to_string();
+    let b = tb.addr("b");
+    let mut m = HostProc::spawn(tb, "a", &["migrate", "--mode", mode, "--json", &p, &b], "migrate")?;
+    // migrate prints its JSON only at the end, far below a pipe's capacity: reading after the exit is fine.
+    let status = m.wait_until(Instant::now() + timeout);
+    if status.is_none() {
+        m.kill();
+        return Err(format!("migrate did not finish within {} s (killed; the agents go on alone)", timeout.as_secs()));
+    }
+    let out = m.stdout();
+    match serde_json::from_str::<serde_json::Value>(&out) {
+        Ok(j) if status.is_some_and(|s| s.success()) => Ok(j),
+        Ok(j) => Err(j["error"].as_str().map(str::to_string).unwrap_or_else(|| j.to_string())),
+        Err(_) => Err(format!("migrate printed no JSON{}", m.stderr_tail())),
+    }
+}
+
+/// Temporary images dirs on a and b (both see /dev/shm), removed on drop.
+struct Dirs {
+    a: PathBuf,
+    b: PathBuf,
+}
+
+impl Dirs {
+    fn new(n: u64) -> Result<Dirs, String> {
+        let a = PathBuf::from(format!("/dev/shm/bench-{}-{n}-a", std::process::id()));
+        let b = PathBuf::from(format!("/dev/shm/bench-{}-{n}-b", std::process::id()));
+        let _ = std::fs::remove_dir_all(&a);
+        let _ = std::fs::remove_dir_all(&b);
+        std::fs::create_dir_all(&a).map_err(|e| format!("mkdir {}: {e}", a.display()))?;
+        Ok(Dirs { a, b })
+    }
+
+    fn a(&self) -> &str {
+        self.a.to_str().expect("utf8")
+    }
+
+    fn b(&self) -> &str {
+        self.b.to_str().expect("utf8")
+    }
+}
+
+impl Drop for Dirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.a);
+        let _ = std::fs::remove_dir_all(&self.b);
+    }
+}
+
+/// `bench copy-recv` on b into `dir`, listening on `listen` once this returns (as a prepared operator
+/// would have it waiting before the freeze).
+fn copy_receiver(tb: &Testbed, dir: &str, listen: &str) -> Result<HostProc, String> {
+    let bench = tb.bin.join("bench");
+    let mut recv = HostProc::spawn(
+        tb,
+        "b",
+        &[bench.to_str().expect("utf8"), "copy-recv", "--dir", dir, "--listen", listen],
+        "copy-recv on b",
+    )?;
+    recv.ready(Duration::from_secs(10))?;
+    Ok(recv)
+}
+
+/// Copies the image files of `dir` on a to the receiver: bytes sent.
+fn copy_images(tb: &Testbed, dir: &str, to: &str, recv: &mut HostProc, timeout: Duration) -> Result<u64, String> {
+    let bench = tb.bin.join("bench");
+    let mut send = HostProc::spawn(
+        tb,
+        "a",
+        &[bench.to_str().expect("utf8"), "copy-send", "--dir", dir, "--to", to],
+        "copy-send on a",
+    )?;
+    send.finish(timeout)?;
+    recv.finish(Duration::from_secs(10))?;
+    Ok(send.stdout().trim().parse().unwrap_or(0))
+}
+
 /// criu dump (tmpfs on a) -> TCP copy over the veth -> criu restore on b. Returns (downtime ms, bytes
 /// copied, breakdown).
-fn criu_cold(tb: &Testbed, pid: u32) -> Result<(f64, u64, String), String> {
+fn criu_cold(tb: &Testbed, pid: u32, mib: u64) -> Result<(f64, u64, String), String> {
     let n = unique();
-    let src = PathBuf::from(format!("/dev/shm/bench-{}-{n}-a", std::process::id()));
-    let dst = PathBuf::from(format!("/dev/shm/bench-{}-{n}-b", std::process::id()));
-    let _ = std::fs::remove_dir_all(&src);
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&src).map_err(|e| e.to_string())?;
-    let (s, d) = (src.to_str().expect("utf8").to_string(), dst.to_str().expect("utf8").to_string());
-    let bench = tb.bin.join("bench");
-    let port = 7600 + (n % 100) as u16;
-    let listen = format!("{}:{port}", tb.addr("b"));
-    // The receiver waits on b before the freeze, as a prepared operator would.
-    let mut recv = std::process::Command::new(tb.repo.join("deploy/testbed"))
-        .args(["exec", "b", bench.to_str().expect("utf8"), "copy-recv", "--dir", &d, "--listen", &listen])
-        .env("TESTBED_NAME", &tb.name)
-        .env("MIGRATE_BIN_DIR", &tb.bin)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let mut first = [0u8; 10];
-    let _ = recv.stdout.as_mut().expect("piped").read(&mut first); // "listening\n"
+    let dirs = Dirs::new(n)?;
+    let listen = format!("{}:{}", tb.addr("b"), 7600 + (n % 100) as u16);
+    let mut recv = copy_receiver(tb, dirs.b(), &listen)?;
     let result = (|| {
         let t0 = Instant::now();
-        let dump = tb.exec(
-            "a",
-            &[
-                "criu",
-                "dump",
-                "--tree",
-                &pid.to_string(),
-                "--images-dir",
-                &s,
-                "--leave-stopped",
-                "--log-file",
-                "dump.log",
-            ],
-        );
-        if !dump.status.success() {
-            return Err(format!("criu dump failed: {}", criu::log_errors(&src.join("dump.log"))));
-        }
+        let p = pid.to_string();
+        let args =
+            ["criu", "dump", "--tree", &p, "--images-dir", dirs.a(), "--leave-stopped", "--log-file", "dump.log"];
+        HostProc::spawn(tb, "a", &args, "criu dump")?
+            .finish(limit(mib))
+            .map_err(|e| format!("{e}: {}", criu::log_errors(&dirs.a.join("dump.log"))))?;
         let t1 = Instant::now();
-        let sent = tb.exec("a", &[bench.to_str().expect("utf8"), "copy-send", "--dir", &s, "--to", &listen]);
-        if !sent.status.success() {
-            return Err(format!("copy failed: {}", String::from_utf8_lossy(&sent.stderr)));
-        }
-        let wire: u64 = String::from_utf8_lossy(&sent.stdout).trim().parse().unwrap_or(0);
-        let _ = recv.wait();
+        let wire = copy_images(tb, dirs.a(), &listen, &mut recv, limit(mib))?;
         let t2 = Instant::now();
-        let restore =
-            tb.exec("b", &["criu", "restore", "--images-dir", &d, "--restore-detached", "--log-file", "restore.log"]);
-        if !restore.status.success() {
-            return Err(format!("criu restore failed: {}", criu::log_errors(&dst.join("restore.log"))));
-        }
+        let args = ["criu", "restore", "--images-dir", dirs.b(), "--restore-detached", "--log-file", "restore.log"];
+        HostProc::spawn(tb, "b", &args, "criu restore")?
+            .finish(limit(mib))
+            .map_err(|e| format!("{e}: {}", criu::log_errors(&dirs.b.join("restore.log"))))?;
         let t3 = Instant::now();
-        let running = wait_until(Duration::from_secs(5), || tb.running("b", pid));
-        if !running {
+        if !wait_until(Duration::from_secs(5), || tb.running("b", pid)) {
             return Err("restored process does not run on b".into());
         }
         Ok((
@@ -293,32 +602,254 @@ fn criu_cold(tb: &Testbed, pid: u32) -> Result<(f64, u64, String), String> {
             format!("dump {:.0} ms, copy {:.0} ms, restore {:.0} ms", ms(t1 - t0), ms(t2 - t1), ms(t3 - t2)),
         ))
     })();
-    let _ = recv.kill();
-    let _ = recv.wait();
+    drop(recv);
     tb.kill("a", pid);
-    let _ = std::fs::remove_dir_all(&src);
-    let _ = std::fs::remove_dir_all(&dst);
     result
 }
 
-/// Sends every file of --dir (but CRIU's log) to --to: u16 name length, name, u64 size, bytes; a zero
-/// name length ends. Prints the bytes sent.
-fn copy_send(args: &[String]) {
-    let dir = PathBuf::from(arg(args, "--dir").expect("--dir"));
-    let to = arg(args, "--to").expect("--to");
-    let mut s = None;
+struct Lazy {
+    downtime_ms: f64,
+    complete_ms: f64,
+    total_ms: f64,
+    wire_bytes: u64,
+    note: String,
+}
+
+/// Plain CRIU lazy migration: `criu dump --lazy-pages` on a (its page server on a's address), the image
+/// files copied to b, `criu lazy-pages --page-server` and `criu restore --lazy-pages` on b.
+fn criu_lazy(tb: &Testbed, pid: u32, mib: u64) -> Result<Lazy, String> {
+    let n = unique();
+    let dirs = Dirs::new(n)?;
+    let listen = format!("{}:{}", tb.addr("b"), 7600 + (n % 100) as u16);
+    let (a_addr, port) = (tb.addr("a"), (7700 + (n % 100) as u16).to_string());
+    let mut recv = copy_receiver(tb, dirs.b(), &listen)?;
+    let p = pid.to_string();
+    let t0 = Instant::now();
+    // No --leave-stopped: once the page-server session ends CRIU kills the source tree (its default).
+    let mut dump = HostProc::criu_with_status(
+        tb,
+        "a",
+        &[
+            "dump",
+            "--tree",
+            &p,
+            "--images-dir",
+            dirs.a(),
+            "--lazy-pages",
+            "--address",
+            &a_addr,
+            "--port",
+            &port,
+            "--log-file",
+            "dump.log",
+        ],
+        "criu dump --lazy-pages",
+    )?;
+    // CRIU writes its status byte once every image is written and its page server listens.
+    dump.ready(limit(mib)).map_err(|e| format!("{e}: {}", criu::log_errors(&dirs.a.join("dump.log"))))?;
+    let t1 = Instant::now();
+    let lazy_pages: u64 = criu::images::lazy_ranges(&dirs.a)
+        .map_err(|e| format!("reading the lazy dump's pagemaps: {e}"))?
+        .iter()
+        .flat_map(|(_, ranges)| ranges.iter().map(|r| (r.end - r.start) / 4096))
+        .sum();
+    let copied = copy_images(tb, dirs.a(), &listen, &mut recv, limit(mib))?;
+    let t2 = Instant::now();
+    // The daemon reads pstree.img when it starts, so it can only start once the images are on b; restore
+    // connects to its lazy-pages.socket (in the images dir, the work dir of both) at once and fails if
+    // nothing listens there yet, hence the wait for the daemon's status byte.
+    let mut daemon = HostProc::criu_with_status(
+        tb,
+        "b",
+        &[
+            "lazy-pages",
+            "--page-server",
+            "--address",
+            &a_addr,
+            "--port",
+            &port,
+            "--images-dir",
+            dirs.b(),
+            "--log-file",
+            "lazy-pages.log",
+        ],
+        "criu lazy-pages",
+    )?;
+    daemon
+        .ready(Duration::from_secs(30))
+        .map_err(|e| format!("{e}: {}", criu::log_errors(&dirs.b.join("lazy-pages.log"))))?;
+    let t3 = Instant::now();
+    let args = [
+        "criu",
+        "restore",
+        "--images-dir",
+        dirs.b(),
+        "--lazy-pages",
+        "--restore-detached",
+        "--log-file",
+        "restore.log",
+    ];
+    HostProc::spawn(tb, "b", &args, "criu restore --lazy-pages")?
+        .finish(limit(mib))
+        .map_err(|e| format!("{e}: {}", criu::log_errors(&dirs.b.join("restore.log"))))?;
+    let t4 = Instant::now();
+    if !wait_until(Duration::from_secs(5), || tb.running("b", pid)) {
+        return Err("restored process does not run on b".into());
+    }
+    // Every page crosses now: on a fault, and in the background. The daemon exits once all are in place
+    // and it has closed the session; the dump then kills the source tree and exits.
+    let deadline = Instant::now() + limit(mib);
+    let (daemon_log, dump_log) = (dirs.b.join("lazy-pages.log"), dirs.a.join("dump.log"));
+    let (mut complete, mut total) = (None, None);
+    while complete.is_none() || total.is_none() {
+        if complete.is_none()
+            && let Some(s) = daemon.exited()
+        {
+            complete = Some(Instant::now());
+            if !s.success() {
+                return Err(format!("criu lazy-pages failed ({s}): {}", criu::log_errors(&daemon_log)));
+            }
+        }
+        if total.is_none()
+            && let Some(s) = dump.exited()
+        {
+            total = Some(Instant::now());
+            if !s.success() {
+                return Err(format!("criu dump --lazy-pages failed ({s}): {}", criu::log_errors(&dump_log)));
+            }
+        }
+        if Instant::now() >= deadline {
+            let (which, log) = if complete.is_none() {
+                ("criu lazy-pages", &daemon_log)
+            } else {
+                ("criu dump --lazy-pages", &dump_log)
+            };
+            return Err(format!(
+                "{which} did not finish within {} s of the restore (killed): {}",
+                limit(mib).as_secs(),
+                criu::log_errors(log)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (complete, total) = (complete.expect("set"), total.expect("set"));
+    // After the session CRIU kills the source tree (a zombie until its parent reaps it).
+    let source = match tb.state("a", pid) {
+        None | Some('Z') => "source killed by CRIU".to_string(),
+        Some(s) => format!("SOURCE LEFT IN STATE {s}"),
+    };
+    drop(recv);
+    Ok(Lazy {
+        downtime_ms: ms(t4 - t0),
+        complete_ms: ms(complete - t0),
+        total_ms: ms(total - t0),
+        wire_bytes: copied + lazy_pages * 4096,
+        note: format!(
+            "dump {:.0} ms, copy {:.0} ms ({:.1} MiB), lazy-pages daemon {:.0} ms, restore {:.0} ms; {lazy_pages} lazy \
+             pages fetched from a in {:.0} ms after the restore; {source}",
+            ms(t1 - t0),
+            ms(t2 - t1),
+            copied as f64 / (1 << 20) as f64,
+            ms(t3 - t2),
+            ms(t4 - t3),
+            ms(complete - t4),
+        ),
+    })
+}
+
+/// TCP throughput from a to b over the veth: `bytes` through one connection (`rate-send` on a,
+/// `rate-recv` on b). Bytes per second.
+fn link_rate(tb: &Testbed, bytes: u64) -> Result<f64, String> {
+    let bench = tb.bin.join("bench");
+    let bench = bench.to_str().expect("utf8");
+    let listen = format!("{}:7599", tb.addr("b"));
+    let mut recv = HostProc::spawn(tb, "b", &[bench, "rate-recv", "--listen", &listen], "rate-recv on b")?;
+    recv.ready(Duration::from_secs(10))?;
+    let n = bytes.to_string();
+    let mut send = HostProc::spawn(tb, "a", &[bench, "rate-send", "--to", &listen, "--bytes", &n], "rate-send on a")?;
+    send.finish(Duration::from_secs(120))?;
+    recv.finish(Duration::from_secs(10))?;
+    let out = send.stdout();
+    let secs: f64 =
+        out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("rate-send said {out:?}"))?;
+    Ok(bytes as f64 / secs)
+}
+
+/// Connects to `to`, retrying for 2 s (the receiver may be starting).
+fn connect(to: &str) -> std::net::TcpStream {
     for _ in 0..100 {
-        if let Ok(c) = std::net::TcpStream::connect(&to) {
-            s = Some(c);
-            break;
+        if let Ok(c) = std::net::TcpStream::connect(to) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+            let _ = c.set_write_timeout(Some(Duration::from_secs(60)));
+            return c;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut s = s.unwrap_or_else(|| panic!("cannot connect to {to}"));
+    panic!("cannot connect to {to}")
+}
+
+/// Sends --bytes bytes to --to (u64 length, then the bytes from a 4 MiB buffer), waits for the one-byte
+/// acknowledgement, prints "BYTES SECONDS", the seconds from the connection to the acknowledgement.
+fn rate_send(args: &[String]) {
+    let to = arg(args, "--to").expect("--to");
+    let bytes: u64 = arg(args, "--bytes").expect("--bytes").parse().expect("--bytes");
+    // Content that does not compress, not that TCP would care.
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let buf: Vec<u8> = (0..1 << 19)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    let mut s = connect(&to);
+    let t = Instant::now();
+    s.write_all(&bytes.to_le_bytes()).expect("send");
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..k]).expect("send");
+        left -= k as u64;
+    }
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack).expect("acknowledgement");
+    println!("{bytes} {}", t.elapsed().as_secs_f64());
+}
+
+/// Receives one rate-send stream on --listen, discards it, acknowledges and exits.
+fn rate_recv(args: &[String]) {
+    let listen = arg(args, "--listen").expect("--listen");
+    let l = std::net::TcpListener::bind(&listen).unwrap_or_else(|e| panic!("bind {listen}: {e}"));
+    println!("listening");
+    let _ = std::io::stdout().flush();
+    let (mut s, _) = l.accept().expect("accept");
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let mut len = [0u8; 8];
+    s.read_exact(&mut len).expect("read");
+    let mut left = u64::from_le_bytes(len);
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        let got = s.read(&mut buf[..k]).expect("read");
+        assert!(got > 0, "connection ended {left} bytes early");
+        left -= got as u64;
+    }
+    s.write_all(&[1]).expect("ack");
+}
+
+/// Sends every file of --dir (but CRIU's logs and stats) to --to: u16 name length, name, u64 size,
+/// bytes; a zero name length ends. Prints the bytes sent.
+fn copy_send(args: &[String]) {
+    let dir = PathBuf::from(arg(args, "--dir").expect("--dir"));
+    let to = arg(args, "--to").expect("--to");
+    let mut s = connect(&to);
     let mut total = 0u64;
     for e in std::fs::read_dir(&dir).expect("dir").flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name == "dump.log" {
+        // A lazy dump still runs (and writes its log, and later its stats) while its images are copied;
+        // restore needs neither.
+        if name.ends_with(".log") || name == "stats-dump" {
             continue;
         }
         // Streamed through a small buffer, as the agents do: a buffer as large as the file would leave a
@@ -348,6 +879,7 @@ fn copy_recv(args: &[String]) {
     println!("listening");
     let _ = std::io::stdout().flush();
     let (mut s, _) = l.accept().expect("accept");
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
     loop {
         let mut len = [0u8; 2];
         s.read_exact(&mut len).expect("read");

@@ -1,7 +1,7 @@
 //! Test workloads that can prove their state survived a migration. Each answers on the abstract unix
 //! socket `migrate-workload-NAME` (per network namespace, so per testbed host) with one JSON line.
 //!
-//!   workload mem  --name N --mib M [--seed S] [--compressible] [--dirty-pct P [--writers T]]
+//!   workload mem  --name N --mib M [--seed S] [--compressible] [--dirty-pct P [--writers T]] [--fork-every-ms T]
 //!                 [--hold-open PATH] --pidfile F
 //!       M MiB of known content (splitmix64 of S; with --compressible, mostly zeros with one random word
 //!       per 64 bytes) and a counter bumped every millisecond by a thread. With --dirty-pct, T threads
@@ -17,6 +17,9 @@
 //!       first_mismatch: the lowest page that does, or null), takes the checksum, and lets the writers
 //!       go on; pause_ms is how long they were stopped, verify_ms the part of it until the comparison
 //!       was done.
+//!       With --fork-every-ms T, a thread forks a child every T ms (writers paused for the fork) that
+//!       checks its copy of the memory the same way and exits 0 or 1; answers count forks_ok and
+//!       forks_failed.
 //!   workload tree --name N --pidfile F
 //!       A parent with two children: a writer sends a counter into a pipe every 5 ms, a reader reads it.
 //!       The reader answers {kind, pid, parent, writer, last, reads}.
@@ -304,6 +307,7 @@ fn mem(args: &[String]) {
     let compressible = has(args, "--compressible");
     let dirty_pct: f64 = arg(args, "--dirty-pct").map(|p| p.parse().expect("--dirty-pct")).unwrap_or(0.0);
     let writers: usize = arg(args, "--writers").map(|w| w.parse().expect("--writers")).unwrap_or(1);
+    let fork_every: Option<u64> = arg(args, "--fork-every-ms").map(|m| m.parse().expect("--fork-every-ms"));
     let filled: &'static mut [u64] = fill(mib, seed, compressible).leak();
     let expected = checksum(filled);
     let memory = Memory { base: filled.as_mut_ptr(), words: filled.len() };
@@ -346,16 +350,58 @@ fn mem(args: &[String]) {
             });
         }
     }
+    // One pause at a time: the answering thread and the forking thread both stop the writers.
+    let pauser = Arc::new(std::sync::Mutex::new(()));
+    let forks = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    if let Some(every) = fork_every {
+        let (pause, steps, pauser, forks) = (pause.clone(), steps.clone(), pauser.clone(), forks.clone());
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(every));
+                let guard = pauser.lock().expect("pauser");
+                pause.stop(steps.len());
+                let done: Vec<u64> = steps.iter().map(|s| s.load(Ordering::Acquire)).collect();
+                // SAFETY: the child only checks its copy of the memory (the writers are parked, so the
+                // copy is consistent) and leaves with _exit; glibc makes malloc usable after fork.
+                match unsafe { nix::unistd::fork() }.expect("fork") {
+                    nix::unistd::ForkResult::Child => {
+                        // SAFETY: the buffer lives forever; nothing else runs in this child.
+                        let mem = unsafe { std::slice::from_raw_parts(memory.base(), memory.words) };
+                        let ok = if done.is_empty() {
+                            checksum(mem) == expected
+                        } else {
+                            verify(mem, seed, compressible, &done).mismatched_pages == 0
+                        };
+                        // SAFETY: ends the child without running the parent's exit handlers.
+                        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+                    }
+                    nix::unistd::ForkResult::Parent { child } => {
+                        pause.resume();
+                        drop(guard);
+                        let ok = matches!(
+                            nix::sys::wait::waitpid(child, None),
+                            Ok(nix::sys::wait::WaitStatus::Exited(_, 0))
+                        );
+                        let counter = if ok { &forks.0 } else { &forks.1 };
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+    }
     let listener = UnixListener::bind_addr(&socket_addr(&name)).expect("bind");
     write_pidfile(&pidfile, std::process::id());
     serve(listener, move || {
         let _ = &held;
+        let _one_pause = pauser.lock().expect("pauser");
         let mut answer = serde_json::json!({
             "kind": "mem",
             "pid": std::process::id(),
             "counter": counter.load(Ordering::SeqCst),
             "expected": format!("{expected:016x}"),
             "mib": mib,
+            "forks_ok": forks.0.load(Ordering::SeqCst),
+            "forks_failed": forks.1.load(Ordering::SeqCst),
         });
         if !dirtying {
             // SAFETY: nothing writes the memory of a workload that does not dirty it.
