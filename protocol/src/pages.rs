@@ -61,7 +61,8 @@ pub async fn read_batch<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<ReadBa
     }
     let mut payload = vec![0u8; header.enc_len];
     r.read_exact(&mut payload).await.map_err(eof_is_truncation)?;
-    let data = chunk::decode(&header, &payload)?;
+    // A stored chunk is its own data (parse_header checked enc_len == raw_len): no copy.
+    let data = if header.compressed { chunk::decode(&header, &payload)? } else { payload };
     Ok(Some((batch, data, frame + (HEADER_LEN + header.enc_len) as u64)))
 }
 

@@ -1747,10 +1747,16 @@ mod sys {
 
         /// Forks; the child runs `f` (which must not allocate or lock: only read memory and compare)
         /// and exits with its result; returns the child's exit code.
+        ///
+        /// A raw fork (clone with only SIGCHLD), not glibc's fork(): that one holds every malloc arena
+        /// lock until the kernel is done, and with EVENT_FORK the kernel waits for the daemon (a thread
+        /// of this process) to read the FORK event, which may need one of those locks.
         pub fn in_child(f: impl FnOnce() -> i32) -> i32 {
-            // SAFETY: the child only runs `f`, which reads memory and compares bytes, then _exit(2)s:
-            // nothing that could need a lock another thread held at fork time.
-            match unsafe { libc::fork() } {
+            let (flags, none) = (libc::SIGCHLD as libc::c_long, 0 as libc::c_long);
+            // SAFETY: clone(SIGCHLD, no new stack, ...) is fork without glibc's handlers. The child only
+            // runs `f`, which reads memory and compares bytes (no allocation, no lock, nothing of glibc's
+            // per-thread state), then _exit(2)s: nothing another thread held at fork time is needed.
+            match unsafe { libc::syscall(libc::SYS_clone, flags, none, none, none, none) } {
                 0 => {
                     let code = f();
                     // SAFETY: ends the child without running any parent state's destructors.
@@ -1758,7 +1764,8 @@ mod sys {
                 }
                 -1 => panic!("fork: {}", std::io::Error::last_os_error()),
                 pid => {
-                    let status = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None).expect("waitpid");
+                    let pid = nix::unistd::Pid::from_raw(pid as i32);
+                    let status = nix::sys::wait::waitpid(pid, None).expect("waitpid");
                     match status {
                         nix::sys::wait::WaitStatus::Exited(_, c) => c,
                         s => panic!("child ended with {s:?}"),
@@ -1777,12 +1784,54 @@ mod tests {
     use std::io::Write;
     use std::os::fd::AsRawFd;
 
-    /// The uffd tests share this process's mm: a fork in one would hand the others' registered ranges
-    /// to a child too. They run one at a time.
-    static SERIAL: Mutex<()> = Mutex::new(());
+    /// Names, in a re-executed test binary, the one test it runs (see `in_own_process`).
+    const OWN_PROCESS_ENV: &str = "MIGRATE_LAZY_TEST_IN_OWN_PROCESS";
 
-    fn serial() -> MutexGuard<'static, ()> {
-        SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+    /// The uffd tests register ranges of this process's own mm with EVENT_FORK, as CRIU's restorer
+    /// does. Then every fork of the whole process (another test's: the watchdog's forks, a fork in one
+    /// uffd test handing the others' ranges to its child) waits inside clone() until the daemon reads
+    /// the FORK event, and glibc's fork() holds every malloc arena lock meanwhile: a daemon that needs
+    /// one never reads it (seen here under load: a deadlock). So each uffd test runs alone in a fresh
+    /// process of this test binary, bounded by 60 s; the parent only spawns it (posix_spawn, no
+    /// FORK event, and the parent has no uffd anyway). The restored tree of a real restore is another
+    /// process: its forks hold its own malloc locks, not the daemon's.
+    ///
+    /// True in the parent: the test ran (and passed) in its own process, return. False in that
+    /// process: run the test's body.
+    fn in_own_process(test: &str) -> bool {
+        let module = module_path!().split_once("::").map_or(module_path!(), |(_, m)| m);
+        let name = format!("{module}::{test}");
+        if std::env::var(OWN_PROCESS_ENV).is_ok_and(|v| v == name) {
+            return false;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("output");
+        let out = File::create(&log).expect("output file");
+        let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([name.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+            .env(OWN_PROCESS_ENV, &name)
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .expect("re-running the test binary");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("waiting for the test process") {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("{name} did not end within 60 s in its own process:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        eprint!("{text}");
+        assert!(status.success() && text.contains("1 passed"), "{name} in its own process: {status}\n{text}");
+        true
     }
 
     const P: u64 = PAGE_SIZE;
@@ -2101,7 +2150,9 @@ mod tests {
     /// closed.
     #[test]
     fn faults_are_served_and_the_rest_pushed_after_rstf() {
-        let _s = serial();
+        if in_own_process("faults_are_served_and_the_rest_pushed_after_rstf") {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let pages = 300u64;
         let (uffd, addr) = registered(pages);
@@ -2151,7 +2202,9 @@ mod tests {
     /// fault while the push runs is served ahead of it.
     #[test]
     fn remap_remove_and_unmap_events() {
-        let _s = serial();
+        if in_own_process("remap_remove_and_unmap_events") {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let (uffd, addr) = registered(64);
         let ranges = one(5, addr..addr + 64 * P);
@@ -2198,7 +2251,9 @@ mod tests {
     /// under the parent's image pid.
     #[test]
     fn forked_child_gets_the_parents_missing_pages() {
-        let _s = serial();
+        if in_own_process("forked_child_gets_the_parents_missing_pages") {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let (uffd, addr) = registered(16);
         let lazy = LazyPages::listen(dir.path()).unwrap();
@@ -2235,7 +2290,9 @@ mod tests {
     /// source's waker wakes the daemon) and then reads its content; the wait is in the fault latency.
     #[test]
     fn a_fault_on_a_pending_page_waits_for_it() {
-        let _s = serial();
+        if in_own_process("a_fault_on_a_pending_page_waits_for_it") {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let pid = 21u32;
         let (uffd, addr) = registered(64);
@@ -2311,7 +2368,9 @@ mod tests {
     /// what it never sent) and `wait_done` returns.
     #[test]
     fn arrivals_are_pushed_before_completion_and_the_rest_after() {
-        let _s = serial();
+        if in_own_process("arrivals_are_pushed_before_completion_and_the_rest_after") {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let pid = 31u32;
         let pages = 128u64;
@@ -2400,7 +2459,9 @@ mod tests {
     /// parent's image pid and reads its content; the parent gets every page too.
     #[test]
     fn a_forked_child_waiting_for_a_pending_page_gets_it() {
-        let _s = serial();
+        if in_own_process("a_forked_child_waiting_for_a_pending_page_gets_it") {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let pid = 9u32;
         let (uffd, addr) = registered(16);
@@ -2448,7 +2509,9 @@ mod tests {
     /// page by page until past it.
     #[test]
     fn a_push_batch_across_two_vmas_goes_page_by_page() {
-        let _s = serial();
+        if in_own_process("a_push_batch_across_two_vmas_goes_page_by_page") {
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let (uffd, addr) = registered(96);
         mprotect_read_only(addr + 40 * P, 56 * P as usize);

@@ -633,28 +633,48 @@ async fn receive_pages(
     if header.migration_id != id {
         return Err(format!("pages stream of migration {:?}, not {id:?}", header.migration_id));
     }
-    let mut records = 0u64;
-    while let Some((batch, data, wire)) = protocol::pages::read_batch(stream).await.map_err(|e| e.to_string())? {
-        stats.bytes_received.add(wire);
-        if batch.end {
-            if batch.total != records {
-                return Err(format!("the pages stream carried {records} records, the source says {}", batch.total));
-            }
-            store.set_complete();
-            // Nothing may follow the end.
-            return match protocol::pages::read_batch(stream).await.map_err(|e| e.to_string())? {
-                None => Ok(records),
-                Some(_) => Err("pages after the end of the pages stream".into()),
-            };
-        }
-        records += protocol::pages::records(&batch) as u64;
+    // Batches are applied in order on a thread of their own, so that reading the next batch from the
+    // network overlaps copying this one into the store.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(pb::PageBatch, Vec<u8>)>(16);
+    let applier = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || store.apply(&batch, &data))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-    }
-    Err(format!("the pages stream ended after {records} records without its end"))
+        tokio::task::spawn_blocking(move || {
+            while let Some((batch, data)) = rx.blocking_recv() {
+                if batch.end {
+                    store.set_complete();
+                } else {
+                    store.apply(&batch, &data).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok::<_, String>(())
+        })
+    };
+    let mut records = 0u64;
+    let read = async {
+        while let Some((batch, data, wire)) = protocol::pages::read_batch(stream).await.map_err(|e| e.to_string())? {
+            stats.bytes_received.add(wire);
+            if batch.end {
+                if batch.total != records {
+                    return Err(format!("the pages stream carried {records} records, the source says {}", batch.total));
+                }
+                // Nothing may follow the end.
+                if protocol::pages::read_batch(stream).await.map_err(|e| e.to_string())?.is_some() {
+                    return Err("pages after the end of the pages stream".into());
+                }
+                tx.send((batch, data)).await.map_err(|_| "the page store stopped".to_string())?;
+                return Ok(records);
+            }
+            records += protocol::pages::records(&batch) as u64;
+            if tx.send((batch, data)).await.is_err() {
+                break; // the applier failed: its error is the one to report
+            }
+        }
+        Err(format!("the pages stream ended after {records} records without its end"))
+    };
+    let r = read.await;
+    drop(tx);
+    let applied = applier.await.map_err(|e| e.to_string())?;
+    applied.and(r)
 }
 
 /// Post-copy: sends the store's requests for pending pages and applies the answers, until the
