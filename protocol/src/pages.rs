@@ -104,6 +104,7 @@ mod tests {
             data,
             zero: vec![0x9000],
             copies: vec![pb::PageCopy { from_pid: 7, from_vaddr: 0x1000, vaddr: 0xa000 }],
+            ..Default::default()
         }
     }
 
