@@ -68,8 +68,6 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// The target agent's idle timeout: the longest link outage any migration can ride out. A source asks
 /// for its own (the migration's grace, [`transport`]) and QUIC takes the shorter of the two.
 pub const MAX_IDLE: Duration = Duration::from_secs(60);
-/// Largest UDP payload MTU discovery tries: a 9000-byte jumbo frame less the IPv6 and UDP headers.
-pub const MAX_UDP_PAYLOAD: u16 = 9000 - 40 - 8;
 /// Keep-alive interval: an idle connection still hears from its peer this often, so the idle timeout
 /// measures how long the link has been silent, give or take this.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
@@ -81,11 +79,6 @@ pub fn transport(idle: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(idle.min(MAX_IDLE).try_into().expect("at most 60 s fits")));
     t.keep_alive_interval(Some(KEEP_ALIVE));
-    // Page data is bulk: on links with jumbo frames, larger packets cost far less CPU per byte (crypto
-    // and syscalls are per packet). MTU discovery only goes as high as the path allows.
-    let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
     t.receive_window(quinn::VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);

@@ -2,9 +2,10 @@
 //!
 //! It owns: the local control socket the `migrate` command talks to ([`control`] is that protocol,
 //! [`server`] the socket and its permission check), and each migration from the first look at the tree
-//! to commit or rollback ([`migration`]): QUIC connection to the target agent, CRIU dump with the
-//! original left stopped, image streaming, and the decision to kill the original (commit) or resume it
-//! (rollback).
+//! to commit or rollback ([`migration`]): QUIC connection to the target agent, pre-copy rounds of the
+//! running tree's memory ([`precopy`]), CRIU dump with the original left stopped, image streaming, the
+//! post-copy side (fault answers and the rest of the memory from the stopped tree), and the decision to
+//! kill the original (commit) or resume it (rollback).
 //!
 //! It leaves restoring to the target agent, the wire format to `protocol`, and CRIU's command lines to
 //! the `criu` crate.

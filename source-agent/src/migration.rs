@@ -1,26 +1,34 @@
 //! One migration as the source sees it.
 //!
 //! Steps: find the tree → connect (QUIC, mutual TLS) → Hello → Prepare (target checks its pids) →
-//! pre-copy rounds while the tree runs ([`crate::precopy`]) → **freeze**: `criu dump --lazy-pages
-//! --leave-stopped` (private memory stays in the stopped tree) → the final delta of the memory on the
-//! pages stream and every image file on its own stream → ImagesDone → target restores, stopped, with
-//! its private memory lazy → Restored → Commit → target resumes → Resumed → kill the original → the
-//! target fills in the memory from its page store and says Complete.
+//! pre-copy rounds while the tree runs ([`crate::precopy`]; none in post-copy, at most
+//! [`HYBRID_ROUNDS`] in hybrid) → **freeze**: `criu dump --lazy-pages --leave-stopped` (private memory
+//! stays in the stopped tree) → every image file on its own stream and, in pre-copy, the final delta of
+//! the memory on the pages stream → ImagesDone → the target restores, stopped, with its private memory
+//! lazy → Restored → Commit → the target resumes its copy → Resumed (downtime ends) → the target fills
+//! in the memory (post-copy and hybrid: while the final delta streams from here and page faults are
+//! answered first, [`PostCopy`]) → Complete → kill the original.
 //!
 //! `--mode stopcopy` skips the rounds and dumps every page into the images (`criu dump
-//! --leave-stopped`), which cross as files; the target restores them as they are.
+//! --leave-stopped`), which cross as files; the target restores them as they are, and the original is
+//! killed at Resumed.
 //!
 //! Rollback rule, in [`run`] where every failure lands:
 //! - failure before the freeze: nothing was touched, the process runs as before;
 //! - failure after the freeze and before Commit was sent (dump, transfer, restore, link): the original is
 //!   resumed with SIGCONT here and the target is told to Abort (and kills its stopped copy on its own if
 //!   the link is gone);
-//! - failure after Commit was sent and before Resumed arrived: the target may be running the copy, so the
-//!   original stays stopped and the error says so ([`Original::StoppedInDoubt`]).
+//! - stop-and-copy, failure after Commit was sent and before Resumed arrived: the target may be running
+//!   the copy, so the original stays stopped and the error says so ([`Original::StoppedInDoubt`]);
+//! - lazy modes, failure after Commit and before Complete ([`Stage::PostCopy`]): while pages are still
+//!   on their way the copy cannot finish without this host, and the target kills it when it says so
+//!   (Failed) or when the link has been gone for the grace; the original is resumed then (after the
+//!   grace and [`ROLLBACK_MARGIN`] when the target could not say). Once every page reached the target
+//!   (always in pre-copy), the copy may live on: the original stays stopped, in doubt.
 //!
-//! A journal file in the migration's work dir records which of the last two cases holds, so that an
-//! agent restarted after a crash resumes originals that were frozen but never committed
-//! ([`recover`]).
+//! A journal file in the migration's work dir records which case holds ("frozen", "commit-sent",
+//! "postcopy", "delivered"), so that an agent restarted after a crash resumes originals that were
+//! frozen but never committed, or whose post-copy could not finish ([`recover`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -95,6 +103,8 @@ struct Migration<'a> {
     delivered: Arc<std::sync::atomic::AtomicBool>,
     /// Post-copy: the target said it killed its copy.
     copy_dropped: bool,
+    /// A lazy dump's CRIU ending its session (see LazyDump::finish).
+    criu_finishing: Option<tokio::task::JoinHandle<Result<criu::Ran, criu::CriuError>>>,
     /// Pre-copy rounds run, their time and bytes on the wire.
     rounds: u32,
     precopy_ms: f64,
@@ -243,6 +253,7 @@ pub async fn run(
         options,
         delivered: Default::default(),
         copy_dropped: false,
+        criu_finishing: None,
         rounds: 0,
         precopy_ms: 0.0,
         precopy_wire: 0,
@@ -255,24 +266,17 @@ pub async fn run(
         started_unix: telemetry::now_unix(),
     });
     let result = m.steps(pid, target, caller_uid).await;
+    if result.is_err() {
+        // CRIU leaves the tree stopped when it is done; resuming it before would race with that.
+        let _ = m.criu_finished().await;
+    }
     let original = match (&result, m.stage) {
         (Ok(_), _) => Original::Running,
         (Err(_), Stage::Untouched) => Original::Running,
         (Err(e), Stage::Frozen) => {
             // Before Commit: the target will not run its copy, so the original must run again.
             tracing::warn!(pids = ?m.pids, "rolling back: resuming the original ({e})");
-            match criu::tree::resume(&m.pids) {
-                Ok(()) => Original::Running,
-                Err(re) => {
-                    return Err(Failure {
-                        error: format!(
-                            "{e}; and resuming the original failed: {re}: resume it with kill -CONT {:?}",
-                            m.pids
-                        ),
-                        original: Original::StoppedInDoubt,
-                    });
-                }
-            }
+            resume_original(&m.pids, e)?
         }
         (Err(_), Stage::CommitSent) => Original::StoppedInDoubt,
         (Err(_), Stage::PostCopy) if m.delivered.load(Ordering::SeqCst) && !m.copy_dropped => Original::StoppedInDoubt,
@@ -284,18 +288,7 @@ pub async fn run(
                 if m.copy_dropped { Duration::ZERO } else { Duration::from_secs(m.options.grace_s) + ROLLBACK_MARGIN };
             tracing::warn!(pids = ?m.pids, ?wait, "post-copy failed ({e}); resuming the original once the target has dropped its copy");
             tokio::time::sleep(wait).await;
-            match criu::tree::resume(&m.pids) {
-                Ok(()) => Original::Running,
-                Err(re) => {
-                    return Err(Failure {
-                        error: format!(
-                            "{e}; and resuming the original failed: {re}: resume it with kill -CONT {:?}",
-                            m.pids
-                        ),
-                        original: Original::StoppedInDoubt,
-                    });
-                }
-            }
+            resume_original(&m.pids, e)?
         }
     };
     if original == Original::Running || result.is_ok() {
@@ -361,7 +354,15 @@ pub async fn run(
     })
 }
 
-/// The journal in the work dir: "frozen" or "commit-sent", then the pids.
+/// Resumes the stopped original after the failure `e`; a failure to do so is the error the user sees.
+fn resume_original(pids: &[u32], e: &str) -> Result<Original, Failure> {
+    criu::tree::resume(pids).map(|()| Original::Running).map_err(|re| Failure {
+        error: format!("{e}; and resuming the original failed: {re}: resume it with kill -CONT {pids:?}"),
+        original: Original::StoppedInDoubt,
+    })
+}
+
+/// The journal in the work dir: the stage ("frozen", "commit-sent", "postcopy", "delivered"), then the pids.
 fn write_journal(dir: &Path, stage: &str, pids: &[u32]) {
     let text = format!("{stage}\n{}\n", pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "));
     if let Err(e) = std::fs::write(dir.join("journal"), text) {
@@ -506,12 +507,13 @@ impl Migration<'_> {
         let req = criu::DumpRequest { pid, images_dir: self.work_dir.clone() };
         let dumped = match pre {
             // The private memory stays in the stopped tree (PE_LAZY in the pagemaps); CRIU's own page
-            // server is not needed: this agent reads the stopped tree directly.
-            Some(_) => match self.ctx.criu.dump_lazy(&req).await {
-                Ok(lazy) => lazy.finish().await,
-                Err(e) => Err(e),
-            },
-            None => self.ctx.criu.dump(&req).await,
+            // server is not needed: this agent reads the stopped tree directly. The images are complete
+            // once the dump is ready; CRIU's session end and exit (it then leaves the tree stopped) run
+            // while the images travel, and are waited for before Commit (or a rollback).
+            Some(_) => self.ctx.criu.dump_lazy(&req).await.map(|lazy| {
+                self.criu_finishing = Some(tokio::spawn(lazy.finish()));
+            }),
+            None => self.ctx.criu.dump(&req).await.map(|_| ()),
         };
         let dump_ms = ms(frozen_at.elapsed());
         if let Err(e) = dumped {
@@ -606,6 +608,13 @@ impl Migration<'_> {
             target_msg::Msg::Restored(r) => r,
             other => return Err(unexpected(target, &other, "Restored")),
         };
+
+        // CRIU must be gone (the original stopped, not frozen by it) before the copy may run.
+        if let Err(e) = self.criu_finished().await {
+            let abort = pb::Abort { reason: "the dump failed".into() };
+            let _ = write_frame(send, &send_msg(source_msg::Msg::Abort(abort))).await;
+            return Err(e);
+        }
 
         // Commit: from here on the target may run the copy.
         self.phase(Phase::Commit, format!("restored as pid {} on {}; committing", restored.root_pid, remote.host_name));
@@ -707,6 +716,18 @@ impl Migration<'_> {
             fault_p99_us: complete.as_ref().filter(|c| c.1.faults > 0).map(|c| c.1.fault_p99_us),
         }
         .with_ratio())
+    }
+
+    /// Waits for a lazy dump's CRIU to end its session and exit, leaving the tree stopped.
+    async fn criu_finished(&mut self) -> Result<(), String> {
+        match self.criu_finishing.take() {
+            None => Ok(()),
+            Some(h) => match h.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(format!("criu dump: {e}")),
+            },
+        }
     }
 
     fn kill_original(&self, pids: &[u32], host: &str) {

@@ -2,10 +2,13 @@
 //!
 //! It owns, per migration (one QUIC connection from a source agent, mutual TLS against the fleet CA):
 //! answering Hello and Prepare (are the tree's pids free here?), receiving image files into
-//! `STATE/incoming/<migration id>/` (names checked, sizes bounded, checksums verified), restoring them
-//! with CRIU **stopped**, and then either resuming the copy when the source commits or killing it when
-//! the source aborts, times out or disappears. At no instant does it let its copy run while the source
-//! may still resume the original: it resumes only after an explicit Commit.
+//! `STATE/incoming/<migration id>/` (names checked, sizes bounded, checksums verified) and memory pages
+//! into its page store ([`pages`]), restoring them with CRIU **stopped**, and then either resuming the
+//! copy when the source commits or killing it when the source aborts, times out or disappears. With
+//! lazy memory it is CRIU's lazy-pages daemon ([`lazy`]: userfaultfd, faults first, the rest pushed) and
+//! keeps a [`watchdog`] that kills the copy should the agent die before the memory is in place. At no
+//! instant does it let its copy run while the source may still resume the original: it resumes only
+//! after an explicit Commit, and kills a copy that cannot get the rest of its memory.
 //!
 //! It does not decide what to migrate, and never talks to CRIU except through the `criu` crate.
 

@@ -4,16 +4,26 @@
 //! source                          target
 //! Hello            ───────────▶   check compatibility      ◀── Hello
 //! Prepare{pids}    ───────────▶   pids free? work dir      ◀── Prepared{free} | Failed
+//! pages stream     ═══════════▶   page store (crate::pages), while the rounds run
 //! (freeze + dump on the source)
 //! file streams     ═══════════▶   incoming/<id>/NAME, sizes bounded, xxh3 checked
-//! ImagesDone       ───────────▶   exactly these files? criu restore --leave-stopped
+//! ImagesDone       ───────────▶   exactly these files? (pre-copy: the pages stream ended?)
+//!                                 lazy-pages daemon listening (crate::lazy), watchdog armed,
+//!                                 criu restore [--lazy-pages] --leave-stopped
 //!                                                          ◀── Restored{pid} | Failed
 //! Commit           ───────────▶   SIGCONT the copy         ◀── Resumed
+//! pages stream     ═══════════▶   post-copy: the rest, while faults go out on
+//! fault answers    ◀══════════▶   a fault stream (FaultRequest) and are answered first
+//!                                 every page in place      ◀── Complete | Failed{post-copy}
 //! ```
 //! Rollback rule: the restored copy stays stopped until Commit. Abort, a dropped connection or no Commit
-//! within `commit_timeout` → the copy is killed here, and the source resumes its original. After Commit
-//! the copy runs whatever happens to the connection; the source kills its original only once it has
-//! Resumed, and otherwise leaves it stopped and says so (at most one copy ever runs).
+//! within `commit_timeout` → the copy is killed here, and the source resumes its original. With lazy
+//! memory the copy runs from Commit on, and is killed here if filling it in fails, or (post-copy) if the
+//! rest of its memory cannot arrive: the link silent for the grace, or the pages stream broken; the
+//! Failed says so and the source resumes its original. If this agent dies meanwhile, its watchdog
+//! (crate::watchdog) kills the copy. After Complete (stop-and-copy: after Commit) the copy runs whatever
+//! happens; the source kills its original only then, and otherwise leaves it stopped and says so (at most
+//! one copy ever runs).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
