@@ -171,10 +171,10 @@ impl PostCopy {
             Ok(Some(code)) => return Err(format!("the target stopped the pages stream (code {code})")),
             Err(e) => return Err(format!("pages stream: {e}")),
         }
-        if faults.is_finished() {
-            if let Ok(Err(e)) = faults.await {
-                tracing::warn!("fault stream: {e}");
-            }
+        if faults.is_finished()
+            && let Ok(Err(e)) = faults.await
+        {
+            tracing::warn!("fault stream: {e}");
         }
         Ok((stats.wire + end + answered.load(Ordering::Relaxed), pre.held.len() as u64))
     }

@@ -316,8 +316,8 @@ impl Order {
         else {
             return;
         };
-        for j in i..(i + HINT_AHEAD_CHUNKS).min(chunks.len()) {
-            if chunks[j].pid == pid && !self.done[j] {
+        for (j, c) in chunks.iter().enumerate().skip(i).take(HINT_AHEAD_CHUNKS) {
+            if c.pid == pid && !self.done[j] {
                 self.urgent.push_back(j);
             }
         }

@@ -148,10 +148,10 @@ impl PageStore {
     /// Asks the source for a pending page (once per page).
     pub fn request(&self, pid: u32, vaddr: u64) {
         let mut r = self.requests.lock().expect("requests lock");
-        if r.1.insert((pid, vaddr)) {
-            if let Some(tx) = &r.0 {
-                let _ = tx.send((pid, vaddr));
-            }
+        if r.1.insert((pid, vaddr))
+            && let Some(tx) = &r.0
+        {
+            let _ = tx.send((pid, vaddr));
         }
     }
 

@@ -575,20 +575,18 @@ async fn receive_files(
             let h = match header {
                 Ok(file_stream::Incoming::File(h)) => Ok(h),
                 Ok(file_stream::Incoming::Pages(p)) => {
+                    let Some(ptx) = pages_tx.lock().expect("lock").take() else {
+                        tracing::warn!("a second pages stream, closing the connection");
+                        inc.conn.close(1u32.into(), b"pages refused: a second pages stream");
+                        return;
+                    };
                     let r = receive_pages(&mut stream, &p, id, &inc.store, stats).await;
                     if let Err(e) = &r {
                         tracing::warn!("pages stream refused, closing the connection: {e}");
                         let _ = stream.stop(1u32.into());
                         inc.conn.close(1u32.into(), truncate(&format!("pages refused: {e}"), 512).as_bytes());
                     }
-                    match pages_tx.lock().expect("lock").take() {
-                        Some(ptx) => {
-                            let _ = ptx.send(r);
-                        }
-                        None => {
-                            inc.conn.close(1u32.into(), b"pages refused: a second pages stream");
-                        }
-                    }
+                    let _ = ptx.send(r);
                     return;
                 }
                 Err(e) => Err(e),

@@ -714,19 +714,36 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
                     ..Default::default()
                 }))
             };
-            let file = |name: &str, size: u64| pb::FileHeader { migration_id: "h1".into(), name: name.into(), size };
-            // (what, frames on the control stream after Hello, raw control bytes, a file stream header)
+            let hello_body = vec![5, 0, 0, 0, 5, 0, 0, 0, b'h', b'e', b'l', b'l', b'o'];
+            let file = |name: &str, size: u64| {
+                let h = pb::FileHeader { migration_id: "h1".into(), name: name.into(), size };
+                (pb::StreamHeader { kind: Some(pb::stream_header::Kind::File(h)) }, hello_body.clone())
+            };
+            // The pages stream: a page address that is not page-aligned; a copy of a page never sent.
+            let pages = |batch: pb::PageBatch| {
+                let mut body = Vec::new();
+                body.extend_from_slice(&(prost::Message::encoded_len(&batch) as u32).to_le_bytes());
+                body.extend_from_slice(&prost::Message::encode_to_vec(&batch));
+                let h = pb::PagesHeader { migration_id: "h1".into() };
+                (pb::StreamHeader { kind: Some(pb::stream_header::Kind::Pages(h)) }, body)
+            };
+            let unaligned = pages(pb::PageBatch { pid: 1, zero: vec![0x1001], ..Default::default() });
+            let copy = pb::PageCopy { from_pid: 1, from_vaddr: 0x7000, vaddr: 0x8000 };
+            let unknown_copy = pages(pb::PageBatch { pid: 1, copies: vec![copy], ..Default::default() });
+            // (what, frames on the control stream after Hello, raw control bytes, a uni stream: header, body)
             #[allow(clippy::type_complexity)]
-            let cases: Vec<(&str, Vec<pb::SourceMsg>, Vec<u8>, Option<pb::FileHeader>)> = vec![
+            let cases: Vec<(&str, Vec<pb::SourceMsg>, Vec<u8>, Option<(pb::StreamHeader, Vec<u8>)>)> = vec![
                 ("refused file name", vec![prepare("h1")], vec![], Some(file("../escape.img", 5))),
                 ("refused file name", vec![prepare("h1")], vec![], Some(file(&abs, 5))),
                 ("over the limit", vec![], vec![0xff, 0xff, 0xff, 0x7f, 0, 0], None),
                 ("middle of a frame", vec![], [100u32.to_le_bytes().as_slice(), &[1, 2, 3]].concat(), None),
                 ("no room", vec![prepare("h1")], vec![], Some(file("pages-1.img", u64::MAX / 4))),
                 ("migration id", vec![prepare("../../etc")], vec![], None),
+                ("not page-aligned", vec![prepare("h1")], vec![], Some(unaligned)),
+                ("does not hold", vec![prepare("h1")], vec![], Some(unknown_copy)),
             ];
             let mut reasons = Vec::new();
-            for (expect, frames, raw, header) in cases {
+            for (expect, frames, raw, stream) in cases {
                 let conn = endpoint.connect(format!("127.0.0.1:{port}").parse()?, "b")?.await?;
                 let (mut send, _recv) = conn.open_bi().await?;
                 write_frame(&mut send, &msg(source_msg::Msg::Hello(hello.clone()))).await?;
@@ -737,11 +754,11 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
                     send.write_all(&raw).await?;
                     let _ = send.finish();
                 }
-                if let Some(h) = header {
+                if let Some((h, body)) = stream {
                     tokio::time::sleep(Duration::from_millis(200)).await; // after Prepared
                     let mut uni = conn.open_uni().await?;
-                    write_frame(&mut uni, &pb::StreamHeader { kind: Some(pb::stream_header::Kind::File(h)) }).await?;
-                    let _ = uni.write_all(&[5, 0, 0, 0, 5, 0, 0, 0, b'h', b'e', b'l', b'l', b'o']).await;
+                    write_frame(&mut uni, &h).await?;
+                    let _ = uni.write_all(&body).await;
                     let _ = uni.finish();
                 }
                 let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
@@ -761,7 +778,7 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
     let _ = agent.wait();
     let mut problems = outcome?;
     let log = log_text();
-    if log.matches("WARN").count() < 6 {
+    if log.matches("WARN").count() < 8 {
         problems.push(format!("the target did not log every refusal:\n{log}"));
     }
     for escaped in [state.join("escape.img"), dir.join("escape.img"), tb.dir.join("escape.img"), PathBuf::from(&abs)] {
