@@ -1007,14 +1007,16 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// The image files of a dump (everything but CRIU's log), with sizes, largest first so the big pages
-/// file starts early.
+/// The image files of a dump (everything but CRIU's log and statistics), with sizes, largest first so
+/// the big pages file starts early.
 fn image_files(dir: &Path) -> Result<Vec<(String, u64)>, String> {
     let mut out = Vec::new();
     let rd = std::fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name == "dump.log" || name == "journal" {
+        // CRIU's log and statistics are not images (restore reads neither), and a lazy dump's CRIU may
+        // still be writing them while the images travel (its session ends in the background).
+        if name == "dump.log" || name == "stats-dump" || name == "journal" {
             continue;
         }
         let meta = e.metadata().map_err(|err| format!("{name}: {err}"))?;
