@@ -523,13 +523,13 @@ pub fn decide(policy: &Policy, rounds: &[RoundStats]) -> Decision {
     let dirty_rate = if last.secs > 0.0 { last.sent as f64 / last.secs } else { 0.0 };
     let bytes_at_freeze = last.sent as f64 * PAGE_SIZE as f64;
     let est = Duration::from_secs_f64(last.read_secs + bytes_at_freeze / bandwidth);
-    let freeze = if rounds.len() < 2 {
-        // Round 0 sends everything; the first round after it shows the dirty rate.
-        None
-    } else if est <= policy.max_downtime {
+    let freeze = if rounds.len() >= 2 && est <= policy.max_downtime {
         Some("the estimated downtime fits the target")
     } else if rounds.len() as u32 >= policy.max_rounds {
         Some("round limit reached")
+    } else if rounds.len() < 2 {
+        // Round 0 sends everything; the first round after it shows the dirty rate.
+        None
     } else if rounds.len() >= 3 && last.sent as f64 >= rounds[rounds.len() - 2].sent as f64 * 0.9 {
         Some("the dirty set stopped shrinking")
     } else if rounds.len() == 2 && last.sent == 0 {
@@ -537,8 +537,6 @@ pub fn decide(policy: &Policy, rounds: &[RoundStats]) -> Decision {
     } else {
         None
     };
-    let freeze =
-        if freeze.is_none() && rounds.len() as u32 >= policy.max_rounds { Some("round limit reached") } else { freeze };
     Decision { freeze, est_downtime: est, bandwidth, dirty_rate }
 }
 

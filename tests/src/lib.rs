@@ -71,14 +71,16 @@ impl Testbed {
         Ok(tb)
     }
 
+    /// `deploy/testbed ARGS...` for this testbed (its name and binaries in the environment), standard
+    /// input from /dev/null; the caller sets the rest.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.repo.join("deploy/testbed"));
+        c.args(args).env("TESTBED_NAME", &self.name).env("MIGRATE_BIN_DIR", &self.bin).stdin(Stdio::null());
+        c
+    }
+
     fn script(&self, args: &[&str]) -> Output {
-        Command::new(self.repo.join("deploy/testbed"))
-            .args(args)
-            .env("TESTBED_NAME", &self.name)
-            .env("MIGRATE_BIN_DIR", &self.bin)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run deploy/testbed")
+        self.command(args).output().expect("run deploy/testbed")
     }
 
     /// Runs a command on `host` that leaves a process behind (`setsid -f ...`): its standard streams are
@@ -86,16 +88,7 @@ impl Testbed {
     pub fn exec_detached(&self, host: &str, args: &[&str]) -> bool {
         let mut a = vec!["exec", host];
         a.extend_from_slice(args);
-        Command::new(self.repo.join("deploy/testbed"))
-            .args(a)
-            .env("TESTBED_NAME", &self.name)
-            .env("MIGRATE_BIN_DIR", &self.bin)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
+        self.command(&a).stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
     }
 
     /// Runs a command on `host` and returns its output.

@@ -42,7 +42,7 @@
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -360,11 +360,8 @@ impl HostProc {
     fn spawn(tb: &Testbed, host: &str, args: &[&str], what: &str) -> Result<HostProc, String> {
         let mut a = vec!["exec", host];
         a.extend_from_slice(args);
-        let mut child = Command::new(tb.repo.join("deploy/testbed"))
-            .args(a)
-            .env("TESTBED_NAME", &tb.name)
-            .env("MIGRATE_BIN_DIR", &tb.bin)
-            .stdin(Stdio::null())
+        let mut child = tb
+            .command(&a)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
