@@ -31,10 +31,41 @@
 //!       A unix stream server at P that accepts and keeps every connection (an external peer).
 //!   workload trace --pid P --pidfile F
 //!       Attaches to P with ptrace (PTRACE_SEIZE) and stays attached (a debugger).
+//!   workload echo-server --path P --name N [--push-unread TEXT] --pidfile F
+//!       A unix stream server at P (a stale file there is removed first) that serves any number of
+//!       connections, a thread each: for every line it reads it answers `HOST echo LINE\n`, HOST being
+//!       $TESTBED_HOST when it started ("?" if unset). With --push-unread, it first writes TEXT (no
+//!       newline added) to every connection it accepts. Answers {kind, pid, host, connections (accepted
+//!       so far), lines (read so far), last_line (or null)}.
+//!   workload client --connect P --name N [--every-ms T] [--read-when FILE] --pidfile F
+//!       Connects a unix stream socket to P once (retrying for up to 5 s), then sends `N seq K\n` every
+//!       T ms (default 100; K = 1, 2, …) and reads the answers, one thread polling both; it reads
+//!       before the first send, so what a peer pushed at once comes alone. With --read-when, it neither
+//!       reads nor sends until FILE exists (checked every 20 ms, looked up anew each time: after a
+//!       migration, on the new host). At EOF or an error it stops both and records it, and keeps
+//!       answering. Answers {kind, pid, reading (started), sent (lines written whole), answers (lines
+//!       read), last_answer, last_host (its first word), first_read (the result of its first read()
+//!       with bytes, up to 256 of them, lossy; "" if that was EOF; null before), eof, error}.
+//!   workload logger --dgram P --name N [--every-ms T] --pidfile F
+//!       A unix datagram socket connect()ed to P (retrying for up to 5 s) sends `N log K` every T ms
+//!       (default 50; K = 1, 2, … per attempt), never blocking; a failed send (ECONNREFUSED once the
+//!       peer is gone, then ENOTCONN: it does not reconnect) is counted and the next one tried.
+//!       Answers {kind, pid, seq (last K tried), sent, errors, last_error}.
+//!   workload log-daemon --path P --name N --pidfile F
+//!       A unix datagram socket bound at P (a stale file there is removed first) that receives
+//!       datagrams. Answers {kind, pid, host ($TESTBED_HOST when it started), received, last (or null),
+//!       max_seq: {NAME: largest K of a `NAME log K` received}} (up to 1024 names).
+//!   workload pty-client --name N --pidfile F -- CMD ARGS...
+//!       Opens a pty pair (80x24) and runs CMD in a new session with the slave as its controlling
+//!       terminal and stdin/out/err (TERM=xterm unless set), as a user at a terminal would (e.g.
+//!       `tmux attach`), and keeps reading the master so CMD never blocks on output, keeping the last
+//!       4 KiB. Answers {kind, pid, child, child_alive, exit (its wait status once gone, else null),
+//!       tail (the last 4 KiB, lossy)}.
 //!   workload query --name N
 //!       Prints the answer of the workload NAME in this network namespace.
 //!
-//! The pidfile (root pid) is written once the workload is ready.
+//! The pidfile (root pid) is written once the workload is ready. SIGPIPE is ignored: a peer going away
+//! is an error to record, never the end of a workload.
 
 use std::io::{Read, Write};
 use std::os::linux::net::SocketAddrExt;
@@ -605,6 +636,482 @@ fn trace(args: &[String]) {
     }
 }
 
+/// Locks a mutex, also one a panicked thread held (the state it guards stays meaningful).
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The testbed host this process was started on, or "?".
+fn testbed_host() -> String {
+    std::env::var("TESTBED_HOST").unwrap_or_else(|_| "?".into())
+}
+
+/// At most `max` bytes of `bytes` as a (lossy) string.
+fn lossy(bytes: &[u8], max: usize) -> String {
+    String::from_utf8_lossy(&bytes[..bytes.len().min(max)]).into_owned()
+}
+
+/// A line longer than this is cut into pieces of this size: what a peer sends never grows memory.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Splits a byte stream into lines (without their `\n`).
+#[derive(Default)]
+struct Lines {
+    buf: Vec<u8>,
+}
+
+impl Lines {
+    fn feed(&mut self, data: &[u8], mut each: impl FnMut(String)) {
+        self.buf.extend_from_slice(data);
+        let mut from = 0;
+        while let Some(i) = self.buf[from..].iter().position(|&b| b == b'\n') {
+            each(lossy(&self.buf[from..from + i], MAX_LINE));
+            from += i + 1;
+        }
+        self.buf.drain(..from);
+        while self.buf.len() >= MAX_LINE {
+            each(lossy(&self.buf, MAX_LINE));
+            self.buf.drain(..MAX_LINE);
+        }
+    }
+}
+
+/// Calls `connect` until it succeeds, for up to 5 s; exits with a message if it never does.
+fn connect_retrying<T>(what: &str, mut connect: impl FnMut() -> std::io::Result<T>) -> T {
+    let start = Instant::now();
+    loop {
+        match connect() {
+            Ok(t) => return t,
+            Err(e) if start.elapsed() >= Duration::from_secs(5) => {
+                eprintln!("workload: connect {what}: {e}");
+                std::process::exit(1);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// send(2) without SIGPIPE and without blocking.
+fn send_nosignal(fd: std::os::fd::RawFd, data: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: the buffer is valid for data.len() bytes; fd is a socket the caller owns.
+    let n = unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// An error that says "not now" (EAGAIN, EINTR), not that the connection is over.
+fn transient(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted)
+}
+
+fn millis_arg(args: &[String], name: &str, default: u64) -> Duration {
+    Duration::from_millis(arg(args, name).map(|m| m.parse().expect(name)).unwrap_or(default).max(1))
+}
+
+fn echo_server(args: &[String]) {
+    let path = arg(args, "--path").expect("--path");
+    let name = arg(args, "--name").expect("--name");
+    let pidfile = arg(args, "--pidfile").expect("--pidfile");
+    let push = arg(args, "--push-unread");
+    let host = testbed_host();
+    #[derive(Default)]
+    struct Echo {
+        connections: u64,
+        lines: u64,
+        last_line: Option<String>,
+    }
+    let state = Arc::new(Mutex::new(Echo::default()));
+    let _ = std::fs::remove_file(&path);
+    let server = UnixListener::bind(&path).unwrap_or_else(|e| panic!("bind {path}: {e}"));
+    let listener = UnixListener::bind_addr(&socket_addr(&name)).expect("bind");
+    {
+        let (state, host) = (state.clone(), host.clone());
+        std::thread::spawn(move || {
+            loop {
+                let mut conn = match server.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        // EMFILE and the like: wait rather than spin
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                locked(&state).connections += 1;
+                let (state, host, push) = (state.clone(), host.clone(), push.clone());
+                std::thread::spawn(move || {
+                    if let Some(p) = push
+                        && conn.write_all(p.as_bytes()).is_err()
+                    {
+                        return;
+                    }
+                    let (mut lines, mut buf) = (Lines::default(), [0u8; 4096]);
+                    while let Ok(n @ 1..) = conn.read(&mut buf) {
+                        let mut answers = String::new();
+                        lines.feed(&buf[..n], |line| {
+                            answers.push_str(&format!("{host} echo {line}\n"));
+                            let mut s = locked(&state);
+                            s.lines += 1;
+                            s.last_line = Some(line);
+                        });
+                        if conn.write_all(answers.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    write_pidfile(&pidfile, std::process::id());
+    serve(listener, move || {
+        let s = locked(&state);
+        serde_json::json!({
+            "kind": "echo-server",
+            "pid": std::process::id(),
+            "host": host,
+            "connections": s.connections,
+            "lines": s.lines,
+            "last_line": s.last_line,
+        })
+    })
+}
+
+fn client(args: &[String]) {
+    use std::os::fd::AsRawFd;
+    let path = arg(args, "--connect").expect("--connect");
+    let name = arg(args, "--name").expect("--name");
+    let pidfile = arg(args, "--pidfile").expect("--pidfile");
+    let every = millis_arg(args, "--every-ms", 100);
+    let read_when = arg(args, "--read-when");
+    #[derive(Default)]
+    struct Client {
+        reading: bool,
+        sent: u64,
+        answers: u64,
+        last_answer: Option<String>,
+        last_host: Option<String>,
+        first_read: Option<String>,
+        eof: bool,
+        error: Option<String>,
+    }
+    let state = Arc::new(Mutex::new(Client::default()));
+    let conn = connect_retrying(&path, || UnixStream::connect(&path));
+    let listener = UnixListener::bind_addr(&socket_addr(&name)).expect("bind");
+    {
+        let state = state.clone();
+        std::thread::spawn(move || {
+            if let Some(f) = read_when {
+                while !std::path::Path::new(&f).exists() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            locked(&state).reading = true;
+            conn.set_nonblocking(true).expect("nonblocking");
+            let fd = conn.as_raw_fd();
+            let (mut lines, mut buf) = (Lines::default(), [0u8; 4096]);
+            // The line being written (a full send buffer holds the next one back) and its K.
+            let (mut pending, mut k) = (Vec::<u8>::new(), 0u64);
+            // The first send is one period away: what is already there is read alone first.
+            let mut next = Instant::now() + every;
+            // Records the end (None: EOF) and stops for good; the connection stays open as it is.
+            fn fail(state: &Mutex<Client>, e: Option<std::io::Error>) -> ! {
+                let mut s = locked(state);
+                match e {
+                    None => s.eof = true,
+                    Some(e) => s.error = Some(e.to_string()),
+                }
+                drop(s);
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+            loop {
+                let now = Instant::now();
+                if now >= next {
+                    if pending.is_empty() {
+                        k += 1;
+                        pending = format!("{name} seq {k}\n").into_bytes();
+                    }
+                    next += every;
+                    if next <= now {
+                        next = now + every;
+                    }
+                }
+                if !pending.is_empty() {
+                    match send_nosignal(fd, &pending) {
+                        Ok(n) => {
+                            pending.drain(..n);
+                            if pending.is_empty() {
+                                locked(&state).sent = k;
+                            }
+                        }
+                        Err(e) if transient(&e) => {}
+                        Err(e) => fail(&state, Some(e)),
+                    }
+                }
+                let events = libc::POLLIN | if pending.is_empty() { 0 } else { libc::POLLOUT };
+                let mut pfd = libc::pollfd { fd, events, revents: 0 };
+                let wait = next.saturating_duration_since(Instant::now()).as_micros().div_ceil(1000).min(1000) as i32;
+                // SAFETY: one valid pollfd.
+                if unsafe { libc::poll(&mut pfd, 1, wait) } <= 0
+                    || pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) == 0
+                {
+                    continue;
+                }
+                match (&conn).read(&mut buf) {
+                    Ok(n) => {
+                        let mut s = locked(&state);
+                        s.first_read.get_or_insert_with(|| lossy(&buf[..n], 256));
+                        if n == 0 {
+                            drop(s);
+                            fail(&state, None);
+                        }
+                        lines.feed(&buf[..n], |line| {
+                            s.answers += 1;
+                            s.last_host = line.split(' ').next().map(str::to_owned);
+                            s.last_answer = Some(line);
+                        });
+                    }
+                    Err(e) if transient(&e) => {}
+                    Err(e) => fail(&state, Some(e)),
+                }
+            }
+        });
+    }
+    write_pidfile(&pidfile, std::process::id());
+    serve(listener, move || {
+        let s = locked(&state);
+        serde_json::json!({
+            "kind": "client",
+            "pid": std::process::id(),
+            "reading": s.reading,
+            "sent": s.sent,
+            "answers": s.answers,
+            "last_answer": s.last_answer,
+            "last_host": s.last_host,
+            "first_read": s.first_read,
+            "eof": s.eof,
+            "error": s.error,
+        })
+    })
+}
+
+fn logger(args: &[String]) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixDatagram;
+    let path = arg(args, "--dgram").expect("--dgram");
+    let name = arg(args, "--name").expect("--name");
+    let pidfile = arg(args, "--pidfile").expect("--pidfile");
+    let every = millis_arg(args, "--every-ms", 50);
+    #[derive(Default)]
+    struct Logger {
+        seq: u64,
+        sent: u64,
+        errors: u64,
+        last_error: Option<String>,
+    }
+    let state = Arc::new(Mutex::new(Logger::default()));
+    let sock = UnixDatagram::unbound().expect("datagram socket");
+    connect_retrying(&path, || sock.connect(&path));
+    let listener = UnixListener::bind_addr(&socket_addr(&name)).expect("bind");
+    {
+        let state = state.clone();
+        std::thread::spawn(move || {
+            let mut next = Instant::now();
+            for k in 1u64.. {
+                let result = send_nosignal(sock.as_raw_fd(), format!("{name} log {k}").as_bytes());
+                let mut s = locked(&state);
+                s.seq = k;
+                match result {
+                    Ok(_) => s.sent += 1,
+                    Err(e) => {
+                        s.errors += 1;
+                        s.last_error = Some(e.to_string());
+                    }
+                }
+                drop(s);
+                next += every;
+                let now = Instant::now();
+                if next <= now {
+                    next = now + every;
+                }
+                std::thread::sleep(next - now);
+            }
+        });
+    }
+    write_pidfile(&pidfile, std::process::id());
+    serve(listener, move || {
+        let s = locked(&state);
+        serde_json::json!({
+            "kind": "logger",
+            "pid": std::process::id(),
+            "seq": s.seq,
+            "sent": s.sent,
+            "errors": s.errors,
+            "last_error": s.last_error,
+        })
+    })
+}
+
+fn log_daemon(args: &[String]) {
+    use std::os::unix::net::UnixDatagram;
+    let path = arg(args, "--path").expect("--path");
+    let name = arg(args, "--name").expect("--name");
+    let pidfile = arg(args, "--pidfile").expect("--pidfile");
+    let host = testbed_host();
+    #[derive(Default)]
+    struct Daemon {
+        received: u64,
+        last: Option<String>,
+        max_seq: std::collections::BTreeMap<String, u64>,
+    }
+    let state = Arc::new(Mutex::new(Daemon::default()));
+    let _ = std::fs::remove_file(&path);
+    let sock = UnixDatagram::bind(&path).unwrap_or_else(|e| panic!("bind {path}: {e}"));
+    let listener = UnixListener::bind_addr(&socket_addr(&name)).expect("bind");
+    {
+        let state = state.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let Ok(n) = sock.recv(&mut buf) else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let text = lossy(&buf[..n], 4096);
+                let mut s = locked(&state);
+                s.received += 1;
+                if let Some((sender, k)) = text.rsplit_once(" log ")
+                    && let Ok(k) = k.parse::<u64>()
+                    && (s.max_seq.len() < 1024 || s.max_seq.contains_key(sender))
+                {
+                    let max = s.max_seq.entry(sender.to_owned()).or_insert(0);
+                    *max = (*max).max(k);
+                }
+                s.last = Some(text);
+            }
+        });
+    }
+    write_pidfile(&pidfile, std::process::id());
+    serve(listener, move || {
+        let s = locked(&state);
+        serde_json::json!({
+            "kind": "log-daemon",
+            "pid": std::process::id(),
+            "host": host,
+            "received": s.received,
+            "last": s.last,
+            "max_seq": s.max_seq,
+        })
+    })
+}
+
+fn pty_client(args: &[String]) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let dashes = args.iter().position(|a| a == "--").expect("-- CMD ARGS...");
+    let (flags, cmd) = (&args[..dashes], &args[dashes + 1..]);
+    let name = arg(flags, "--name").expect("--name");
+    let pidfile = arg(flags, "--pidfile").expect("--pidfile");
+    assert!(!cmd.is_empty(), "no command after --");
+    // SAFETY: posix_openpt returns a new fd or -1.
+    let fd = check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) }, "posix_openpt");
+    // SAFETY: fd was just created and is owned here.
+    let master = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut slave_name = [0 as libc::c_char; 128];
+    // SAFETY: plain calls on the master we own; ptsname_r writes at most the buffer's length.
+    unsafe {
+        check(libc::grantpt(fd), "grantpt");
+        check(libc::unlockpt(fd), "unlockpt");
+        assert_eq!(libc::ptsname_r(fd, slave_name.as_mut_ptr(), slave_name.len()), 0, "ptsname_r");
+    }
+    // SAFETY: ptsname_r succeeded, so the buffer holds a NUL-terminated path.
+    let slave_path = unsafe { std::ffi::CStr::from_ptr(slave_name.as_ptr()) }.to_string_lossy().into_owned();
+    let size = libc::winsize { ws_row: 24, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize.
+    check(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &size) }, "TIOCSWINSZ");
+    let mut child = {
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&slave_path)
+            .unwrap_or_else(|e| panic!("{slave_path}: {e}"));
+        let mut command = std::process::Command::new(&cmd[0]);
+        command
+            .args(&cmd[1..])
+            .stdin(slave.try_clone().expect("dup slave"))
+            .stdout(slave.try_clone().expect("dup slave"))
+            .stderr(slave);
+        if std::env::var_os("TERM").is_none() {
+            command.env("TERM", "xterm");
+        }
+        // SAFETY: only async-signal-safe calls between fork and exec; stdin is the slave by now.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        command.spawn().unwrap_or_else(|e| panic!("{}: {e}", cmd[0]))
+        // (the command, and with it the parent's copies of the slave, go here: the master sees the
+        // end once the child's session is gone)
+    };
+    let child_pid = child.id();
+    let tail = Arc::new(Mutex::new(Vec::<u8>::with_capacity(8192)));
+    let exit: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    {
+        let tail = tail.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match (&master).read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let mut t = locked(&tail);
+                        t.extend_from_slice(&buf[..n]);
+                        let excess = t.len().saturating_sub(4096);
+                        t.drain(..excess);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    // EIO: every slave is closed (the child's session is gone)
+                    Err(_) => break,
+                }
+            }
+            // keep the master (and so the pty) as long as the process lives
+            std::mem::forget(master);
+        });
+    }
+    {
+        let exit = exit.clone();
+        std::thread::spawn(move || {
+            let status = match child.wait() {
+                Ok(s) => match (s.code(), s.signal()) {
+                    (Some(c), _) => format!("exit {c}"),
+                    (_, Some(sig)) => format!("signal {sig}"),
+                    _ => format!("{s}"),
+                },
+                Err(e) => format!("wait: {e}"),
+            };
+            *locked(&exit) = Some(status);
+        });
+    }
+    let listener = UnixListener::bind_addr(&socket_addr(&name)).expect("bind");
+    write_pidfile(&pidfile, std::process::id());
+    serve(listener, move || {
+        let exit = locked(&exit).clone();
+        serde_json::json!({
+            "kind": "pty-client",
+            "pid": std::process::id(),
+            "child": child_pid,
+            "child_alive": exit.is_none(),
+            "exit": exit,
+            "tail": String::from_utf8_lossy(&locked(&tail)),
+        })
+    })
+}
+
 fn query(args: &[String]) {
     let name = arg(args, "--name").expect("--name");
     let mut s = match UnixStream::connect_addr(&socket_addr(&name)) {
@@ -621,8 +1128,16 @@ fn query(args: &[String]) {
 }
 
 fn main() {
+    // (Rust's runtime does this too; a workload must never rely on it)
+    // SAFETY: setting a signal disposition, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
+        Some("echo-server") => echo_server(&args),
+        Some("client") => client(&args),
+        Some("logger") => logger(&args),
+        Some("log-daemon") => log_daemon(&args),
+        Some("pty-client") => pty_client(&args),
         Some("mem") => mem(&args),
         Some("tree") => tree(&args),
         Some("query") => query(&args),
@@ -630,7 +1145,9 @@ fn main() {
         Some("listen") => listen(&args),
         Some("trace") => trace(&args),
         _ => {
-            eprintln!("usage: workload mem|tree|hold|listen|trace|query ...");
+            eprintln!(
+                "usage: workload mem|tree|hold|listen|trace|echo-server|client|logger|log-daemon|pty-client|query ..."
+            );
             std::process::exit(2);
         }
     }
