@@ -6,6 +6,14 @@
 //! with `pagemap_head{pages_id=1}` and continues with `pagemap_entry{vaddr=1, nr_pages=2, in_parent=3,
 //! flags=4}`. Every length is checked against [`MAX_ENTRY`] before it is used: images come from a peer
 //! on the target side.
+//!
+//! Unix sockets ([`unix_sockets`], [`queued_bytes`]): CRIU 4.x writes them to `files.img` (FILES_MAGIC)
+//! as `file_entry{type=1 (fd_types UNIXSK = 5), id=2, usk=16 unix_sk_entry}`, older CRIU to `unixsk.img`
+//! (UNIXSK_MAGIC) as bare `unix_sk_entry{id=1, ino=2, type=3, state=4, flags=5, uflags=6, backlog=7,
+//! peer=8, fown=9, opts=10, name=11, ...}` (images/fdinfo.proto, images/sk-unix.proto). The unread bytes
+//! of sockets are in `sk-queues.img` (SK_QUEUES_MAGIC, after the common magic like every image):
+//! `sk_packet_entry{id_for=1, length=2, scm=4, ...}` (images/sk-packet.proto), each entry followed by
+//! `length` raw bytes; `id_for` is the socket's `unix_sk_entry.id` (= its `file_entry.id`).
 
 use std::path::{Path, PathBuf};
 
@@ -160,6 +168,277 @@ pub fn lazy_ranges(dir: &Path) -> Result<LazyRanges, ImageError> {
         .into_iter()
         .map(|pid| Ok((pid, read_pagemap(&dir.join(format!("pagemap-{pid}.img")))?.lazy_ranges())))
         .collect()
+}
+
+/// `FILES_MAGIC`: `files.img`, one `file_entry` per open file of the dump (CRIU >= 3.x).
+pub const FILES_MAGIC: u32 = 0x5630_3138;
+/// `UNIXSK_MAGIC`: the legacy `unixsk.img`, one bare `unix_sk_entry` per socket.
+pub const UNIXSK_MAGIC: u32 = 0x5437_3943;
+/// `SK_QUEUES_MAGIC`: `sk-queues.img`, the unread bytes of sockets.
+pub const SK_QUEUES_MAGIC: u32 = 0x5626_4026;
+/// `fd_types.UNIXSK` (images/fdinfo.proto): the `file_entry.type` of a unix socket.
+pub const FD_TYPE_UNIXSK: i32 = 5;
+/// `unix_sk_entry.uflags` bit of the synthetic entry CRIU writes for a peer outside the dumped tree
+/// (`USK_EXTERN` in criu/sk-unix.c). Such an entry has type SOCK_DGRAM, state TCP_LISTEN and
+/// `peer` 0 whatever the real peer is; its `name` is the peer's name.
+pub const USK_EXTERN: u32 = 1;
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct UnixSkEntryPb {
+    #[prost(uint32, required, tag = "1")]
+    id: u32,
+    #[prost(uint32, required, tag = "2")]
+    ino: u32,
+    #[prost(uint32, required, tag = "3")]
+    sock_type: u32,
+    #[prost(uint32, required, tag = "4")]
+    state: u32,
+    #[prost(uint32, required, tag = "5")]
+    flags: u32,
+    #[prost(uint32, required, tag = "6")]
+    uflags: u32,
+    #[prost(uint32, required, tag = "7")]
+    backlog: u32,
+    #[prost(uint32, required, tag = "8")]
+    peer: u32,
+    // fown = 9 and opts = 10 (messages) are not needed and skipped as unknown fields.
+    #[prost(bytes = "vec", required, tag = "11")]
+    name: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct FileEntryPb {
+    /// An `fd_types` enum value; declared as int32 (same wire form) so unknown types still decode.
+    #[prost(int32, required, tag = "1")]
+    file_type: i32,
+    #[prost(uint32, required, tag = "2")]
+    id: u32,
+    // reg = 3 ... ext = 15 and fifo = 17 ... are skipped as unknown fields.
+    #[prost(message, optional, tag = "16")]
+    usk: Option<UnixSkEntryPb>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct SkPacketEntryPb {
+    #[prost(uint32, required, tag = "1")]
+    id_for: u32,
+    #[prost(uint32, required, tag = "2")]
+    length: u32,
+    // addr = 3 (reserved), scm = 4, ucred = 128, ... are skipped as unknown fields.
+}
+
+/// One `unix_sk_entry` of a dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixSocketImage {
+    /// The entry's id: the `file_entry.id` that `fdinfo` entries and `sk_packet_entry.id_for` refer to.
+    pub id: u32,
+    /// The socket's inode at dump time (`/proc/PID/fd/N` → `socket:[ino]`).
+    pub ino: u64,
+    /// `SOCK_STREAM` (1), `SOCK_DGRAM` (2) or `SOCK_SEQPACKET` (5).
+    pub sock_type: u32,
+    /// A TCP state: `TCP_ESTABLISHED` (1), `TCP_CLOSE` (7) or `TCP_LISTEN` (10).
+    pub state: u32,
+    /// The peer's inode, 0 when none. An external peer has its own entry, with [`USK_EXTERN`].
+    pub peer: u64,
+    /// The bound name as the kernel reports it: a path name ends with its terminating NUL (the kernel
+    /// counts it), an abstract name starts with NUL and is kept byte for byte; empty when unnamed.
+    pub name: Vec<u8>,
+    /// CRIU's `USK_*` bits, e.g. [`USK_EXTERN`].
+    pub uflags: u32,
+}
+
+impl UnixSocketImage {
+    /// Whether this is CRIU's synthetic entry for a peer outside the dumped tree.
+    pub fn is_extern(&self) -> bool {
+        self.uflags & USK_EXTERN != 0
+    }
+
+    fn from_pb(u: UnixSkEntryPb) -> Self {
+        UnixSocketImage {
+            id: u.id,
+            ino: u.ino.into(),
+            sock_type: u.sock_type,
+            state: u.state,
+            peer: u.peer.into(),
+            name: u.name,
+            uflags: u.uflags,
+        }
+    }
+}
+
+/// Every unix socket in the dump directory: those of `files.img` (CRIU 4.x) and, when it exists, of the
+/// legacy `unixsk.img`, in image order. A missing `files.img` is an error.
+pub fn unix_sockets(images_dir: &Path) -> Result<Vec<UnixSocketImage>, ImageError> {
+    let files = images_dir.join("files.img");
+    let data = std::fs::read(&files).map_err(|source| ImageError::Io { path: files.clone(), source })?;
+    let mut out = parse_files_unix_sockets(&data).map_err(|what| ImageError::Malformed { path: files, what })?;
+    let legacy = images_dir.join("unixsk.img");
+    match std::fs::read(&legacy) {
+        Ok(data) => out.extend(parse_unixsk(&data).map_err(|what| ImageError::Malformed { path: legacy, what })?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(ImageError::Io { path: legacy, source }),
+    }
+    Ok(out)
+}
+
+/// The unix sockets among the bytes of a `files.img`.
+pub fn parse_files_unix_sockets(data: &[u8]) -> Result<Vec<UnixSocketImage>, String> {
+    let mut entries = Entries::new(data, FILES_MAGIC)?;
+    let mut out = Vec::new();
+    while let Some(fe) = entries.next_msg::<FileEntryPb>()? {
+        if fe.file_type != FD_TYPE_UNIXSK {
+            continue;
+        }
+        let usk = fe.usk.ok_or_else(|| format!("unix socket file {:#x} without its unix_sk_entry", fe.id))?;
+        if usk.id != fe.id {
+            return Err(format!("unix socket file {:#x} holds a unix_sk_entry of id {:#x}", fe.id, usk.id));
+        }
+        out.push(UnixSocketImage::from_pb(usk));
+    }
+    Ok(out)
+}
+
+/// The sockets of a legacy `unixsk.img`.
+pub fn parse_unixsk(data: &[u8]) -> Result<Vec<UnixSocketImage>, String> {
+    let mut entries = Entries::new(data, UNIXSK_MAGIC)?;
+    let mut out = Vec::new();
+    while let Some(u) = entries.next_msg::<UnixSkEntryPb>()? {
+        out.push(UnixSocketImage::from_pb(u));
+    }
+    Ok(out)
+}
+
+/// The unread bytes of the socket whose dumped inode is `ino`, in queue order: the payloads of its
+/// `sk-queues.img` entries concatenated (for a datagram socket the message boundaries are lost; SCM
+/// rights and credentials are not returned). Empty when nothing was queued or there is no
+/// `sk-queues.img`. A socket of that inode must be in the dump ([`unix_sockets`]; [`USK_EXTERN`] entries
+/// are not sockets of the dump), else Malformed. More than `limit` bytes in total is refused (Malformed)
+/// before they are read. The image is streamed: memory stays within `limit` plus one entry.
+pub fn queued_bytes(images_dir: &Path, ino: u64, limit: usize) -> Result<Vec<u8>, ImageError> {
+    let ids: Vec<u32> =
+        unix_sockets(images_dir)?.into_iter().filter(|s| s.ino == ino && !s.is_extern()).map(|s| s.id).collect();
+    if ids.is_empty() {
+        return Err(ImageError::Malformed {
+            path: images_dir.into(),
+            what: format!("no unix socket of inode {ino} in the dump"),
+        });
+    }
+    let path = images_dir.join("sk-queues.img");
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(ImageError::Io { path, source }),
+    };
+    read_queues(file, &ids, limit).map_err(|e| match e {
+        QueueError::Io(source) => ImageError::Io { path: path.clone(), source },
+        QueueError::Malformed(what) => ImageError::Malformed { path: path.clone(), what },
+    })
+}
+
+enum QueueError {
+    Io(std::io::Error),
+    Malformed(String),
+}
+
+impl From<std::io::Error> for QueueError {
+    fn from(e: std::io::Error) -> Self {
+        QueueError::Io(e)
+    }
+}
+
+/// A file read front to back, never past the size it had when opened.
+struct Bounded {
+    r: std::io::BufReader<std::fs::File>,
+    /// Bytes not consumed yet (a file growing meanwhile is not read beyond its size at open; one
+    /// shrinking gives a truncation error).
+    left: u64,
+}
+
+impl Bounded {
+    fn take(&mut self, buf: &mut [u8], what: &str) -> Result<(), QueueError> {
+        use std::io::Read;
+        if buf.len() as u64 > self.left {
+            return Err(QueueError::Malformed(format!(
+                "truncated {what}: {} bytes needed, {} left",
+                buf.len(),
+                self.left
+            )));
+        }
+        self.r.read_exact(buf).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                QueueError::Malformed(format!("truncated {what}: the file shrank while read"))
+            }
+            _ => QueueError::Io(e),
+        })?;
+        self.left -= buf.len() as u64;
+        Ok(())
+    }
+
+    fn skip(&mut self, n: u64, what: &str) -> Result<(), QueueError> {
+        if n > self.left {
+            return Err(QueueError::Malformed(format!("truncated {what}: {n} bytes needed, {} left", self.left)));
+        }
+        let n_i64 = i64::try_from(n).map_err(|_| QueueError::Malformed(format!("{what} of {n} bytes")))?;
+        self.r.seek_relative(n_i64)?;
+        self.left -= n;
+        Ok(())
+    }
+}
+
+/// Reads `sk-queues.img` from `file`, keeping the payloads of entries whose `id_for` is in `ids`.
+fn read_queues(file: std::fs::File, ids: &[u32], limit: usize) -> Result<Vec<u8>, QueueError> {
+    use prost::Message;
+    let bad = QueueError::Malformed;
+    let left = file.metadata()?.len();
+    let mut f = Bounded { r: std::io::BufReader::new(file), left };
+    let mut head = [0u8; 8];
+    f.take(&mut head, "image header")?;
+    let (common, magic) = (
+        u32::from_le_bytes(head[0..4].try_into().expect("4 bytes")),
+        u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")),
+    );
+    if common != IMG_COMMON_MAGIC || magic != SK_QUEUES_MAGIC {
+        return Err(bad(format!("magic {common:#x} {magic:#x}, expected {IMG_COMMON_MAGIC:#x} {SK_QUEUES_MAGIC:#x}")));
+    }
+    let mut out = Vec::new();
+    let mut entry = Vec::new();
+    while f.left > 0 {
+        let mut len = [0u8; 4];
+        f.take(&mut len, "entry length")?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_ENTRY || len as u64 > f.left {
+            return Err(bad(format!(
+                "entry of {len} bytes, beyond the image ({} left) or the limit of {MAX_ENTRY}",
+                f.left
+            )));
+        }
+        entry.resize(len, 0);
+        f.take(&mut entry, "sk_packet_entry")?;
+        let pe = SkPacketEntryPb::decode(entry.as_slice())
+            .map_err(|e| bad(format!("sk_packet_entry does not decode: {e}")))?;
+        let length = u64::from(pe.length);
+        if length > f.left {
+            return Err(bad(format!(
+                "truncated queued data of socket id {:#x}: {length} bytes announced, {} left in the image",
+                pe.id_for, f.left
+            )));
+        }
+        if ids.contains(&pe.id_for) {
+            let total = out.len() as u64 + length;
+            if total > limit as u64 {
+                return Err(bad(format!(
+                    "queued data of socket id {:#x}: at least {total} bytes, beyond the limit of {limit}",
+                    pe.id_for
+                )));
+            }
+            let start = out.len();
+            out.resize(start + pe.length as usize, 0);
+            f.take(&mut out[start..], "queued data")?;
+        } else {
+            f.skip(length, "queued data")?;
+        }
+    }
+    Ok(out)
 }
 
 /// The entries of one image: magic checked, then length-prefixed protobuf messages.
