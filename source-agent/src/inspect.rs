@@ -62,6 +62,30 @@ pub struct Fd {
     pub kind: FdKind,
     /// The fd's open file description holds a lock (fdinfo `lock:` lines).
     pub locked: bool,
+    /// Terminals only (tty, console, ptmx and pts devices).
+    #[serde(default)]
+    pub tty: Option<Tty>,
+}
+
+/// A terminal fd.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Tty {
+    /// st_rdev and st_dev of the fd: CRIU names an external terminal `tty[RDEV:DEV]` (hex) by them.
+    pub rdev: u64,
+    pub dev: u64,
+    /// A pty slave (/dev/pts/N): N.
+    pub pts_index: Option<u32>,
+    /// A pty master (/dev/ptmx): the index of its slave (fdinfo `tty-index:`).
+    pub master_of: Option<u32>,
+    /// Who outside the tree holds the same terminal, when found: (pid, comm).
+    pub owner: Option<(u32, String)>,
+}
+
+impl Tty {
+    /// CRIU's key for this terminal (`--external tty[..]`, `--inherit-fd fd[N]:tty[..]`).
+    pub fn key(&self) -> String {
+        format!("tty[{:x}:{:x}]", self.rdev, self.dev)
+    }
 }
 
 /// A socket, as far as it could be read.
@@ -145,14 +169,22 @@ impl Tree {
 /// Reads the facts of the tree rooted at `root`.
 pub fn tree(root: u32) -> std::io::Result<Tree> {
     let pids = criu::tree::processes(root)?;
-    let unix = sys::unix_sockets().unwrap_or_else(|e| {
+    let unix = sockdiag::unix_sockets().unwrap_or_else(|e| {
         tracing::warn!("sock_diag failed, unix socket peers unknown: {e}");
         HashMap::new()
     });
-    let owners = socket_owners();
+    let owners = socket_owners(&pids);
     let mut processes = Vec::new();
     for &pid in &pids {
         processes.push(process(pid, &unix, &owners));
+    }
+    let ttys = tty_owners(&processes, &pids);
+    for p in &mut processes {
+        for fd in &mut p.fds {
+            if let Some(t) = &mut fd.tty {
+                t.owner = ttys.get(&t.rdev).cloned();
+            }
+        }
     }
     Ok(Tree {
         root,
@@ -179,7 +211,7 @@ fn ns_ino(pid: &str, ns: &str) -> u64 {
     std::fs::metadata(format!("/proc/{pid}/ns/{ns}")).map(|m| m.ino()).unwrap_or(0)
 }
 
-fn process(pid: u32, unix: &HashMap<u64, sys::UnixDiag>, owners: &HashMap<u64, (u32, String)>) -> Process {
+fn process(pid: u32, unix: &HashMap<u64, sockdiag::UnixDiag>, owners: &HashMap<u64, (u32, String)>) -> Process {
     let base = format!("/proc/{pid}");
     let status = std::fs::read_to_string(format!("{base}/status")).unwrap_or_default();
     let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("");
@@ -229,6 +261,11 @@ fn process(pid: u32, unix: &HashMap<u64, sys::UnixDiag>, owners: &HashMap<u64, (
     }
 }
 
+/// tty (4), console/ptmx (5) and Unix98 pty slaves (136-143).
+pub fn is_tty_major(major: u32) -> bool {
+    matches!(major, 4 | 5 | 136..=143)
+}
+
 fn major(dev: u64) -> u32 {
     (((dev >> 32) & 0xffff_f000) | ((dev >> 8) & 0xfff)) as u32
 }
@@ -237,7 +274,7 @@ fn minor(dev: u64) -> u32 {
     (((dev >> 12) & 0xffff_ff00) | (dev & 0xff)) as u32
 }
 
-fn fds(pid: u32, unix: &HashMap<u64, sys::UnixDiag>, owners: &HashMap<u64, (u32, String)>) -> Vec<Fd> {
+fn fds(pid: u32, unix: &HashMap<u64, sockdiag::UnixDiag>, owners: &HashMap<u64, (u32, String)>) -> Vec<Fd> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
         return Vec::new();
     };
@@ -255,6 +292,7 @@ fn fds(pid: u32, unix: &HashMap<u64, sys::UnixDiag>, owners: &HashMap<u64, (u32,
             .and_then(|f| u64::from_str_radix(f.trim(), 8).ok())
             .unwrap_or(0);
         let locked = fdinfo.lines().any(|l| l.starts_with("lock:"));
+        let mut tty = None;
         let kind = if let Some(ino) = link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
             let ino: u64 = ino.parse().unwrap_or(0);
             FdKind::Socket(socket(pid, fd, ino, unix, owners, &tcp))
@@ -264,7 +302,20 @@ fn fds(pid: u32, unix: &HashMap<u64, sys::UnixDiag>, owners: &HashMap<u64, (u32,
             let deleted = link.ends_with(" (deleted)");
             match std::fs::metadata(e.path()) {
                 Ok(m) if m.file_type().is_char_device() => {
-                    FdKind::CharDevice { path: link, major: major(m.rdev()), minor: minor(m.rdev()) }
+                    let (ma, mi) = (major(m.rdev()), minor(m.rdev()));
+                    if is_tty_major(ma) {
+                        tty = Some(Tty {
+                            rdev: m.rdev(),
+                            dev: m.dev(),
+                            pts_index: (136..=143).contains(&ma).then_some((ma - 136) * 256 + mi),
+                            master_of: fdinfo
+                                .lines()
+                                .find_map(|l| l.strip_prefix("tty-index:"))
+                                .and_then(|v| v.trim().parse().ok()),
+                            owner: None,
+                        });
+                    }
+                    FdKind::CharDevice { path: link, major: ma, minor: mi }
                 }
                 Ok(m) if m.file_type().is_block_device() => {
                     FdKind::BlockDevice { path: link, major: major(m.rdev()), minor: minor(m.rdev()) }
@@ -276,7 +327,7 @@ fn fds(pid: u32, unix: &HashMap<u64, sys::UnixDiag>, owners: &HashMap<u64, (u32,
         } else {
             FdKind::Other { link }
         };
-        out.push(Fd { fd, kind, locked });
+        out.push(Fd { fd, kind, locked, tty });
     }
     out.sort_by_key(|f| f.fd);
     out
@@ -286,7 +337,7 @@ fn socket(
     pid: u32,
     fd: i32,
     ino: u64,
-    unix: &HashMap<u64, sys::UnixDiag>,
+    unix: &HashMap<u64, sockdiag::UnixDiag>,
     owners: &HashMap<u64, (u32, String)>,
     tcp: &HashMap<u64, u8>,
 ) -> Socket {
@@ -331,28 +382,42 @@ fn tcp_states(pid: u32) -> HashMap<u64, u8> {
     out
 }
 
-/// socket inode -> (pid, comm) of some process holding it, over all of /proc (first found).
-fn socket_owners() -> HashMap<u64, (u32, String)> {
+/// socket inode -> (pid, comm) of a process holding it, one outside the tree when there is one (the
+/// peer of an external connection may also have been passed into the tree).
+fn socket_owners(tree: &[u32]) -> HashMap<u64, (u32, String)> {
+    sockdiag::holders()
+        .into_iter()
+        .filter_map(|(ino, hs)| {
+            let &(pid, _) = hs.iter().find(|(p, _)| !tree.contains(p)).or(hs.first())?;
+            Some((ino, (pid, criu::tree::comm(pid))))
+        })
+        .collect()
+}
+
+/// Terminal rdev -> (pid, comm) of a process outside the tree that holds it (the user's shell, a tmux
+/// client, ...), for the terminals of the tree that are not its own ptys.
+fn tty_owners(processes: &[Process], tree: &[u32]) -> HashMap<u64, (u32, String)> {
+    let wanted: Vec<u64> =
+        processes.iter().flat_map(|p| p.fds.iter()).filter_map(|f| f.tty.as_ref().map(|t| t.rdev)).collect();
     let mut out = HashMap::new();
+    if wanted.is_empty() {
+        return out;
+    }
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return out;
     };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+    let mut pids: Vec<u32> = procs.flatten().filter_map(|p| p.file_name().to_string_lossy().parse().ok()).collect();
+    pids.sort_unstable();
+    for pid in pids.into_iter().filter(|p| !tree.contains(p)) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
         for fd in fds.flatten() {
-            let Ok(link) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let link = link.to_string_lossy();
-            if let Some(ino) =
-                link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')).and_then(|s| s.parse().ok())
+            if let Ok(m) = std::fs::metadata(fd.path())
+                && m.file_type().is_char_device()
+                && wanted.contains(&m.rdev())
             {
-                out.entry(ino).or_insert_with(|| (pid, criu::tree::comm(pid)));
+                out.entry(m.rdev()).or_insert_with(|| (pid, criu::tree::comm(pid)));
             }
         }
     }
@@ -381,106 +446,9 @@ fn sysv_users() -> Vec<u32> {
     out
 }
 
-/// Reading other processes' sockets: sock_diag and pidfd_getfd.
+/// Reading another process' socket options on a duplicate (pidfd_getfd).
 mod sys {
-    use std::collections::HashMap;
-    use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-
-    /// One unix socket as sock_diag reports it.
-    pub struct UnixDiag {
-        pub sock_type: u8,
-        pub state: u8,
-        pub name: String,
-        pub peer: u64,
-    }
-
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const NLMSG_ERROR: u16 = 2;
-    const NLMSG_DONE: u16 = 3;
-    const UDIAG_SHOW_NAME: u32 = 1;
-    const UDIAG_SHOW_PEER: u32 = 4;
-    const UNIX_DIAG_NAME: u16 = 0;
-    const UNIX_DIAG_PEER: u16 = 2;
-
-    /// Every unix socket of this network namespace, by inode.
-    pub fn unix_sockets() -> std::io::Result<HashMap<u64, UnixDiag>> {
-        use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
-        let mut sock = Socket::new(NETLINK_SOCK_DIAG)?;
-        sock.bind_auto()?;
-        sock.connect(&SocketAddr::new(0, 0))?;
-        // nlmsghdr (16) + unix_diag_req (24)
-        let mut req = Vec::with_capacity(40);
-        req.extend_from_slice(&40u32.to_ne_bytes());
-        req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-        req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-        req.extend_from_slice(&1u32.to_ne_bytes()); // seq
-        req.extend_from_slice(&0u32.to_ne_bytes()); // port id
-        req.push(libc::AF_UNIX as u8); // sdiag_family
-        req.push(0); // sdiag_protocol
-        req.extend_from_slice(&0u16.to_ne_bytes()); // pad
-        req.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
-        req.extend_from_slice(&0u32.to_ne_bytes()); // ino
-        req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER).to_ne_bytes());
-        req.extend_from_slice(&[0xff; 8]); // cookie: none
-        sock.send(&req, 0)?;
-        let mut out = HashMap::new();
-        loop {
-            let (buf, _) = sock.recv_from_full()?;
-            let mut off = 0;
-            while off + 16 <= buf.len() {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
-                let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
-                if len < 16 || off + len > buf.len() {
-                    return Err(std::io::Error::other("malformed sock_diag answer"));
-                }
-                match ty {
-                    NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR => {
-                        let errno = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4"));
-                        return Err(std::io::Error::from_raw_os_error(-errno));
-                    }
-                    SOCK_DIAG_BY_FAMILY => {
-                        if let Some((ino, d)) = parse_unix(&buf[off + 16..off + len]) {
-                            out.insert(ino, d);
-                        }
-                    }
-                    _ => {}
-                }
-                off += (len + 3) & !3;
-            }
-        }
-    }
-
-    /// unix_diag_msg (16 bytes) then rtattrs.
-    fn parse_unix(m: &[u8]) -> Option<(u64, UnixDiag)> {
-        if m.len() < 16 {
-            return None;
-        }
-        let ino = u32::from_ne_bytes(m[4..8].try_into().ok()?) as u64;
-        let mut d = UnixDiag { sock_type: m[1], state: m[2], name: String::new(), peer: 0 };
-        let mut off = 16;
-        while off + 4 <= m.len() {
-            let alen = u16::from_ne_bytes(m[off..off + 2].try_into().ok()?) as usize;
-            let aty = u16::from_ne_bytes(m[off + 2..off + 4].try_into().ok()?);
-            if alen < 4 || off + alen > m.len() {
-                break;
-            }
-            let data = &m[off + 4..off + alen];
-            match aty {
-                UNIX_DIAG_NAME if !data.is_empty() => {
-                    d.name = if data[0] == 0 {
-                        format!("@{}", String::from_utf8_lossy(&data[1..]))
-                    } else {
-                        String::from_utf8_lossy(data.split(|&b| b == 0).next().unwrap_or(data)).into_owned()
-                    };
-                }
-                UNIX_DIAG_PEER if data.len() >= 4 => d.peer = u32::from_ne_bytes(data[..4].try_into().ok()?) as u64,
-                _ => {}
-            }
-            off += (alen + 3) & !3;
-        }
-        Some((ino, d))
-    }
+    use std::os::fd::{AsRawFd, RawFd};
 
     /// Family, type, protocol and UDP_CORK of another process' socket fd.
     pub struct SockOpts {
@@ -499,22 +467,8 @@ mod sys {
     }
 
     pub fn socket_options(pid: u32, fd: i32) -> Option<SockOpts> {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if pidfd < 0 {
-            return None;
-        }
-        // SAFETY: pidfd was just returned by the kernel and is owned only here.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-        // SAFETY: pidfd_getfd duplicates fd `fd` of the process into this one (it does not change the
-        // other process); returns a new fd or -1.
-        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, std::os::fd::AsRawFd::as_raw_fd(&pidfd), fd, 0) };
-        if dup < 0 {
-            return None;
-        }
-        // SAFETY: dup was just returned by the kernel and is owned only here.
-        let dup = unsafe { OwnedFd::from_raw_fd(dup as RawFd) };
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&dup);
+        let dup = sockdiag::dup_from(pid, fd).ok()?;
+        let raw = dup.as_raw_fd();
         let family = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
         let sock_type = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_TYPE)?;
         let protocol = getsockopt_int(raw, libc::SOL_SOCKET, libc::SO_PROTOCOL).unwrap_or(0);
