@@ -71,6 +71,10 @@ pub struct DumpRequest {
     pub pid: u32,
     /// Directory for the images and `dump.log` (must exist).
     pub images_dir: PathBuf,
+    /// `--external` keys: `unix[INO]` for a socket whose peer is outside the tree (dumped as is, any
+    /// type; the restore must hand a socket in for it, or reconnect it), `tty[RDEV:DEV]` for a terminal
+    /// of the outside (the restore must hand one in).
+    pub externals: Vec<String>,
 }
 
 /// What to restore.
@@ -81,6 +85,13 @@ pub struct RestoreRequest {
     /// Restore private memory lazily (`--lazy-pages`): CRIU hands each task's userfaultfd to the
     /// lazy-pages daemon listening on `<images_dir>/lazy-pages.socket`, which must listen before the call.
     pub lazy_pages: bool,
+    /// `--inherit-fd fd[N]:KEY`: (KEY, N) for each file handed in, where N is an fd of this process
+    /// (CRIU inherits it under the same number). KEY is `socket:[INO]` for a unix socket dumped as
+    /// `unix[INO]`, `tty[RDEV:DEV]` for an external terminal.
+    pub inherit: Vec<(String, std::os::fd::RawFd)>,
+    /// `--ext-unix-sk`: CRIU itself reconnects the sockets whose peer was outside (by the peer's path);
+    /// needed for datagram sockets, which cannot be handed in (CRIU's restore would hang).
+    pub ext_unix_sk: bool,
 }
 
 /// Timing of one CRIU run.
@@ -121,7 +132,7 @@ impl Criu {
     /// itself resumes the tree.
     pub async fn dump(&self, req: &DumpRequest) -> Result<Ran, CriuError> {
         let pid = req.pid.to_string();
-        let args: Vec<&std::ffi::OsStr> = vec![
+        let mut args: Vec<&std::ffi::OsStr> = vec![
             "dump".as_ref(),
             "--tree".as_ref(),
             pid.as_ref(),
@@ -134,6 +145,8 @@ impl Criu {
             "dump.log".as_ref(),
             LOG_LEVEL.as_ref(),
         ];
+        let external_args = externals(req);
+        args.extend(external_args.iter().map(|a| a.as_os_str()));
         self.run("dump", &args, &req.images_dir.join("dump.log")).await
     }
 
@@ -171,7 +184,8 @@ impl Criu {
         let port_arg = port.to_string();
         let status_fd = status_tx.as_raw_fd();
         let status_fd_arg = status_fd.to_string();
-        let args: Vec<&std::ffi::OsStr> = vec![
+        let external_args = externals(req);
+        let mut args: Vec<&std::ffi::OsStr> = vec![
             "dump".as_ref(),
             "--tree".as_ref(),
             pid.as_ref(),
@@ -201,6 +215,7 @@ impl Criu {
             "dump.log".as_ref(),
             LOG_LEVEL.as_ref(),
         ];
+        args.extend(external_args.iter().map(|a| a.as_os_str()));
         let command = self.command_line(&args);
         tracing::debug!(%command, "running criu");
         let mut cmd = self.command(&args);
@@ -333,7 +348,14 @@ impl Criu {
             // if nothing listens there. The daemon then fills the pages in.
             args.push("--lazy-pages".as_ref());
         }
-        let ran = self.run("restore", &args, &req.images_dir.join("restore.log")).await?;
+        if req.ext_unix_sk {
+            args.push("--ext-unix-sk".as_ref());
+        }
+        let inherit: Vec<std::ffi::OsString> =
+            req.inherit.iter().flat_map(|(key, fd)| ["--inherit-fd".into(), format!("fd[{fd}]:{key}").into()]).collect();
+        args.extend(inherit.iter().map(|a| a.as_os_str()));
+        let fds: Vec<std::os::fd::RawFd> = req.inherit.iter().map(|(_, fd)| *fd).collect();
+        let ran = self.run_inheriting("restore", &args, &req.images_dir.join("restore.log"), fds).await?;
         let text = std::fs::read_to_string(&pidfile).map_err(|e| CriuError::Unexpected {
             op: "restore",
             what: format!("its pidfile {} is unreadable: {e}", pidfile.display()),
@@ -346,9 +368,34 @@ impl Criu {
     }
 
     async fn run(&self, op: &'static str, args: &[&std::ffi::OsStr], log: &Path) -> Result<Ran, CriuError> {
+        self.run_inheriting(op, args, log, Vec::new()).await
+    }
+
+    /// [`Criu::run`], with the fds `inherit` left open in CRIU (under their numbers here).
+    async fn run_inheriting(
+        &self,
+        op: &'static str,
+        args: &[&std::ffi::OsStr],
+        log: &Path,
+        inherit: Vec<std::os::fd::RawFd>,
+    ) -> Result<Ran, CriuError> {
         let command = self.command_line(args);
         tracing::debug!(%command, "running criu");
         let mut cmd = self.command(args);
+        if !inherit.is_empty() {
+            // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on the fds handed in, in the
+            // child only, so no other child of this process inherits them.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &fd in &inherit {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         let start = Instant::now();
         let out = cmd.output().await.map_err(|source| CriuError::Spawn { bin: self.bin.clone(), source })?;
         let elapsed = start.elapsed();
@@ -388,6 +435,11 @@ impl Criu {
         }
         cmd
     }
+}
+
+/// `--external KEY` for each of the request's keys.
+fn externals(req: &DumpRequest) -> Vec<std::ffi::OsString> {
+    req.externals.iter().flat_map(|k| ["--external".into(), k.into()]).collect()
 }
 
 /// The failure of a CRIU run: the log's error lines, else the end of its stderr.

@@ -136,7 +136,7 @@ impl Drop for Helper {
 }
 
 fn request(helper: &Helper) -> DumpRequest {
-    DumpRequest { pid: helper.pid, images_dir: helper.images() }
+    DumpRequest { pid: helper.pid, images_dir: helper.images(), externals: vec![] }
 }
 
 fn pages_files_bytes(dir: &Path) -> u64 {
@@ -272,7 +272,7 @@ async fn a_lazy_dump_that_fails_before_ready_carries_the_log_errors() {
     // A pid that was just freed: CRIU fails before anything is frozen.
     let mut gone = std::process::Command::new("true").spawn().expect("spawn true");
     gone.wait().expect("wait true");
-    let req = DumpRequest { pid: gone.id(), images_dir: dir.path().to_owned() };
+    let req = DumpRequest { pid: gone.id(), images_dir: dir.path().to_owned(), externals: vec![] };
     let started = Instant::now();
     let err = tokio::time::timeout(STEP, criu.dump_lazy(&req)).await.expect("dump_lazy timed out");
     match err {

@@ -252,6 +252,7 @@ pub async fn run(
     socket: &Path,
     a: &DrainArgs,
     options: source_agent::control::MigrateOptions,
+    rules: source_agent::external::Rules,
     show_progress: bool,
 ) -> Result<Report, String> {
     let pids = select(a)?;
@@ -261,7 +262,7 @@ pub async fn run(
     let mut movable = Vec::new();
     for &pid in &roots {
         let rss = tree_rss(pid);
-        match control::request(socket, &Request::Check { pid, target: None }, |_| {}).await {
+        match control::request(socket, &Request::Check { pid, target: None, rules: rules.clone() }, |_| {}).await {
             Ok(Event::Checked { report: r }) if r.blockers.is_empty() => movable.push((pid, rss)),
             Ok(Event::Checked { report: r }) => {
                 report.refused.push(Item { reason: Some(r.blocker_summary()), ..item(pid, rss) })
@@ -290,7 +291,7 @@ pub async fn run(
     }
     let mut plan: Vec<(u32, u64, usize)> =
         movable.iter().filter_map(|&(pid, rss)| placed.get(&pid).map(|&i| (pid, rss, i))).collect();
-    plan.sort_by(|x, y| y.1.cmp(&x.1));
+    plan.sort_by_key(|x| std::cmp::Reverse(x.1));
     if a.dry_run {
         report.planned = plan
             .iter()
@@ -316,13 +317,14 @@ pub async fn run(
     for (pid, rss, i) in plan {
         let (target, host) = (a.to[i].clone(), names[i].clone());
         let (socket, permits, overall, multi) = (socket.to_owned(), permits.clone(), overall.clone(), multi.clone());
+        let rules = rules.clone();
         jobs.push(tokio::spawn(async move {
             let _permit = permits.acquire().await.expect("semaphore open");
             // A bar per running migration: it appears when the migration starts.
             let bar = multi.add(ProgressBar::new(0));
             bar.set_style(crate::bar_style());
             bar.set_prefix(format!("{pid}->{host}"));
-            let req = Request::Migrate { pid, target: target.clone(), options };
+            let req = Request::Migrate { pid, target: target.clone(), options, rules };
             let r = control::request(&socket, &req, |ev| crate::show(&bar, ev)).await;
             bar.finish_and_clear();
             overall.inc(1);

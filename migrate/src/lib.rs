@@ -33,6 +33,37 @@ pub struct Cli {
     pub agent_socket: PathBuf,
     #[command(flatten)]
     pub how: How,
+    #[command(flatten)]
+    pub external: External,
+}
+
+/// Policies for the tree's connections to the outside (migrate, check and drain). Without one, such a
+/// connection stops the migration before anything is frozen, and the error names the flag to use.
+#[derive(clap::Args, Debug, PartialEq, Clone, Default)]
+pub struct External {
+    /// A unix socket connected outside the tree: MATCH=POLICY, may repeat, first match wins (then the
+    /// source agent's config). MATCH: ino:N (the socket's inode, as `migrate check` shows), path:P (the
+    /// peer's path, or an accepted connection's listener path), comm:C (the peer's command), or *.
+    /// POLICY: connect[:PATH] (on the target, a new connection to the same or the given path; datagram
+    /// sockets: the same path only), broker[:SOCKET] (a socket from the broker on the target, default
+    /// /run/migrate/broker.sock), hangup (the peer is gone after the move: EOF), refuse.
+    #[arg(long = "unix", global = true, value_name = "MATCH=POLICY", value_parser = rule)]
+    pub unix: Vec<String>,
+    /// A terminal of the tree held by a process outside it (a tmux server's attached client):
+    /// MATCH=POLICY with MATCH path:/dev/pts/N, comm:C (who holds it outside) or *, and POLICY hangup
+    /// (the restored program gets a fresh terminal whose other side has gone) or refuse.
+    #[arg(long = "tty", global = true, value_name = "MATCH=POLICY", value_parser = rule)]
+    pub tty: Vec<String>,
+}
+
+impl External {
+    pub fn rules(&self) -> source_agent::external::Rules {
+        source_agent::external::Rules { unix: self.unix.clone(), tty: self.tty.clone() }
+    }
+}
+
+fn rule(s: &str) -> Result<String, String> {
+    s.parse::<source_agent::external::Rule>().map(|_| s.to_string())
 }
 
 /// How memory moves (migrate and drain).
@@ -207,7 +238,7 @@ pub fn summary_text(s: &Summary) -> String {
 pub async fn run(cli: Cli) -> i32 {
     match (&cli.command, cli.pid, &cli.host) {
         (Some(Command::Check { pid, host }), _, _) => check(&cli, *pid, host.clone()).await,
-        (Some(Command::Drain(a)), _, _) => match drain::run(&cli.agent_socket, a, cli.how.options(), !cli.json).await {
+        (Some(Command::Drain(a)), _, _) => match drain::run(&cli.agent_socket, a, cli.how.options(), cli.external.rules(), !cli.json).await {
             Ok(r) => {
                 if cli.json {
                     println!("{}", serde_json::to_string(&r).expect("report serializes"));
@@ -225,7 +256,7 @@ pub async fn run(cli: Cli) -> i32 {
 }
 
 async fn check(cli: &Cli, pid: u32, target: Option<String>) -> i32 {
-    let req = source_agent::control::Request::Check { pid, target };
+    let req = source_agent::control::Request::Check { pid, target, rules: cli.external.rules() };
     match source_agent::control::request(&cli.agent_socket, &req, |_| {}).await {
         Ok(Event::Checked { report }) => {
             if cli.json {
@@ -297,7 +328,12 @@ async fn migrate(cli: &Cli, pid: u32, host: String) -> i32 {
     };
     bar.set_style(bar_style());
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
-    let req = source_agent::control::Request::Migrate { pid, target: host, options: cli.how.options() };
+    let req = source_agent::control::Request::Migrate {
+        pid,
+        target: host,
+        options: cli.how.options(),
+        rules: cli.external.rules(),
+    };
     let result = source_agent::control::request(&cli.agent_socket, &req, |ev| show(&bar, ev)).await;
     bar.finish_and_clear();
     match result {
@@ -337,6 +373,7 @@ mod tests {
                 json: true,
                 agent_socket: "/x.sock".into(),
                 how: How { mode: Mode::Hybrid, max_downtime: 100, max_rounds: 8, grace: 10 },
+                external: External::default(),
             }
         );
         assert!(Cli::try_parse_from(["migrate", "notapid", "b"]).is_err());
@@ -356,6 +393,22 @@ mod tests {
         assert_eq!(c.how.max_rounds, 3);
         let c = Cli::try_parse_from(["migrate", "check", "42", "b:7420"]).unwrap();
         assert_eq!(c.command, Some(Command::Check { pid: 42, host: Some("b:7420".into()) }));
+        let c = Cli::try_parse_from([
+            "migrate",
+            "--unix",
+            "path:/run/a.sock=connect",
+            "--unix",
+            "*=hangup",
+            "--tty",
+            "comm:tmux: client=hangup",
+            "1",
+            "b",
+        ])
+        .unwrap();
+        assert_eq!(c.external.rules().unix, ["path:/run/a.sock=connect", "*=hangup"]);
+        assert_eq!(c.external.rules().tty, ["comm:tmux: client=hangup"]);
+        let e = Cli::try_parse_from(["migrate", "--unix", "path:/x=teleport", "1", "b"]).unwrap_err().to_string();
+        assert!(e.contains("MATCH=POLICY"), "{e}");
     }
 
     #[test]

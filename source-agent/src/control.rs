@@ -26,9 +26,17 @@ pub enum Request {
         target: String,
         #[serde(default)]
         options: MigrateOptions,
+        /// Policies for the tree's connections to the outside, tried before the agent's own.
+        #[serde(default)]
+        rules: crate::external::Rules,
     },
     /// Pre-flight only: what would stop the tree from moving (to `target`, when given). Touches nothing.
-    Check { pid: u32, target: Option<String> },
+    Check {
+        pid: u32,
+        target: Option<String>,
+        #[serde(default)]
+        rules: crate::external::Rules,
+    },
     /// What the target agent at `target` states about itself (name, free memory), for placement.
     Probe { target: String },
 }
@@ -264,7 +272,15 @@ mod tests {
     #[test]
     fn wire_format_is_stable() {
         let r: Request = serde_json::from_str(r#"{"request":"migrate","pid":42,"target":"b:7420"}"#).unwrap();
-        assert_eq!(r, Request::Migrate { pid: 42, target: "b:7420".into(), options: MigrateOptions::default() });
+        assert_eq!(
+            r,
+            Request::Migrate {
+                pid: 42,
+                target: "b:7420".into(),
+                options: MigrateOptions::default(),
+                rules: Default::default()
+            }
+        );
         let r: Request = serde_json::from_str(
             r#"{"request":"migrate","pid":42,"target":"b","options":{"mode":"stopcopy","max_downtime_ms":50}}"#,
         )

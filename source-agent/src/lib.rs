@@ -11,6 +11,7 @@
 //! the `criu` crate.
 
 pub mod control;
+pub mod external;
 pub mod inspect;
 pub mod migration;
 pub mod precopy;
@@ -36,6 +37,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Local HTTP address for `/metrics` (Prometheus) and `/status`; None: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Policies for connections to the outside from the agent's config file, tried after the ones a
+    /// `migrate` command gives.
+    pub rules: external::Rules,
 }
 
 /// Errors that stop the agent.
@@ -77,7 +81,14 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         }
         None => None,
     };
-    let ctx = Arc::new(migration::Context { criu, hello, client, state_dir: cfg.state_dir.clone(), stats });
+    let ctx = Arc::new(migration::Context {
+        criu,
+        hello,
+        client,
+        state_dir: cfg.state_dir.clone(),
+        stats,
+        rules: cfg.rules.clone(),
+    });
     tracing::info!(socket = %cfg.control_socket.display(), criu = %ctx.criu.version, "source agent ready");
     server::serve(listener, ctx, shutdown).await;
     let _ = std::fs::remove_file(&cfg.control_socket);

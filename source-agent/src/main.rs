@@ -24,13 +24,23 @@ struct Args {
     /// Local HTTP address for /metrics (Prometheus text) and /status (JSON); "off" to disable.
     #[arg(long, default_value = "127.0.0.1:9464")]
     metrics_listen: String,
+    /// Config file (TOML): `unix = ["MATCH=POLICY", ...]` and `tty = [...]`, the policies for the
+    /// connections of migrated trees to the outside (see `migrate --help`). Read when it exists.
+    #[arg(long, default_value = "/etc/migrate/source-agent.toml")]
+    config: PathBuf,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     telemetry::init_logging();
     let a = Args::parse();
+    let rules = if a.config.exists() {
+        source_agent::external::Rules::from_config(&a.config).map_err(anyhow::Error::msg)?
+    } else {
+        Default::default()
+    };
     let cfg = source_agent::Config {
+        rules,
         control_socket: a.control_socket,
         tls: TlsFiles::in_dir(&a.tls_dir, &a.host),
         name: a.host.clone(),

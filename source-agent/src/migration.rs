@@ -68,6 +68,8 @@ pub struct Context {
     pub client: quinn::ClientConfig,
     pub state_dir: PathBuf,
     pub stats: Arc<crate::stats::Stats>,
+    /// The agent's own policies for connections to the outside (its config file).
+    pub rules: crate::external::Rules,
 }
 
 /// A failure, with where the original stands.
@@ -109,6 +111,10 @@ struct Migration<'a> {
     rounds: u32,
     precopy_ms: f64,
     precopy_wire: u64,
+    /// Policies for connections to the outside: the command's, then the agent's.
+    rules: crate::external::Rules,
+    /// What the pre-flight decided for them.
+    external: crate::external::Plan,
 }
 
 /// What the pre-copy rounds leave for the freeze: the pages stream and what the target holds.
@@ -237,6 +243,7 @@ pub async fn run(
     pid: u32,
     target: &str,
     options: MigrateOptions,
+    rules: &crate::external::Rules,
     caller_uid: u32,
     events: UnboundedSender<Event>,
 ) -> Result<Summary, Failure> {
@@ -257,6 +264,8 @@ pub async fn run(
         rounds: 0,
         precopy_ms: 0.0,
         precopy_wire: 0,
+        rules: rules.then(&ctx.rules),
+        external: Default::default(),
     };
     ctx.stats.migrations.start(telemetry::Running {
         id: id.clone(),
@@ -442,10 +451,12 @@ impl Migration<'_> {
         let started = Instant::now();
         // The tree, and the pre-flight on it: nothing is frozen while anything would stop the migration.
         let facts = inspect_tree(pid)?;
-        let report = crate::preflight::judge(&facts, caller_uid);
+        let rules = self.rules.parse()?;
+        let report = crate::preflight::judge(&facts, caller_uid, &rules);
         if !report.blockers.is_empty() {
             return Err(format!("pre-flight: pid {pid} cannot migrate: {}", report.blocker_summary()));
         }
+        self.external = report.external;
         let pids = facts.pids();
         let comm = facts.processes[0].comm.clone();
         self.pids = pids.clone();
@@ -479,7 +490,7 @@ impl Migration<'_> {
             Phase::Prepare,
             format!("{} process(es) of {comm}; asking {} whether it can take them", pids.len(), remote.host_name),
         );
-        let prepared = prepare(session, &self.id, pids, comm, files, false).await?;
+        let prepared = prepare(session, &self.id, pids, comm, files, &self.external, false).await?;
         if !prepared.blockers.is_empty() {
             return Err(format!("{} cannot take pid {pid}: {}", remote.host_name, findings_text(&prepared.blockers)));
         }
@@ -504,7 +515,11 @@ impl Migration<'_> {
         let frozen_at = Instant::now();
         self.stage = Stage::Frozen;
         write_journal(&self.work_dir, "frozen", pids);
-        let req = criu::DumpRequest { pid, images_dir: self.work_dir.clone() };
+        let req = criu::DumpRequest {
+            pid,
+            images_dir: self.work_dir.clone(),
+            externals: self.external.dump_externals(),
+        };
         let dumped = match pre {
             // The private memory stays in the stopped tree (PE_LAZY in the pagemaps); CRIU's own page
             // server is not needed: this agent reads the stopped tree directly. The images are complete
@@ -939,6 +954,7 @@ async fn prepare(
     pids: &[u32],
     comm: &str,
     files: &[(String, u64)],
+    external: &crate::external::Plan,
     dry_run: bool,
 ) -> Result<pb::Prepared, String> {
     let target = s.remote.host_name.as_str();
@@ -948,6 +964,19 @@ async fn prepare(
         comm: comm.into(),
         files: files.iter().map(|(path, size)| pb::FileRef { path: path.clone(), size: *size }).collect(),
         dry_run,
+        external_unix: external.unix.iter().map(external_unix_msg).collect(),
+        external_tty: external
+            .tty
+            .iter()
+            .map(|t| pb::ExternalTty {
+                key: t.key.clone(),
+                pid: t.pid,
+                fd: t.fd,
+                path: t.path.clone(),
+                rule: t.rule.clone(),
+            })
+            .collect(),
+        own_ptys: external.own_ptys.clone(),
     };
     write_frame(&mut *s.send.lock().await, &pb::SourceMsg { msg: Some(source_msg::Msg::Prepare(msg)) })
         .await
@@ -955,6 +984,27 @@ async fn prepare(
     match recv_msg(&mut *s.recv.lock().await, target).await? {
         target_msg::Msg::Prepared(p) => Ok(p),
         other => Err(unexpected(target, &other, "Prepared")),
+    }
+}
+
+fn external_unix_msg(u: &crate::external::UnixPlan) -> pb::ExternalUnix {
+    use crate::external::Action;
+    use pb::external_unix::Action as A;
+    pb::ExternalUnix {
+        ino: u.ino,
+        pid: u.pid,
+        fd: u.fd,
+        sock_type: u.sock_type as u32,
+        name: u.name.clone(),
+        peer_name: u.peer_name.clone(),
+        peer_pid: u.peer_owner.as_ref().map(|o| o.0).unwrap_or(0),
+        peer_comm: u.peer_owner.as_ref().map(|o| o.1.clone()).unwrap_or_default(),
+        rule: u.rule.clone(),
+        action: Some(match &u.action {
+            Action::Connect { path } => A::Connect(path.clone()),
+            Action::Broker { socket } => A::Broker(socket.clone()),
+            Action::Hangup => A::Hangup(true),
+        }),
     }
 }
 
@@ -976,10 +1026,12 @@ pub async fn check(
     ctx: &Context,
     pid: u32,
     target: Option<&str>,
+    rules: &crate::external::Rules,
     caller_uid: u32,
 ) -> Result<crate::preflight::Report, String> {
     let facts = inspect_tree(pid)?;
-    let mut report = crate::preflight::judge(&facts, caller_uid);
+    let rules = rules.then(&ctx.rules).parse()?;
+    let mut report = crate::preflight::judge(&facts, caller_uid, &rules);
     if let Some(target) = target {
         report.target = Some(target.into());
         let s = connect(ctx, target).await?;
@@ -990,6 +1042,7 @@ pub async fn check(
             &facts.pids(),
             &comm,
             &facts.files(),
+            &report.external,
             true,
         )
         .await;
@@ -1026,7 +1079,7 @@ fn image_files(dir: &Path) -> Result<Vec<(String, u64)>, String> {
         protocol::names::check_image_name(&name).map_err(|err| err.to_string())?;
         out.push((name, meta.len()));
     }
-    out.sort_by(|a, b| b.1.cmp(&a.1));
+    out.sort_by_key(|f| std::cmp::Reverse(f.1));
     Ok(out)
 }
 

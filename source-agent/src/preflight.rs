@@ -31,6 +31,9 @@ pub struct Report {
     pub target: Option<String>,
     pub blockers: Vec<Finding>,
     pub warnings: Vec<Finding>,
+    /// Connections to the outside that the target sets up again (see [`crate::external`]).
+    #[serde(default)]
+    pub external: crate::external::Plan,
 }
 
 impl Report {
@@ -44,6 +47,9 @@ impl Report {
             self.target.as_ref().map(|t| format!(" to {t}")).unwrap_or_default(),
             if self.blockers.is_empty() { "can migrate" } else { "cannot migrate" }
         );
+        for line in self.external.lines() {
+            s.push_str(&format!("  external {line}\n"));
+        }
         for (label, list) in [("blocker", &self.blockers), ("warning", &self.warnings)] {
             for f in list {
                 let who = if f.pid == 0 { "target".to_string() } else { format!("pid {}", f.pid) };
@@ -81,24 +87,14 @@ fn is_terminal(path: &str) -> bool {
     path.starts_with("/dev/pts/") || path.starts_with("/dev/tty") || path == "/dev/console" || path == "/dev/ptmx"
 }
 
-fn is_graphical(name: &str) -> bool {
-    name.contains("/.X11-unix/") || name.contains("wayland-") || name.contains("/.ICE-unix/")
-}
 
-/// Judges a tree. `caller_uid` is who asked (root may move anyone's processes).
-pub fn judge(t: &Tree, caller_uid: u32) -> Report {
+/// Judges a tree. `caller_uid` is who asked (root may move anyone's processes); `rules` decide the
+/// connections to the outside ([`crate::external::plan`]).
+pub fn judge(t: &Tree, caller_uid: u32, rules: &crate::external::Parsed) -> Report {
     let mut blockers = Vec::new();
     let mut warnings = Vec::new();
     let pids = t.pids();
-    let tree_sockets: Vec<u64> = t
-        .processes
-        .iter()
-        .flat_map(|p| p.fds.iter())
-        .filter_map(|f| match &f.kind {
-            FdKind::Socket(s) => Some(s.ino),
-            _ => None,
-        })
-        .collect();
+    let (external, mut external_blockers) = crate::external::plan(t, rules);
     let own_pid = std::process::id();
     for p in &t.processes {
         let pid = p.pid;
@@ -210,7 +206,9 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
             let n = fd.fd;
             match &fd.kind {
                 FdKind::CharDevice { path, major, minor } | FdKind::BlockDevice { path, major, minor } => {
-                    if is_terminal(path) {
+                    if fd.tty.as_ref().is_some_and(|t| t.pts_index.is_some() || t.master_of.is_some()) {
+                        // A pty: its master in the tree, or a terminal of the outside (crate::external).
+                    } else if is_terminal(path) {
                         blockers.push(finding(
                             "terminal",
                             pid,
@@ -254,33 +252,7 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
                                     "bind unix sockets to absolute paths (or abstract names)",
                                 ));
                             }
-                            if u.peer != 0 && !tree_sockets.contains(&u.peer) {
-                                let owner = u
-                                    .peer_owner
-                                    .as_ref()
-                                    .map(|(pp, c)| format!("pid {pp} ({c})"))
-                                    .unwrap_or_else(|| "an unknown process".into());
-                                let name = if u.peer_name.is_empty() {
-                                    "an unnamed socket".to_string()
-                                } else {
-                                    format!("{:?}", u.peer_name)
-                                };
-                                if is_graphical(&u.peer_name) {
-                                    blockers.push(finding(
-                                        "graphical",
-                                        pid,
-                                        format!("fd {n} (socket {ino}) is connected to a display server at {name}, held by {owner}"),
-                                        "close the program's window (or run it under a virtual display inside the tree); display connections cannot move",
-                                    ));
-                                } else {
-                                    blockers.push(finding(
-                                        "external-unix",
-                                        pid,
-                                        format!("fd {n} (socket {ino}) is connected to {name}, held by {owner}, outside the tree"),
-                                        "no policy for external unix connections yet: disconnect it, or run its peer inside the migrated tree",
-                                    ));
-                                }
-                            }
+                            // Connections to the outside: crate::external.
                         }
                         (libc::AF_INET | libc::AF_INET6, _)
                             if s.sock_type == libc::SOCK_STREAM && s.protocol == libc::IPPROTO_TCP =>
@@ -339,7 +311,8 @@ pub fn judge(t: &Tree, caller_uid: u32) -> Report {
             ));
         }
     }
-    Report { pid: t.root, processes: t.processes.len(), target: None, blockers, warnings }
+    blockers.append(&mut external_blockers);
+    Report { pid: t.root, processes: t.processes.len(), target: None, blockers, warnings, external }
 }
 
 fn family_name(f: i32) -> String {
@@ -370,7 +343,7 @@ mod tests {
             uids: vec![1000; 4],
             elf64: true,
             ipc_ns: 5,
-            fds: fds.into_iter().enumerate().map(|(i, kind)| Fd { fd: i as i32, kind, locked: false }).collect(),
+            fds: fds.into_iter().enumerate().map(|(i, kind)| Fd { fd: i as i32, kind, locked: false, tty: None }).collect(),
             ..Default::default()
         };
         Tree { root: 100, processes: vec![p], agent_ipc_ns: 5, agent_cap_sys_resource: true, ..Default::default() }
@@ -386,9 +359,9 @@ mod tests {
             FdKind::CharDevice { path: "/dev/null".into(), major: 1, minor: 3 },
             FdKind::Pipe { o_direct: false },
         ]);
-        assert!(judge(&t, 0).blockers.is_empty());
-        assert!(judge(&t, 1000).blockers.is_empty(), "own process");
-        assert_eq!(codes(&judge(&t, 1001)), ["other-user"]);
+        assert!(judge(&t, 0, &Default::default()).blockers.is_empty());
+        assert!(judge(&t, 1000, &Default::default()).blockers.is_empty(), "own process");
+        assert_eq!(codes(&judge(&t, 1001, &Default::default())), ["other-user"]);
     }
 
     #[test]
@@ -399,7 +372,7 @@ mod tests {
             FdKind::Pipe { o_direct: true },
             FdKind::CharDevice { path: "/dev/net/tun".into(), major: 10, minor: 200 },
         ]);
-        assert_eq!(codes(&judge(&t, 0)), ["device", "terminal", "pipe-o-direct"]);
+        assert_eq!(codes(&judge(&t, 0, &Default::default())), ["device", "terminal", "pipe-o-direct"]);
     }
 
     #[test]
@@ -440,12 +413,13 @@ mod tests {
             inet(libc::SOCK_DGRAM, libc::IPPROTO_UDP, 0, true),
             inet(libc::SOCK_RAW, libc::IPPROTO_ICMP, 0, false),
         ]);
-        let r = judge(&t, 0);
+        let r = judge(&t, 0, &Default::default());
         assert_eq!(
             codes(&r),
-            ["unix-relative-path", "external-unix", "graphical", "tcp-established", "udp-corked", "socket-family"]
+            ["unix-relative-path", "tcp-established", "udp-corked", "socket-family", "external-unix", "graphical"]
         );
-        assert!(r.blockers[1].detail.contains("/run/srv.sock") && r.blockers[1].detail.contains("pid 7 (srv)"));
+        assert!(r.blockers[4].detail.contains("/run/srv.sock") && r.blockers[4].detail.contains("pid 7 (srv)"));
+        assert!(r.blockers[4].fix.contains("--unix path:/run/srv.sock=connect"), "{}", r.blockers[4].fix);
         assert_eq!(r.warnings.iter().map(|w| w.code.as_str()).collect::<Vec<_>>(), ["tcp-listen"]);
     }
 
@@ -463,17 +437,17 @@ mod tests {
             unix: Some(UnixInfo { peer: 1, ..Default::default() }),
             ..Default::default()
         });
-        assert!(judge(&tree(vec![a, b]), 0).blockers.is_empty());
+        assert!(judge(&tree(vec![a, b]), 0, &Default::default()).blockers.is_empty());
     }
 
     #[test]
     fn another_users_process_needs_cap_sys_resource() {
         let mut t = tree(vec![]);
-        assert!(judge(&t, 0).blockers.is_empty());
+        assert!(judge(&t, 0, &Default::default()).blockers.is_empty());
         t.agent_cap_sys_resource = false;
-        assert_eq!(codes(&judge(&t, 0)), ["needs-cap-sys-resource"]);
+        assert_eq!(codes(&judge(&t, 0, &Default::default())), ["needs-cap-sys-resource"]);
         t.processes[0].uids = vec![0; 4];
-        assert!(judge(&t, 0).blockers.is_empty(), "root's own process needs nothing more");
+        assert!(judge(&t, 0, &Default::default()).blockers.is_empty(), "root's own process needs nothing more");
     }
 
     #[test]
@@ -484,8 +458,8 @@ mod tests {
         t.processes[0].sid = 55;
         t.lock_holders = vec![100];
         t.sysv_users = vec![100];
-        assert_eq!(codes(&judge(&t, 0)), ["tracer", "compat-32bit", "session", "file-lock", "sysv-ipc"]);
+        assert_eq!(codes(&judge(&t, 0, &Default::default())), ["tracer", "compat-32bit", "session", "file-lock", "sysv-ipc"]);
         t.processes[0].ipc_ns = 6; // its own IPC namespace: SysV objects move with it
-        assert!(!codes(&judge(&t, 0)).contains(&"sysv-ipc"));
+        assert!(!codes(&judge(&t, 0, &Default::default())).contains(&"sysv-ipc"));
     }
 }

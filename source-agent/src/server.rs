@@ -49,7 +49,7 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
         }
     };
     match req {
-        Request::Migrate { pid, target, options } => {
+        Request::Migrate { pid, target, options, rules } => {
             if let Err(why) = may_migrate(cred.uid(), pid) {
                 let ev = Event::Failed { error: why, original: Original::Running };
                 return w.write_all(&send(&ev)).await;
@@ -57,7 +57,7 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
             tracing::info!(pid, %target, uid = cred.uid(), "migrate requested");
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let job = tokio::spawn(async move {
-                let r = migration::run(&ctx, pid, &target, options, cred.uid(), tx.clone()).await;
+                let r = migration::run(&ctx, pid, &target, options, &rules, cred.uid(), tx.clone()).await;
                 let ev = match r {
                     Ok(summary) => Event::Done { summary },
                     Err(f) => Event::Failed { error: f.error, original: f.original },
@@ -80,12 +80,12 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
             };
             w.write_all(&send(&ev)).await
         }
-        Request::Check { pid, target } => {
+        Request::Check { pid, target, rules } => {
             if let Err(why) = may_migrate(cred.uid(), pid) {
                 let ev = Event::Failed { error: why, original: Original::Running };
                 return w.write_all(&send(&ev)).await;
             }
-            let ev = match migration::check(&ctx, pid, target.as_deref(), cred.uid()).await {
+            let ev = match migration::check(&ctx, pid, target.as_deref(), &rules, cred.uid()).await {
                 Ok(report) => Event::Checked { report },
                 Err(error) => Event::Failed { error, original: Original::Running },
             };

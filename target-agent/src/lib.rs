@@ -12,6 +12,7 @@
 //!
 //! It does not decide what to migrate, and never talks to CRIU except through the `criu` crate.
 
+pub mod external;
 pub mod lazy;
 pub mod pages;
 pub mod session;

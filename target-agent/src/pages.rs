@@ -91,8 +91,11 @@ pub struct PageStore {
     limit: u64,
     waker: Mutex<Option<Waker>>,
     /// Where requests for pending pages go (the fault stream), and those already asked for.
-    requests: Mutex<(Option<tokio::sync::mpsc::UnboundedSender<(u32, u64)>>, HashSet<(u32, u64)>)>,
+    requests: Mutex<Requests>,
 }
+
+/// The fault stream's sender, and the pages (pid, vaddr) already asked for.
+type Requests = (Option<tokio::sync::mpsc::UnboundedSender<(u32, u64)>>, HashSet<(u32, u64)>);
 
 /// What the store knows of a page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -218,7 +218,8 @@ async fn serve_control(
     if prepare.files.len() > MAX_CHECKED_FILES || prepare.pids.len() > MAX_CHECKED_FILES {
         return Err(refuse("prepare", format!("more than {MAX_CHECKED_FILES} pids or files to check")));
     }
-    let blockers = target_blockers(&prepare, &ctx.hello.host_name);
+    let mut blockers = target_blockers(&prepare, &ctx.hello.host_name);
+    blockers.extend(crate::external::check(&prepare, &ctx.hello.host_name));
     let state = ctx.cfg.state_dir.join("incoming");
     let free = free_bytes(&state).saturating_sub(DISK_RESERVE);
     if prepare.dry_run || !blockers.is_empty() {
@@ -300,6 +301,17 @@ async fn serve_control(
     // Restore, stopped; with lazy pages, this agent fills the private memory (see crate::lazy).
     set_phase("restore");
     let started = Instant::now();
+    // The tree's connections to the outside, set up again here and handed in (crate::external).
+    let handover = {
+        let (p, d) = (prepare.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || crate::external::hand_over(&p, &d))
+            .await
+            .map_err(|e| refuse("restore", format!("outside connections: {e}")))?
+            .map_err(|e| refuse("restore", format!("outside connections: {e}")))?
+    };
+    if !handover.inherit.is_empty() || handover.ext_unix_sk {
+        tracing::info!(inherit = %handover.describe(), ext_unix_sk = handover.ext_unix_sk, "outside connections ready");
+    }
     let lazy = if done.lazy {
         let ranges = criu::images::lazy_ranges(&dir).map_err(|e| refuse("restore", e.to_string()))?;
         let listener = crate::lazy::LazyPages::listen(&dir).map_err(|e| refuse("restore", e.to_string()))?;
@@ -307,7 +319,17 @@ async fn serve_control(
     } else {
         None
     };
-    let restore = ctx.criu.restore(&criu::RestoreRequest { images_dir: dir.clone(), lazy_pages: lazy.is_some() }).await;
+    let restore = ctx
+        .criu
+        .restore(&criu::RestoreRequest {
+            images_dir: dir.clone(),
+            lazy_pages: lazy.is_some(),
+            inherit: handover.inherit.clone(),
+            ext_unix_sk: handover.ext_unix_sk,
+        })
+        .await;
+    // CRIU holds its own copies now; closing the pty masters here hangs those terminals up.
+    drop(handover);
     let restore = match (restore, &lazy) {
         (Ok(r), Some(l)) => {
             // CRIU said RSTF before it exited, so this returns at once unless something is off.
