@@ -351,8 +351,11 @@ impl Criu {
         if req.ext_unix_sk {
             args.push("--ext-unix-sk".as_ref());
         }
-        let inherit: Vec<std::ffi::OsString> =
-            req.inherit.iter().flat_map(|(key, fd)| ["--inherit-fd".into(), format!("fd[{fd}]:{key}").into()]).collect();
+        let inherit: Vec<std::ffi::OsString> = req
+            .inherit
+            .iter()
+            .flat_map(|(key, fd)| ["--inherit-fd".into(), format!("fd[{fd}]:{key}").into()])
+            .collect();
         args.extend(inherit.iter().map(|a| a.as_os_str()));
         let fds: Vec<std::os::fd::RawFd> = req.inherit.iter().map(|(_, fd)| *fd).collect();
         let ran = self.run_inheriting("restore", &args, &req.images_dir.join("restore.log"), fds).await?;

@@ -238,17 +238,19 @@ pub fn summary_text(s: &Summary) -> String {
 pub async fn run(cli: Cli) -> i32 {
     match (&cli.command, cli.pid, &cli.host) {
         (Some(Command::Check { pid, host }), _, _) => check(&cli, *pid, host.clone()).await,
-        (Some(Command::Drain(a)), _, _) => match drain::run(&cli.agent_socket, a, cli.how.options(), cli.external.rules(), !cli.json).await {
-            Ok(r) => {
-                if cli.json {
-                    println!("{}", serde_json::to_string(&r).expect("report serializes"));
-                } else {
-                    print!("{}", r.text());
+        (Some(Command::Drain(a)), _, _) => {
+            match drain::run(&cli.agent_socket, a, cli.how.options(), cli.external.rules(), !cli.json).await {
+                Ok(r) => {
+                    if cli.json {
+                        println!("{}", serde_json::to_string(&r).expect("report serializes"));
+                    } else {
+                        print!("{}", r.text());
+                    }
+                    if r.failed.is_empty() { 0 } else { 1 }
                 }
-                if r.failed.is_empty() { 0 } else { 1 }
+                Err(e) => fail(&cli, e, None),
             }
-            Err(e) => fail(&cli, e, None),
-        },
+        }
         (Some(Command::Status { source_http, target_http }), _, _) => status(&cli, *source_http, *target_http).await,
         (None, Some(pid), Some(host)) => migrate(&cli, pid, host.clone()).await,
         _ => unreachable!("clap requires pid and host without a subcommand"),

@@ -321,7 +321,10 @@ pub fn plan(t: &Tree, rules: &Parsed) -> (Plan, Vec<Finding>) {
                         blockers.push(finding(
                             "graphical",
                             p.pid,
-                            format!("fd {n} (socket {}) is connected to a display server at {:?}, held by {owner}", s.ino, u.peer_name),
+                            format!(
+                                "fd {n} (socket {}) is connected to a display server at {:?}, held by {owner}",
+                                s.ino, u.peer_name
+                            ),
                             "close the program's window (or run it under a virtual display inside the tree); display \
                              connections cannot move"
                                 .into(),
@@ -333,7 +336,9 @@ pub fn plan(t: &Tree, rules: &Parsed) -> (Plan, Vec<Finding>) {
                     let dgram = s.sock_type == libc::SOCK_DGRAM;
                     let refuse = |why: &str| {
                         let allow = if dgram {
-                            format!("allow it with --unix {by}=connect (CRIU connects a new socket to the same path on the target)")
+                            format!(
+                                "allow it with --unix {by}=connect (CRIU connects a new socket to the same path on the target)"
+                            )
                         } else if connectable(path) {
                             format!(
                                 "allow it with --unix {by}=connect (a new connection to {path} on the target), \
@@ -378,9 +383,9 @@ pub fn plan(t: &Tree, rules: &Parsed) -> (Plan, Vec<Finding>) {
                             )));
                             continue;
                         }
-                        (Policy::Broker(sock), false) => Action::Broker {
-                            socket: sock.clone().unwrap_or_else(|| broker_default().into()),
-                        },
+                        (Policy::Broker(sock), false) => {
+                            Action::Broker { socket: sock.clone().unwrap_or_else(|| broker_default().into()) }
+                        }
                         (Policy::Hangup, false) => Action::Hangup,
                     };
                     plan.unix.push(UnixPlan {

@@ -515,11 +515,8 @@ impl Migration<'_> {
         let frozen_at = Instant::now();
         self.stage = Stage::Frozen;
         write_journal(&self.work_dir, "frozen", pids);
-        let req = criu::DumpRequest {
-            pid,
-            images_dir: self.work_dir.clone(),
-            externals: self.external.dump_externals(),
-        };
+        let req =
+            criu::DumpRequest { pid, images_dir: self.work_dir.clone(), externals: self.external.dump_externals() };
         let dumped = match pre {
             // The private memory stays in the stopped tree (PE_LAZY in the pagemaps); CRIU's own page
             // server is not needed: this agent reads the stopped tree directly. The images are complete

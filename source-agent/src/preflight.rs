@@ -87,7 +87,6 @@ fn is_terminal(path: &str) -> bool {
     path.starts_with("/dev/pts/") || path.starts_with("/dev/tty") || path == "/dev/console" || path == "/dev/ptmx"
 }
 
-
 /// Judges a tree. `caller_uid` is who asked (root may move anyone's processes); `rules` decide the
 /// connections to the outside ([`crate::external::plan`]).
 pub fn judge(t: &Tree, caller_uid: u32, rules: &crate::external::Parsed) -> Report {
@@ -343,7 +342,11 @@ mod tests {
             uids: vec![1000; 4],
             elf64: true,
             ipc_ns: 5,
-            fds: fds.into_iter().enumerate().map(|(i, kind)| Fd { fd: i as i32, kind, locked: false, tty: None }).collect(),
+            fds: fds
+                .into_iter()
+                .enumerate()
+                .map(|(i, kind)| Fd { fd: i as i32, kind, locked: false, tty: None })
+                .collect(),
             ..Default::default()
         };
         Tree { root: 100, processes: vec![p], agent_ipc_ns: 5, agent_cap_sys_resource: true, ..Default::default() }
@@ -458,7 +461,10 @@ mod tests {
         t.processes[0].sid = 55;
         t.lock_holders = vec![100];
         t.sysv_users = vec![100];
-        assert_eq!(codes(&judge(&t, 0, &Default::default())), ["tracer", "compat-32bit", "session", "file-lock", "sysv-ipc"]);
+        assert_eq!(
+            codes(&judge(&t, 0, &Default::default())),
+            ["tracer", "compat-32bit", "session", "file-lock", "sysv-ipc"]
+        );
         t.processes[0].ipc_ns = 6; // its own IPC namespace: SysV objects move with it
         assert!(!codes(&judge(&t, 0, &Default::default())).contains(&"sysv-ipc"));
     }

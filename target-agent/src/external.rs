@@ -49,15 +49,13 @@ fn name_ok(p: &str) -> bool {
 
 /// `tty[HEX:HEX]`.
 fn tty_key_ok(k: &str) -> bool {
-    k.strip_prefix("tty[").and_then(|r| r.strip_suffix(']')).and_then(|r| r.split_once(':')).is_some_and(
-        |(a, b)| {
-            !a.is_empty()
-                && !b.is_empty()
-                && a.len() <= 16
-                && b.len() <= 16
-                && a.chars().chain(b.chars()).all(|c| c.is_ascii_hexdigit())
-        },
-    )
+    k.strip_prefix("tty[").and_then(|r| r.strip_suffix(']')).and_then(|r| r.split_once(':')).is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && a.len() <= 16
+            && b.len() <= 16
+            && a.chars().chain(b.chars()).all(|c| c.is_ascii_hexdigit())
+    })
 }
 
 /// What stops this host from setting the tree's outside connections up again (Prepare).
@@ -77,9 +75,8 @@ pub fn check(prepare: &pb::Prepare, host: &str) -> Vec<pb::Finding> {
         std::fs::metadata(p).map(|m| m.file_type().is_socket())
     };
     for u in &prepare.external_unix {
-        let bad = |what: &str| {
-            blocker("bad-external", u.pid, format!("socket {}: {what}", u.ino), "report this bug".into())
-        };
+        let bad =
+            |what: &str| blocker("bad-external", u.pid, format!("socket {}: {what}", u.ino), "report this bug".into());
         if u.ino == 0 || !type_ok(u.sock_type) {
             out.push(bad("no inode or an unknown socket type"));
             continue;
@@ -88,9 +85,9 @@ pub fn check(prepare: &pb::Prepare, host: &str) -> Vec<pb::Finding> {
             None => out.push(bad("no action")),
             Some(Action::Connect(p)) if !name_ok(p) => out.push(bad(&format!("{p:?} cannot be connected to"))),
             Some(Action::Connect(p)) if p.starts_with('/') => {
-                if let Err(e) | Ok(Err(e)) = is_socket(p).map(|s| {
-                    if s { Ok(()) } else { Err(std::io::Error::other("not a unix socket")) }
-                }) {
+                if let Err(e) | Ok(Err(e)) =
+                    is_socket(p).map(|s| if s { Ok(()) } else { Err(std::io::Error::other("not a unix socket")) })
+                {
                     out.push(blocker(
                         "external-path",
                         u.pid,
@@ -110,7 +107,10 @@ pub fn check(prepare: &pb::Prepare, host: &str) -> Vec<pb::Finding> {
                     out.push(blocker(
                         "no-broker",
                         u.pid,
-                        format!("socket {} is to come from the broker at {b}, but no broker listens there on {host}", u.ino),
+                        format!(
+                            "socket {} is to come from the broker at {b}, but no broker listens there on {host}",
+                            u.ino
+                        ),
                         format!(
                             "start migrate-broker on {host} (see deploy/broker.toml) or an application acting as \
                              broker at {b}; or choose another policy for it"
@@ -126,7 +126,12 @@ pub fn check(prepare: &pb::Prepare, host: &str) -> Vec<pb::Finding> {
     }
     for t in &prepare.external_tty {
         if !tty_key_ok(&t.key) {
-            out.push(blocker("bad-external", t.pid, format!("{:?} is not a terminal key", t.key), "report this bug".into()));
+            out.push(blocker(
+                "bad-external",
+                t.pid,
+                format!("{:?} is not a terminal key", t.key),
+                "report this bug".into(),
+            ));
         }
     }
     for &n in &prepare.own_ptys {
@@ -269,7 +274,15 @@ fn write_queued(to: &OwnedFd, bytes: &[u8]) -> Result<(), String> {
     let mut cur: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes an int into cur (len says its size).
-    unsafe { libc::getsockopt(to.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, (&mut cur as *mut libc::c_int).cast(), &mut len) };
+    unsafe {
+        libc::getsockopt(
+            to.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&mut cur as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
     if cur < need {
         // SAFETY: setsockopt reads an int from need.
         unsafe {
@@ -295,10 +308,7 @@ fn write_queued(to: &OwnedFd, bytes: &[u8]) -> Result<(), String> {
         };
         if n < 0 {
             let e = std::io::Error::last_os_error();
-            return Err(format!(
-                "could not put back {} unread bytes ({done} written): {e}",
-                bytes.len()
-            ));
+            return Err(format!("could not put back {} unread bytes ({done} written): {e}", bytes.len()));
         }
         done += n as usize;
     }
