@@ -45,7 +45,10 @@ pub fn environment_problems(bin: &Path) -> Vec<String> {
             }
         }
     }
-    for b in ["source-agent", "target-agent", "migrate", "workload"] {
+    if !std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("tmux").exists())) {
+        problems.push("tmux is not installed (the tmux case needs it): run deploy/install.sh".to_string());
+    }
+    for b in ["source-agent", "target-agent", "migrate", "workload", "migrate-broker"] {
         if !bin.join(b).exists() {
             problems.push(format!("{} is missing: cargo build --release --workspace first", bin.join(b).display()));
         }
@@ -125,9 +128,12 @@ impl Testbed {
         let pidfile = std::env::temp_dir().join(format!("migrate-test-{}-{}.pid", std::process::id(), unique()));
         let mut a: Vec<&str> = prefix.to_vec();
         a.push(workload.to_str().expect("utf8"));
-        a.extend_from_slice(args);
         let pf = pidfile.to_str().expect("utf8").to_string();
+        // Before a `--` that starts a command line of the workload's own (pty-client), else at the end.
+        let split = args.iter().position(|&x| x == "--").unwrap_or(args.len());
+        a.extend_from_slice(&args[..split]);
         a.extend_from_slice(&["--pidfile", &pf]);
+        a.extend_from_slice(&args[split..]);
         assert!(self.exec_detached(host, &a), "starting workload {args:?} on {host} failed");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

@@ -11,6 +11,9 @@ use std::time::Duration;
 use libtest_mimic::{Arguments, Failed, Trial};
 use tests::{Testbed, unique, wait_until};
 
+#[path = "testbed/external.rs"]
+mod external;
+
 static TB: OnceLock<Testbed> = OnceLock::new();
 
 fn tb() -> &'static Testbed {
@@ -940,7 +943,7 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     let r = tb.migrate("a", gone_pid, &tb.addr("b"), None);
     check(!r.success, "migrating a missing pid succeeded")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(err.contains(&format!("no process with pid {gone_pid}")), format!("{err}"))?;
+    check(err.contains(&format!("no process with pid {gone_pid}")), err.to_string())?;
 
     let name = format!("bad{}", unique());
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "8"]);
@@ -949,7 +952,7 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     let r = tb.migrate("a", pid, &format!("{}:7999", tb.addr("b")), None);
     check(!r.success, "migration to a dead port succeeded")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(err.contains("did not answer") && err.contains("not touched"), format!("{err}"))?;
+    check(err.contains("did not answer") && err.contains("not touched"), err.to_string())?;
     check(tb.running("a", pid), "process not running after a dead target")?;
 
     // A pid already taken on b: make the next pid in b's namespace `pid` and start a sleeper there.
@@ -967,8 +970,8 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     tb.kill("b", pid);
     check(!r.success, "migration onto a taken pid succeeded")?;
     let err = r.json["error"].as_str().unwrap_or_default();
-    check(err.contains(&format!("pid {pid} (used by `sleep`) already taken on b")), format!("{err}"))?;
-    check(err.contains("not touched"), format!("{err}"))?;
+    check(err.contains(&format!("pid {pid} (used by `sleep`) already taken on b")), err.to_string())?;
+    check(err.contains("not touched"), err.to_string())?;
     check(tb.running("a", pid), "process not running after a taken pid")?;
     tb.kill("a", pid);
     Ok(())
@@ -977,7 +980,8 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
 fn main() {
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
-    let cases: Vec<(&str, fn() -> Result<(), Failed>)> = vec![
+    type Case = fn() -> Result<(), Failed>;
+    let cases: Vec<(&str, Case)> = vec![
         ("memory_and_counter_survive", memory_and_counter_survive),
         ("process_tree_with_pipe", process_tree_with_pipe),
         ("failed_restore_rolls_back", failed_restore_rolls_back),
@@ -993,6 +997,11 @@ fn main() {
         ("dropped_link_rolls_back", dropped_link_rolls_back),
         ("crashed_source_agent_resumes_the_original", crashed_source_agent_resumes_the_original),
         ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
+        ("unix_connect_reaches_the_server_on_b", external::unix_connect_reaches_the_server_on_b),
+        ("unread_bytes_are_read_first_after_the_move", external::unread_bytes_are_read_first_after_the_move),
+        ("datagram_logger_keeps_logging_on_b", external::datagram_logger_keeps_logging_on_b),
+        ("broker_hands_over_a_new_client", external::broker_hands_over_a_new_client),
+        ("tmux_with_an_attached_client_moves", external::tmux_with_an_attached_client_moves),
     ];
     let listing = args.list;
     let bin = bin_dir();
@@ -1013,7 +1022,7 @@ fn main() {
             }
         }
     }
-    let trials = cases.into_iter().map(|(n, f)| Trial::test(n, move || f())).collect();
+    let trials = cases.into_iter().map(|(n, f)| Trial::test(n, f)).collect();
     let conclusion = libtest_mimic::run(&args, trials);
     if let Some(tb) = TB.get() {
         // A static is never dropped: tear down explicitly.
