@@ -89,7 +89,7 @@ impl std::str::FromStr for Rule {
 
 /// The rules in force for one migration, as the `migrate` command and the agent's config give them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Rules {
     /// `MATCH=POLICY` for unix sockets.
     pub unix: Vec<String>,
@@ -453,10 +453,6 @@ fn is_graphical(name: &str) -> bool {
     name.contains("/.X11-unix/") || name.contains("wayland-") || name.contains("/.ICE-unix/")
 }
 
-fn broker_default() -> &'static str {
-    "/run/migrate/broker.sock"
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,6 +505,23 @@ mod tests {
             let e = bad.parse::<Rule>().unwrap_err();
             assert!(e.contains("MATCH=POLICY"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn config_file_rules_come_after_the_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("source-agent.toml");
+        std::fs::write(&f, "unix = [\"path:/run/a.sock=connect\", \"*=refuse\"]\ntty = [\"*=hangup\"]\n").unwrap();
+        let from_file = Rules::from_config(&f).unwrap();
+        let cmd = Rules { unix: vec!["ino:3=hangup".into()], tty: vec![] };
+        let all = cmd.then(&from_file);
+        assert_eq!(all.unix, ["ino:3=hangup", "path:/run/a.sock=connect", "*=refuse"]);
+        assert_eq!(all.tty, ["*=hangup"]);
+        std::fs::write(&f, "unix = [\"*=teleport\"]\n").unwrap();
+        let e = Rules::from_config(&f).unwrap_err();
+        assert!(e.contains("source-agent.toml") && e.contains("unknown policy"), "{e}");
+        std::fs::write(&f, "unx = []\n").unwrap();
+        assert!(Rules::from_config(&f).is_err(), "a misspelt key is an error, not an empty rule set");
     }
 
     #[test]
