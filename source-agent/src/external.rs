@@ -384,7 +384,7 @@ pub fn plan(t: &Tree, rules: &Parsed) -> (Plan, Vec<Finding>) {
                             continue;
                         }
                         (Policy::Broker(sock), false) => {
-                            Action::Broker { socket: sock.clone().unwrap_or_else(|| broker_default().into()) }
+                            Action::Broker { socket: sock.clone().unwrap_or_else(|| broker::DEFAULT_SOCKET.into()) }
                         }
                         (Policy::Hangup, false) => Action::Hangup,
                     };
