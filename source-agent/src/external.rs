@@ -106,6 +106,27 @@ impl Rules {
         }
     }
 
+    /// Rules a caller other than root may give: those that only drop the connection (`hangup`,
+    /// `refuse`). `connect` and `broker` make the root target agent open a socket and hand it to the
+    /// tree, which could reach what its user may not (a root-only socket on the target); for other users
+    /// they must come from the agent's config, which root writes.
+    pub fn check_caller(&self, uid: u32) -> Result<(), String> {
+        if uid == 0 {
+            return Ok(());
+        }
+        for r in self.parse()?.unix.iter().chain(&self.parse()?.tty) {
+            if matches!(r.policy, Policy::Connect(_) | Policy::Broker(_)) {
+                return Err(format!(
+                    "permission denied: rule {} asks the target agent (root) to open a socket for the tree; only root \
+                     may give connect and broker rules on the command line, other users get them from the source \
+                     agent's config (/etc/migrate/source-agent.toml)",
+                    r.text
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Parses every rule; the first bad one is the error.
     pub fn parse(&self) -> Result<Parsed, String> {
         let p = |v: &[String]| v.iter().map(|r| r.parse::<Rule>()).collect::<Result<Vec<_>, _>>();
@@ -303,7 +324,10 @@ pub fn plan(t: &Tree, rules: &Parsed) -> (Plan, Vec<Finding>) {
                     if plan.unix.iter().any(|x| x.ino == s.ino) {
                         continue;
                     }
+                    // Rules match an accepted connection by its listener's path (it has no peer path); only a
+                    // peer path can be connected to.
                     let path = if u.peer_name.is_empty() { &u.name } else { &u.peer_name };
+                    let peer_path = &u.peer_name;
                     let comm = u.peer_owner.as_ref().map(|(_, c)| c.as_str());
                     let owner = u
                         .peer_owner
@@ -335,11 +359,15 @@ pub fn plan(t: &Tree, rules: &Parsed) -> (Plan, Vec<Finding>) {
                     let rule = choose(&rules.unix, Some(s.ino), path, comm);
                     let dgram = s.sock_type == libc::SOCK_DGRAM;
                     let refuse = |why: &str| {
-                        let allow = if dgram {
+                        let allow = if dgram && connectable(peer_path) {
                             format!(
                                 "allow it with --unix {by}=connect (CRIU connects a new socket to the same path on the target)"
                             )
-                        } else if connectable(path) {
+                        } else if dgram {
+                            "a datagram socket connected to an unnamed peer cannot move: close it, or bind its peer \
+                             to a path"
+                                .to_string()
+                        } else if connectable(peer_path) {
                             format!(
                                 "allow it with --unix {by}=connect (a new connection to {path} on the target), \
                                  --unix {by}=broker (a socket from the target's broker) or --unix {by}=hangup (the peer \
@@ -362,12 +390,14 @@ pub fn plan(t: &Tree, rules: &Parsed) -> (Plan, Vec<Finding>) {
                             blockers.push(refuse(&format!("; rule {} refuses it", rule.text)));
                             continue;
                         }
-                        (Policy::Connect(None), _) if connectable(path) => Action::Connect { path: path.clone() },
+                        (Policy::Connect(None), _) if connectable(peer_path) => {
+                            Action::Connect { path: peer_path.clone() }
+                        }
                         (Policy::Connect(None), _) => {
                             blockers.push(refuse("; connect needs a path and the peer has none usable here"));
                             continue;
                         }
-                        (Policy::Connect(Some(to)), true) if to != path => {
+                        (Policy::Connect(Some(to)), true) if to != peer_path => {
                             blockers.push(refuse(&format!(
                                 "; a datagram socket can only be reconnected to its own peer path, not to {to} \
                                  (CRIU reconnects it)"
@@ -558,6 +588,27 @@ mod tests {
             ]
         );
         assert_eq!(plan.dump_externals(), ["unix[11]", "unix[12]", "unix[13]", "unix[14]"]);
+    }
+
+    #[test]
+    fn only_root_gives_connect_and_broker_rules() {
+        let r = Rules { unix: vec!["*=hangup".into(), "path:/run/docker.sock=connect".into()], tty: vec![] };
+        assert!(r.check_caller(0).is_ok());
+        let e = r.check_caller(1000).unwrap_err();
+        assert!(e.contains("path:/run/docker.sock=connect") && e.contains("only root"), "{e}");
+        assert!(Rules { unix: vec!["*=hangup".into()], tty: vec!["*=hangup".into()] }.check_caller(1000).is_ok());
+    }
+
+    #[test]
+    fn an_accepted_connection_has_no_path_to_connect_to() {
+        // The tree's server end of a connection it accepted: its own name is the listener's path.
+        let t = tree(vec![(sock(16, libc::SOCK_STREAM, "/run/mine.sock", 6, "", "client"), None)]);
+        let (p, b) = plan(&t, &rules(&["path:/run/mine.sock=connect"], &[]));
+        assert!(p.unix.is_empty());
+        assert!(b[0].detail.contains("connect needs a path"), "{}", b[0].detail);
+        assert!(!b[0].fix.contains("=connect ("), "connect is not offered: {}", b[0].fix);
+        let (p, b) = plan(&t, &rules(&["path:/run/mine.sock=broker"], &[]));
+        assert!(b.is_empty() && p.unix.len() == 1, "{b:?}");
     }
 
     #[test]

@@ -247,6 +247,9 @@ pub async fn run(
     caller_uid: u32,
     events: UnboundedSender<Event>,
 ) -> Result<Summary, Failure> {
+    if let Err(error) = rules.check_caller(caller_uid) {
+        return Err(Failure { error, original: Original::Running });
+    }
     let id = uuid::Uuid::new_v4().simple().to_string();
     let work_dir = ctx.state_dir.join("outgoing").join(&id);
     let mut m = Migration {
@@ -1026,6 +1029,7 @@ pub async fn check(
     rules: &crate::external::Rules,
     caller_uid: u32,
 ) -> Result<crate::preflight::Report, String> {
+    rules.check_caller(caller_uid)?;
     let facts = inspect_tree(pid)?;
     let rules = rules.then(&ctx.rules).parse()?;
     let mut report = crate::preflight::judge(&facts, caller_uid, &rules);

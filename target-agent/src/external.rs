@@ -33,6 +33,8 @@ pub const MAX_QUEUED: usize = 8 << 20;
 const BROKER_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long a peer may take to accept a connection (the unread bytes go into its end of it).
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connect may wait for room in the listener's backlog.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn blocker(code: &str, pid: u32, detail: String, fix: String) -> pb::Finding {
     pb::Finding { code: code.into(), pid, detail, fix }
@@ -61,7 +63,7 @@ fn tty_key_ok(k: &str) -> bool {
 /// What stops this host from setting the tree's outside connections up again (Prepare).
 pub fn check(prepare: &pb::Prepare, host: &str) -> Vec<pb::Finding> {
     let mut out = Vec::new();
-    if prepare.external_unix.len() + prepare.external_tty.len() > MAX_EXTERNALS {
+    if prepare.external_unix.len() + prepare.external_tty.len() + prepare.own_ptys.len() > MAX_EXTERNALS {
         out.push(blocker(
             "external-count",
             0,
@@ -161,6 +163,12 @@ pub struct Handover {
 }
 
 impl Handover {
+    /// Closes the handed-in files (CRIU has its own copies once it ran) and keeps the pty masters, to be
+    /// dropped once the copy runs.
+    pub fn into_masters(self) -> Vec<OwnedFd> {
+        self.masters
+    }
+
     /// Lines for the log.
     pub fn describe(&self) -> String {
         self.inherit.iter().map(|(k, fd)| format!("fd[{fd}]:{k}")).collect::<Vec<_>>().join(" ")
@@ -185,6 +193,14 @@ pub fn hand_over(prepare: &pb::Prepare, images: &Path) -> Result<Handover, Strin
         }
         let queued = criu::images::queued_bytes(images, u.ino, MAX_QUEUED)
             .map_err(|e| format!("{what}: its unread bytes: {e}"))?;
+        if !queued.is_empty() && u.sock_type as i32 == libc::SOCK_SEQPACKET {
+            // Their message boundaries are not kept by this agent yet: refuse rather than merge them.
+            return Err(format!(
+                "{what}: {} unread bytes in a seqpacket socket cannot be put back as the messages they were; \
+                 migrate once the program has read them",
+                queued.len()
+            ));
+        }
         let fd = match &u.action {
             Some(Action::Connect(path)) => {
                 let s = connect(path, u.sock_type as i32).map_err(|e| {
@@ -253,7 +269,25 @@ fn connect(name: &str, ty: i32) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: fd was just created and is owned only here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    nix::sys::socket::connect(fd.as_raw_fd(), &addr)?;
+    // A listener whose backlog is full makes connect wait; not for longer than this.
+    let t = libc::timeval { tv_sec: CONNECT_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
+    // SAFETY: setsockopt reads a timeval from t.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&t as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    nix::sys::socket::connect(fd.as_raw_fd(), &addr).map_err(|e| {
+        if e == nix::errno::Errno::EAGAIN || e == nix::errno::Errno::EINPROGRESS {
+            std::io::Error::other(format!("its backlog stayed full for {} s", CONNECT_TIMEOUT.as_secs()))
+        } else {
+            e.into()
+        }
+    })?;
     Ok(fd)
 }
 
@@ -335,7 +369,8 @@ fn replay_via_peer(mine: &OwnedFd, bytes: &[u8]) -> Result<(), String> {
         if Instant::now() > deadline {
             return Err(format!(
                 "{} unread bytes cannot be put back: no process took the other end of the new connection within \
-                 {} s (a server that does not accept?)",
+                 {} s (a server that does not accept, a peer outside this host's pid namespace, or one that closed \
+                 the connection at once)",
                 bytes.len(),
                 ACCEPT_TIMEOUT.as_secs()
             ));
@@ -349,6 +384,19 @@ fn replay_via_peer(mine: &OwnedFd, bytes: &[u8]) -> Result<(), String> {
     let mut all = bytes.to_vec();
     all.extend_from_slice(&early);
     write_queued(&theirs, &all)?;
+    // The peer may have written again between the drain and this write: then its bytes are in front.
+    let mut head = vec![0u8; bytes.len()];
+    // SAFETY: recv writes at most head.len() bytes into head; MSG_PEEK leaves them queued.
+    let n = unsafe {
+        libc::recv(mine.as_raw_fd(), head.as_mut_ptr().cast(), head.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
+    };
+    if n < 0 || n as usize != bytes.len() || head != bytes {
+        return Err(format!(
+            "{} unread bytes could not be put in front: the peer (pid {pid}) wrote at the same instant; retry the \
+             migration",
+            bytes.len()
+        ));
+    }
     tracing::info!(pid, fd, bytes = bytes.len(), early = early.len(), "unread bytes put back through the peer");
     Ok(())
 }

@@ -328,8 +328,10 @@ async fn serve_control(
             ext_unix_sk: handover.ext_unix_sk,
         })
         .await;
-    // CRIU holds its own copies now; closing the pty masters here hangs those terminals up.
-    drop(handover);
+    // CRIU holds its own copies now. The pty masters stay open until the copy was resumed: closing one
+    // hangs its terminal up, which would SIGCONT a stopped session leader whose controlling terminal it
+    // is, before Commit.
+    let masters = handover.into_masters();
     let restore = match (restore, &lazy) {
         (Ok(r), Some(l)) => {
             // CRIU said RSTF before it exited, so this returns at once unless something is off.
@@ -378,6 +380,8 @@ async fn serve_control(
     // of its memory cannot arrive), and the source resumes its original.
     copy.committed = !done.lazy;
     criu::tree::resume(&pids).map_err(|e| refuse("resume", format!("restored pid {root}: {e}")))?;
+    // The outside terminals handed in hang up now, as when their client has gone.
+    drop(masters);
     send_msg(send, target_msg::Msg::Resumed(pb::Resumed { root_pid: root })).await?;
     if let Some(mut l) = lazy {
         // The copy runs; the daemon fills the rest of its memory from the page store (post-copy: as
