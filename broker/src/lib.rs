@@ -70,6 +70,7 @@
 
 mod client;
 mod server;
+pub mod socket;
 mod sys;
 
 use std::fmt;

@@ -27,11 +27,8 @@ use broker::{Reply, Request, SockType, unix_addr};
 use clap::Parser;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{
-    AddressFamily, Backlog, MsgFlags, SockFlag, bind, connect, listen, send, setsockopt, socket, sockopt,
-};
+use nix::sys::socket::{AddressFamily, Backlog, SockFlag, bind, listen, socket};
 use nix::sys::stat::{Mode, umask};
-use nix::sys::time::TimeVal;
 use serde::Deserialize;
 
 /// Hands sockets to restored processes for their connections to peers outside the migrated tree.
@@ -48,10 +45,6 @@ struct Args {
 
 /// How long an `accept` rule waits for a client unless its `accept_timeout_s` says otherwise.
 const DEFAULT_ACCEPT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long a `connect` rule waits while the target's listen backlog is full (a unix `connect` blocks
-/// then, as long as `SO_SNDTIMEO` allows). A healthy server drains its backlog in milliseconds.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Listen backlog of the broker's socket and of the `accept` rules' listeners. Agents ask one request
 /// at a time per migration, and an `accept` rule's clients wait there for a request to pair them; a
@@ -288,7 +281,7 @@ impl Rule {
     /// The socket to hand over and whether the queued bytes are already in it.
     fn run(&self, req: &Request) -> Result<(OwnedFd, bool), String> {
         match &self.action {
-            Action::Connect { target } => connect_to(target, req.sock_type).map(|fd| (fd, false)),
+            Action::Connect { target } => broker::socket::connect(target, req.sock_type).map(|fd| (fd, false)),
             Action::Accept { path, listener, sock_type, timeout } => {
                 if req.sock_type != *sock_type {
                     return Err(format!(
@@ -301,32 +294,6 @@ impl Rule {
             Action::Spawn { argv } => spawn_on_pair(argv, req).map(|fd| (fd, true)),
         }
     }
-}
-
-fn connect_to(target: &str, ty: SockType) -> Result<OwnedFd, String> {
-    let addr = unix_addr(Path::new(target)).map_err(|e| format!("bad socket name: {e}"))?;
-    let fd =
-        socket(AddressFamily::Unix, ty.to_nix(), SockFlag::SOCK_CLOEXEC, None).map_err(|e| format!("socket: {e}"))?;
-    let timeout = TimeVal::new(CONNECT_TIMEOUT.as_secs() as _, 0);
-    setsockopt(&fd, sockopt::SendTimeout, &timeout).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
-    loop {
-        match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
-            Ok(()) => break,
-            Err(Errno::EINTR) => continue,
-            Err(Errno::EAGAIN) => {
-                return Err(format!(
-                    "{target} did not take the connection within {CONNECT_TIMEOUT:?} (its listen backlog is full)"
-                ));
-            }
-            Err(e @ (Errno::ENOENT | Errno::ECONNREFUSED)) => {
-                return Err(format!("nothing listens at {target} ({e}); start the service that should"));
-            }
-            Err(e) => return Err(format!("cannot connect to {target}: {e}")),
-        }
-    }
-    // The process gets the socket as it would be after its own connect: no send timeout.
-    setsockopt(&fd, sockopt::SendTimeout, &TimeVal::new(0, 0)).map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
-    Ok(fd)
 }
 
 /// Waits up to `timeout` for a client on `listener` (non-blocking, shared by concurrent requests:
@@ -384,7 +351,7 @@ fn spawn_on_pair(argv: &[String], req: &Request) -> Result<OwnedFd, String> {
     let (ours, theirs) =
         nix::sys::socket::socketpair(AddressFamily::Unix, req.sock_type.to_nix(), None, SockFlag::SOCK_CLOEXEC)
             .map_err(|e| format!("socketpair: {e}"))?;
-    replay(&theirs, req)?;
+    broker::socket::put_queued(&theirs, &req.queued_messages(), req.sock_type)?;
     let stdin = theirs.try_clone().map_err(|e| format!("dup: {e}"))?;
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
@@ -424,56 +391,6 @@ fn spawn_on_pair(argv: &[String], req: &Request) -> Result<OwnedFd, String> {
         tracing::warn!(pid, "cannot start a thread to reap the spawned command: {e}");
     }
     Ok(ours)
-}
-
-/// Writes the queued bytes into `end` without blocking: nobody reads the other end yet, so a write that
-/// would block would block for ever. The socket's send buffer is first raised to hold them
-/// (`SO_SNDBUFFORCE` as root, else `SO_SNDBUF` up to `net.core.wmem_max`).
-fn replay(end: &OwnedFd, req: &Request) -> Result<(), String> {
-    let msgs = req.queued_messages();
-    if msgs.is_empty() {
-        return Ok(());
-    }
-    // The kernel doubles the value for its bookkeeping; a few KiB more cover the per-message overhead
-    // of many small datagrams.
-    let want = req.queued.len().saturating_add(msgs.len().saturating_mul(1024)).min(i32::MAX as usize);
-    if setsockopt(end, sockopt::SndBufForce, &want).is_err() {
-        let _ = setsockopt(end, sockopt::SndBuf, &want);
-    }
-    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-    let raw = std::os::fd::AsRawFd::as_raw_fd(end);
-    let full = |done: usize| {
-        format!(
-            "the {} queued bytes do not fit in a socket buffer ({done} written; raise net.core.wmem_max{})",
-            req.queued.len(),
-            if req.sock_type == SockType::Dgram { " or net.unix.max_dgram_qlen" } else { "" }
-        )
-    };
-    let mut done = 0;
-    for msg in msgs {
-        if req.sock_type == SockType::Stream {
-            let mut off = 0;
-            while off < msg.len() {
-                match send(raw, &msg[off..], flags) {
-                    Ok(n) => off += n,
-                    Err(Errno::EINTR) => continue,
-                    Err(Errno::EAGAIN) => return Err(full(done + off)),
-                    Err(e) => return Err(format!("writing the queued bytes: {e}")),
-                }
-            }
-        } else {
-            loop {
-                match send(raw, msg, flags) {
-                    Ok(_) => break,
-                    Err(Errno::EINTR) => continue,
-                    Err(Errno::EAGAIN) => return Err(full(done)),
-                    Err(e) => return Err(format!("writing a queued message of {} bytes: {e}", msg.len())),
-                }
-            }
-        }
-        done += msg.len();
-    }
-    Ok(())
 }
 
 /// Listens on `path` (`@name`: abstract). For a filesystem path: creates the parent directory, removes

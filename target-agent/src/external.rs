@@ -33,8 +33,6 @@ pub const MAX_QUEUED: usize = 8 << 20;
 const BROKER_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long a peer may take to accept a connection (the unread bytes go into its end of it).
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a connect may wait for room in the listener's backlog.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn blocker(code: &str, pid: u32, detail: String, fix: String) -> pb::Finding {
     pb::Finding { code: code.into(), pid, detail, fix }
@@ -203,9 +201,7 @@ pub fn hand_over(prepare: &pb::Prepare, images: &Path) -> Result<Handover, Strin
         }
         let fd = match &u.action {
             Some(Action::Connect(path)) => {
-                let s = connect(path, u.sock_type as i32).map_err(|e| {
-                    format!("{what}: cannot connect to {path}: {e}; is its server running on this host?")
-                })?;
+                let s = broker::socket::connect(path, sock_type(u)).map_err(|e| format!("{what}: {e}"))?;
                 if !queued.is_empty() {
                     replay_via_peer(&s, &queued).map_err(|e| format!("{what}: {e}"))?;
                 }
@@ -215,7 +211,8 @@ pub fn hand_over(prepare: &pb::Prepare, images: &Path) -> Result<Handover, Strin
             Some(Action::Hangup(_)) => {
                 let (mine, other) = socketpair(u.sock_type as i32).map_err(|e| format!("{what}: socketpair: {e}"))?;
                 if !queued.is_empty() {
-                    write_queued(&other, &queued).map_err(|e| format!("{what}: {e}"))?;
+                    broker::socket::put_queued(&other, &[&queued], broker::SockType::Stream)
+                        .map_err(|e| format!("{what}: {e}"))?;
                 }
                 drop(other); // the peer has gone: after the unread bytes, EOF
                 mine
@@ -237,11 +234,7 @@ pub fn hand_over(prepare: &pb::Prepare, images: &Path) -> Result<Handover, Strin
 }
 
 fn from_broker(prepare: &pb::Prepare, u: &pb::ExternalUnix, at: &str, queued: &[u8]) -> Result<OwnedFd, String> {
-    let ty = match u.sock_type as i32 {
-        libc::SOCK_SEQPACKET => broker::SockType::Seqpacket,
-        _ => broker::SockType::Stream,
-    };
-    let mut req = broker::Request::new(prepare.migration_id.clone(), u.ino, ty);
+    let mut req = broker::Request::new(prepare.migration_id.clone(), u.ino, sock_type(u));
     req.name = u.name.clone();
     req.peer_name = u.peer_name.clone();
     req.peer_pid = u.peer_pid;
@@ -259,36 +252,13 @@ fn from_broker(prepare: &pb::Prepare, u: &pb::ExternalUnix, at: &str, queued: &[
     }
 }
 
-/// A new unix socket of type `ty` connected to `name` (a path, or `@abstract`).
-fn connect(name: &str, ty: i32) -> std::io::Result<OwnedFd> {
-    let addr = broker::unix_addr(Path::new(name))?;
-    // SAFETY: socket(2) returns a new fd or -1.
-    let fd = unsafe { libc::socket(libc::AF_UNIX, ty | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+/// The broker crate's name for a stream or seqpacket socket of the plan (datagram sockets are not
+/// handed in).
+fn sock_type(u: &pb::ExternalUnix) -> broker::SockType {
+    match u.sock_type as i32 {
+        libc::SOCK_SEQPACKET => broker::SockType::Seqpacket,
+        _ => broker::SockType::Stream,
     }
-    // SAFETY: fd was just created and is owned only here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // A listener whose backlog is full makes connect wait; not for longer than this.
-    let t = libc::timeval { tv_sec: CONNECT_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
-    // SAFETY: setsockopt reads a timeval from t.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
-            (&t as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    nix::sys::socket::connect(fd.as_raw_fd(), &addr).map_err(|e| {
-        if e == nix::errno::Errno::EAGAIN || e == nix::errno::Errno::EINPROGRESS {
-            std::io::Error::other(format!("its backlog stayed full for {} s", CONNECT_TIMEOUT.as_secs()))
-        } else {
-            e.into()
-        }
-    })?;
-    Ok(fd)
 }
 
 fn socketpair(ty: i32) -> std::io::Result<(OwnedFd, OwnedFd)> {
@@ -299,54 +269,6 @@ fn socketpair(ty: i32) -> std::io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: both fds were just created and are owned only here.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-/// Writes all of `bytes` into `to` without blocking: nobody reads the other end until the restore, so
-/// the socket's send buffer is made large enough for them first (SO_SNDBUFFORCE; this agent is root).
-fn write_queued(to: &OwnedFd, bytes: &[u8]) -> Result<(), String> {
-    let need: libc::c_int = (bytes.len() * 2 + (64 << 10)).try_into().unwrap_or(libc::c_int::MAX);
-    let mut cur: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes an int into cur (len says its size).
-    unsafe {
-        libc::getsockopt(
-            to.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&mut cur as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if cur < need {
-        // SAFETY: setsockopt reads an int from need.
-        unsafe {
-            libc::setsockopt(
-                to.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUFFORCE,
-                (&need as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-    }
-    let mut done = 0;
-    while done < bytes.len() {
-        // SAFETY: send reads at most len bytes from the slice, which is valid for them.
-        let n = unsafe {
-            libc::send(
-                to.as_raw_fd(),
-                bytes[done..].as_ptr().cast(),
-                bytes.len() - done,
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(format!("could not put back {} unread bytes ({done} written): {e}", bytes.len()));
-        }
-        done += n as usize;
-    }
-    Ok(())
 }
 
 /// Puts `bytes` in front of whatever `mine`'s peer sends: writes them into the peer's own socket (a
@@ -383,7 +305,7 @@ fn replay_via_peer(mine: &OwnedFd, bytes: &[u8]) -> Result<(), String> {
     let early = drain(mine);
     let mut all = bytes.to_vec();
     all.extend_from_slice(&early);
-    write_queued(&theirs, &all)?;
+    broker::socket::put_queued(&theirs, &[&all], broker::SockType::Stream)?;
     // The peer may have written again between the drain and this write: then its bytes are in front.
     let mut head = vec![0u8; bytes.len()];
     // SAFETY: recv writes at most head.len() bytes into head; MSG_PEEK leaves them queued.
@@ -499,7 +421,7 @@ mod tests {
     #[test]
     fn hangup_hands_in_the_unread_bytes_then_eof() {
         let (mine, other) = socketpair(libc::SOCK_STREAM).unwrap();
-        write_queued(&other, &vec![7u8; 300 << 10]).unwrap();
+        broker::socket::put_queued(&other, &[&vec![7u8; 300 << 10]], broker::SockType::Stream).unwrap();
         drop(other);
         let mut got = Vec::new();
         UnixStream::from(mine).read_to_end(&mut got).unwrap();
@@ -519,7 +441,7 @@ mod tests {
             s.write_all(b"later").unwrap();
             std::thread::sleep(Duration::from_millis(300));
         });
-        let mine = connect(&path.to_string_lossy(), libc::SOCK_STREAM).unwrap();
+        let mine = broker::socket::connect(&path.to_string_lossy(), broker::SockType::Stream).unwrap();
         std::thread::sleep(Duration::from_millis(100));
         replay_via_peer(&mine, b"UNREAD ").unwrap();
         let mut s = UnixStream::from(mine);
