@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criu::images::{PAGE_SIZE, read_pagemap};
-use criu::{Criu, CriuError, DumpRequest, PS_IOV_ADD_F, PsIov};
+use criu::{CriuError, DumpRequest, PS_IOV_ADD_F, PsIov};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: u64 = 64;
+mod common;
+use common::{require_criu, wait_for};
+
 /// Bound on every CRIU call here (each takes well under a second on this VM).
 const STEP: Duration = Duration::from_secs(60);
 
@@ -37,11 +40,6 @@ while True:
     report()
 "#;
 
-fn require_criu() -> Criu {
-    assert!(nix::unistd::geteuid().is_root(), "these tests dump processes with CRIU and must run as root");
-    Criu::find().unwrap_or_else(|e| panic!("these tests need CRIU: {e}"))
-}
-
 fn python() -> PathBuf {
     ["/usr/bin/python3", "/usr/local/bin/python3"]
         .iter()
@@ -52,18 +50,6 @@ fn python() -> PathBuf {
                 .and_then(|path| std::env::split_paths(&path).map(|d| d.join("python3")).find(|p| p.is_file()))
         })
         .expect("these tests need python3 for their helper process (deploy/install.sh installs it)")
-}
-
-/// Polls `f` every 20 ms until it gives Some, at most `within`.
-fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < until, "timed out after {within:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A helper process: session leader, no tty, 64 MiB of known memory. Killed on drop.

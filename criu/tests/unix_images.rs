@@ -17,26 +17,12 @@ use criu::images::{
     UnixSocketImage, queued_bytes, unix_sockets,
 };
 
+mod common;
+use common::{require_criu, wait_for};
+
 /// Bound on the dump (it takes well under a second on this VM).
 const STEP: Duration = Duration::from_secs(60);
 const TCP_ESTABLISHED: u32 = 1;
-
-fn require_criu() -> Criu {
-    assert!(nix::unistd::geteuid().is_root(), "this test dumps a process with CRIU and must run as root");
-    Criu::find().unwrap_or_else(|e| panic!("this test needs CRIU: {e}"))
-}
-
-/// Polls `f` every 20 ms until it gives Some, at most `within`.
-fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let until = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < until, "timed out after {within:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn ino_of(fd: impl AsFd) -> u64 {
     nix::sys::stat::fstat(fd).expect("fstat a socket").st_ino
