@@ -114,7 +114,8 @@ impl Rules {
         if uid == 0 {
             return Ok(());
         }
-        for r in self.parse()?.unix.iter().chain(&self.parse()?.tty) {
+        let parsed = self.parse()?;
+        for r in parsed.unix.iter().chain(&parsed.tty) {
             if matches!(r.policy, Policy::Connect(_) | Policy::Broker(_)) {
                 return Err(format!(
                     "permission denied: rule {} asks the target agent (root) to open a socket for the tree; only root \
