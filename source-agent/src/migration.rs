@@ -910,11 +910,13 @@ async fn connect_with(ctx: &Context, target: &str, grace: Duration) -> Result<Se
     client.transport_config(protocol::tls::transport(grace));
     endpoint.set_default_client_config(client);
     let connecting = endpoint.connect(addr, &server_name).map_err(|e| format!("cannot connect to {target}: {e}"))?;
+    // Silence until our timeout, or until QUIC's own idle timeout (the grace, which may be the shorter
+    // or fire first at equal length): either way the target did not answer.
     let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Err(_) => {
+        Err(_) | Ok(Err(quinn::ConnectionError::TimedOut)) => {
             return Err(format!(
                 "target {target} ({addr}) did not answer within {}s: is target-agent running there, and is UDP port {} reachable?",
-                CONNECT_TIMEOUT.as_secs(),
+                CONNECT_TIMEOUT.min(grace).as_secs(),
                 addr.port()
             ));
         }
