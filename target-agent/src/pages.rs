@@ -59,6 +59,20 @@ impl Inner {
         &mut self.slabs[s][o * PAGE_SIZE..(o + 1) * PAGE_SIZE]
     }
 
+    /// Pages `vaddrs` of `pid`, whose content the store now holds, are current: the daemon may use
+    /// them and pushes them as they arrived.
+    fn mark_current(&mut self, pid: u32, vaddrs: impl Iterator<Item = u64>) {
+        let mut current: Vec<u64> = vaddrs.collect();
+        self.fresh.extend(current.iter().map(|&v| (pid, v)));
+        current.sort_unstable();
+        for v in current {
+            match self.arrivals.last_mut() {
+                Some((p, start, n)) if *p == pid && *start + *n as u64 * PAGE_SIZE as u64 == v => *n += 1,
+                _ => self.arrivals.push((pid, v, 1)),
+            }
+        }
+    }
+
     /// The slot of `key`, allocated if new.
     fn slot_for(&mut self, key: (u32, u64), limit: u64) -> Result<u32, StoreError> {
         if let Some(&s) = self.index.get(&key) {
@@ -81,6 +95,9 @@ impl Inner {
         Ok(s)
     }
 }
+
+/// Data pages applied under one hold of the store's lock.
+const APPLY_GROUP: usize = 16;
 
 /// Called when pages become current (the daemon's wake-up).
 type Waker = Box<dyn Fn() + Send + Sync>;
@@ -179,11 +196,21 @@ impl PageStore {
         if data.len() != batch.data.len() * PAGE_SIZE {
             return Err(StoreError::Malformed(format!("{} bytes for {} data pages", data.len(), batch.data.len())));
         }
-        let mut inner = self.inner.write().expect("page store lock");
-        for (i, &vaddr) in batch.data.iter().enumerate() {
-            let s = inner.slot_for((batch.pid, vaddr), self.limit)?;
-            inner.slot_mut(s).copy_from_slice(&data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]);
+        let pid = batch.pid;
+        // The data pages in groups, each under the lock on its own: a fault answer applied meanwhile (or
+        // the daemon looking a page up) waits for one group, not for a whole 1 MiB batch.
+        for (g, group) in batch.data.chunks(APPLY_GROUP).enumerate() {
+            let mut inner = self.inner.write().expect("page store lock");
+            for (i, &vaddr) in group.iter().enumerate() {
+                let s = inner.slot_for((pid, vaddr), self.limit)?;
+                let at = (g * APPLY_GROUP + i) * PAGE_SIZE;
+                inner.slot_mut(s).copy_from_slice(&data[at..at + PAGE_SIZE]);
+            }
+            if batch.frozen && !inner.complete {
+                inner.mark_current(pid, group.iter().copied());
+            }
         }
+        let mut inner = self.inner.write().expect("page store lock");
         for c in &batch.copies {
             let &from = inner
                 .index
@@ -200,18 +227,12 @@ impl PageStore {
                 inner.free.push(s);
             }
         }
-        if !batch.frozen || inner.complete {
+        if !batch.frozen {
             return Ok(());
         }
-        let pid = batch.pid;
-        let mut current: Vec<u64> = batch.data.iter().chain(batch.copies.iter().map(|c| &c.vaddr)).copied().collect();
-        inner.fresh.extend(current.iter().chain(&batch.zero).map(|&v| (pid, v)));
-        current.sort_unstable();
-        for v in current {
-            match inner.arrivals.last_mut() {
-                Some((p, start, n)) if *p == pid && *start + *n as u64 * PAGE_SIZE as u64 == v => *n += 1,
-                _ => inner.arrivals.push((pid, v, 1)),
-            }
+        if !inner.complete {
+            inner.mark_current(pid, batch.copies.iter().map(|c| c.vaddr));
+            inner.fresh.extend(batch.zero.iter().map(|&v| (pid, v)));
         }
         drop(inner);
         self.wake();
