@@ -5,6 +5,7 @@
 //! - [`chunk`]: the zstd chunk codec for file (and later page) data, with bounded decoding.
 //! - [`file_stream`]: one image file on one QUIC stream: header, chunks, end marker, xxh3.
 //! - [`pages`]: the pages stream: memory pages sent while the process runs and during the freeze.
+//! - [`lane`]: the thread and runtime of the fault link, so fault answers never queue behind bulk pages.
 //! - [`tls`]: mutual TLS against the fleet CA, as quinn client and server configurations.
 //! - [`names`]: which file names a peer may ask us to write.
 //! - [`hello`]: protocol version and host compatibility rules; [`host`]: this host's facts for its Hello.
@@ -16,6 +17,7 @@ pub mod file_stream;
 pub mod frame;
 pub mod hello;
 pub mod host;
+pub mod lane;
 pub mod names;
 pub mod pages;
 pub mod tls;

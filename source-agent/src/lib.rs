@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod external;
+pub mod fault_link;
 pub mod inspect;
 pub mod migration;
 pub mod precopy;
@@ -51,6 +52,8 @@ pub enum AgentError {
     Criu(#[from] criu::CriuError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot start the fault lane's thread: {0}")]
+    Lane(std::io::Error),
     #[error("cannot serve metrics on TCP {addr}: {source}; choose another --metrics-listen, or off")]
     Metrics { addr: std::net::SocketAddr, source: std::io::Error },
 }
@@ -88,6 +91,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         state_dir: cfg.state_dir.clone(),
         stats,
         rules: cfg.rules.clone(),
+        fault_lane: protocol::lane::Lane::start("fault-link").map_err(AgentError::Lane)?,
     });
     tracing::info!(socket = %cfg.control_socket.display(), criu = %ctx.criu.version, "source agent ready");
     server::serve(listener, ctx, shutdown).await;

@@ -70,6 +70,8 @@ pub struct Context {
     pub stats: Arc<crate::stats::Stats>,
     /// The agent's own policies for connections to the outside (its config file).
     pub rules: crate::external::Rules,
+    /// Where fault links run (crate::fault_link).
+    pub fault_lane: protocol::lane::Lane,
 }
 
 /// A failure, with where the original stands.
@@ -125,54 +127,46 @@ struct PreCopied {
     rounds: u32,
 }
 
-/// Stream priorities (quinn: higher first): fault answers before control and files before bulk pages.
-const PRIORITY_FAULTS: i32 = 10;
+/// Stream priority of the bulk pages (quinn: higher first): control and files go before them. Fault
+/// answers do not share their connection (crate::fault_link).
 const PRIORITY_BULK: i32 = -10;
 
-/// Most fault requests answered at once.
-const PARALLEL_FAULTS: usize = 8;
-
-/// The source's side of post-copy, after ImagesDone: answers the target's page faults from the stopped
-/// tree, and streams every page that differs from what the target holds (all of them after no rounds),
-/// going first where the faults are. Returns the bytes it put on the wire.
+/// The source's side of post-copy, after ImagesDone: streams every page that differs from what the
+/// target holds (all of them after no rounds), going first where the faults are, while the fault link
+/// answers the faults themselves (crate::fault_link::serve, which is given the other end of `hints`).
 struct PostCopy {
-    conn: quinn::Connection,
-    pids: Vec<u32>,
     regions: Vec<precopy::Region>,
     delivered: Arc<std::sync::atomic::AtomicBool>,
     work_dir: PathBuf,
+    pids: Vec<u32>,
+    /// The fault link's server, and the bytes it answered.
+    faults: tokio::task::JoinHandle<Result<(), String>>,
+    answered: Arc<AtomicU64>,
+    hints: std::sync::mpsc::Receiver<precopy::Key>,
 }
 
 impl PostCopy {
     /// Returns the bytes it put on the wire and the pages the target holds.
     async fn run(self, mut pre: PreCopied) -> Result<(u64, u64), String> {
-        let (hint_tx, hint_rx) = std::sync::mpsc::channel();
-        let answered = Arc::new(AtomicU64::new(0));
-        let faults = tokio::spawn(serve_faults(
-            self.conn.clone(),
-            self.pids.clone(),
-            self.regions.clone(),
-            hint_tx,
-            answered.clone(),
-        ));
+        let PostCopy { regions, delivered, work_dir, pids, faults, answered, hints } = self;
         // Once every page reached the target, no fault waits for this host any more.
         let _stop_faults = AbortOnDrop(faults.abort_handle());
         let pass = precopy::Pass {
             round: pre.rounds,
             frozen: true,
-            hints: Some(hint_rx),
+            hints: Some(hints),
             no_copies: true,
             ..Default::default()
         };
-        let stats = precopy::send_round(&mut pre.held, &mut pre.stream, self.regions.clone(), pass, &pre.level).await?;
+        let stats = precopy::send_round(&mut pre.held, &mut pre.stream, regions, pass, &pre.level).await?;
         let end = precopy::send_end(&mut pre.stream, pre.held.records).await?;
         pre.stream.finish().map_err(|e| format!("pages stream: {e}"))?;
         tracing::info!(pages = stats.sent, scanned = stats.scanned, secs = stats.secs, "post-copy: every page sent");
         // Once the target has read the whole stream it can complete without this host.
         match pre.stream.stopped().await {
             Ok(None) => {
-                self.delivered.store(true, Ordering::SeqCst);
-                write_journal(&self.work_dir, "delivered", &self.pids);
+                delivered.store(true, Ordering::SeqCst);
+                write_journal(&work_dir, "delivered", &pids);
             }
             Ok(Some(code)) => return Err(format!("the target stopped the pages stream (code {code})")),
             Err(e) => return Err(format!("pages stream: {e}")),
@@ -180,52 +174,10 @@ impl PostCopy {
         if faults.is_finished()
             && let Ok(Err(e)) = faults.await
         {
-            tracing::warn!("fault stream: {e}");
+            tracing::warn!("fault link: {e}");
         }
         Ok((stats.wire + end + answered.load(Ordering::Relaxed), pre.held.len() as u64))
     }
-}
-
-/// Answers fault requests on the bidirectional stream the target opens, until it ends it. A request
-/// must name a process of the tree and a page of its lazy memory: anything else is a hostile or broken
-/// peer asking to read this host's memory, and ends the stream.
-async fn serve_faults(
-    conn: quinn::Connection,
-    pids: Vec<u32>,
-    regions: Vec<precopy::Region>,
-    hints: std::sync::mpsc::Sender<precopy::Key>,
-    wire: Arc<AtomicU64>,
-) -> Result<(), String> {
-    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| format!("fault stream: {e}"))?;
-    let _ = send.set_priority(PRIORITY_FAULTS);
-    let mut answers = futures::stream::FuturesOrdered::new();
-    let mut open = true;
-    loop {
-        tokio::select! {
-            req = read_frame::<_, pb::FaultRequest>(&mut recv), if open && answers.len() < PARALLEL_FAULTS => {
-                let Some(req) = req.map_err(|e| format!("fault stream: {e}"))? else {
-                    open = false;
-                    continue;
-                };
-                let inside = pids.contains(&req.pid)
-                    && regions.iter().any(|r| r.pid == req.pid && r.start <= req.vaddr && req.vaddr < r.end);
-                if !inside || req.vaddr % protocol::pages::PAGE_SIZE as u64 != 0 {
-                    let _ = send.reset(1u32.into());
-                    return Err(format!("the target asked for page {}:{:#x}, which is not lazy memory of the tree", req.pid, req.vaddr));
-                }
-                let _ = hints.send((req.pid, req.vaddr));
-                answers.push_back(tokio::task::spawn_blocking(move || precopy::fault_answer(req.pid, req.vaddr)));
-            }
-            Some(out) = answers.next(), if !answers.is_empty() => {
-                let out = out.map_err(|e| format!("fault answer: {e}"))?;
-                send.write_all(&out).await.map_err(|e| format!("fault stream: {e}"))?;
-                wire.fetch_add(out.len() as u64, Ordering::Relaxed);
-            }
-            else => break,
-        }
-    }
-    let _ = send.finish();
-    Ok(())
 }
 
 /// Aborts a task when dropped.
@@ -504,6 +456,25 @@ impl Migration<'_> {
 
         let mode = self.options.mode;
         let postcopy = matches!(mode, Mode::Postcopy | Mode::Hybrid);
+        // Post-copy: the fault link is opened now, so that it is there the moment the copy runs.
+        let fault_link = if postcopy {
+            let addr = std::net::SocketAddr::new(conn.remote_address().ip(), prepared.fault_port as u16);
+            if prepared.fault_port == 0 || prepared.fault_port > u16::MAX as u32 {
+                return Err(format!("{} offers no fault link (port {})", remote.host_name, prepared.fault_port));
+            }
+            Some(
+                crate::fault_link::open(
+                    &self.ctx.fault_lane,
+                    self.ctx.client.clone(),
+                    addr,
+                    &session.server_name,
+                    &self.id,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         let mut pre = match mode {
             Mode::Stopcopy => None,
             Mode::Postcopy => Some(self.precopy(conn, pid, pids, 0).await?),
@@ -601,12 +572,19 @@ impl Migration<'_> {
         // and runs the copy, and pages the copy faults on are answered first.
         let background = match pre.take() {
             Some(p) if postcopy => {
+                let (hint_tx, hints) = std::sync::mpsc::channel();
+                let answered = Arc::new(AtomicU64::new(0));
+                let lazy = crate::fault_link::Lazy { pids: pids.to_vec(), regions: lazy_regions.clone() };
+                let link = fault_link.expect("opened for post-copy");
+                let faults = crate::fault_link::serve(&self.ctx.fault_lane, link, lazy, hint_tx, answered.clone());
                 let task = PostCopy {
-                    conn: conn.clone(),
                     pids: pids.to_vec(),
                     regions: lazy_regions,
                     delivered: self.delivered.clone(),
                     work_dir: self.work_dir.clone(),
+                    faults,
+                    answered,
+                    hints,
                 };
                 Some(tokio::spawn(task.run(p)))
             }
@@ -883,6 +861,8 @@ fn inspect_tree(pid: u32) -> Result<crate::inspect::Tree, String> {
 pub struct Session {
     endpoint: quinn::Endpoint,
     conn: quinn::Connection,
+    /// The name the target's certificate was verified for.
+    server_name: String,
     send: tokio::sync::Mutex<quinn::SendStream>,
     recv: tokio::sync::Mutex<quinn::RecvStream>,
     remote: pb::Hello,
@@ -946,7 +926,14 @@ async fn connect_with(ctx: &Context, target: &str, grace: Duration) -> Result<Se
         }
     };
     protocol::hello::check_compatible(&ctx.hello, &remote).map_err(|e| format!("cannot migrate to {target}: {e}"))?;
-    Ok(Session { endpoint, conn, send: tokio::sync::Mutex::new(send), recv: tokio::sync::Mutex::new(recv), remote })
+    Ok(Session {
+        endpoint,
+        conn,
+        server_name,
+        send: tokio::sync::Mutex::new(send),
+        recv: tokio::sync::Mutex::new(recv),
+        remote,
+    })
 }
 
 /// Sends Prepare and returns the target's answer.

@@ -338,6 +338,8 @@ impl LazyPages {
         server.publish();
         let s = Arc::downgrade(&shared);
         let spawned = std::thread::Builder::new().name("lazy-pages".into()).spawn(move || {
+            // A fault answer that arrived on the fault link must not wait for this thread's turn.
+            protocol::lane::raise_priority();
             let guard = EndGuard(s);
             let result = server.run();
             guard.end(result);

@@ -5,7 +5,8 @@
 //! `STATE/incoming/<migration id>/` (names checked, sizes bounded, checksums verified) and memory pages
 //! into its page store ([`pages`]), restoring them with CRIU **stopped**, and then either resuming the
 //! copy when the source commits or killing it when the source aborts, times out or disappears. With
-//! lazy memory it is CRIU's lazy-pages daemon ([`lazy`]: userfaultfd, faults first, the rest pushed) and
+//! lazy memory it is CRIU's lazy-pages daemon ([`lazy`]: userfaultfd, faults first, fetched on the source's
+//! [`fault_link`], the rest pushed) and
 //! keeps a [`watchdog`] that kills the copy should the agent die before the memory is in place. At no
 //! instant does it let its copy run while the source may still resume the original: it resumes only
 //! after an explicit Commit, and kills a copy that cannot get the rest of its memory.
@@ -13,6 +14,7 @@
 //! It does not decide what to migrate, and never talks to CRIU except through the `criu` crate.
 
 pub mod external;
+pub mod fault_link;
 pub mod lazy;
 pub mod pages;
 pub mod session;
@@ -31,6 +33,8 @@ use protocol::tls::TlsFiles;
 pub struct Config {
     /// UDP address to listen on.
     pub listen: SocketAddr,
+    /// UDP address of the fault endpoint, where sources open their fault links (crate::fault_link).
+    pub fault_listen: SocketAddr,
     /// TLS material.
     pub tls: TlsFiles,
     /// This host's name in the fleet (the name on its certificate), stated in the Hello.
@@ -43,6 +47,16 @@ pub struct Config {
     pub max_sessions: usize,
     /// Local HTTP address for `/metrics` (Prometheus) and `/status`; None: not served.
     pub metrics_listen: Option<SocketAddr>,
+}
+
+/// The fault endpoint's default address: the main one with the next port, or any port when the main
+/// one is chosen by the system (port 0).
+pub fn default_fault_listen(listen: SocketAddr) -> SocketAddr {
+    let port = match listen.port() {
+        0 => 0,
+        p => p.checked_add(1).unwrap_or(0),
+    };
+    SocketAddr::new(listen.ip(), port)
 }
 
 /// Errors that stop the agent itself (not one migration).
@@ -68,8 +82,10 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         std::fs::create_dir_all(&p).map_err(|source| AgentError::StateDir { path: p, source })?;
     }
     let server = protocol::tls::server_config(&cfg.tls)?;
-    let endpoint =
-        quinn::Endpoint::server(server, cfg.listen).map_err(|source| AgentError::Bind { addr: cfg.listen, source })?;
+    let endpoint = quinn::Endpoint::server(server.clone(), cfg.listen)
+        .map_err(|source| AgentError::Bind { addr: cfg.listen, source })?;
+    let faults = fault_link::FaultLinks::start(server, cfg.fault_listen)
+        .map_err(|source| AgentError::Bind { addr: cfg.fault_listen, source })?;
     let hello = protocol::host::local_hello(&cfg.name, &criu.version);
     let stats = Arc::new(stats::Stats::default());
     let _metrics = match cfg.metrics_listen {
@@ -78,8 +94,8 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         }
         None => None,
     };
-    tracing::info!(listen = %endpoint.local_addr().map_err(|source| AgentError::Bind { addr: cfg.listen, source })?, criu = %criu.version, "target agent ready");
-    let ctx = Arc::new(session::Context { criu, cfg: cfg.clone(), hello, stats });
+    tracing::info!(listen = %endpoint.local_addr().map_err(|source| AgentError::Bind { addr: cfg.listen, source })?, fault_port = faults.port(), criu = %criu.version, "target agent ready");
+    let ctx = Arc::new(session::Context { criu, cfg: cfg.clone(), hello, stats, faults });
     let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_sessions));
     tokio::pin!(shutdown);
     loop {

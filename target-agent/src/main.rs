@@ -14,6 +14,10 @@ struct Args {
     /// UDP address to listen on.
     #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], protocol::DEFAULT_PORT)))]
     listen: SocketAddr,
+    /// UDP address of the fault endpoint (post-copy page faults travel on a QUIC connection of their
+    /// own); default: the --listen address with the next port (7421), or any port with --listen port 0.
+    #[arg(long)]
+    fault_listen: Option<SocketAddr>,
     /// Directory with ca.pem, HOST.pem and HOST.key (deploy/certs.sh).
     #[arg(long, default_value = "/etc/migrate/tls")]
     tls_dir: PathBuf,
@@ -41,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let cfg = target_agent::Config {
         listen: a.listen,
+        fault_listen: a.fault_listen.unwrap_or_else(|| target_agent::default_fault_listen(a.listen)),
         tls: TlsFiles::in_dir(&a.tls_dir, &a.host),
         name: a.host.clone(),
         state_dir: a.state_dir,

@@ -13,7 +13,7 @@
 //!                                                          ◀── Restored{pid} | Failed
 //! Commit           ───────────▶   SIGCONT the copy         ◀── Resumed
 //! pages stream     ═══════════▶   post-copy: the rest, while faults go out on
-//! fault answers    ◀══════════▶   a fault stream (FaultRequest) and are answered first
+//! fault link       ◀══════════▶   the fault link (crate::fault_link, opened after Prepared)
 //!                                 every page in place      ◀── Complete | Failed{post-copy}
 //! ```
 //! Rollback rule: the restored copy stays stopped until Commit. Abort, a dropped connection or no Commit
@@ -49,6 +49,9 @@ const MAX_CHECKED_FILES: usize = 100_000;
 const DISK_RESERVE: u64 = 64 << 20;
 /// Memory kept back from the page store: the restored tree and this agent need some too.
 const MEM_RESERVE: u64 = 512 << 20;
+/// How long a post-copy migration's fault link may still be on its way at ImagesDone (the source waits
+/// for it before it freezes the tree, so it is normally here already).
+const FAULT_LINK_WAIT: Duration = Duration::from_secs(5);
 /// How long a lazy restore may take to hand over every task and say it finished (RSTF) after `criu
 /// restore` itself returned.
 const LAZY_HANDOFF: Duration = Duration::from_secs(30);
@@ -59,6 +62,8 @@ pub struct Context {
     pub cfg: Config,
     pub hello: pb::Hello,
     pub stats: Arc<crate::stats::Stats>,
+    /// The fault endpoint, on its own lane: sources open their fault links there.
+    pub faults: crate::fault_link::FaultLinks,
 }
 
 /// What a session learned, for the stats.
@@ -224,8 +229,8 @@ async fn serve_control(
     let free = free_bytes(&state).saturating_sub(DISK_RESERVE);
     if prepare.dry_run || !blockers.is_empty() {
         tracing::info!(blockers = blockers.len(), dry_run = prepare.dry_run, "answered a check");
-        send_msg(send, target_msg::Msg::Prepared(pb::Prepared { free_bytes: free, blockers, warnings: vec![] }))
-            .await?;
+        let prepared = pb::Prepared { free_bytes: free, blockers, warnings: vec![], fault_port: 0 };
+        send_msg(send, target_msg::Msg::Prepared(prepared)).await?;
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
         return Err(SessionError::Checked);
@@ -245,8 +250,11 @@ async fn serve_control(
         started_unix: telemetry::now_unix(),
     });
     let set_phase = |phase: &str| ctx.stats.migrations.set_phase(&prepare.migration_id, phase);
-    send_msg(send, target_msg::Msg::Prepared(pb::Prepared { free_bytes: free, blockers: vec![], warnings: vec![] }))
-        .await?;
+    // A lazy migration opens its fault link before it freezes the tree.
+    let mut fault_link = ctx.faults.expect(&prepare.migration_id);
+    let prepared =
+        pb::Prepared { free_bytes: free, blockers: vec![], warnings: vec![], fault_port: ctx.faults.port().into() };
+    send_msg(send, target_msg::Msg::Prepared(prepared)).await?;
 
     // Files (and the pages stream) arrive on their own streams while the control stream waits for
     // ImagesDone.
@@ -287,16 +295,17 @@ async fn serve_control(
         }
         tracing::info!(records = applied, pages = store.len(), "page store complete");
     }
-    // Post-copy: pages a restored task faults on before they are known current are asked for on a
-    // stream of their own, answered ahead of the bulk pages.
+    // Post-copy: pages a restored task faults on before they are known current are asked for on the
+    // fault link (crate::fault_link), which the source opened before the freeze.
     let faults = if done.postcopy {
+        let link = fault_link.link(FAULT_LINK_WAIT).await.map_err(|e| refuse("receive", e))?;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         store.set_requests(tx);
-        let (fs, fr) = conn.open_bi().await?;
-        Some(AbortOnDrop(tokio::spawn(fetch_faults(fs, fr, rx, store.clone(), ctx.stats.clone()))))
+        Some(AbortOnDrop(ctx.faults.fetch(link, rx, store.clone(), ctx.stats.clone())))
     } else {
         None
     };
+    drop(fault_link);
 
     // Restore, stopped; with lazy pages, this agent fills the private memory (see crate::lazy).
     set_phase("restore");
@@ -709,38 +718,6 @@ async fn receive_pages(
     drop(tx);
     let applied = applier.await.map_err(|e| e.to_string())?;
     applied.and(r)
-}
-
-/// Post-copy: sends the store's requests for pending pages and applies the answers, until the
-/// connection ends or the session drops this task.
-async fn fetch_faults(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    mut requests: tokio::sync::mpsc::UnboundedReceiver<(u32, u64)>,
-    store: Arc<crate::pages::PageStore>,
-    stats: Arc<crate::stats::Stats>,
-) {
-    let _ = send.set_priority(10);
-    let sender = async {
-        while let Some((pid, vaddr)) = requests.recv().await {
-            write_frame(&mut send, &pb::FaultRequest { pid, vaddr }).await?;
-        }
-        Ok::<_, ProtocolError>(())
-    };
-    let receiver = async {
-        while let Some((batch, data, wire)) = protocol::pages::read_batch(&mut recv).await? {
-            stats.bytes_received.add(wire);
-            if !batch.frozen || batch.end || protocol::pages::records(&batch) != 1 {
-                return Err(ProtocolError::BadChunk("a fault answer must be one page from the frozen tree".into()));
-            }
-            store.apply(&batch, &data).map_err(|e| ProtocolError::BadChunk(e.to_string()))?;
-        }
-        Ok(())
-    };
-    let r = tokio::select! { r = sender => r, r = receiver => r };
-    if let Err(e) = r {
-        tracing::warn!("fault stream: {e}");
-    }
 }
 
 fn truncate(s: &str, max: usize) -> &str {

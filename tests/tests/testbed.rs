@@ -648,8 +648,8 @@ fn foreign_certificates_are_refused() -> Result<(), Failed> {
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "8"]);
 
     // A target agent on b with a certificate from another CA.
-    let rogue_target = start_rogue_agent("b", "target", &["--listen", "0.0.0.0:7421"]);
-    let r = tb.migrate("a", pid, &format!("{}:7421", tb.addr("b")), None);
+    let rogue_target = start_rogue_agent("b", "target", &["--listen", "0.0.0.0:7431"]);
+    let r = tb.migrate("a", pid, &format!("{}:7431", tb.addr("b")), None);
     stop_rogue("b", &rogue_target);
     check(!r.success, "migration to a foreign target succeeded")?;
     let err = r.json["error"].as_str().unwrap_or_default();
@@ -689,9 +689,11 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
     let state = dir.join("state");
     std::fs::create_dir_all(&state)?;
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let fault_port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
     let log = std::fs::File::create(dir.join("log"))?;
     let mut agent = std::process::Command::new(tb.bin.join("target-agent"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--metrics-listen", "off", "--host", "b", "--tls-dir"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--fault-listen", &format!("127.0.0.1:{fault_port}")])
+        .args(["--metrics-listen", "off", "--host", "b", "--tls-dir"])
         .arg(tb.dir.join("tls"))
         .arg("--state-dir")
         .arg(&state)
@@ -773,6 +775,18 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
                     reasons.push(format!("expected {expect:?} in the close reason, got {reason:?}"));
                 }
             }
+            // A fault link that names no migration waiting here: refused, so no session ever sends its
+            // fault requests to a stranger.
+            let conn = endpoint.connect(format!("127.0.0.1:{fault_port}").parse()?, "b")?.await?;
+            let (mut send, _recv) = conn.open_bi().await?;
+            write_frame(&mut send, &pb::FaultLinkHello { migration_id: "nobody".into() }).await?;
+            let reason = match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+                Ok(e) => e.to_string(),
+                Err(_) => "the fault link was not closed".into(),
+            };
+            if !reason.contains("no migration here waits") {
+                reasons.push(format!("a stranger's fault link: got {reason:?}"));
+            }
             endpoint.wait_idle().await;
             Ok::<_, Failed>(reasons)
         })
@@ -781,7 +795,7 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
     let _ = agent.wait();
     let mut problems = outcome?;
     let log = log_text();
-    if log.matches("WARN").count() < 8 {
+    if log.matches("WARN").count() < 9 {
         problems.push(format!("the target did not log every refusal:\n{log}"));
     }
     for escaped in [state.join("escape.img"), dir.join("escape.img"), tb.dir.join("escape.img"), PathBuf::from(&abs)] {

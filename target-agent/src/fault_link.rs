@@ -1,0 +1,183 @@
+//! The fault link, target side: the agent's fault endpoint takes each source's fault link and hands it
+//! to that migration's session; during post-copy the session asks on it for the pages its restored
+//! tasks fault on ([`fetch`]) and puts the answers into its page store.
+//!
+//! The endpoint and every fault link run on a lane of their own ([`protocol::lane`]): a thread with its
+//! own runtime and UDP socket at a higher priority, so an answer is never queued behind the bulk pages
+//! that fill the main connection. The link only speeds faults up: a page it cannot fetch arrives with
+//! the pages stream, and the fault waits for that.
+//!
+//! A link is taken only when its first frame names a migration whose session waits for one
+//! ([`FaultLinks::expect`]), and only once; the peer proved fleet membership in the TLS handshake already.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use protocol::frame::{read_frame, write_frame};
+use protocol::lane::Lane;
+use protocol::{ProtocolError, pb};
+
+/// How long a connecting source may take to finish the handshake and name its migration.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One migration's fault link: the stream the source opened, and its connection.
+pub struct Link {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+type Waiting = Mutex<HashMap<String, tokio::sync::oneshot::Sender<Link>>>;
+
+/// The agent's fault endpoint.
+pub struct FaultLinks {
+    endpoint: quinn::Endpoint,
+    waiting: Arc<Waiting>,
+    // Last: the lane stops (and its tasks end) after the endpoint was closed.
+    lane: Lane,
+}
+
+impl FaultLinks {
+    /// Listens on `addr` (UDP) on a lane of its own.
+    pub fn start(server: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<FaultLinks> {
+        let lane = Lane::start("fault-link")?;
+        let endpoint = lane.server(server, addr)?;
+        let waiting: Arc<Waiting> = Default::default();
+        lane.spawn(accept(endpoint.clone(), Arc::downgrade(&waiting)));
+        Ok(FaultLinks { endpoint, waiting, lane })
+    }
+
+    /// The UDP port sources connect to (told in Prepared).
+    pub fn port(&self) -> u16 {
+        self.endpoint.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Waits for the fault link of migration `id`, from now until the returned [`Expected`] is dropped.
+    pub fn expect(&self, id: &str) -> Expected {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiting.lock().expect("not poisoned").insert(id.to_string(), tx);
+        Expected { id: id.to_string(), rx: Some(rx), waiting: Arc::downgrade(&self.waiting) }
+    }
+
+    /// Post-copy: runs [`fetch`] on the lane.
+    pub fn fetch(
+        &self,
+        link: Link,
+        requests: tokio::sync::mpsc::UnboundedReceiver<(u32, u64)>,
+        store: Arc<crate::pages::PageStore>,
+        stats: Arc<crate::stats::Stats>,
+    ) -> tokio::task::JoinHandle<()> {
+        self.lane.spawn(fetch(link, requests, store, stats))
+    }
+}
+
+impl Drop for FaultLinks {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+/// A session's claim on its fault link.
+pub struct Expected {
+    id: String,
+    rx: Option<tokio::sync::oneshot::Receiver<Link>>,
+    waiting: Weak<Waiting>,
+}
+
+impl Expected {
+    /// The link, once the source opened it; an error when it did not within `timeout`.
+    pub async fn link(&mut self, timeout: Duration) -> Result<Link, String> {
+        let rx = self.rx.take().ok_or("the fault link was taken already")?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(link)) => Ok(link),
+            Ok(Err(_)) => Err("the agent's fault endpoint closed".into()),
+            Err(_) => Err(format!(
+                "the source opened no fault link within {}s (is the target's fault port reachable over UDP from the source?)",
+                timeout.as_secs()
+            )),
+        }
+    }
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        if let Some(w) = self.waiting.upgrade() {
+            w.lock().expect("not poisoned").remove(&self.id);
+        }
+    }
+}
+
+async fn accept(endpoint: quinn::Endpoint, waiting: Weak<Waiting>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let waiting = waiting.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match tokio::time::timeout(HELLO_TIMEOUT, take(incoming, &waiting)).await {
+                Ok(Ok(id)) => tracing::info!(%remote, id, "fault link open"),
+                Ok(Err(e)) => tracing::warn!(%remote, "refused a fault link: {e}"),
+                Err(_) => tracing::warn!(%remote, "refused a fault link: no FaultLinkHello within {HELLO_TIMEOUT:?}"),
+            }
+        });
+    }
+}
+
+/// Handshake, FaultLinkHello, hand-over to the waiting session, echo.
+async fn take(incoming: quinn::Incoming, waiting: &Weak<Waiting>) -> Result<String, String> {
+    let conn = incoming.await.map_err(|e| format!("TLS handshake: {e}"))?;
+    let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let hello: pb::FaultLinkHello =
+        read_frame(&mut recv).await.map_err(|e| e.to_string())?.ok_or("the stream ended before its FaultLinkHello")?;
+    let id = hello.migration_id.clone();
+    let tx = waiting.upgrade().and_then(|w| w.lock().expect("not poisoned").remove(&id));
+    let Some(tx) = tx else {
+        conn.close(1u32.into(), b"no migration here waits for this fault link");
+        return Err(format!("no migration here waits for a fault link of {id:?}"));
+    };
+    write_frame(&mut send, &hello).await.map_err(|e| e.to_string())?;
+    tx.send(Link { conn, send, recv }).map_err(|_| "its session ended meanwhile".to_string())?;
+    Ok(id)
+}
+
+/// Sends the store's requests for pending pages and applies the answers, until the source ends the
+/// stream, the link breaks, or the session drops this task.
+pub async fn fetch(
+    link: Link,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<(u32, u64)>,
+    store: Arc<crate::pages::PageStore>,
+    stats: Arc<crate::stats::Stats>,
+) {
+    let Link { conn, mut send, mut recv } = link;
+    let sender = async {
+        let mut out = Vec::new();
+        while let Some((pid, vaddr)) = requests.recv().await {
+            // Every request queued meanwhile goes out in the same write.
+            out.clear();
+            let mut next = Some((pid, vaddr));
+            while let Some((pid, vaddr)) = next {
+                let req = pb::FaultRequest { pid, vaddr };
+                out.extend_from_slice(&(prost::Message::encoded_len(&req) as u32).to_le_bytes());
+                prost::Message::encode(&req, &mut out).expect("Vec grows");
+                next = requests.try_recv().ok();
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut send, &out).await?;
+        }
+        Ok::<_, ProtocolError>(())
+    };
+    let receiver = async {
+        while let Some((batch, data, wire)) = protocol::pages::read_batch(&mut recv).await? {
+            stats.bytes_received.add(wire);
+            if !batch.frozen || batch.end || protocol::pages::records(&batch) != 1 {
+                return Err(ProtocolError::BadChunk("a fault answer must be one page from the frozen tree".into()));
+            }
+            store.apply(&batch, &data).map_err(|e| ProtocolError::BadChunk(e.to_string()))?;
+        }
+        Ok(())
+    };
+    let r = tokio::select! { r = sender => r, r = receiver => r };
+    if let Err(e) = r {
+        tracing::warn!("fault link: {e}; faults wait for the pages stream instead");
+        conn.close(1u32.into(), b"fault link error");
+    }
+}
