@@ -9,6 +9,8 @@
 //!
 //! A link is taken only when its first frame names a migration whose session waits for one
 //! ([`FaultLinks::expect`]), and only once; the peer proved fleet membership in the TLS handshake already.
+//! Since the lane runs at real-time priority, connections are refused before their handshake while no
+//! migration waits for a link, and beyond [`MAX_HANDSHAKES`] at once.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +23,8 @@ use protocol::{ProtocolError, pb};
 
 /// How long a connecting source may take to finish the handshake and name its migration.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Fault links in their handshake at once; more are refused (each migration opens one).
+const MAX_HANDSHAKES: usize = 8;
 
 /// One migration's fault link: the stream the source opened, and its connection.
 pub struct Link {
@@ -110,9 +114,18 @@ impl Drop for Expected {
 }
 
 async fn accept(endpoint: quinn::Endpoint, waiting: Weak<Waiting>) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     while let Some(incoming) = endpoint.accept().await {
+        // The lane runs at real-time priority: TLS handshakes nobody asked for must not take its time.
+        let expected = waiting.upgrade().is_some_and(|w| !w.lock().expect("not poisoned").is_empty());
+        let Some(permit) = expected.then(|| handshakes.clone().try_acquire_owned().ok()).flatten() else {
+            tracing::warn!(remote = %incoming.remote_address(), expected, "refused a fault link before its handshake: no migration waits for one, or {MAX_HANDSHAKES} handshakes are running");
+            incoming.refuse();
+            continue;
+        };
         let waiting = waiting.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let remote = incoming.remote_address();
             match tokio::time::timeout(HELLO_TIMEOUT, take(incoming, &waiting)).await {
                 Ok(Ok(id)) => tracing::info!(%remote, id, "fault link open"),

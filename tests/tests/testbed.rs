@@ -775,9 +775,24 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
                     reasons.push(format!("expected {expect:?} in the close reason, got {reason:?}"));
                 }
             }
-            // A fault link that names no migration waiting here: refused, so no session ever sends its
-            // fault requests to a stranger.
-            let conn = endpoint.connect(format!("127.0.0.1:{fault_port}").parse()?, "b")?.await?;
+            // Fault links: while no migration waits for one, refused before the handshake; while one
+            // waits, a link naming another migration is refused, so no session ever sends its fault
+            // requests to a stranger.
+            let fault_addr: std::net::SocketAddr = format!("127.0.0.1:{fault_port}").parse()?;
+            match endpoint.connect(fault_addr, "b")?.await {
+                Ok(_) => reasons.push("a fault link was taken while no migration waited for one".into()),
+                Err(e) if e.to_string().contains("refused") => {}
+                Err(e) => reasons.push(format!("an unexpected fault link: got {e}")),
+            }
+            let main = endpoint.connect(format!("127.0.0.1:{port}").parse()?, "b")?.await?;
+            let (mut control, mut answers) = main.open_bi().await?;
+            write_frame(&mut control, &msg(source_msg::Msg::Hello(hello.clone()))).await?;
+            write_frame(&mut control, &prepare("h9")).await?;
+            for _ in 0..2 {
+                // Hello, then Prepared: from here the target waits for h9's fault link.
+                protocol::frame::read_frame::<_, pb::TargetMsg>(&mut answers).await?;
+            }
+            let conn = endpoint.connect(fault_addr, "b")?.await?;
             let (mut send, _recv) = conn.open_bi().await?;
             write_frame(&mut send, &pb::FaultLinkHello { migration_id: "nobody".into() }).await?;
             let reason = match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
@@ -787,6 +802,7 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
             if !reason.contains("no migration here waits") {
                 reasons.push(format!("a stranger's fault link: got {reason:?}"));
             }
+            main.close(0u32.into(), b"done");
             endpoint.wait_idle().await;
             Ok::<_, Failed>(reasons)
         })
@@ -795,7 +811,7 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
     let _ = agent.wait();
     let mut problems = outcome?;
     let log = log_text();
-    if log.matches("WARN").count() < 9 {
+    if log.matches("WARN").count() < 10 {
         problems.push(format!("the target did not log every refusal:\n{log}"));
     }
     for escaped in [state.join("escape.img"), dir.join("escape.img"), tb.dir.join("escape.img"), PathBuf::from(&abs)] {
