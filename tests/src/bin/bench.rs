@@ -94,6 +94,17 @@ fn main() {
         Some("rate-recv") => return rate_recv(&args),
         _ => {}
     }
+    // Unknown words would otherwise be ignored and start the whole default run.
+    const OPTIONS: [&str; 7] = ["--sizes", "--dirty", "--content", "--modes", "--json", "--link-mib", "--testbed"];
+    if let Some(bad) = args[1..].iter().step_by(2).find(|a| !OPTIONS.contains(&a.as_str())) {
+        let usage = "usage: bench [--sizes 256,1024] [--dirty 0,1,10] [--content random,compressible]\n             [--modes hybrid,postcopy,precopy,criu-cold,criu-lazy] [--json bench.json]\n             [--link-mib 1024] [--testbed bench]\n(the doc comment of tests/src/bin/bench.rs says what each column means)";
+        if bad == "--help" || bad == "-h" {
+            println!("{usage}");
+            return;
+        }
+        eprintln!("bench: unknown option {bad:?}\n{usage}");
+        std::process::exit(2);
+    }
     let sizes: Vec<u64> = list(&args, "--sizes", "256,1024");
     let dirty: Vec<f64> = list(&args, "--dirty", "0,1,10");
     let contents: Vec<String> = list(&args, "--content", "random,compressible");
