@@ -1,13 +1,13 @@
 //! One migration as the source sees it.
 //!
 //! Steps: find the tree → connect (QUIC, mutual TLS) → Hello → Prepare (target checks its pids) →
-//! pre-copy rounds while the tree runs ([`crate::precopy`]; none in post-copy, at most
-//! [`HYBRID_ROUNDS`] in hybrid) → **freeze**: `criu dump --lazy-pages --leave-stopped` (private memory
+//! post-copy and hybrid: open the fault link ([`crate::fault_link`]) → pre-copy rounds while the tree
+//! runs ([`crate::precopy`]; none in post-copy, at most [`HYBRID_ROUNDS`] in hybrid) → **freeze**: `criu dump --lazy-pages --leave-stopped` (private memory
 //! stays in the stopped tree) → every image file on its own stream and, in pre-copy, the final delta of
 //! the memory on the pages stream → ImagesDone → the target restores, stopped, with its private memory
 //! lazy → Restored → Commit → the target resumes its copy → Resumed (downtime ends) → the target fills
 //! in the memory (post-copy and hybrid: while the final delta streams from here and page faults are
-//! answered first, [`PostCopy`]) → Complete → kill the original.
+//! answered on the fault link, [`PostCopy`]) → Complete → kill the original.
 //!
 //! `--mode stopcopy` skips the rounds and dumps every page into the images (`criu dump
 //! --leave-stopped`), which cross as files; the target restores them as they are, and the original is
