@@ -7,8 +7,9 @@
 //! it was acknowledged, queued, decrypted and read (milliseconds at a few hundred MB/s). On its own
 //! connection, its own UDP sockets and its own threads at both ends, nothing is queued ahead of it.
 //!
-//! The runtime's tasks (the endpoint's driver, its connections' drivers, whatever [`Lane::spawn`] gets)
-//! run on the lane's thread only. Dropping the [`Lane`] stops the runtime: its tasks are cancelled and
+//! The runtime's tasks (the endpoint's driver, whatever [`Lane::spawn`] gets) run on the lane's thread
+//! only. quinn starts a connection's driver on the runtime that calls `Endpoint::connect` (a client) or
+//! that drives the endpoint (a server): connect from inside [`Lane::spawn`]. Dropping the [`Lane`] stops the runtime: its tasks are cancelled and
 //! its sockets closed.
 
 use std::future::Future;

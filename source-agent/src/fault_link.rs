@@ -50,12 +50,14 @@ pub async fn open(
             addr.port()
         )
     };
-    let opening = async {
-        let mut endpoint = lane.client(addr).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-        endpoint.set_default_client_config(client);
-        let conn = endpoint.connect(addr, server_name).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+    let mut endpoint = lane.client(addr).map_err(|e| fail(format!("cannot open a UDP socket: {e}")))?;
+    endpoint.set_default_client_config(client);
+    let (server_name, id) = (server_name.to_string(), id.to_string());
+    // On the lane: quinn starts a connection's driver on the runtime that connects.
+    let opening = async move {
+        let conn = endpoint.connect(addr, &server_name).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let hello = pb::FaultLinkHello { migration_id: id.to_string() };
+        let hello = pb::FaultLinkHello { migration_id: id };
         write_frame(&mut send, &hello).await.map_err(|e| e.to_string())?;
         match read_frame::<_, pb::FaultLinkHello>(&mut recv).await {
             Ok(Some(echo)) if echo == hello => Ok(FaultLink { _endpoint: endpoint, conn, send, recv }),
@@ -63,9 +65,14 @@ pub async fn open(
             Err(e) => Err(conn.close_reason().map(|r| r.to_string()).unwrap_or_else(|| e.to_string())),
         }
     };
-    match tokio::time::timeout(OPEN_TIMEOUT, opening).await {
+    let opening = lane.spawn(async move {
+        tokio::time::timeout(OPEN_TIMEOUT, opening)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {}s", OPEN_TIMEOUT.as_secs())))
+    });
+    match opening.await {
         Ok(r) => r.map_err(fail),
-        Err(_) => Err(fail(format!("no answer within {}s", OPEN_TIMEOUT.as_secs()))),
+        Err(e) => Err(fail(format!("the fault lane: {e}"))),
     }
 }
 
