@@ -10,7 +10,7 @@
 //! Which pages are *current*: pages sent before the freeze may have changed since. Batches read from
 //! the frozen tree (`frozen`: the final delta, and answers to faults) are current; once the stream's
 //! `end` arrived ([`PageStore::set_complete`]) every page is. Until then the lazy-pages daemon treats a
-//! page that is not current as pending: it asks for it ([`PageStore::request`], sent on the fault stream)
+//! page that is not current as pending: it asks for it ([`PageStore::request`], sent on the fault link)
 //! and waits, and it pushes pages in the order they become current ([`PageStore::take_arrivals`]).
 
 use std::collections::{HashMap, HashSet};
@@ -107,11 +107,11 @@ pub struct PageStore {
     inner: RwLock<Inner>,
     limit: u64,
     waker: Mutex<Option<Waker>>,
-    /// Where requests for pending pages go (the fault stream), and those already asked for.
+    /// Where requests for pending pages go (the fault link), and those already asked for.
     requests: Mutex<Requests>,
 }
 
-/// The fault stream's sender, and the pages (pid, vaddr) already asked for.
+/// The fault link's sender, and the pages (pid, vaddr) already asked for.
 type Requests = (Option<tokio::sync::mpsc::UnboundedSender<(u32, u64)>>, HashSet<(u32, u64)>);
 
 /// What the store knows of a page.
@@ -202,6 +202,11 @@ impl PageStore {
         for (g, group) in batch.data.chunks(APPLY_GROUP).enumerate() {
             let mut inner = self.inner.write().expect("page store lock");
             for (i, &vaddr) in group.iter().enumerate() {
+                // A batch of the rounds still being applied when the copy runs must not overwrite a page
+                // a fault answer (read from the frozen tree) made current meanwhile.
+                if !batch.frozen && inner.fresh.contains(&(pid, vaddr)) {
+                    continue;
+                }
                 let s = inner.slot_for((pid, vaddr), self.limit)?;
                 let at = (g * APPLY_GROUP + i) * PAGE_SIZE;
                 inner.slot_mut(s).copy_from_slice(&data[at..at + PAGE_SIZE]);
@@ -212,6 +217,9 @@ impl PageStore {
         }
         let mut inner = self.inner.write().expect("page store lock");
         for c in &batch.copies {
+            if !batch.frozen && inner.fresh.contains(&(pid, c.vaddr)) {
+                continue;
+            }
             let &from = inner
                 .index
                 .get(&(c.from_pid, c.from_vaddr))
@@ -223,6 +231,9 @@ impl PageStore {
             }
         }
         for &vaddr in &batch.zero {
+            if !batch.frozen && inner.fresh.contains(&(pid, vaddr)) {
+                continue;
+            }
             if let Some(s) = inner.index.remove(&(batch.pid, vaddr)) {
                 inner.free.push(s);
             }
@@ -317,6 +328,25 @@ mod tests {
         // The freed slot is reused.
         s.apply(&pb::PageBatch { pid: 7, data: vec![0], ..Default::default() }, &page(4)).unwrap();
         assert_eq!(s.inner.read().unwrap().next, 3);
+    }
+
+    /// A round's batch applied after a fault answer for the same page (the applier lags behind the
+    /// fault link) must not bring back stale content, nor zero or overwrite the page by a copy.
+    #[test]
+    fn a_late_round_does_not_overwrite_a_current_page() {
+        let s = PageStore::new(1 << 30);
+        s.apply(&pb::PageBatch { pid: 5, data: vec![0x1000], ..Default::default() }, &page(9)).unwrap();
+        let answers = pb::PageBatch { pid: 5, frozen: true, data: vec![0x2000, 0x3000, 0x4000], ..Default::default() };
+        s.apply(&answers, &[page(1), page(2), page(3)].concat()).unwrap();
+        let copy = pb::PageCopy { from_pid: 5, from_vaddr: 0x1000, vaddr: 0x3000 };
+        let late =
+            pb::PageBatch { pid: 5, data: vec![0x2000], copies: vec![copy], zero: vec![0x4000], ..Default::default() };
+        s.apply(&late, &page(7)).unwrap();
+        let mut out = vec![0u8; PAGE_SIZE];
+        for (vaddr, want) in [(0x2000, 1), (0x3000, 2), (0x4000, 3)] {
+            assert_eq!(s.lookup(5, vaddr, &mut out), Known::Page);
+            assert_eq!(out, page(want), "page {vaddr:#x}");
+        }
     }
 
     #[test]
