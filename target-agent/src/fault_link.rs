@@ -9,8 +9,9 @@
 //!
 //! A link is taken only when its first frame names a migration whose session waits for one
 //! ([`FaultLinks::expect`]), and only once; the peer proved fleet membership in the TLS handshake already.
-//! Since the lane runs at real-time priority, connections are refused before their handshake while no
-//! migration waits for a link, and beyond [`MAX_HANDSHAKES`] at once.
+//! The link must come from the address of the migration's main connection. Since the lane runs at
+//! real-time priority, connections are refused before their handshake unless a migration from that
+//! address waits for a link, and beyond [`MAX_HANDSHAKES`] at once.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,7 +34,8 @@ pub struct Link {
     recv: quinn::RecvStream,
 }
 
-type Waiting = Mutex<HashMap<String, tokio::sync::oneshot::Sender<Link>>>;
+/// Per migration id: the main connection's peer address, and where its link goes.
+type Waiting = Mutex<HashMap<String, (std::net::IpAddr, tokio::sync::oneshot::Sender<Link>)>>;
 
 /// The agent's fault endpoint.
 pub struct FaultLinks {
@@ -58,10 +60,11 @@ impl FaultLinks {
         self.endpoint.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    /// Waits for the fault link of migration `id`, from now until the returned [`Expected`] is dropped.
-    pub fn expect(&self, id: &str) -> Expected {
+    /// Waits for the fault link of migration `id` from `peer` (the main connection's source address),
+    /// from now until the returned [`Expected`] is dropped.
+    pub fn expect(&self, id: &str, peer: std::net::IpAddr) -> Expected {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.waiting.lock().expect("not poisoned").insert(id.to_string(), tx);
+        self.waiting.lock().expect("not poisoned").insert(id.to_string(), (peer, tx));
         Expected { id: id.to_string(), rx: Some(rx), waiting: Arc::downgrade(&self.waiting) }
     }
 
@@ -96,7 +99,9 @@ impl Expected {
         let rx = self.rx.take().ok_or("the fault link was taken already")?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(link)) => Ok(link),
-            Ok(Err(_)) => Err("the agent's fault endpoint closed".into()),
+            Ok(Err(_)) => {
+                Err("the source's fault link broke while it was being taken (see the agent's warning for it)".into())
+            }
             Err(_) => Err(format!(
                 "the source opened no fault link within {}s (is the target's fault port reachable over UDP from the source?)",
                 timeout.as_secs()
@@ -117,9 +122,12 @@ async fn accept(endpoint: quinn::Endpoint, waiting: Weak<Waiting>) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     while let Some(incoming) = endpoint.accept().await {
         // The lane runs at real-time priority: TLS handshakes nobody asked for must not take its time.
-        let expected = waiting.upgrade().is_some_and(|w| !w.lock().expect("not poisoned").is_empty());
+        let from = incoming.remote_address().ip();
+        let expected = waiting
+            .upgrade()
+            .is_some_and(|w| w.lock().expect("not poisoned").values().any(|(peer, _)| same_host(*peer, from)));
         let Some(permit) = expected.then(|| handshakes.clone().try_acquire_owned().ok()).flatten() else {
-            tracing::warn!(remote = %incoming.remote_address(), expected, "refused a fault link before its handshake: no migration waits for one, or {MAX_HANDSHAKES} handshakes are running");
+            tracing::warn!(remote = %incoming.remote_address(), expected, "refused a fault link before its handshake: no migration from there waits for one, or {MAX_HANDSHAKES} handshakes are running");
             incoming.refuse();
             continue;
         };
@@ -143,7 +151,14 @@ async fn take(incoming: quinn::Incoming, waiting: &Weak<Waiting>) -> Result<Stri
     let hello: pb::FaultLinkHello =
         read_frame(&mut recv).await.map_err(|e| e.to_string())?.ok_or("the stream ended before its FaultLinkHello")?;
     let id = hello.migration_id.clone();
-    let tx = waiting.upgrade().and_then(|w| w.lock().expect("not poisoned").remove(&id));
+    let from = conn.remote_address().ip();
+    let tx = waiting.upgrade().and_then(|w| {
+        let mut w = w.lock().expect("not poisoned");
+        match w.get(&id) {
+            Some((peer, _)) if same_host(*peer, from) => w.remove(&id).map(|(_, tx)| tx),
+            _ => None,
+        }
+    });
     let Some(tx) = tx else {
         conn.close(1u32.into(), b"no migration here waits for this fault link");
         return Err(format!("no migration here waits for a fault link of {id:?}"));
@@ -151,6 +166,11 @@ async fn take(incoming: quinn::Incoming, waiting: &Weak<Waiting>) -> Result<Stri
     write_frame(&mut send, &hello).await.map_err(|e| e.to_string())?;
     tx.send(Link { conn, send, recv }).map_err(|_| "its session ended meanwhile".to_string())?;
     Ok(id)
+}
+
+/// Whether two addresses are the same host (an IPv4 address and its IPv6-mapped form are).
+fn same_host(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+    a.to_canonical() == b.to_canonical()
 }
 
 /// Sends the store's requests for pending pages and applies the answers, until the source ends the
@@ -189,8 +209,16 @@ pub async fn fetch(
         Ok(())
     };
     let r = tokio::select! { r = sender => r, r = receiver => r };
-    if let Err(e) = r {
-        tracing::warn!("fault link: {e}; faults wait for the pages stream instead");
-        conn.close(1u32.into(), b"fault link error");
+    // The source closes the link with code 0 once every page was delivered: that is its normal end.
+    let closed_by_source = matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code == quinn::VarInt::from_u32(0)
+    );
+    match r {
+        Err(e) if !closed_by_source => {
+            tracing::warn!("fault link: {e}; faults wait for the pages stream instead");
+            conn.close(1u32.into(), b"fault link error");
+        }
+        _ => tracing::debug!("fault link closed"),
     }
 }
