@@ -3,7 +3,8 @@
 use crate::pb::Hello;
 
 /// Bumped on any incompatible change of the messages or streams.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
+// 3: post-copy faults on a fault link of their own (Prepared.fault_port, FaultLinkHello).
 
 /// Oldest CRIU that works on current kernels (3.17 fails on the vDSO) and has everything the agents use.
 pub const MIN_CRIU: (u32, u32) = (4, 1);

@@ -460,7 +460,10 @@ impl Migration<'_> {
         let fault_link = if postcopy {
             let addr = std::net::SocketAddr::new(conn.remote_address().ip(), prepared.fault_port as u16);
             if prepared.fault_port == 0 || prepared.fault_port > u16::MAX as u32 {
-                return Err(format!("{} offers no fault link (port {})", remote.host_name, prepared.fault_port));
+                return Err(format!(
+                    "{} offers no fault link (port {}), which post-copy needs: upgrade its target agent, or use --mode precopy",
+                    remote.host_name, prepared.fault_port
+                ));
             }
             Some(
                 crate::fault_link::open(
