@@ -131,22 +131,8 @@ impl Criu {
     /// decides: kill it once the target runs the copy (commit), or SIGCONT it (rollback). On failure CRIU
     /// itself resumes the tree.
     pub async fn dump(&self, req: &DumpRequest) -> Result<Ran, CriuError> {
-        let pid = req.pid.to_string();
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            "dump".as_ref(),
-            "--tree".as_ref(),
-            pid.as_ref(),
-            "--images-dir".as_ref(),
-            req.images_dir.as_os_str(),
-            // Keep the original stopped, not killed: it is the rollback until the target confirms.
-            "--leave-stopped".as_ref(),
-            // Log into the images dir (relative to the work dir, which defaults to -D).
-            "--log-file".as_ref(),
-            "dump.log".as_ref(),
-            LOG_LEVEL.as_ref(),
-        ];
-        let external_args = externals(req);
-        args.extend(external_args.iter().map(|a| a.as_os_str()));
+        let args = dump_args(req);
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
         self.run("dump", &args, &req.images_dir.join("dump.log")).await
     }
 
@@ -180,20 +166,14 @@ impl Criu {
         // exactly one client), and a post-dump action script runs *before* the server listens.
         let (status_rx, status_tx) = status_pipe().map_err(spawn_error)?;
         let port = free_loopback_port().map_err(spawn_error)?;
-        let pid = req.pid.to_string();
         let port_arg = port.to_string();
         let status_fd = status_tx.as_raw_fd();
         let status_fd_arg = status_fd.to_string();
-        let external_args = externals(req);
-        let mut args: Vec<&std::ffi::OsStr> = vec![
-            "dump".as_ref(),
-            "--tree".as_ref(),
-            pid.as_ref(),
-            "--images-dir".as_ref(),
-            req.images_dir.as_os_str(),
-            // When the page-server session ends, leave the tree stopped, not killed (the default): it is the
-            // rollback until the target confirms. Until then it is frozen by CRIU (state `t`).
-            "--leave-stopped".as_ref(),
+        // With --lazy-pages, --leave-stopped acts when the page-server session ends; until then the tree
+        // is frozen by CRIU (state `t`).
+        let common = dump_args(req);
+        let mut args: Vec<&std::ffi::OsStr> = common.iter().map(|a| a.as_os_str()).collect();
+        let lazy: [&std::ffi::OsStr; 7] = [
             // Private anonymous memory stays in the frozen tree (PE_LAZY entries in pagemap-<pid>.img, no
             // bytes in pages-*.img); CRIU then serves it over its page server until the session ends.
             "--lazy-pages".as_ref(),
@@ -210,12 +190,8 @@ impl Criu {
             // inherited by CRIU alone (close-on-exec is cleared in the child only).
             "--status-fd".as_ref(),
             status_fd_arg.as_ref(),
-            // Log into the images dir (relative to the work dir, which defaults to -D).
-            "--log-file".as_ref(),
-            "dump.log".as_ref(),
-            LOG_LEVEL.as_ref(),
         ];
-        args.extend(external_args.iter().map(|a| a.as_os_str()));
+        args.extend(lazy);
         let command = self.command_line(&args);
         tracing::debug!(%command, "running criu");
         let mut cmd = self.command(&args);
@@ -441,8 +417,23 @@ impl Criu {
 }
 
 /// `--external KEY` for each of the request's keys.
-fn externals(req: &DumpRequest) -> Vec<std::ffi::OsString> {
-    req.externals.iter().flat_map(|k| ["--external".into(), k.into()]).collect()
+/// The arguments of every dump, lazy or not: the tree, where its images go, the log, and the externals.
+fn dump_args(req: &DumpRequest) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "dump".into(),
+        "--tree".into(),
+        req.pid.to_string().into(),
+        "--images-dir".into(),
+        req.images_dir.clone().into(),
+        // Keep the original stopped, not killed: it is the rollback until the target confirms.
+        "--leave-stopped".into(),
+        // Log into the images dir (relative to the work dir, which defaults to -D).
+        "--log-file".into(),
+        "dump.log".into(),
+        LOG_LEVEL.into(),
+    ];
+    args.extend(req.externals.iter().flat_map(|k| ["--external".into(), k.into()]));
+    args
 }
 
 /// The failure of a CRIU run: the log's error lines, else the end of its stderr.
