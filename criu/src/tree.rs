@@ -69,12 +69,64 @@ pub fn resume(pids: &[u32]) -> io::Result<()> {
     }
 }
 
-/// Kills every process of a tree. Processes that are gone are skipped.
-pub fn kill_all(pids: &[u32]) -> io::Result<()> {
-    match signal_all(pids, Signal::SIGKILL).first() {
-        None => Ok(()),
-        Some((p, e)) => Err(io::Error::other(format!("SIGKILL to {p}: {e}"))),
+/// Kills every process of a tree and waits, at most `within`, until each has exited (a zombie or gone):
+/// SIGKILL only queues the death, and a process with a lot of memory takes a while to release it. When
+/// this returns Ok, none of them runs any more. Processes that are gone are skipped.
+///
+/// Signals go through pidfds (`pidfd_open`, `pidfd_send_signal`), so a pid reused meanwhile is never hit.
+pub fn kill_all(pids: &[u32], within: std::time::Duration) -> io::Result<()> {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    let mut fds = Vec::new();
+    for &p in pids {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p as libc::pid_t, 0) };
+        if fd < 0 {
+            match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                e => return Err(io::Error::other(format!("pidfd_open {p}: {e}"))),
+            }
+        }
+        // SAFETY: the syscall returned a new fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+        let r = unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0)
+        };
+        if r < 0 {
+            match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ESRCH) => continue,
+                e => return Err(io::Error::other(format!("SIGKILL to {p}: {e}"))),
+            }
+        }
+        fds.push((p, fd));
     }
+    // A pidfd polls readable once its process has exited.
+    let deadline = std::time::Instant::now() + within;
+    while !fds.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            let still: Vec<u32> = fds.iter().map(|(p, _)| *p).collect();
+            return Err(io::Error::other(format!(
+                "SIGKILL sent, but {still:?} had not exited after {} ms (stuck in the kernel: look at /proc/PID/stack)",
+                within.as_millis()
+            )));
+        }
+        let mut polled: Vec<nix::poll::PollFd> =
+            fds.iter().map(|(_, fd)| nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)).collect();
+        let ms = left.as_millis().clamp(1, u16::MAX as u128) as u16;
+        match nix::poll::poll(&mut polled, nix::poll::PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(io::Error::other(format!("poll on pidfds: {e}"))),
+        }
+        let exited: Vec<bool> = polled.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+        drop(polled);
+        let mut i = 0;
+        fds.retain(|_| {
+            i += 1;
+            !exited[i - 1]
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -90,9 +142,11 @@ mod tests {
         assert_eq!(pids[0], me);
         assert!(pids.contains(&child.id()), "{pids:?}");
         assert_eq!(comm(child.id()), "sleep");
-        kill_all(&[child.id()]).unwrap();
+        kill_all(&[child.id()], std::time::Duration::from_secs(5)).unwrap();
+        // Exited before being reaped: a zombie, not alive.
+        assert!(!is_alive(child.id()), "{:?}", state(child.id()));
         child.wait().unwrap();
-        assert!(!is_alive(child.id()));
+        kill_all(&[child.id()], std::time::Duration::from_secs(5)).unwrap();
         assert!(processes(u32::MAX / 2).is_err());
     }
 }

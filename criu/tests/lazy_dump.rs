@@ -116,7 +116,7 @@ impl Helper {
 
 impl Drop for Helper {
     fn drop(&mut self) {
-        let _ = criu::tree::kill_all(&[self.pid]);
+        let _ = criu::tree::kill_all(&[self.pid], std::time::Duration::from_secs(10));
         let _ = self.child.wait();
     }
 }

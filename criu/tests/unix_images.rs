@@ -79,7 +79,7 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
-        let _ = criu::tree::kill_all(&[self.pid]);
+        let _ = criu::tree::kill_all(&[self.pid], std::time::Duration::from_secs(10));
         let _ = self.child.wait();
     }
 }

@@ -58,6 +58,8 @@ pub const HYBRID_ROUNDS: u32 = 3;
 /// resuming the original: the target's own idle timer may start up to a keep-alive interval later
 /// (protocol::tls::KEEP_ALIVE), and it then has to kill its copy.
 pub const ROLLBACK_MARGIN: Duration = Duration::from_secs(3);
+/// How long the original may take to exit once killed (a large address space takes a while to free).
+pub const ORIGINAL_EXIT: Duration = Duration::from_secs(10);
 /// Image files sent at once.
 const PARALLEL_FILES: usize = 4;
 
@@ -635,7 +637,7 @@ impl Migration<'_> {
         let downtime_ms = ms(frozen_at.elapsed());
         if !lazy {
             // Stop-and-copy: the copy has everything it needs.
-            self.kill_original(pids, &remote.host_name);
+            self.kill_original(pids, &remote.host_name).await;
         }
 
         // With lazy memory the target now fills it in (post-copy: as it streams from here, faults
@@ -679,7 +681,7 @@ impl Migration<'_> {
                 },
                 None => (0, pre.as_ref().map(|p| p.held.len() as u64).unwrap_or(0)),
             };
-            self.kill_original(pids, &remote.host_name);
+            self.kill_original(pids, &remote.host_name).await;
             complete = Some((ms(frozen_at.elapsed()), c, wire_after, held_after));
         }
         let _ = send.finish();
@@ -726,8 +728,13 @@ impl Migration<'_> {
         }
     }
 
-    fn kill_original(&self, pids: &[u32], host: &str) {
-        if let Err(e) = criu::tree::kill_all(pids) {
+    async fn kill_original(&self, pids: &[u32], host: &str) {
+        // Waits until they have exited: the summary's "original killed" is then true when it is read.
+        let owned = pids.to_vec();
+        let r = tokio::task::spawn_blocking(move || criu::tree::kill_all(&owned, ORIGINAL_EXIT))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(format!("kill task: {e}"))));
+        if let Err(e) = r {
             tracing::error!(?pids, "the copy runs on {host} but killing the original failed: {e}");
         }
     }

@@ -493,7 +493,9 @@ impl Drop for StoppedCopy {
     fn drop(&mut self) {
         if !self.committed {
             tracing::warn!(pids = ?self.pids, "killing the restored copy: the source keeps the original");
-            if let Err(e) = criu::tree::kill_all(&self.pids) {
+            // Waits (briefly: a stopped copy whose memory is mostly lazy exits fast) so that the copy is
+            // gone before the source hears that it may resume the original.
+            if let Err(e) = criu::tree::kill_all(&self.pids, std::time::Duration::from_secs(5)) {
                 tracing::error!("could not kill the restored copy {:?}: {e}", self.pids);
             }
         }
