@@ -47,17 +47,13 @@ impl Lane {
     /// A QUIC server endpoint on `addr`, driven by the lane.
     pub fn server(&self, config: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
         let _in_lane = self.handle.enter();
-        quinn::Endpoint::server(config, addr)
+        crate::endpoint::server(config, addr)
     }
 
     /// A QUIC client endpoint on an ephemeral port of the same address family as `peer`, driven by the lane.
     pub fn client(&self, peer: SocketAddr) -> std::io::Result<quinn::Endpoint> {
         let _in_lane = self.handle.enter();
-        let any: SocketAddr = match peer {
-            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        quinn::Endpoint::client(any)
+        crate::endpoint::client(peer)
     }
 
     /// Runs `f` on the lane.

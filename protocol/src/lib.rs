@@ -5,6 +5,7 @@
 //! - [`chunk`]: the zstd chunk codec for file (and later page) data, with bounded decoding.
 //! - [`file_stream`]: one image file on one QUIC stream: header, chunks, end marker, xxh3.
 //! - [`pages`]: the pages stream: memory pages sent while the process runs and during the freeze.
+//! - [`endpoint`]: QUIC endpoints on UDP sockets with buffers big enough for bulk pages.
 //! - [`lane`]: the thread and runtime of the fault link, so fault answers never queue behind bulk pages.
 //! - [`tls`]: mutual TLS against the fleet CA, as quinn client and server configurations.
 //! - [`names`]: which file names a peer may ask us to write.
@@ -13,6 +14,7 @@
 //! No CRIU and no process code lives here; both agents build on it.
 
 pub mod chunk;
+pub mod endpoint;
 pub mod file_stream;
 pub mod frame;
 pub mod hello;

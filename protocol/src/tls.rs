@@ -84,6 +84,9 @@ pub fn transport(idle: Duration) -> Arc<quinn::TransportConfig> {
     t.send_window(64 << 20);
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(256));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(8));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(crate::endpoint::MAX_UDP_PAYLOAD);
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 

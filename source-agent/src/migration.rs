@@ -163,7 +163,13 @@ impl PostCopy {
         let stats = precopy::send_round(&mut pre.held, &mut pre.stream, regions, pass, &pre.level).await?;
         let end = precopy::send_end(&mut pre.stream, pre.held.records).await?;
         pre.stream.finish().map_err(|e| format!("pages stream: {e}"))?;
-        tracing::info!(pages = stats.sent, scanned = stats.scanned, secs = stats.secs, "post-copy: every page sent");
+        tracing::info!(
+            pages = stats.sent,
+            scanned = stats.scanned,
+            secs = stats.secs,
+            read_secs = stats.read_secs,
+            "post-copy: every page sent"
+        );
         // Once the target has read the whole stream it can complete without this host.
         match pre.stream.stopped().await {
             Ok(None) => {
@@ -893,9 +899,7 @@ async fn connect(ctx: &Context, target: &str) -> Result<Session, String> {
 
 async fn connect_with(ctx: &Context, target: &str, grace: Duration) -> Result<Session, String> {
     let (addr, server_name) = resolve(target).await?;
-    let mut endpoint = quinn::Endpoint::client((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
-        .or_else(|_| quinn::Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
-        .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+    let mut endpoint = protocol::endpoint::client(addr).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
     let mut client = ctx.client.clone();
     client.transport_config(protocol::tls::transport(grace));
     endpoint.set_default_client_config(client);

@@ -82,7 +82,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         std::fs::create_dir_all(&p).map_err(|source| AgentError::StateDir { path: p, source })?;
     }
     let server = protocol::tls::server_config(&cfg.tls)?;
-    let endpoint = quinn::Endpoint::server(server.clone(), cfg.listen)
+    let endpoint = protocol::endpoint::server(server.clone(), cfg.listen)
         .map_err(|source| AgentError::Bind { addr: cfg.listen, source })?;
     let faults = fault_link::FaultLinks::start(server, cfg.fault_listen)
         .map_err(|source| AgentError::Bind { addr: cfg.fault_listen, source })?;

@@ -92,6 +92,8 @@ fn main() {
         Some("copy-recv") => return copy_recv(&args),
         Some("rate-send") => return rate_send(&args),
         Some("rate-recv") => return rate_recv(&args),
+        Some("quic-send") => return quic_send(&args),
+        Some("quic-recv") => return quic_recv(&args),
         _ => {}
     }
     // Unknown words would otherwise be ignored and start the whole default run.
@@ -135,6 +137,15 @@ fn main() {
             rate / (1 << 20) as f64
         ),
         Err(e) => println!("link a -> b: NOT MEASURED: {e}"),
+    }
+    let quic = quic_rate(&tb, link_mib << 20);
+    match &quic {
+        Ok((rate, path)) => println!(
+            "QUIC a -> b: {:.0} MB/s, {link_mib} MiB on one stream with the agents' TLS and transport (the \
+             ceiling of the pages stream here; {path})",
+            rate / 1e6
+        ),
+        Err(e) => println!("QUIC a -> b: NOT MEASURED: {e}"),
     }
     println!(
         "{:>6} {:>8} {:>12} {:>10} {:>12} {:>10} {:>10} {:>6} {:>12} {:>7} {:>12} {:>12}  note",
@@ -783,6 +794,90 @@ fn link_rate(tb: &Testbed, bytes: u64) -> Result<f64, String> {
     let secs: f64 =
         out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("rate-send said {out:?}"))?;
     Ok(bytes as f64 / secs)
+}
+
+/// QUIC throughput from a to b: `bytes` on one stream of one connection, with the agents' own TLS,
+/// transport settings and sockets (`quic-send` on a, `quic-recv` on b). Bytes per second. This is the
+/// ceiling of the pages stream on this machine.
+fn quic_rate(tb: &Testbed, bytes: u64) -> Result<(f64, String), String> {
+    let bench = tb.bin.join("bench");
+    let bench = bench.to_str().expect("utf8");
+    let tls = tb.dir.join("tls");
+    let tls = tls.to_str().expect("utf8");
+    let listen = format!("{}:7598", tb.addr("b"));
+    let mut recv =
+        HostProc::spawn(tb, "b", &[bench, "quic-recv", "--listen", &listen, "--tls", tls], "quic-recv on b")?;
+    recv.ready(Duration::from_secs(10))?;
+    let n = bytes.to_string();
+    let args = [bench, "quic-send", "--to", &listen, "--bytes", &n, "--tls", tls];
+    let mut send = HostProc::spawn(tb, "a", &args, "quic-send on a")?;
+    send.finish(Duration::from_secs(120))?;
+    recv.finish(Duration::from_secs(10))?;
+    let out = send.stdout();
+    let secs: f64 =
+        out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("quic-send said {out:?}"))?;
+    let path = out.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
+    Ok((bytes as f64 / secs, path))
+}
+
+fn quic_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime")
+}
+
+/// Sends --bytes bytes on one QUIC stream to --to as host a of the testbed whose certificates are in
+/// --tls, waits for the receiver to close the stream, prints "BYTES SECONDS".
+fn quic_send(args: &[String]) {
+    let to: std::net::SocketAddr = arg(args, "--to").expect("--to").parse().expect("--to ADDR:PORT");
+    let bytes: u64 = arg(args, "--bytes").expect("--bytes").parse().expect("--bytes");
+    let tls = protocol::tls::TlsFiles::in_dir(Path::new(&arg(args, "--tls").expect("--tls")), "a");
+    quic_runtime().block_on(async move {
+        let mut endpoint = protocol::endpoint::client(to).expect("endpoint");
+        endpoint.set_default_client_config(protocol::tls::client_config(&tls).expect("client config"));
+        let conn = endpoint.connect(to, &to.ip().to_string()).expect("connect").await.expect("handshake");
+        let t = Instant::now();
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let buf = bytes::Bytes::from(vec![0x5au8; 1 << 20]);
+        let mut left = bytes;
+        while left > 0 {
+            let k = left.min(buf.len() as u64) as usize;
+            send.write_chunk(buf.slice(..k)).await.expect("send");
+            left -= k as u64;
+        }
+        send.finish().expect("finish");
+        let mut ack = [0u8; 1];
+        recv.read_exact(&mut ack).await.expect("acknowledgement");
+        let path = conn.stats().path;
+        println!(
+            "{bytes} {} mtu {} lost {} congestion_events {} cwnd {}",
+            t.elapsed().as_secs_f64(),
+            path.current_mtu,
+            path.lost_packets,
+            path.congestion_events,
+            path.cwnd
+        );
+        conn.close(0u32.into(), b"");
+        endpoint.wait_idle().await;
+    });
+}
+
+/// Receives one quic-send stream on --listen as host b, discards it, acknowledges and exits.
+fn quic_recv(args: &[String]) {
+    let listen: std::net::SocketAddr = arg(args, "--listen").expect("--listen").parse().expect("--listen ADDR:PORT");
+    let tls = protocol::tls::TlsFiles::in_dir(Path::new(&arg(args, "--tls").expect("--tls")), "b");
+    quic_runtime().block_on(async move {
+        let config = protocol::tls::server_config(&tls).expect("server config");
+        let endpoint = protocol::endpoint::server(config, listen).expect("endpoint");
+        println!("listening");
+        let _ = std::io::stdout().flush();
+        let conn = endpoint.accept().await.expect("a connection").await.expect("handshake");
+        let (mut send, mut recv) = conn.accept_bi().await.expect("stream");
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.expect("read") {
+            drop(chunk);
+        }
+        send.write_all(&[1]).await.expect("ack");
+        send.finish().expect("finish");
+        let _ = conn.closed().await;
+    });
 }
 
 /// Connects to `to`, retrying for 2 s (the receiver may be starting).
