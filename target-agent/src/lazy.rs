@@ -118,6 +118,13 @@ pub trait PageSource: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The daemon copied these pages (image pid, first vaddr, pages) into the only process that needs
+    /// them: the source may drop their content. `lookup` must then say Pending for them, never Zero.
+    /// Default: ignored.
+    fn release(&self, pid: u32, vaddr: u64, pages: u64) {
+        let _ = (pid, vaddr, pages);
+    }
+
     /// The daemon gives a callback to call whenever pages become known (or `complete` becomes true), so
     /// it wakes up at once rather than polling. Cheap, non-blocking, callable from any thread, and
     /// harmless after the daemon ended. Default: ignored.
@@ -1095,6 +1102,12 @@ impl Server {
                 self.stats.waited_faults += u64::from(waited);
                 if filled && copied {
                     self.stats.fault_pages += 1;
+                    if class.is_none()
+                        && let Some(img) = img
+                    {
+                        let pid = p.pid;
+                        self.release(pid, img, 1);
+                    }
                 } else if filled {
                     self.stats.zero_pages += 1;
                 }
@@ -1109,6 +1122,16 @@ impl Server {
             }
             Some(Class::Gone) => p.gone = true,
             Some(Class::Fatal(e)) => self.fatal(i, op, page, e),
+        }
+    }
+
+    /// Pages of image pid `pid` were just copied into a process: if it is the only live process
+    /// looking pages up under that pid, nothing needs their content again (a fork since the copy would
+    /// have made it fail with EAGAIN until its event was read and the child added), and the source may
+    /// reuse their memory.
+    fn release(&self, pid: u32, img: u64, pages: u64) {
+        if pages > 0 && self.procs.iter().filter(|p| p.pid == pid && !p.gone).count() == 1 {
+            self.source.release(pid, img, pages);
         }
     }
 
@@ -1295,13 +1318,16 @@ impl Server {
             ("UFFDIO_ZEROPAGE", sys::zeropage(p.uffd.as_fd(), start, n * PAGE_SIZE))
         };
         let done_pages = done / PAGE_SIZE;
+        let pid = p.pid;
         p.missing.remove(start, start + done_pages * PAGE_SIZE);
         p.hint = start + done_pages * PAGE_SIZE;
         if copy {
             self.stats.pushed_pages += done_pages;
+            self.release(pid, img, done_pages);
         } else {
             self.stats.zero_pages += done_pages;
         }
+        let p = &mut self.procs[i];
         let mut filled_end = start + done_pages * PAGE_SIZE;
         if let Some(e) = err {
             let at = filled_end;

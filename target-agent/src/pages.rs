@@ -12,6 +12,13 @@
 //! `end` arrived ([`PageStore::set_complete`]) every page is. Until then the lazy-pages daemon treats a
 //! page that is not current as pending: it asks for it ([`PageStore::request`], sent on the fault link)
 //! and waits, and it pushes pages in the order they become current ([`PageStore::take_arrivals`]).
+//!
+//! **Released pages.** Once the daemon has copied a page into the only restored process that needs it,
+//! it [releases](PageStore::release) it: the slot goes back to the free list and the next arriving page
+//! reuses that (already touched) memory. So a post-copy holds a window of pages in flight rather than a
+//! second copy of the whole tree, and the target does not pay for touching a GiB of fresh memory twice
+//! (measured on this project's VM: zeroing cold memory for the store took most of a core during a
+//! post-copy). A released page is never taken for a zero page: [`PageStore::lookup`] says Pending.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, RwLock};
@@ -29,16 +36,22 @@ pub enum StoreError {
         "the page store would grow past {limit} bytes (this host's available memory when the migration started); choose a target with more free memory"
     )]
     Full { limit: u64 },
+    #[error("the page store could not map 2 MiB more: {0}; free memory on this host")]
+    NoMemory(String),
     #[error("pages stream: a copy of page {pid}:{vaddr:#x}, which this host does not hold")]
     UnknownCopySource { pid: u32, vaddr: u64 },
     #[error("pages stream: {0}")]
     Malformed(String),
 }
 
+/// The index's slot number of a page whose content was released (see the module doc).
+const RELEASED: u32 = u32::MAX;
+
 #[derive(Default)]
 struct Inner {
+    /// Slot of every page held ([`RELEASED`]: its content went to the restored process).
     index: HashMap<(u32, u64), u32>,
-    slabs: Vec<Box<[u8]>>,
+    slabs: Vec<slab::Slab>,
     free: Vec<u32>,
     next: u32,
     /// Pages known current before `complete` (emptied then).
@@ -51,12 +64,12 @@ struct Inner {
 impl Inner {
     fn slot(&self, slot: u32) -> &[u8] {
         let (s, o) = (slot as usize / SLAB_PAGES, slot as usize % SLAB_PAGES);
-        &self.slabs[s][o * PAGE_SIZE..(o + 1) * PAGE_SIZE]
+        &self.slabs[s].bytes()[o * PAGE_SIZE..(o + 1) * PAGE_SIZE]
     }
 
     fn slot_mut(&mut self, slot: u32) -> &mut [u8] {
         let (s, o) = (slot as usize / SLAB_PAGES, slot as usize % SLAB_PAGES);
-        &mut self.slabs[s][o * PAGE_SIZE..(o + 1) * PAGE_SIZE]
+        &mut self.slabs[s].bytes_mut()[o * PAGE_SIZE..(o + 1) * PAGE_SIZE]
     }
 
     /// Pages `vaddrs` of `pid`, whose content the store now holds, are current: the daemon may use
@@ -75,7 +88,9 @@ impl Inner {
 
     /// The slot of `key`, allocated if new.
     fn slot_for(&mut self, key: (u32, u64), limit: u64) -> Result<u32, StoreError> {
-        if let Some(&s) = self.index.get(&key) {
+        if let Some(&s) = self.index.get(&key)
+            && s != RELEASED
+        {
             return Ok(s);
         }
         let s = match self.free.pop() {
@@ -85,7 +100,7 @@ impl Inner {
                     if ((self.slabs.len() + 1) * SLAB_PAGES * PAGE_SIZE) as u64 > limit {
                         return Err(StoreError::Full { limit });
                     }
-                    self.slabs.push(vec![0u8; SLAB_PAGES * PAGE_SIZE].into_boxed_slice());
+                    self.slabs.push(slab::Slab::new().map_err(|e| StoreError::NoMemory(e.to_string()))?);
                 }
                 self.next += 1;
                 self.next - 1
@@ -93,6 +108,78 @@ impl Inner {
         };
         self.index.insert(key, s);
         Ok(s)
+    }
+}
+
+/// The store's memory, one huge page at a time.
+///
+/// A slab is one 2 MiB-aligned anonymous mapping with MADV_HUGEPAGE: the kernel backs it with one
+/// transparent huge page (THP "madvise" mode, the common default, allows that), so filling it costs one
+/// page fault instead of 512. Measured in a profile of a 1 GiB post-copy, the 4 KiB faults on fresh slab
+/// memory were a fifth of the target agent's CPU. Without THP it is ordinary memory.
+mod slab {
+    use std::num::NonZeroUsize;
+    use std::ptr::NonNull;
+
+    use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap_anonymous, munmap};
+
+    use super::{PAGE_SIZE, SLAB_PAGES};
+
+    const LEN: usize = SLAB_PAGES * PAGE_SIZE;
+
+    pub struct Slab(NonNull<u8>);
+
+    // SAFETY: a Slab owns its mapping outright (like a Box<[u8]>); nothing else points into it.
+    unsafe impl Send for Slab {}
+    // SAFETY: shared access only reads, through &self.
+    unsafe impl Sync for Slab {}
+
+    impl Slab {
+        /// A zeroed slab.
+        pub fn new() -> nix::Result<Slab> {
+            let twice = NonZeroUsize::new(2 * LEN).expect("not zero");
+            // SAFETY: a new private anonymous mapping, at an address of the kernel's choosing; it
+            // overlaps nothing.
+            let base = unsafe {
+                mmap_anonymous(None, twice, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE)
+            }?
+            .cast::<u8>();
+            // Keep the 2 MiB-aligned middle, give the rest back.
+            let addr = base.as_ptr() as usize;
+            let start = addr.next_multiple_of(LEN);
+            let head = start - addr;
+            let tail = LEN - head;
+            // SAFETY: both ranges lie inside the mapping just made, which nothing uses yet.
+            unsafe {
+                if head > 0 {
+                    munmap(base.cast(), head)?;
+                }
+                if tail > 0 {
+                    munmap(NonNull::new_unchecked((start + LEN) as *mut u8).cast(), tail)?;
+                }
+            }
+            let ptr = NonNull::new(start as *mut u8).expect("inside a mapping");
+            // SAFETY: advice on our own mapping; failure (no THP in this kernel) is harmless.
+            let _ = unsafe { madvise(ptr.cast(), LEN, MmapAdvise::MADV_HUGEPAGE) };
+            Ok(Slab(ptr))
+        }
+
+        pub fn bytes(&self) -> &[u8] {
+            // SAFETY: LEN bytes mapped readable for as long as self lives.
+            unsafe { std::slice::from_raw_parts(self.0.as_ptr(), LEN) }
+        }
+
+        pub fn bytes_mut(&mut self) -> &mut [u8] {
+            // SAFETY: LEN bytes mapped writable, borrowed exclusively through &mut self.
+            unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr(), LEN) }
+        }
+    }
+
+    impl Drop for Slab {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made in new, unused from here on.
+            let _ = unsafe { munmap(self.0.cast(), LEN) };
+        }
     }
 }
 
@@ -152,11 +239,26 @@ impl PageStore {
             return Known::Pending;
         }
         match inner.index.get(&(pid, vaddr)) {
+            Some(&RELEASED) => Known::Pending,
             Some(&s) => {
                 out[..PAGE_SIZE].copy_from_slice(inner.slot(s));
                 Known::Page
             }
             None => Known::Zero,
+        }
+    }
+
+    /// The daemon copied `pages` pages of `pid` from `vaddr` into the only process that needed them: their
+    /// slots are free for the next pages. Pages not held (zero) stay as they are.
+    pub fn release(&self, pid: u32, vaddr: u64, pages: u64) {
+        let mut inner = self.inner.write().expect("page store lock");
+        for k in 0..pages {
+            if let Some(s) = inner.index.get_mut(&(pid, vaddr + k * PAGE_SIZE as u64))
+                && *s != RELEASED
+            {
+                let slot = std::mem::replace(s, RELEASED);
+                inner.free.push(slot);
+            }
         }
     }
 
@@ -223,6 +325,7 @@ impl PageStore {
             let &from = inner
                 .index
                 .get(&(c.from_pid, c.from_vaddr))
+                .filter(|&&s| s != RELEASED)
                 .ok_or(StoreError::UnknownCopySource { pid: c.from_pid, vaddr: c.from_vaddr })?;
             let to = inner.slot_for((batch.pid, c.vaddr), self.limit)?;
             if to != from {
@@ -234,7 +337,9 @@ impl PageStore {
             if !batch.frozen && inner.fresh.contains(&(pid, vaddr)) {
                 continue;
             }
-            if let Some(s) = inner.index.remove(&(batch.pid, vaddr)) {
+            if let Some(s) = inner.index.remove(&(batch.pid, vaddr))
+                && s != RELEASED
+            {
                 inner.free.push(s);
             }
         }
@@ -251,9 +356,11 @@ impl PageStore {
     }
 
     /// Copies page `vaddr` of `pid` into `out`; false when the store does not hold it (a zero page).
+    /// Only for pre-restore use and tests: the daemon uses [`PageStore::lookup`], which knows released
+    /// pages.
     pub fn read(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> bool {
         let inner = self.inner.read().expect("page store lock");
-        match inner.index.get(&(pid, vaddr)) {
+        match inner.index.get(&(pid, vaddr)).filter(|&&s| s != RELEASED) {
             Some(&s) => {
                 out[..PAGE_SIZE].copy_from_slice(inner.slot(s));
                 true
@@ -262,7 +369,7 @@ impl PageStore {
         }
     }
 
-    /// Pages held.
+    /// Pages held or released (every non-zero page the store was given).
     pub fn len(&self) -> usize {
         self.inner.read().expect("page store lock").index.len()
     }
@@ -297,6 +404,10 @@ impl crate::lazy::PageSource for PageStore {
         PageStore::take_arrivals(self)
     }
 
+    fn release(&self, pid: u32, vaddr: u64, pages: u64) {
+        PageStore::release(self, pid, vaddr, pages)
+    }
+
     fn set_waker(&self, wake: Box<dyn Fn() + Send + Sync>) {
         PageStore::set_waker(self, wake)
     }
@@ -328,6 +439,40 @@ mod tests {
         // The freed slot is reused.
         s.apply(&pb::PageBatch { pid: 7, data: vec![0], ..Default::default() }, &page(4)).unwrap();
         assert_eq!(s.inner.read().unwrap().next, 3);
+    }
+
+    /// A released page's slot is reused, and the page is Pending (never zero) from then on.
+    #[test]
+    fn released_pages_free_their_slots_and_are_never_zero() {
+        let s = PageStore::new(1 << 30);
+        s.set_complete();
+        let batch = pb::PageBatch { pid: 5, frozen: true, data: vec![0x1000, 0x2000], ..Default::default() };
+        s.apply(&batch, &[page(1), page(2)].concat()).unwrap();
+        s.release(5, 0x1000, 2);
+        s.release(5, 0x1000, 1); // twice: nothing more to free
+        s.release(5, 0x9000, 1); // not held (a zero page): stays zero
+        let mut out = vec![0u8; PAGE_SIZE];
+        assert_eq!(s.lookup(5, 0x1000, &mut out), Known::Pending);
+        assert_eq!(s.lookup(5, 0x9000, &mut out), Known::Zero);
+        assert!(!s.read(5, 0x2000, &mut out));
+        assert_eq!(s.inner.read().unwrap().free.len(), 2);
+        // "Zero now" for a released page frees nothing more; a copy from it is refused.
+        s.apply(&pb::PageBatch { pid: 5, frozen: true, zero: vec![0x2000], ..Default::default() }, &[]).unwrap();
+        assert_eq!(s.inner.read().unwrap().free.len(), 2);
+        let copy = pb::PageCopy { from_pid: 5, from_vaddr: 0x1000, vaddr: 0x5000 };
+        let from_released = pb::PageBatch { pid: 5, frozen: true, copies: vec![copy], ..Default::default() };
+        assert_eq!(
+            s.apply(&from_released, &[]),
+            Err(StoreError::UnknownCopySource { pid: 5, vaddr: 0x1000 })
+        );
+        // New pages (and a page sent again) reuse the slots without growing the store.
+        let again = pb::PageBatch { pid: 5, frozen: true, data: vec![0x1000, 0x3000], ..Default::default() };
+        s.apply(&again, &[page(3), page(4)].concat()).unwrap();
+        assert_eq!(s.inner.read().unwrap().next, 2);
+        assert_eq!(s.lookup(5, 0x1000, &mut out), Known::Page);
+        assert_eq!(out, page(3));
+        assert_eq!(s.lookup(5, 0x3000, &mut out), Known::Page);
+        assert_eq!(out, page(4));
     }
 
     /// A round's batch applied after a fault answer for the same page (the applier lags behind the
