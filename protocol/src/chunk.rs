@@ -88,6 +88,15 @@ pub fn encode_with(raw: &[u8], level: Option<i32>, out: &mut Vec<u8>) -> bool {
     compressed
 }
 
+/// The header of a chunk of `raw_len` bytes stored raw (the bytes follow it as they are).
+pub fn stored_header(raw_len: usize) -> [u8; HEADER_LEN] {
+    assert!(raw_len > 0 && raw_len <= MAX_CHUNK, "chunk of {raw_len} bytes");
+    let mut h = [0u8; HEADER_LEN];
+    h[0..4].copy_from_slice(&(raw_len as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&(raw_len as u32).to_le_bytes());
+    h
+}
+
 /// The end-of-sequence marker.
 pub fn end_marker() -> [u8; HEADER_LEN] {
     [0u8; HEADER_LEN]

@@ -29,12 +29,59 @@ pub fn records(b: &pb::PageBatch) -> usize {
 /// Appends the frame of `batch` and, when it has data pages, their chunk (`data` holds them in order,
 /// `level` None stores it raw) to `out`. Returns whether the chunk was compressed.
 pub fn encode_batch(batch: &pb::PageBatch, data: &[u8], level: Option<i32>, out: &mut Vec<u8>) -> bool {
-    assert_eq!(data.len(), batch.data.len() * PAGE_SIZE, "data pages and their bytes");
+    encode_frame(batch, data.len(), out);
+    if data.is_empty() { false } else { chunk::encode_with(data, level, out) }
+}
+
+/// The batch's frame (u32 length, then the message), after checking the limits.
+fn encode_frame(batch: &pb::PageBatch, data_len: usize, out: &mut Vec<u8>) {
+    assert_eq!(data_len, batch.data.len() * PAGE_SIZE, "data pages and their bytes");
     assert!(batch.data.len() <= MAX_DATA_PAGES && records(batch) <= MAX_RECORDS, "batch over the limits");
     let len = prost::Message::encoded_len(batch);
     out.extend_from_slice(&(len as u32).to_le_bytes());
     prost::Message::encode(batch, out).expect("Vec grows");
-    if data.is_empty() { false } else { chunk::encode_with(data, level, out) }
+}
+
+/// [`encode_batch`] in pieces for a [`BatchSink`]: when the data is stored raw (it did not shrink, or
+/// `level` is None) the page bytes travel in the Vec they were read into instead of being copied behind
+/// the frame. The same bytes on the wire. Returns the pieces and whether the data was compressed.
+pub fn encode_batch_parts(batch: &pb::PageBatch, data: Vec<u8>, level: Option<i32>) -> (Vec<bytes::Bytes>, bool) {
+    let mut head = Vec::with_capacity(64 + HEADER_LEN);
+    encode_frame(batch, data.len(), &mut head);
+    if !data.is_empty() && level.is_some() {
+        let frame = head.len();
+        if chunk::encode_with(&data, level, &mut head) {
+            return (vec![head.into()], true);
+        }
+        // Did not shrink: drop the stored copy, keep the frame.
+        head.truncate(frame);
+    }
+    if data.is_empty() {
+        return (vec![head.into()], false);
+    }
+    head.extend_from_slice(&chunk::stored_header(data.len()));
+    (vec![head.into(), data.into()], false)
+}
+
+/// Where encoded batches go, piece by piece: a QUIC stream takes the buffers over without copying them.
+pub trait BatchSink {
+    fn put(&mut self, parts: Vec<bytes::Bytes>) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+impl BatchSink for quinn::SendStream {
+    async fn put(&mut self, mut parts: Vec<bytes::Bytes>) -> std::io::Result<()> {
+        self.write_all_chunks(&mut parts).await.map_err(std::io::Error::other)
+    }
+}
+
+/// For tests: the stream's bytes in memory.
+impl BatchSink for Vec<u8> {
+    async fn put(&mut self, parts: Vec<bytes::Bytes>) -> std::io::Result<()> {
+        for p in parts {
+            self.extend_from_slice(&p);
+        }
+        Ok(())
+    }
 }
 
 /// One batch as read: the message, the bytes of its data pages, and the bytes it took on the stream.
@@ -124,6 +171,40 @@ mod tests {
         assert_eq!((got, bytes.len()), (empty, 0));
         assert_eq!(n1 + n2, wire.len() as u64, "the wire sizes add up to the stream");
         assert!(read_batch(&mut r).await.unwrap().is_none());
+    }
+
+    /// The pieces are the same bytes as the single buffer, whatever happens to the data.
+    #[tokio::test]
+    async fn parts_are_the_same_bytes() {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        let random: Vec<u8> = (0..2 * PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let uniform = vec![3u8; 2 * PAGE_SIZE];
+        let b = batch(vec![0x1000, 0x3000]);
+        let empty = pb::PageBatch { data: vec![], ..batch(vec![]) };
+        for (batch, data, level, compressed) in [
+            (&b, &random, Some(1), false),
+            (&b, &random, None, false),
+            (&b, &uniform, Some(1), true),
+            (&b, &uniform, None, false),
+            (&empty, &Vec::new(), Some(1), false),
+        ] {
+            let mut one = Vec::new();
+            assert_eq!(encode_batch(batch, data, level, &mut one), compressed);
+            let (parts, c) = encode_batch_parts(batch, data.clone(), level);
+            assert_eq!(c, compressed);
+            let mut sink = Vec::new();
+            sink.put(parts).await.unwrap();
+            assert_eq!(sink, one, "level {level:?}, compressed {compressed}");
+            let (got, bytes, _) = read_batch(&mut sink.as_slice()).await.unwrap().unwrap();
+            assert_eq!((&got, &bytes), (batch, data));
+        }
     }
 
     #[tokio::test]

@@ -30,7 +30,6 @@ use nix::sys::uio::{RemoteIoVec, process_vm_readv};
 use protocol::chunk::AdaptiveLevel;
 use protocol::pages::{self, MAX_DATA_PAGES, PAGE_SIZE};
 use protocol::pb;
-use tokio::io::AsyncWriteExt;
 
 /// Pages read at once from a process.
 const READ_PAGES: usize = 256;
@@ -226,7 +225,7 @@ pub struct Pass {
 ///
 /// # Cancel safety
 /// Not cancel safe: a cancelled round leaves the stream in the middle of a batch.
-pub async fn send_round<W: tokio::io::AsyncWrite + Unpin>(
+pub async fn send_round<W: pages::BatchSink>(
     held: &mut Held,
     stream: &mut W,
     regions: Vec<Region>,
@@ -245,21 +244,22 @@ pub async fn send_round<W: tokio::io::AsyncWrite + Unpin>(
             let level = level.clone();
             let tried = level.next();
             tokio::task::spawn_blocking(move || {
-                let mut out = Vec::with_capacity(data.len() + 256);
-                level.record(tried, pages::encode_batch(&batch, &data, tried, &mut out));
-                out
+                let (parts, compressed) = pages::encode_batch_parts(&batch, data, tried);
+                level.record(tried, compressed);
+                parts
             })
         })
         .buffered(COMPRESS_PARALLEL);
     let mut wire = 0u64;
     let mut write_error = None;
     while let Some(out) = encoded.next().await {
-        let out = out.map_err(|e| format!("compression task: {e}"))?;
-        if let Err(e) = stream.write_all(&out).await {
+        let parts = out.map_err(|e| format!("compression task: {e}"))?;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if let Err(e) = stream.put(parts).await {
             write_error = Some(format!("sending pages: {e}"));
             break;
         }
-        wire += out.len() as u64;
+        wire += len as u64;
     }
     drop(encoded); // a reader still sending learns that nobody listens and stops
     let (back, scanned) = reader.await.map_err(|e| format!("memory reader: {e}"))?;
@@ -440,11 +440,12 @@ fn scan(
 }
 
 /// The last batch of the pages stream: `total` records were sent (see PageBatch.end).
-pub async fn send_end<W: tokio::io::AsyncWrite + Unpin>(stream: &mut W, total: u64) -> Result<u64, String> {
+pub async fn send_end<W: pages::BatchSink>(stream: &mut W, total: u64) -> Result<u64, String> {
     let mut out = Vec::new();
     pages::encode_batch(&pb::PageBatch { end: true, total, frozen: true, ..Default::default() }, &[], None, &mut out);
-    stream.write_all(&out).await.map_err(|e| format!("sending pages: {e}"))?;
-    Ok(out.len() as u64)
+    let len = out.len() as u64;
+    stream.put(vec![out.into()]).await.map_err(|e| format!("sending pages: {e}"))?;
+    Ok(len)
 }
 
 /// One page of a stopped tree, encoded as the answer to a fault (a frozen batch with one record).
