@@ -182,19 +182,26 @@ pub async fn fetch(
     stats: Arc<crate::stats::Stats>,
 ) {
     let Link { conn, mut send, mut recv } = link;
+    // When each request went out, and the round trips (request written -> answer applied), for the log.
+    let sent_at = std::sync::Mutex::new(HashMap::<(u32, u64), std::time::Instant>::new());
+    let mut rtts: Vec<std::time::Duration> = Vec::new();
     let sender = async {
         let mut out = Vec::new();
+        let mut batched = Vec::new();
         while let Some((pid, vaddr)) = requests.recv().await {
             // Every request queued meanwhile goes out in the same write.
             out.clear();
             let mut next = Some((pid, vaddr));
             while let Some((pid, vaddr)) = next {
+                batched.push((pid, vaddr));
                 let req = pb::FaultRequest { pid, vaddr };
                 out.extend_from_slice(&(prost::Message::encoded_len(&req) as u32).to_le_bytes());
                 prost::Message::encode(&req, &mut out).expect("Vec grows");
                 next = requests.try_recv().ok();
             }
             tokio::io::AsyncWriteExt::write_all(&mut send, &out).await?;
+            let now = std::time::Instant::now();
+            sent_at.lock().expect("lock").extend(batched.drain(..).map(|k| (k, now)));
         }
         Ok::<_, ProtocolError>(())
     };
@@ -205,10 +212,25 @@ pub async fn fetch(
                 return Err(ProtocolError::BadChunk("a fault answer must be one page from the frozen tree".into()));
             }
             store.apply(&batch, &data).map_err(|e| ProtocolError::BadChunk(e.to_string()))?;
+            let key = (batch.pid, batch.data.first().or(batch.zero.first()).copied().unwrap_or_default());
+            if let Some(t) = sent_at.lock().expect("lock").remove(&key) {
+                rtts.push(t.elapsed());
+            }
         }
         Ok(())
     };
     let r = tokio::select! { r = sender => r, r = receiver => r };
+    if !rtts.is_empty() {
+        rtts.sort_unstable();
+        let at = |p: f64| rtts[((rtts.len() - 1) as f64 * p) as usize].as_micros();
+        tracing::info!(
+            answers = rtts.len(),
+            p50_us = at(0.5),
+            p99_us = at(0.99),
+            max_us = at(1.0),
+            "fault link round trips (request sent -> answer in the page store)"
+        );
+    }
     // The source closes the link with code 0 once every page was delivered: that is its normal end.
     let closed_by_source = matches!(
         conn.close_reason(),

@@ -36,8 +36,6 @@ pub enum StoreError {
         "the page store would grow past {limit} bytes (this host's available memory when the migration started); choose a target with more free memory"
     )]
     Full { limit: u64 },
-    #[error("the page store could not map 2 MiB more: {0}; free memory on this host")]
-    NoMemory(String),
     #[error("pages stream: a copy of page {pid}:{vaddr:#x}, which this host does not hold")]
     UnknownCopySource { pid: u32, vaddr: u64 },
     #[error("pages stream: {0}")]
@@ -51,7 +49,7 @@ const RELEASED: u32 = u32::MAX;
 struct Inner {
     /// Slot of every page held ([`RELEASED`]: its content went to the restored process).
     index: HashMap<(u32, u64), u32>,
-    slabs: Vec<slab::Slab>,
+    slabs: Vec<Box<[u8]>>,
     free: Vec<u32>,
     next: u32,
     /// Pages known current before `complete` (emptied then).
@@ -64,12 +62,12 @@ struct Inner {
 impl Inner {
     fn slot(&self, slot: u32) -> &[u8] {
         let (s, o) = (slot as usize / SLAB_PAGES, slot as usize % SLAB_PAGES);
-        &self.slabs[s].bytes()[o * PAGE_SIZE..(o + 1) * PAGE_SIZE]
+        &self.slabs[s][o * PAGE_SIZE..(o + 1) * PAGE_SIZE]
     }
 
     fn slot_mut(&mut self, slot: u32) -> &mut [u8] {
         let (s, o) = (slot as usize / SLAB_PAGES, slot as usize % SLAB_PAGES);
-        &mut self.slabs[s].bytes_mut()[o * PAGE_SIZE..(o + 1) * PAGE_SIZE]
+        &mut self.slabs[s][o * PAGE_SIZE..(o + 1) * PAGE_SIZE]
     }
 
     /// Pages `vaddrs` of `pid`, whose content the store now holds, are current: the daemon may use
@@ -100,7 +98,7 @@ impl Inner {
                     if ((self.slabs.len() + 1) * SLAB_PAGES * PAGE_SIZE) as u64 > limit {
                         return Err(StoreError::Full { limit });
                     }
-                    self.slabs.push(slab::Slab::new().map_err(|e| StoreError::NoMemory(e.to_string()))?);
+                    self.slabs.push(vec![0u8; SLAB_PAGES * PAGE_SIZE].into_boxed_slice());
                 }
                 self.next += 1;
                 self.next - 1
@@ -108,78 +106,6 @@ impl Inner {
         };
         self.index.insert(key, s);
         Ok(s)
-    }
-}
-
-/// The store's memory, one huge page at a time.
-///
-/// A slab is one 2 MiB-aligned anonymous mapping with MADV_HUGEPAGE: the kernel backs it with one
-/// transparent huge page (THP "madvise" mode, the common default, allows that), so filling it costs one
-/// page fault instead of 512. Measured in a profile of a 1 GiB post-copy, the 4 KiB faults on fresh slab
-/// memory were a fifth of the target agent's CPU. Without THP it is ordinary memory.
-mod slab {
-    use std::num::NonZeroUsize;
-    use std::ptr::NonNull;
-
-    use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap_anonymous, munmap};
-
-    use super::{PAGE_SIZE, SLAB_PAGES};
-
-    const LEN: usize = SLAB_PAGES * PAGE_SIZE;
-
-    pub struct Slab(NonNull<u8>);
-
-    // SAFETY: a Slab owns its mapping outright (like a Box<[u8]>); nothing else points into it.
-    unsafe impl Send for Slab {}
-    // SAFETY: shared access only reads, through &self.
-    unsafe impl Sync for Slab {}
-
-    impl Slab {
-        /// A zeroed slab.
-        pub fn new() -> nix::Result<Slab> {
-            let twice = NonZeroUsize::new(2 * LEN).expect("not zero");
-            // SAFETY: a new private anonymous mapping, at an address of the kernel's choosing; it
-            // overlaps nothing.
-            let base = unsafe {
-                mmap_anonymous(None, twice, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE)
-            }?
-            .cast::<u8>();
-            // Keep the 2 MiB-aligned middle, give the rest back.
-            let addr = base.as_ptr() as usize;
-            let start = addr.next_multiple_of(LEN);
-            let head = start - addr;
-            let tail = LEN - head;
-            // SAFETY: both ranges lie inside the mapping just made, which nothing uses yet.
-            unsafe {
-                if head > 0 {
-                    munmap(base.cast(), head)?;
-                }
-                if tail > 0 {
-                    munmap(NonNull::new_unchecked((start + LEN) as *mut u8).cast(), tail)?;
-                }
-            }
-            let ptr = NonNull::new(start as *mut u8).expect("inside a mapping");
-            // SAFETY: advice on our own mapping; failure (no THP in this kernel) is harmless.
-            let _ = unsafe { madvise(ptr.cast(), LEN, MmapAdvise::MADV_HUGEPAGE) };
-            Ok(Slab(ptr))
-        }
-
-        pub fn bytes(&self) -> &[u8] {
-            // SAFETY: LEN bytes mapped readable for as long as self lives.
-            unsafe { std::slice::from_raw_parts(self.0.as_ptr(), LEN) }
-        }
-
-        pub fn bytes_mut(&mut self) -> &mut [u8] {
-            // SAFETY: LEN bytes mapped writable, borrowed exclusively through &mut self.
-            unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr(), LEN) }
-        }
-    }
-
-    impl Drop for Slab {
-        fn drop(&mut self) {
-            // SAFETY: the mapping made in new, unused from here on.
-            let _ = unsafe { munmap(self.0.cast(), LEN) };
-        }
     }
 }
 
