@@ -2012,6 +2012,8 @@ mod tests {
         requests: Vec<(u32, u64)>,
         /// Lookups answered Pending.
         pending_lookups: u64,
+        /// Pages the daemon released (their content is gone: Pending from then on).
+        released: HashSet<u64>,
     }
 
     impl LateSource {
@@ -2063,6 +2065,9 @@ mod tests {
 
         fn lookup(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> Lookup {
             let mut st = self.state();
+            if st.released.contains(&vaddr) {
+                return Lookup::Pending;
+            }
             match st.known.get(&vaddr).filter(|_| pid == self.pid) {
                 Some(true) => {
                     out[..PAGE].copy_from_slice(&content(pid, vaddr));
@@ -2096,6 +2101,14 @@ mod tests {
 
         fn take_arrivals(&self) -> Vec<(u32, u64, u32)> {
             std::mem::take(&mut self.state().arrivals)
+        }
+
+        fn release(&self, pid: u32, vaddr: u64, pages: u64) {
+            assert_eq!(pid, self.pid);
+            let mut st = self.state();
+            for k in 0..pages {
+                assert!(st.released.insert(vaddr + k * P), "page {:#x} released twice", vaddr + k * P);
+            }
         }
 
         fn set_waker(&self, wake: Box<dyn Fn() + Send + Sync>) {
@@ -2483,6 +2496,10 @@ mod tests {
         assert_eq!((stats.faults, stats.waited_faults, stats.dropped_pages), (0, 0, 0), "{stats:?}");
         assert_eq!(stats.pushed_pages, 48, "{stats:?}");
         assert_eq!(stats.zero_pages, 8 + (100 - 48) + (pages - 108), "{stats:?}");
+        // Every page copied into the only process is released; zero pages have nothing to release.
+        let released = src.state().released.clone();
+        let copied: HashSet<u64> = (0..40).chain(100..108).map(pg).collect();
+        assert_eq!(released, copied, "released pages differ from the copied ones");
         let mut b = vec![0u8; PAGE];
         for k in (0..100).chain(108..pages) {
             read_mem(pg(k), &mut b);
@@ -2539,6 +2556,10 @@ mod tests {
         criu.finish();
         let stats = done_within(h).expect("done");
         assert_eq!((stats.forks, stats.processes, stats.waited_faults, stats.zero_pages), (1, 2, 1, 0), "{stats:?}");
+        // Page 0 went into the parent alone and was released. Page 7 went into the child while both
+        // lived: had it been released then, this source would say Pending for it forever, the parent
+        // could never get it and done_within above would have failed; the parent has every page below.
+        assert!(src.state().released.contains(&pg(0)), "a page copied into the only process was not released");
         let mut b = vec![0u8; PAGE];
         for k in 0..16 {
             read_mem(pg(k), &mut b);

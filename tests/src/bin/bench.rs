@@ -33,7 +33,9 @@
 //! (`--link-mib`, default 1 GiB, this binary's `rate-send`/`rate-recv`): `link_mb_s` in the JSON, in
 //! 10^6 bytes per second. The post-copy target is every page on the target within 1.2 x (memory / link
 //! rate); the `x link` column is `complete ms / (memory bytes / link rate)` for every row with a complete
-//! time.
+//! time. It also measures one QUIC stream from a to b with the agents' own TLS, transport settings and
+//! sockets (`quic-send`/`quic-recv`, the same size): `quic_mb_s` in the JSON, with the path MTU quinn
+//! reached and its losses (`quic_path`). That is the most the pages stream can carry on this machine.
 //!
 //! Workloads (`workload mem`) dirty `--dirty` percent of their pages per second while they run, for two
 //! seconds before the migration starts. Needs root, CRIU and a release build (like the integration
@@ -242,6 +244,9 @@ fn main() {
     let meta = serde_json::json!({
         "link_mb_s": link.as_ref().ok().map(|r| r / 1e6),
         "link_error": link.as_ref().err(),
+        "quic_mb_s": quic.as_ref().ok().map(|(r, _)| r / 1e6),
+        "quic_path": quic.as_ref().ok().map(|(_, p)| p.clone()),
+        "quic_error": quic.as_ref().err(),
         "link_target": LINK_TARGET,
         "precopy_vs_criu_cold": ratios,
         "postcopy_vs_criu_lazy": lazy_ratios,
