@@ -160,15 +160,7 @@ mod tests {
     #[test]
     fn zeros_compress_and_random_is_stored() {
         assert!(round_trip(&vec![0u8; MAX_CHUNK]));
-        let mut x = 0x9e3779b97f4a7c15u64;
-        let random: Vec<u8> = (0..MAX_CHUNK)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let random = crate::test_util::incompressible(0x9e3779b97f4a7c15, MAX_CHUNK);
         assert!(!round_trip(&random));
     }
 

@@ -245,15 +245,7 @@ mod tests {
 
     #[tokio::test]
     async fn incompressible_stretch_then_compressible_stretch() {
-        let mut x = 0x2545f4914f6cdd1du64;
-        let mut content: Vec<u8> = (0..20 * MAX_CHUNK)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let mut content = crate::test_util::incompressible(0x2545f4914f6cdd1d, 20 * MAX_CHUNK);
         content.extend(std::iter::repeat_n(0u8, 40 * MAX_CHUNK));
         let wire = send_to_vec(&content, "pages-2.img").await;
         // The random part travels raw, the zeros (after the skip window) compress. Up to COMPRESS_PARALLEL

@@ -24,6 +24,23 @@ pub mod names;
 pub mod pages;
 pub mod tls;
 
+/// Helpers of this crate's unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    /// `len` bytes that do not compress (xorshift64 from `seed`).
+    pub fn incompressible(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+}
+
 /// Generated from `proto/migrate.proto`.
 #[allow(clippy::all, missing_docs)]
 pub mod pb {

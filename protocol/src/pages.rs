@@ -176,15 +176,7 @@ mod tests {
     /// The pieces are the same bytes as the single buffer, whatever happens to the data.
     #[tokio::test]
     async fn parts_are_the_same_bytes() {
-        let mut x = 0x9e3779b97f4a7c15u64;
-        let random: Vec<u8> = (0..2 * PAGE_SIZE)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let random = crate::test_util::incompressible(0x9e3779b97f4a7c15, 2 * PAGE_SIZE);
         let uniform = vec![3u8; 2 * PAGE_SIZE];
         let b = batch(vec![0x1000, 0x3000]);
         let empty = pb::PageBatch { data: vec![], ..batch(vec![]) };
