@@ -10,8 +10,9 @@
 //! naming the sysctl to raise.
 
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
+
+use nix::sys::socket::{GetSockOpt, SetSockOpt, getsockopt, setsockopt, sockopt};
 
 /// The largest UDP payload path MTU discovery probes for (see [`crate::tls::transport`]), and the
 /// largest this endpoint accepts (its `max_udp_payload_size`).
@@ -51,20 +52,23 @@ fn endpoint_config() -> quinn::EndpointConfig {
 
 fn socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let s = UdpSocket::bind(addr)?;
-    grow(&s, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "net.core.rmem_max");
-    grow(&s, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "net.core.wmem_max");
+    grow(&s, sockopt::RcvBufForce, sockopt::RcvBuf, "net.core.rmem_max");
+    grow(&s, sockopt::SndBufForce, sockopt::SndBuf, "net.core.wmem_max");
     Ok(s)
 }
 
 /// Sets one buffer to SOCKET_BUFFER, forced past the sysctl limit where allowed.
-fn grow(s: &UdpSocket, force: libc::c_int, plain: libc::c_int, sysctl: &str) {
-    let want = SOCKET_BUFFER as libc::c_int;
-    if setsockopt(s, force, want).is_ok() {
+fn grow<F, P>(s: &UdpSocket, force: F, plain: P, sysctl: &str)
+where
+    F: SetSockOpt<Val = usize>,
+    P: SetSockOpt<Val = usize> + GetSockOpt<Val = usize>,
+{
+    if setsockopt(s, force, &SOCKET_BUFFER).is_ok() {
         return;
     }
-    let _ = setsockopt(s, plain, want);
+    let _ = setsockopt(s, plain, &SOCKET_BUFFER);
     // The kernel reports twice what it granted (bookkeeping overhead).
-    let got = getsockopt(s, plain).unwrap_or(0) as usize / 2;
+    let got = getsockopt(s, plain).unwrap_or(0) / 2;
     if got < SOCKET_BUFFER {
         tracing::warn!(
             "UDP socket buffer is {} KiB, not {} KiB: a fast migration may lose datagrams and slow down; \
@@ -75,30 +79,6 @@ fn grow(s: &UdpSocket, force: libc::c_int, plain: libc::c_int, sysctl: &str) {
     }
 }
 
-fn setsockopt(s: &UdpSocket, opt: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: a socket fd we own, an int option and the int's size.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-fn getsockopt(s: &UdpSocket, opt: libc::c_int) -> std::io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: a socket fd we own, an int to write into and its size.
-    let r = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, opt, (&mut value as *mut libc::c_int).cast(), &mut len)
-    };
-    if r == 0 { Ok(value) } else { Err(std::io::Error::last_os_error()) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,8 +86,8 @@ mod tests {
     #[test]
     fn sockets_get_big_buffers_when_root() {
         let s = socket("127.0.0.1:0".parse().unwrap()).unwrap();
-        let rcv = getsockopt(&s, libc::SO_RCVBUF).unwrap() as usize / 2;
-        let snd = getsockopt(&s, libc::SO_SNDBUF).unwrap() as usize / 2;
+        let rcv = getsockopt(&s, sockopt::RcvBuf).unwrap() / 2;
+        let snd = getsockopt(&s, sockopt::SndBuf).unwrap() / 2;
         assert!(nix::unistd::geteuid().is_root(), "this test needs root (SO_RCVBUFFORCE), as the agents have");
         assert_eq!((rcv, snd), (SOCKET_BUFFER, SOCKET_BUFFER));
     }
