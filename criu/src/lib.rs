@@ -416,8 +416,8 @@ impl Criu {
     }
 }
 
-/// `--external KEY` for each of the request's keys.
-/// The arguments of every dump, lazy or not: the tree, where its images go, the log, and the externals.
+/// The arguments of every dump, lazy or not: the tree, where its images go, the log, and `--external
+/// KEY` for each of the request's keys.
 fn dump_args(req: &DumpRequest) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = vec![
         "dump".into(),

@@ -120,11 +120,9 @@ pub fn kill_all(pids: &[u32], within: std::time::Duration) -> io::Result<()> {
         }
         let exited: Vec<bool> = polled.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
         drop(polled);
-        let mut i = 0;
-        fds.retain(|_| {
-            i += 1;
-            !exited[i - 1]
-        });
+        // retain visits in order: each fd meets its own poll result.
+        let mut exited = exited.into_iter();
+        fds.retain(|_| !exited.next().unwrap_or(false));
     }
     Ok(())
 }
