@@ -793,43 +793,37 @@ fn criu_lazy(tb: &Testbed, pid: u32, mib: u64) -> Result<Lazy, String> {
 /// TCP throughput from a to b over the veth: `bytes` through one connection (`rate-send` on a,
 /// `rate-recv` on b). Bytes per second.
 fn link_rate(tb: &Testbed, bytes: u64) -> Result<f64, String> {
-    let bench = tb.bin.join("bench");
-    let bench = bench.to_str().expect("utf8");
-    let listen = format!("{}:7599", tb.addr("b"));
-    let mut recv = HostProc::spawn(tb, "b", &[bench, "rate-recv", "--listen", &listen], "rate-recv on b")?;
-    recv.ready(Duration::from_secs(10))?;
-    let n = bytes.to_string();
-    let mut send = HostProc::spawn(tb, "a", &[bench, "rate-send", "--to", &listen, "--bytes", &n], "rate-send on a")?;
-    send.finish(Duration::from_secs(120))?;
-    recv.finish(Duration::from_secs(10))?;
-    let out = send.stdout();
-    let secs: f64 =
-        out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("rate-send said {out:?}"))?;
-    Ok(bytes as f64 / secs)
+    throughput(tb, bytes, "rate", 7599, &[]).map(|(rate, _)| rate)
 }
 
 /// QUIC throughput from a to b: `bytes` on one stream of one connection, with the agents' own TLS,
-/// transport settings and sockets (`quic-send` on a, `quic-recv` on b). Bytes per second. This is the
-/// ceiling of the pages stream on this machine.
+/// transport settings and sockets (`quic-send` on a, `quic-recv` on b). Bytes per second, and what the
+/// sender said of the path. This is the ceiling of the pages stream on this machine.
 fn quic_rate(tb: &Testbed, bytes: u64) -> Result<(f64, String), String> {
+    let tls = tb.dir.join("tls");
+    throughput(tb, bytes, "quic", 7598, &["--tls", tls.to_str().expect("utf8")])
+}
+
+/// Runs `KIND-recv --listen B:PORT EXTRA...` on b, then `KIND-send --to B:PORT --bytes BYTES EXTRA...`
+/// on a, which prints "BYTES SECONDS [what else]". Bytes per second, and the what else.
+fn throughput(tb: &Testbed, bytes: u64, kind: &str, port: u16, extra: &[&str]) -> Result<(f64, String), String> {
     let bench = tb.bin.join("bench");
     let bench = bench.to_str().expect("utf8");
-    let tls = tb.dir.join("tls");
-    let tls = tls.to_str().expect("utf8");
-    let listen = format!("{}:7598", tb.addr("b"));
-    let mut recv =
-        HostProc::spawn(tb, "b", &[bench, "quic-recv", "--listen", &listen, "--tls", tls], "quic-recv on b")?;
+    let listen = format!("{}:{port}", tb.addr("b"));
+    let (recv_cmd, send_cmd) = (format!("{kind}-recv"), format!("{kind}-send"));
+    let recv_args = [&[bench, &recv_cmd, "--listen", &listen][..], extra].concat();
+    let mut recv = HostProc::spawn(tb, "b", &recv_args, &format!("{recv_cmd} on b"))?;
     recv.ready(Duration::from_secs(10))?;
     let n = bytes.to_string();
-    let args = [bench, "quic-send", "--to", &listen, "--bytes", &n, "--tls", tls];
-    let mut send = HostProc::spawn(tb, "a", &args, "quic-send on a")?;
+    let send_args = [&[bench, &send_cmd, "--to", &listen, "--bytes", &n][..], extra].concat();
+    let mut send = HostProc::spawn(tb, "a", &send_args, &format!("{send_cmd} on a"))?;
     send.finish(Duration::from_secs(120))?;
     recv.finish(Duration::from_secs(10))?;
     let out = send.stdout();
     let secs: f64 =
-        out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("quic-send said {out:?}"))?;
-    let path = out.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
-    Ok((bytes as f64 / secs, path))
+        out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("{send_cmd} said {out:?}"))?;
+    let rest = out.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
+    Ok((bytes as f64 / secs, rest))
 }
 
 fn quic_runtime() -> tokio::runtime::Runtime {
