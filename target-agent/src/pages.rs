@@ -387,10 +387,7 @@ mod tests {
         assert_eq!(s.inner.read().unwrap().free.len(), 2);
         let copy = pb::PageCopy { from_pid: 5, from_vaddr: 0x1000, vaddr: 0x5000 };
         let from_released = pb::PageBatch { pid: 5, frozen: true, copies: vec![copy], ..Default::default() };
-        assert_eq!(
-            s.apply(&from_released, &[]),
-            Err(StoreError::UnknownCopySource { pid: 5, vaddr: 0x1000 })
-        );
+        assert_eq!(s.apply(&from_released, &[]), Err(StoreError::UnknownCopySource { pid: 5, vaddr: 0x1000 }));
         // New pages (and a page sent again) reuse the slots without growing the store.
         let again = pb::PageBatch { pid: 5, frozen: true, data: vec![0x1000, 0x3000], ..Default::default() };
         s.apply(&again, &[page(3), page(4)].concat()).unwrap();
