@@ -170,6 +170,48 @@ pub fn lazy_ranges(dir: &Path) -> Result<LazyRanges, ImageError> {
         .collect()
 }
 
+/// `PSTREE_MAGIC`: `pstree.img`, one `pstree_entry` per task of the dump.
+pub const PSTREE_MAGIC: u32 = 0x5027_3030;
+
+/// One task of a dump (`pstree_entry{pid=1, ppid=2, pgid=3, sid=4, threads=5}`, images/pstree.proto).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PstreeEntry {
+    #[prost(uint32, required, tag = "1")]
+    pub pid: u32,
+    #[prost(uint32, required, tag = "2")]
+    pub ppid: u32,
+    #[prost(uint32, required, tag = "3")]
+    pub pgid: u32,
+    #[prost(uint32, required, tag = "4")]
+    pub sid: u32,
+    #[prost(uint32, repeated, packed = "false", tag = "5")]
+    pub threads: Vec<u32>,
+}
+
+/// The tasks CRIU dumped (`pstree.img`), root first: the tree as it was frozen, which may differ from
+/// what was seen before the freeze (a child forked or exited meanwhile).
+pub fn read_pstree(dir: &Path) -> Result<Vec<PstreeEntry>, ImageError> {
+    let path = dir.join("pstree.img");
+    let data = std::fs::read(&path).map_err(|source| ImageError::Io { path: path.clone(), source })?;
+    parse_pstree(&data).map_err(|what| ImageError::Malformed { path, what })
+}
+
+/// Parses the bytes of a pstree image.
+pub fn parse_pstree(data: &[u8]) -> Result<Vec<PstreeEntry>, String> {
+    let mut entries = Entries::new(data, PSTREE_MAGIC)?;
+    let mut out = Vec::new();
+    while let Some(e) = entries.next_msg::<PstreeEntry>()? {
+        if e.pid == 0 {
+            return Err("a task with pid 0".into());
+        }
+        out.push(e);
+    }
+    if out.is_empty() {
+        return Err("no task".into());
+    }
+    Ok(out)
+}
+
 /// `FILES_MAGIC`: `files.img`, one `file_entry` per open file of the dump (CRIU >= 3.x).
 pub const FILES_MAGIC: u32 = 0x5630_3138;
 /// `UNIXSK_MAGIC`: the legacy `unixsk.img`, one bare `unix_sk_entry` per socket.
@@ -508,6 +550,25 @@ pub fn encode_pagemap(p: &Pagemap) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes of a `pstree.img` that CRIU 4.2.1 wrote for tmux (server, shell, `sleep`): the shell's
+    /// `sleep` child was forked after the tree was first looked at.
+    #[test]
+    fn pstree_of_a_real_dump() {
+        let img = [
+            0x19, 0x43, 0x56, 0x54, 0x30, 0x30, 0x27, 0x50, 0x12, 0, 0, 0, 0x08, 0xff, 0xcf, 0x01, 0x10, 0x00, 0x18,
+            0xff, 0xcf, 0x01, 0x20, 0xff, 0xcf, 0x01, 0x28, 0xff, 0xcf, 0x01, 0x14, 0, 0, 0, 0x08, 0x81, 0xd0, 0x01,
+            0x10, 0xff, 0xcf, 0x01, 0x18, 0x81, 0xd0, 0x01, 0x20, 0x81, 0xd0, 0x01, 0x28, 0x81, 0xd0, 0x01, 0x14, 0, 0,
+            0, 0x08, 0xb2, 0xd0, 0x01, 0x10, 0x81, 0xd0, 0x01, 0x18, 0x81, 0xd0, 0x01, 0x20, 0x81, 0xd0, 0x01, 0x28,
+            0xb2, 0xd0, 0x01,
+        ];
+        let tree = parse_pstree(&img).unwrap();
+        let pids: Vec<(u32, u32, Vec<u32>)> = tree.into_iter().map(|e| (e.pid, e.ppid, e.threads)).collect();
+        assert_eq!(pids, vec![(26623, 0, vec![26623]), (26625, 26623, vec![26625]), (26674, 26625, vec![26674])]);
+        assert!(parse_pstree(&img[..img.len() - 1]).is_err(), "a truncated entry is refused");
+        assert!(parse_pstree(&img[..8]).is_err(), "an image without tasks is refused");
+        assert!(parse_pstree(&encode_pagemap(&Pagemap { pages_id: 1, entries: vec![] })).is_err(), "wrong magic");
+    }
 
     #[test]
     fn round_trip_and_lazy_ranges() {

@@ -6,7 +6,7 @@
 //! stays in the stopped tree) → every image file on its own stream and, in pre-copy, the final delta of
 //! the memory on the pages stream → ImagesDone → the target restores, stopped, with its private memory
 //! lazy → Restored → Commit → the target resumes its copy → Resumed (downtime ends) → the target fills
-//! in the memory (post-copy and hybrid: while the final delta streams from here and page faults are
+//! in the memory (post-copy and hybrid: while the final delta streams from here, from Commit on, and page faults are
 //! answered on the fault link, [`PostCopy`]) → Complete → kill the original.
 //!
 //! `--mode stopcopy` skips the rounds and dumps every page into the images (`criu dump
@@ -145,14 +145,31 @@ struct PostCopy {
     faults: tokio::task::JoinHandle<Result<(), String>>,
     answered: Arc<AtomicU64>,
     hints: std::sync::mpsc::Receiver<precopy::Key>,
+    /// Fired when Commit is sent: the stream waits for it, so that it does not take the cores from
+    /// the target's restore, which is downtime (the copy cannot fault before it runs anyway).
+    go: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl PostCopy {
     /// Returns the bytes it put on the wire and the pages the target holds.
     async fn run(self, mut pre: PreCopied) -> Result<(u64, u64), String> {
-        let PostCopy { regions, delivered, work_dir, pids, faults, answered, hints } = self;
+        let PostCopy { regions, delivered, work_dir, pids, faults, answered, hints, go } = self;
         // Once every page reached the target, no fault waits for this host any more.
+        let mut faults = faults;
         let _stop_faults = AbortOnDrop(faults.abort_handle());
+        // Until Commit only the restore can fault (CRIU's restorer touches some lazy pages, e.g. the
+        // rseq area): the fault link alone answers it, and if the link fails the restore would wait.
+        tokio::select! {
+            r = &mut faults => {
+                let e = match r {
+                    Ok(Ok(())) => "the target closed it".to_string(),
+                    Ok(Err(e)) => e,
+                    Err(e) => e.to_string(),
+                };
+                return Err(format!("the fault link failed before the commit: {e}"));
+            }
+            go = go => go.map_err(|_| "the migration ended before the commit".to_string())?,
+        }
         let pass = precopy::Pass {
             round: pre.rounds,
             frozen: true,
@@ -518,6 +535,25 @@ impl Migration<'_> {
                 write_frame(send, &send_msg(source_msg::Msg::Abort(pb::Abort { reason: "dump failed".into() }))).await;
             return Err(e.to_string());
         }
+        // From here on, the tree as CRIU froze it: a child forked since the pre-flight is in it (and one
+        // that exited is not). The fault link, a rollback's resume and the final kill must cover exactly
+        // these: a `sleep` a shell forked meanwhile would otherwise stay stopped, or its faults unanswered.
+        let frozen: Vec<u32> = match criu::images::read_pstree(&self.work_dir) {
+            Ok(tree) => tree.into_iter().map(|t| t.pid).collect(),
+            Err(e) => {
+                let abort = pb::Abort { reason: "the dump's process tree is unreadable".into() };
+                let _ = write_frame(send, &send_msg(source_msg::Msg::Abort(abort))).await;
+                return Err(format!("after the dump: {e}"));
+            }
+        };
+        let forked: Vec<u32> = frozen.iter().copied().filter(|p| !pids.contains(p)).collect();
+        let gone: Vec<u32> = pids.iter().copied().filter(|p| !frozen.contains(p)).collect();
+        if !forked.is_empty() || !gone.is_empty() {
+            tracing::info!(id = %self.id, ?forked, ?gone, "the tree changed between the pre-flight and the freeze");
+        }
+        self.pids = frozen.clone();
+        write_journal(&self.work_dir, "frozen", &frozen);
+        let pids: &[u32] = &frozen;
 
         // Transfer: the image files and, with pre-copy, what changed in memory since the last round
         // (post-copy sends that after the restore, see post_copy).
@@ -579,9 +615,10 @@ impl Migration<'_> {
         let done = pb::ImagesDone { files: summaries, lazy: pre.is_some(), page_records, postcopy };
         write_frame(send, &send_msg(source_msg::Msg::ImagesDone(done))).await.map_err(link(target))?;
 
-        // Post-copy: the rest of the memory streams from the stopped tree while the target restores
-        // and runs the copy, and pages the copy faults on are answered first. Not from Commit on: that
-        // made restores hang (tmux_with_an_attached_client_moves, 2 of 3 runs), see the note on #7.
+        // Post-copy: the rest of the memory streams from the stopped tree once the copy was restored
+        // (from Commit on), and pages the copy faults on are answered first.
+        let mut stream_start = None;
+        let mut postcopy_failed = None;
         let background = match pre.take() {
             Some(p) if postcopy => {
                 let (hint_tx, hints) = std::sync::mpsc::channel();
@@ -589,7 +626,10 @@ impl Migration<'_> {
                 let lazy = crate::fault_link::Lazy { pids: pids.to_vec(), regions: lazy_regions.clone() };
                 let link = fault_link.expect("opened for post-copy");
                 let faults = crate::fault_link::serve(&self.ctx.fault_lane, link, lazy, hint_tx, answered.clone());
+                let (start, go) = tokio::sync::oneshot::channel();
+                stream_start = Some(start);
                 let task = PostCopy {
+                    go,
                     pids: pids.to_vec(),
                     regions: lazy_regions,
                     delivered: self.delivered.clone(),
@@ -598,7 +638,15 @@ impl Migration<'_> {
                     answered,
                     hints,
                 };
-                Some(tokio::spawn(task.run(p)))
+                let (fail_tx, fail_rx) = tokio::sync::oneshot::channel();
+                postcopy_failed = Some(fail_rx);
+                Some(tokio::spawn(async move {
+                    let r = task.run(p).await;
+                    if let Err(e) = &r {
+                        let _ = fail_tx.send(e.clone());
+                    }
+                    r
+                }))
             }
             other => {
                 pre = other;
@@ -609,7 +657,8 @@ impl Migration<'_> {
 
         // Restore on the target.
         self.phase(Phase::Restore, format!("{} is restoring", remote.host_name));
-        let restored = match recv_within(recv, target, RESTORE_TIMEOUT, &remote.host_name, "finish restoring").await? {
+        let restoring = recv_within(recv, target, RESTORE_TIMEOUT, &remote.host_name, "finish restoring");
+        let restored = match unless_failed(restoring, &mut postcopy_failed).await? {
             target_msg::Msg::Restored(r) => r,
             other => return Err(unexpected(target, &other, "Restored")),
         };
@@ -637,7 +686,11 @@ impl Migration<'_> {
             self.stage = Stage::CommitSent;
         }
         write_frame(send, &send_msg(source_msg::Msg::Commit(pb::Commit {}))).await.map_err(link(target))?;
-        let resumed = match recv_within(recv, target, COMMIT_TIMEOUT, &remote.host_name, "confirm the commit").await? {
+        if let Some(start) = stream_start.take() {
+            let _ = start.send(());
+        }
+        let resuming = recv_within(recv, target, COMMIT_TIMEOUT, &remote.host_name, "confirm the commit");
+        let resumed = match unless_failed(resuming, &mut postcopy_failed).await? {
             target_msg::Msg::Resumed(r) => r,
             other => return Err(unexpected(target, &other, "Resumed")),
         };
@@ -657,7 +710,8 @@ impl Migration<'_> {
                 "its memory is being filled in"
             };
             self.phase(Phase::Complete, format!("pid {pid}: post-copy: the copy runs on {}; {what}", remote.host_name));
-            let answer = recv_within(recv, target, COMPLETE_TIMEOUT, &remote.host_name, "finish the post-copy").await;
+            let completing = recv_within(recv, target, COMPLETE_TIMEOUT, &remote.host_name, "finish the post-copy");
+            let answer = unless_failed(completing, &mut postcopy_failed).await;
             let c = match answer {
                 Ok(target_msg::Msg::Complete(c)) => c,
                 Ok(other) => return Err(unexpected(target, &other, "Complete")),
@@ -1147,6 +1201,35 @@ async fn recv_within(
         .await
         .map_err(|_| format!("{host} did not {what} within {}s", limit.as_secs()))?
 }
+
+/// `answer`, unless post-copy's background task fails first: then an error without waiting out
+/// `answer`'s own limit (the target may be waiting for pages that will not come). The target's words
+/// come first when they follow within [`THEIR_WORDS`] (a failed restore closes the fault link too, and
+/// "criu restore failed: ..." says more than "connection lost"). `failed` is emptied once the task
+/// ended well.
+async fn unless_failed<T>(
+    answer: impl std::future::Future<Output = Result<T, String>>,
+    failed: &mut Option<tokio::sync::oneshot::Receiver<String>>,
+) -> Result<T, String> {
+    let Some(rx) = failed.as_mut() else { return answer.await };
+    tokio::pin!(answer);
+    tokio::select! {
+        r = &mut answer => r,
+        e = rx => match e {
+            Ok(e) => match tokio::time::timeout(THEIR_WORDS, answer).await {
+                Ok(Err(theirs)) => Err(theirs),
+                _ => Err(format!("post-copy: {e}")),
+            },
+            Err(_) => {
+                *failed = None;
+                answer.await
+            }
+        },
+    }
+}
+
+/// How long a failure of ours waits for the target's account of it.
+const THEIR_WORDS: Duration = Duration::from_secs(2);
 
 fn unexpected(target: &str, got: &target_msg::Msg, expected: &str) -> String {
     format!("target {target} sent {got:?} where {expected} was expected")

@@ -325,6 +325,88 @@ fn failed_restore_rolls_back() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Shells that fork a short-lived `sleep` every few milliseconds (three loops, so that one has a child at
+/// any instant): the tree CRIU freezes is not the one the pre-flight saw. In post-copy, a rollback after
+/// the freeze (the restore fails on b) resumes every frozen process, the children forked meanwhile too
+/// (else one stays stopped and its shell waits on it for ever); and the migration moves the whole tree
+/// (a new child's restore faults on lazy pages, e.g. its rseq area, which the fault link must serve).
+fn a_tree_that_forks_all_the_time_moves_whole() -> Result<(), Failed> {
+    let tb = tb();
+    let name = format!("forker{}", unique());
+    let held = tb.hostlocal().join(format!("held-{name}.dat"));
+    let held_s = held.to_str().expect("utf8").to_string();
+    std::fs::write(&held, b"same on both hosts")?;
+    let on_b = |what: &str| {
+        let out = tb.exec("b", &["sh", "-c", &format!("printf 'same on both hosts' > {held_s}")]);
+        check(out.status.success(), format!("could not create the file on b {what}"))
+    };
+    on_b("")?;
+    let pidfile = tb.hostlocal().join(format!("{name}.pid"));
+    let lp = "while :; do sleep 0.005; done";
+    let script = format!("echo $$ > {}; exec 3<{held_s}; ({lp}) & ({lp}) & {lp}", pidfile.display());
+    check(tb.exec_detached("a", &["setsid", "-f", "sh", "-c", &script]), "cannot start the shell on a")?;
+    let mut pid = 0u32;
+    check(
+        wait_until(Duration::from_secs(5), || {
+            pid = std::fs::read_to_string(&pidfile).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+            pid != 0
+        }),
+        "the shell did not write its pid",
+    )?;
+    // The shell's descendants on a host with their states, and whether new ones keep coming with none
+    // of them stopped.
+    let tree = |host: &str| -> Vec<(u32, String)> {
+        let walk = format!(
+            "d() {{ for c in $(cat /proc/$1/task/$1/children 2>/dev/null); do echo $c $(cut -d' ' -f3 /proc/$c/stat 2>/dev/null); d $c; done; }}; d {pid}"
+        );
+        let out = tb.exec(host, &["sh", "-c", &walk]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_once(' ').and_then(|(p, s)| Some((p.parse().ok()?, s.to_string()))))
+            .collect()
+    };
+    let forking = |host: &str| {
+        let pids = |t: &[(u32, String)]| t.iter().map(|(p, _)| *p).collect::<std::collections::BTreeSet<u32>>();
+        let first = pids(&tree(host));
+        wait_until(Duration::from_secs(3), || {
+            let now = tree(host);
+            !now.is_empty() && pids(&now) != first && !now.iter().any(|(_, s)| s == "T" || s == "t")
+        })
+    };
+    check(forking("a"), "the shells do not fork on a")?;
+    // What the source logs when the frozen tree has a process the pre-flight did not see.
+    let forked =
+        || tb.source_log("a").lines().filter(|l| l.contains("the tree changed") && !l.contains("forked=[]")).count();
+
+    // A rollback after the freeze: every frozen process runs again.
+    let forked_before = forked();
+    let migrating = migrate_in_background_with(pid, None, "postcopy");
+    let frozen = wait_until(Duration::from_secs(30), || tb.source_log("a").contains(&freeze_marker(pid)));
+    let removed = tb.exec("b", &["rm", "-f", &held_s]).status.success();
+    let r = migrating.join().expect("migrate thread");
+    check(frozen && removed, "the dump did not start, or the file could not be removed on b")?;
+    check(!r.success && r.json["original"] == "running", format!("migrate should have rolled back: {}", r.json))?;
+    let err = r.json["error"].as_str().unwrap_or_default();
+    check(err.contains("criu restore failed on b"), format!("the error does not give b's cause: {err}"))?;
+    check(forked() > forked_before, "no child was forked between the pre-flight and the freeze: this tested nothing")?;
+    check(tb.running("a", pid), format!("the shell is not running on a (state {:?})", tb.state("a", pid)))?;
+    check(forking("a"), format!("after the rollback the shells do not go on forking: {:?}", tree("a")))?;
+    check(tb.state("b", pid).is_none(), "a copy was left on b")?;
+
+    // And the move itself.
+    on_b("again")?;
+    let forked_before = forked();
+    let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "postcopy"]);
+    check(r.success, format!("migrate failed: {} {}", r.json, r.stderr))?;
+    check(forked() > forked_before, "no child was forked between the pre-flight and the freeze: this tested nothing")?;
+    check(tb.running("b", pid) && !tb.running("a", pid), "the shell is not (only) on b")?;
+    check(forking("b"), format!("the shells do not go on forking on b: {:?}", tree("b")))?;
+    // The loops are in the shell's process group (it called setsid).
+    let _ = tb.exec("b", &["kill", "-KILL", "--", &format!("-{pid}")]);
+    std::fs::remove_file(&held)?;
+    Ok(())
+}
+
 /// Each blocker the pre-flight knows, produced by a real process: `migrate check` names it, and
 /// `migrate` refuses without freezing the process.
 fn preflight_refuses_each_blocker() -> Result<(), Failed> {
@@ -1015,6 +1097,7 @@ fn main() {
         ("memory_and_counter_survive", memory_and_counter_survive),
         ("process_tree_with_pipe", process_tree_with_pipe),
         ("failed_restore_rolls_back", failed_restore_rolls_back),
+        ("a_tree_that_forks_all_the_time_moves_whole", a_tree_that_forks_all_the_time_moves_whole),
         ("foreign_certificates_are_refused", foreign_certificates_are_refused),
         ("preflight_refuses_each_blocker", preflight_refuses_each_blocker),
         ("users_migrate_only_their_own", users_migrate_only_their_own),
