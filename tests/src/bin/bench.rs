@@ -36,6 +36,10 @@
 //! time. It also measures one QUIC stream from a to b with the agents' own TLS, transport settings and
 //! sockets (`quic-send`/`quic-recv`, the same size): `quic_mb_s` in the JSON, with the path MTU quinn
 //! reached and its losses (`quic_path`). That is the most the pages stream can carry on this machine.
+//! And it measures, on b, how fast pages can be placed into fresh memory at all, with no network: one
+//! process copies `--link-mib` of pages into a new mapping of its own with UFFDIO_COPY, 16 pages per
+//! ioctl as the lazy-pages daemon does (`fill`): `fill_mb_s` in the JSON. On a VM, first-touch memory is
+//! costly, and this is the floor of `complete ms` whatever the link.
 //!
 //! Workloads (`workload mem`) dirty `--dirty` percent of their pages per second while they run, for two
 //! seconds before the migration starts. Needs root, CRIU and a release build (like the integration
@@ -96,6 +100,7 @@ fn main() {
         Some("rate-recv") => return rate_recv(&args),
         Some("quic-send") => return quic_send(&args),
         Some("quic-recv") => return quic_recv(&args),
+        Some("fill") => return fill(&args),
         _ => {}
     }
     // Unknown words would otherwise be ignored and start the whole default run.
@@ -148,6 +153,15 @@ fn main() {
             rate / 1e6
         ),
         Err(e) => println!("QUIC a -> b: NOT MEASURED: {e}"),
+    }
+    let fill = fill_rate(&tb, link_mib << 20);
+    match &fill {
+        Ok(rate) => println!(
+            "fill on b: {:.0} MB/s, {link_mib} MiB placed with UFFDIO_COPY (16 pages per call) into fresh memory, \
+             no network (the most the target can place here)",
+            rate / 1e6
+        ),
+        Err(e) => println!("fill on b: NOT MEASURED: {e}"),
     }
     println!(
         "{:>6} {:>8} {:>12} {:>10} {:>12} {:>10} {:>10} {:>6} {:>12} {:>7} {:>12} {:>12}  note",
@@ -247,6 +261,8 @@ fn main() {
         "quic_mb_s": quic.as_ref().ok().map(|(r, _)| r / 1e6),
         "quic_path": quic.as_ref().ok().map(|(_, p)| p.clone()),
         "quic_error": quic.as_ref().err(),
+        "fill_mb_s": fill.as_ref().ok().map(|r| r / 1e6),
+        "fill_error": fill.as_ref().err(),
         "link_target": LINK_TARGET,
         "precopy_vs_criu_cold": ratios,
         "postcopy_vs_criu_lazy": lazy_ratios,
@@ -824,6 +840,70 @@ fn throughput(tb: &Testbed, bytes: u64, kind: &str, port: u16, extra: &[&str]) -
         out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("{send_cmd} said {out:?}"))?;
     let rest = out.split_whitespace().skip(2).collect::<Vec<_>>().join(" ");
     Ok((bytes as f64 / secs, rest))
+}
+
+/// How fast b places pages into fresh memory with UFFDIO_COPY (`bench fill` run there). Bytes per second.
+fn fill_rate(tb: &Testbed, bytes: u64) -> Result<f64, String> {
+    let bench = tb.bin.join("bench");
+    let n = bytes.to_string();
+    let mut p = HostProc::spawn(tb, "b", &[bench.to_str().expect("utf8"), "fill", "--bytes", &n], "fill on b")?;
+    p.finish(Duration::from_secs(120))?;
+    let out = p.stdout();
+    let secs: f64 = out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("fill said {out:?}"))?;
+    Ok(bytes as f64 / secs)
+}
+
+/// Maps --bytes of fresh anonymous memory, registers it with a userfaultfd (missing pages) and fills it
+/// with UFFDIO_COPY, 16 pages per call, from a buffer of random bytes, as the lazy-pages daemon of
+/// target-agent/src/lazy.rs does (same ioctls). Prints "BYTES SECONDS".
+fn fill(args: &[String]) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const UFFDIO_API: u64 = 0xc018_aa3f;
+    const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+    const UFFDIO_COPY: u64 = 0xc028_aa03;
+    const BATCH: usize = 16 * 4096;
+    let bytes: usize = arg(args, "--bytes").expect("--bytes").parse().expect("--bytes");
+    let len = bytes.div_ceil(BATCH) * BATCH;
+    // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    assert!(raw >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+    // SAFETY: a new fd just returned by the kernel, owned by nobody else.
+    let uffd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let mut api = [0xaa_u64, 0, 0];
+    // SAFETY: UFFDIO_API reads and writes a struct uffdio_api (three u64).
+    assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) }, 0, "UFFDIO_API");
+    // SAFETY: a fresh mapping at an address of the kernel's choice touches no existing memory.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    let mut reg = [map as u64, len as u64, 1, 0];
+    // SAFETY: UFFDIO_REGISTER reads a struct uffdio_register (range, mode) and writes its ioctls field.
+    assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) }, 0, "UFFDIO_REGISTER");
+    let mut src = vec![0u8; BATCH];
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    for b in src.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        b.copy_from_slice(&x.to_le_bytes());
+    }
+    let t = Instant::now();
+    for off in (0..len).step_by(BATCH) {
+        let mut copy = [map as u64 + off as u64, src.as_ptr() as u64, BATCH as u64, 0, 0];
+        // SAFETY: UFFDIO_COPY reads a struct uffdio_copy (dst, src, len, mode) and writes its copy field;
+        // dst is inside the registered mapping, src a live buffer of len bytes.
+        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, copy.as_mut_ptr()) };
+        assert_eq!(r, 0, "UFFDIO_COPY at +{off}: {}", std::io::Error::last_os_error());
+    }
+    println!("{len} {}", t.elapsed().as_secs_f64());
 }
 
 fn quic_runtime() -> tokio::runtime::Runtime {
