@@ -41,7 +41,9 @@
 //!   forked child shares its parent's) where they are still missing and not moved by mremap (run-time
 //!   address = image address; moved ones wait for the complete phase). Arrivals taken before RSTF are
 //!   kept until it. Pages that did not arrive are not pushed; with nothing to do the daemon sleeps in
-//!   poll until the waker, an event or a fault wakes it.
+//!   poll until the waker, an event or a fault wakes it. An arrived page no process misses any more (a
+//!   fault took it first) is [released](PageSource::release) at once, unless a process of that pid ever
+//!   moved memory; so is a page copied into the only process of its pid.
 //! - once the source is complete: everything still missing, from the source, with zeros where it has
 //!   nothing, starting where the process last faulted.
 //!
@@ -536,6 +538,8 @@ impl Drop for EndGuard {
 struct Missing {
     runs: BTreeMap<u64, (u64, u64)>,
     pages: u64,
+    /// Some run was ever moved by mremap: run-time and image addresses may differ.
+    moved: bool,
 }
 
 impl Missing {
@@ -595,6 +599,7 @@ impl Missing {
     /// `[from, from + len)` moved to `to` (mremap): its missing pages move, keeping their image address;
     /// whatever was missing at the destination is gone (mremap unmapped it).
     fn remap(&mut self, from: u64, to: u64, len: u64) {
+        self.moved = true;
         let moved = self.take(from, from.saturating_add(len));
         self.remove(to, to.saturating_add(len));
         for (s, e, img) in moved {
@@ -1207,7 +1212,10 @@ impl Server {
     }
 
     /// Takes the source's arrivals; from RSTF on hands them to every process with their image pid that
-    /// still misses a page of them in place (before RSTF they are kept).
+    /// still misses a page of them in place (before RSTF they are kept). The pages no such process
+    /// misses (a fault took them first: the source's bulk stream sends them again) are released at once,
+    /// so the store does not keep them to the end; not when a process of that pid ever moved memory
+    /// with mremap (a page may then be missing at another run-time address).
     fn collect_arrivals(&mut self) {
         if self.complete {
             return;
@@ -1219,9 +1227,25 @@ impl Server {
         for (pid, vaddr, pages) in std::mem::take(&mut self.arrivals) {
             let start = vaddr & !(PAGE_SIZE - 1);
             let end = start.saturating_add(u64::from(pages) * PAGE_SIZE);
+            let (mut needed, mut exact) = (false, true);
             for p in self.procs.iter_mut().filter(|p| p.pid == pid && !p.gone && !p.broken) {
+                exact &= !p.missing.moved;
                 if p.missing.first_in_place(start, end).is_some() {
                     p.ready.push_back((start, end));
+                    needed = true;
+                }
+            }
+            if !exact {
+                continue;
+            }
+            if !needed {
+                self.source.release(pid, start, u64::from(pages));
+                continue;
+            }
+            let live = |p: &&Proc| p.pid == pid && !p.gone && !p.broken;
+            for page in (start..end).step_by(PAGE_SIZE as usize) {
+                if !self.procs.iter().filter(live).any(|p| p.missing.lookup(page).is_some()) {
+                    self.source.release(pid, page, 1);
                 }
             }
         }
@@ -2012,8 +2036,11 @@ mod tests {
         requests: Vec<(u32, u64)>,
         /// Lookups answered Pending.
         pending_lookups: u64,
-        /// Pages the daemon released (their content is gone: Pending from then on).
+        /// Pages the daemon released (their content is gone: Pending from then on, until published
+        /// again, as the store holds a page again when the bulk stream brings it after a fault did).
         released: HashSet<u64>,
+        /// How often each page's content was released (held, then released).
+        releases: HashMap<u64, u32>,
     }
 
     impl LateSource {
@@ -2036,6 +2063,7 @@ mod tests {
                 let mut st = self.state();
                 for k in 0..u64::from(pages) {
                     st.known.insert(vaddr + k * P, data);
+                    st.released.remove(&(vaddr + k * P));
                 }
                 st.arrivals.push((self.pid, vaddr, pages));
             }
@@ -2106,8 +2134,11 @@ mod tests {
         fn release(&self, pid: u32, vaddr: u64, pages: u64) {
             assert_eq!(pid, self.pid);
             let mut st = self.state();
+            // As the store: releasing a page whose content is gone already does nothing.
             for k in 0..pages {
-                assert!(st.released.insert(vaddr + k * P), "page {:#x} released twice", vaddr + k * P);
+                if st.released.insert(vaddr + k * P) {
+                    *st.releases.entry(vaddr + k * P).or_default() += 1;
+                }
             }
         }
 
@@ -2512,6 +2543,53 @@ mod tests {
         munmap(addr, (100 * P) as usize);
         munmap(pg(108), ((pages - 108) * P) as usize);
         munmap(dest, 8 * P as usize);
+    }
+
+    /// The source's bulk stream sends every page, also those a fault took first: the store then holds
+    /// such a page again, and the daemon releases it as it arrives (no process misses it), instead of
+    /// leaving it in the store until the end.
+    #[test]
+    fn a_page_a_fault_took_is_released_when_it_comes_again() {
+        if in_own_process("a_page_a_fault_took_is_released_when_it_comes_again") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pid = 12u32;
+        let (uffd, addr) = registered(8);
+        let pg = move |k: u64| addr + k * P;
+        let src = LateSource::new(pid, Some(Duration::from_millis(20)));
+        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..pg(8)), src.clone());
+        let mut criu = FakeRestore::connect(dir.path());
+        criu.send_task(pid as i32, Some(&uffd));
+        drop(uffd);
+        criu.finish();
+        h.wait_restored(Duration::from_secs(5)).expect("RSTF");
+        let releases = |k: u64| src.state().releases.get(&pg(k)).copied().unwrap_or(0);
+        let until = |what: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !what() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        for k in [3, 6] {
+            assert_eq!(page_at(pg(k)), content(pid, pg(k)), "the fault's page {k}");
+            assert_eq!(releases(k), 1, "copied into the only process on the fault: released");
+        }
+        // The bulk stream brings page 3 again, alone: nothing to push, released.
+        src.publish(pg(3), 1, true);
+        until(&|| releases(3) == 2);
+        assert_eq!(releases(3), 2, "page 3 kept after it came again");
+        // Then pages 5..8, page 6 again: 5 and 7 are pushed (and released), 6 released.
+        src.publish(pg(5), 3, true);
+        progress_until(&h, |p| p.pushed_pages >= 2);
+        assert_eq!((releases(5), releases(6), releases(7)), (1, 2, 1), "page 6 kept after it came again");
+        src.finish();
+        let stats = done_within(h).expect("every page in place");
+        assert_eq!((stats.faults, stats.pushed_pages), (2, 2), "{stats:?}");
+        for k in [3, 5, 6, 7] {
+            assert_eq!(page_at(pg(k)), content(pid, pg(k)), "page {k}");
+        }
+        munmap(addr, (8 * P) as usize);
     }
 
     /// Post-copy and fork: a child faulting on a page the source does not know yet waits for it under its
