@@ -854,7 +854,7 @@ fn fill_rate(tb: &Testbed, bytes: u64) -> Result<f64, String> {
 }
 
 /// Maps --bytes of fresh anonymous memory, registers it with a userfaultfd (missing pages) and fills it
-/// with UFFDIO_COPY, 16 pages per call, from a buffer of random bytes, as the lazy-pages daemon of
+/// with UFFDIO_COPY, 16 pages per call, from a buffer, as the lazy-pages daemon of
 /// target-agent/src/lazy.rs does (same ioctls). Prints "BYTES SECONDS".
 fn fill(args: &[String]) {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -887,14 +887,8 @@ fn fill(args: &[String]) {
     let mut reg = [map as u64, len as u64, 1, 0];
     // SAFETY: UFFDIO_REGISTER reads a struct uffdio_register (range, mode) and writes its ioctls field.
     assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) }, 0, "UFFDIO_REGISTER");
-    let mut src = vec![0u8; BATCH];
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-    for b in src.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes());
-    }
+    // The content does not matter to UFFDIO_COPY, which copies every byte.
+    let src = vec![0x5au8; BATCH];
     let t = Instant::now();
     for off in (0..len).step_by(BATCH) {
         let mut copy = [map as u64 + off as u64, src.as_ptr() as u64, BATCH as u64, 0, 0];
