@@ -214,6 +214,11 @@ pub fn tmux_with_an_attached_client_moves() -> Result<(), Failed> {
         tb.exec_detached("a", &["setsid", "-f", "tmux", "-S", &sock, "new-session", "-d", "-s", "mig", program]),
         "cannot start tmux on a",
     )?;
+    // `setsid -f` returns before the server listens: a client started earlier finds no server and exits.
+    let session = wait_until(Duration::from_secs(5), || {
+        tb.exec("a", &["tmux", "-S", &sock, "has-session", "-t", "mig"]).status.success()
+    });
+    check(session, "the tmux session did not start on a")?;
     let (pc, pcb) = (format!("pc{}", unique()), format!("pcb{}", unique()));
     let client =
         tb.start_workload("a", &["pty-client", "--name", &pc, "--", "tmux", "-S", &sock, "attach", "-t", "mig"]);
