@@ -2158,17 +2158,30 @@ mod tests {
         })
     }
 
-    /// Polls `progress` until `what` holds; panics after 5 s.
-    fn progress_until(h: &LazyHandle, what: impl Fn(&LazyProgress) -> bool) -> LazyProgress {
+    /// Polls `what` until it holds, at most 5 s; whether it did.
+    fn until(what: impl Fn() -> bool) -> bool {
         let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let p = h.progress();
-            if what(&p) {
-                return p;
+        while !what() {
+            if Instant::now() >= deadline {
+                return false;
             }
-            assert!(Instant::now() < deadline, "progress stuck at {p:?}");
             std::thread::sleep(Duration::from_millis(2));
         }
+        true
+    }
+
+    /// Polls `progress` until `what` holds; panics after 5 s.
+    fn progress_until(h: &LazyHandle, what: impl Fn(&LazyProgress) -> bool) -> LazyProgress {
+        let last = std::cell::Cell::new(None);
+        let held = until(|| {
+            let p = h.progress();
+            let ok = what(&p);
+            last.set(Some(p));
+            ok
+        });
+        let p = last.take().expect("polled at least once");
+        assert!(held, "progress stuck at {p:?}");
+        p
     }
 
     /// CPU time (user + system, in clock ticks) of this process's threads named "lazy-pages".
@@ -2565,19 +2578,13 @@ mod tests {
         criu.finish();
         h.wait_restored(Duration::from_secs(5)).expect("RSTF");
         let releases = |k: u64| src.state().releases.get(&pg(k)).copied().unwrap_or(0);
-        let until = |what: &dyn Fn() -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !what() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        };
         for k in [3, 6] {
             assert_eq!(page_at(pg(k)), content(pid, pg(k)), "the fault's page {k}");
             assert_eq!(releases(k), 1, "copied into the only process on the fault: released");
         }
         // The bulk stream brings page 3 again, alone: nothing to push, released.
         src.publish(pg(3), 1, true);
-        until(&|| releases(3) == 2);
+        until(|| releases(3) == 2);
         assert_eq!(releases(3), 2, "page 3 kept after it came again");
         // Then pages 5..8, page 6 again: 5 and 7 are pushed (and released), 6 released.
         src.publish(pg(5), 3, true);
