@@ -288,6 +288,26 @@ fn process_tree_with_pipe() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Writes the same small file at `path` on a and on b (b's `hostlocal` is its own): a process may hold
+/// it open, and CRIU reopens it by path on restore.
+fn same_file_on_both(path: &str) -> Result<(), Failed> {
+    std::fs::write(path, b"same on both hosts")?;
+    let out = tb().exec("b", &["sh", "-c", &format!("printf 'same on both hosts' > {path}")]);
+    check(out.status.success(), format!("could not create {path} on b"))
+}
+
+/// Migrates `pid` to b with `--mode MODE` and removes `path` from b once the dump started, so that the
+/// restore there fails for real.
+fn migrate_losing_file_on_b(pid: u32, path: &str, mode: &'static str) -> Result<tests::MigrateResult, Failed> {
+    let tb = tb();
+    let migrating = migrate_in_background_with(pid, None, mode);
+    let frozen = wait_until(Duration::from_secs(30), || tb.source_log("a").contains(&freeze_marker(pid)));
+    let removed = tb.exec("b", &["rm", "-f", path]).status.success();
+    let r = migrating.join().expect("migrate thread");
+    check(frozen && removed, "the dump did not start, or the file could not be removed on b")?;
+    Ok(r)
+}
+
 /// The restore on b fails for real: a file the process holds open exists on both hosts when the
 /// pre-flight looks, and disappears from b while the process is being dumped. The original runs on a
 /// with its state, and the error names the cause.
@@ -296,18 +316,11 @@ fn failed_restore_rolls_back() -> Result<(), Failed> {
     let name = format!("rb{}", unique());
     let held = tb.hostlocal().join(format!("held-{name}.dat"));
     let held_s = held.to_str().expect("utf8").to_string();
-    std::fs::write(&held, b"same on both hosts")?;
-    let out = tb.exec("b", &["sh", "-c", &format!("printf 'same on both hosts' > {held_s}")]);
-    check(out.status.success(), "could not create the file on b")?;
+    same_file_on_both(&held_s)?;
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--hold-open", &held_s]);
     let before = tb.query("a", &name)?;
 
-    let migrating = migrate_in_background(pid, None);
-    let freezing = freeze_marker(pid);
-    let frozen = wait_until(Duration::from_secs(30), || tb.source_log("a").contains(&freezing));
-    let removed = tb.exec("b", &["rm", "-f", &held_s]).status.success();
-    let r = migrating.join().expect("migrate thread");
-    check(frozen && removed, "the dump did not start, or the file could not be removed on b")?;
+    let r = migrate_losing_file_on_b(pid, &held_s, "precopy")?;
     check(!r.success, format!("migrate should have failed: {}", r.json))?;
     let err = r.json["error"].as_str().unwrap_or_default();
     check(err.contains("criu restore failed on b"), format!("error does not say the restore failed: {err}"))?;
@@ -335,12 +348,7 @@ fn a_tree_that_forks_all_the_time_moves_whole() -> Result<(), Failed> {
     let name = format!("forker{}", unique());
     let held = tb.hostlocal().join(format!("held-{name}.dat"));
     let held_s = held.to_str().expect("utf8").to_string();
-    std::fs::write(&held, b"same on both hosts")?;
-    let on_b = |what: &str| {
-        let out = tb.exec("b", &["sh", "-c", &format!("printf 'same on both hosts' > {held_s}")]);
-        check(out.status.success(), format!("could not create the file on b {what}"))
-    };
-    on_b("")?;
+    same_file_on_both(&held_s)?;
     let pidfile = tb.hostlocal().join(format!("{name}.pid"));
     let lp = "while :; do sleep 0.005; done";
     let script = format!("echo $$ > {}; exec 3<{held_s}; ({lp}) & ({lp}) & {lp}", pidfile.display());
@@ -380,11 +388,7 @@ fn a_tree_that_forks_all_the_time_moves_whole() -> Result<(), Failed> {
 
     // A rollback after the freeze: every frozen process runs again.
     let forked_before = forked();
-    let migrating = migrate_in_background_with(pid, None, "postcopy");
-    let frozen = wait_until(Duration::from_secs(30), || tb.source_log("a").contains(&freeze_marker(pid)));
-    let removed = tb.exec("b", &["rm", "-f", &held_s]).status.success();
-    let r = migrating.join().expect("migrate thread");
-    check(frozen && removed, "the dump did not start, or the file could not be removed on b")?;
+    let r = migrate_losing_file_on_b(pid, &held_s, "postcopy")?;
     check(!r.success && r.json["original"] == "running", format!("migrate should have rolled back: {}", r.json))?;
     let err = r.json["error"].as_str().unwrap_or_default();
     check(err.contains("criu restore failed on b"), format!("the error does not give b's cause: {err}"))?;
@@ -394,7 +398,7 @@ fn a_tree_that_forks_all_the_time_moves_whole() -> Result<(), Failed> {
     check(tb.state("b", pid).is_none(), "a copy was left on b")?;
 
     // And the move itself.
-    on_b("again")?;
+    same_file_on_both(&held_s)?;
     let forked_before = forked();
     let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "postcopy"]);
     check(r.success, format!("migrate failed: {} {}", r.json, r.stderr))?;
