@@ -153,9 +153,8 @@ struct PostCopy {
 impl PostCopy {
     /// Returns the bytes it put on the wire and the pages the target holds.
     async fn run(self, mut pre: PreCopied) -> Result<(u64, u64), String> {
-        let PostCopy { regions, delivered, work_dir, pids, faults, answered, hints, go } = self;
+        let PostCopy { regions, delivered, work_dir, pids, mut faults, answered, hints, go } = self;
         // Once every page reached the target, no fault waits for this host any more.
-        let mut faults = faults;
         let _stop_faults = AbortOnDrop(faults.abort_handle());
         // Until Commit only the restore can fault (CRIU's restorer touches some lazy pages, e.g. the
         // rseq area): the fault link alone answers it, and if the link fails the restore would wait.
