@@ -21,6 +21,14 @@ pub const MAX_DATA_PAGES: usize = MAX_CHUNK / PAGE_SIZE;
 /// Records (data, zero and copy pages) in one batch.
 pub const MAX_RECORDS: usize = 16 * 1024;
 
+/// Pages the `current` runs of one batch may cover (256 MiB of memory).
+pub const MAX_CURRENT_PAGES: u64 = 64 * 1024;
+
+/// Pages the `current` runs of a batch cover.
+pub fn current_pages(b: &pb::PageBatch) -> u64 {
+    b.current.iter().map(|r| r.pages).fold(0, u64::saturating_add)
+}
+
 /// Records in a batch.
 pub fn records(b: &pb::PageBatch) -> usize {
     b.data.len() + b.zero.len() + b.copies.len()
@@ -36,7 +44,13 @@ pub fn encode_batch(batch: &pb::PageBatch, data: &[u8], level: Option<i32>, out:
 /// The batch's frame (u32 length, then the message), after checking the limits.
 fn encode_frame(batch: &pb::PageBatch, data_len: usize, out: &mut Vec<u8>) {
     assert_eq!(data_len, batch.data.len() * PAGE_SIZE, "data pages and their bytes");
-    assert!(batch.data.len() <= MAX_DATA_PAGES && records(batch) <= MAX_RECORDS, "batch over the limits");
+    assert!(
+        batch.data.len() <= MAX_DATA_PAGES
+            && records(batch) <= MAX_RECORDS
+            && batch.current.len() <= MAX_RECORDS
+            && current_pages(batch) <= MAX_CURRENT_PAGES,
+        "batch over the limits"
+    );
     let len = prost::Message::encoded_len(batch);
     out.extend_from_slice(&(len as u32).to_le_bytes());
     prost::Message::encode(batch, out).expect("Vec grows");
@@ -123,8 +137,26 @@ pub fn check_batch(b: &pb::PageBatch) -> Result<(), ProtocolError> {
     }
     let aligned = |a: u64| a.is_multiple_of(PAGE_SIZE as u64);
     let all = b.data.iter().chain(&b.zero).chain(b.copies.iter().flat_map(|c| [&c.vaddr, &c.from_vaddr]));
-    if let Some(a) = all.copied().find(|&a| !aligned(a)) {
+    if let Some(a) = all.copied().chain(b.current.iter().map(|r| r.vaddr)).find(|&a| !aligned(a)) {
         return Err(bad(format!("page address {a:#x} is not page-aligned")));
+    }
+    if b.current.is_empty() {
+        return Ok(());
+    }
+    if !b.frozen {
+        return Err(bad("current runs in a batch not read from the frozen tree"));
+    }
+    if b.current.len() > MAX_RECORDS || current_pages(b) > MAX_CURRENT_PAGES {
+        return Err(bad(format!(
+            "{} current runs of {} pages in one batch, over the limit of {MAX_RECORDS} runs or {MAX_CURRENT_PAGES} pages",
+            b.current.len(),
+            current_pages(b)
+        )));
+    }
+    if let Some(r) =
+        b.current.iter().find(|r| r.pages == 0 || r.vaddr.checked_add(r.pages * PAGE_SIZE as u64).is_none())
+    {
+        return Err(bad(format!("current run of {} pages at {:#x}", r.pages, r.vaddr)));
     }
     Ok(())
 }
@@ -217,6 +249,27 @@ mod tests {
         crate::frame::write_frame(&mut wire, &b).await.unwrap();
         chunk::encode_with(&[0u8; PAGE_SIZE], None, &mut wire);
         assert!(read_batch(&mut wire.as_slice()).await.unwrap_err().to_string().contains("for 2 data pages"));
+
+        // Current runs: only from the frozen tree, aligned, not empty, not past the end of memory, within
+        // the limit.
+        let run = |vaddr, pages| pb::PageRun { vaddr, pages };
+        for (current, frozen, says) in [
+            (vec![run(0x1000, 1)], false, "not read from the frozen tree"),
+            (vec![run(0x1800, 1)], true, "not page-aligned"),
+            (vec![run(0x1000, 0)], true, "current run of 0 pages"),
+            (vec![run(u64::MAX & !0xfff, 2)], true, "current run of 2 pages"),
+            (vec![run(0x1000, MAX_CURRENT_PAGES), run(0x1000, 1)], true, "over the limit"),
+        ] {
+            let b = pb::PageBatch { current, frozen, ..Default::default() };
+            let mut wire = Vec::new();
+            crate::frame::write_frame(&mut wire, &b).await.unwrap();
+            let e = read_batch(&mut wire.as_slice()).await.unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
+        let b = pb::PageBatch { current: vec![run(0x1000, MAX_CURRENT_PAGES)], frozen: true, ..Default::default() };
+        let mut wire = Vec::new();
+        encode_batch(&b, &[], None, &mut wire);
+        assert_eq!(read_batch(&mut wire.as_slice()).await.unwrap().unwrap().0, b);
 
         // Cut in the middle of the chunk.
         let mut wire = Vec::new();

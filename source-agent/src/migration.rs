@@ -174,6 +174,7 @@ impl PostCopy {
             frozen: true,
             hints: Some(hints),
             no_copies: true,
+            current: true,
             ..Default::default()
         };
         let stats = precopy::send_round(&mut pre.held, &mut pre.stream, regions, pass, &pre.level).await?;

@@ -218,6 +218,9 @@ pub struct Pass {
     /// Post-copy: send no copy records (the fault answers change what the target holds behind the
     /// back of [`Held`], so a copy source could be out of date).
     pub no_copies: bool,
+    /// Post-copy's frozen pass: the pages found unchanged are sent too, as runs (PageBatch.current), so
+    /// the target may place what it holds of them while the rest is still being read.
+    pub current: bool,
 }
 
 /// Reads `regions`, compares every page with what the target holds, and writes what differs to the
@@ -348,7 +351,7 @@ fn scan(
     pass: Pass,
     tx: &tokio::sync::mpsc::Sender<(pb::PageBatch, Vec<u8>)>,
 ) -> Result<RoundStats, String> {
-    let Pass { round, only, frozen, hints, no_copies } = pass;
+    let Pass { round, only, frozen, hints, no_copies, current } = pass;
     let mut stats = RoundStats { round, ..Default::default() };
     let started = Instant::now();
     // Time spent waiting for the network, which is not the reader's own cost.
@@ -359,9 +362,11 @@ fn scan(
     let mut data: Vec<u8> = Vec::with_capacity(MAX_DATA_PAGES * PAGE_SIZE);
     let mut pagemap: Option<(u32, std::fs::File)> = None;
     let mut entries = vec![0u64; READ_PAGES];
+    // Pages the batch's current runs cover.
+    let mut run_pages = 0u64;
     // Sends the batch; false when the stream side has gone (the round is over).
     let flush = |batch: &mut pb::PageBatch, data: &mut Vec<u8>, pid: u32, blocked: &mut Duration| -> bool {
-        if pages::records(batch) == 0 {
+        if pages::records(batch) == 0 && batch.current.is_empty() {
             batch.pid = pid;
             return true;
         }
@@ -382,8 +387,11 @@ fn scan(
         }
         let Some(c) = order.pop().map(|i| &chunks[i]) else { break };
         let (pid, addr, n) = (c.pid, c.addr, c.pages);
-        if batch.pid != pid && !flush(&mut batch, &mut data, pid, &mut blocked) {
-            return Ok(stats);
+        if batch.pid != pid {
+            run_pages = 0;
+            if !flush(&mut batch, &mut data, pid, &mut blocked) {
+                return Ok(stats);
+            }
         }
         // Which pages exist (present or swapped).
         if pagemap.as_ref().map(|(p, _)| *p) != Some(pid) {
@@ -402,19 +410,28 @@ fn scan(
             let key = (pid, addr + (i * PAGE_SIZE) as u64);
             let entry = if have_map { entries[i] } else { PM_PRESENT };
             stats.scanned += 1;
-            if only.as_ref().is_some_and(|o| !o.contains(&key)) && held.pages.contains_key(&key) {
-                continue;
-            }
             let page = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-            let hash = if entry & (PM_PRESENT | PM_SWAPPED) == 0 {
-                zero_hash()
-            } else if (i + 1) * PAGE_SIZE <= read {
-                xxhash_rust::xxh3::xxh3_128(page)
+            let action = if only.as_ref().is_some_and(|o| !o.contains(&key)) && held.pages.contains_key(&key) {
+                Action::Unchanged
             } else {
-                // Unmapped since /proc/PID/maps was read: the final delta decides.
-                continue;
+                let hash = if entry & (PM_PRESENT | PM_SWAPPED) == 0 {
+                    zero_hash()
+                } else if (i + 1) * PAGE_SIZE <= read {
+                    xxhash_rust::xxh3::xxh3_128(page)
+                } else {
+                    // Unmapped since /proc/PID/maps was read: the final delta decides.
+                    continue;
+                };
+                held.update(key, hash)
             };
-            match held.update(key, hash) {
+            match action {
+                Action::Unchanged if current => {
+                    match batch.current.last_mut() {
+                        Some(r) if r.vaddr + r.pages * PAGE_SIZE as u64 == key.1 => r.pages += 1,
+                        _ => batch.current.push(pb::PageRun { vaddr: key.1, pages: 1 }),
+                    }
+                    run_pages += 1;
+                }
                 Action::Unchanged => continue,
                 Action::Zero => batch.zero.push(key.1),
                 Action::Copy(src) if !no_copies => {
@@ -426,11 +443,18 @@ fn scan(
                     stats.data += 1;
                 }
             }
-            stats.sent += 1;
-            if (batch.data.len() == MAX_DATA_PAGES || batch.zero.len() + batch.copies.len() >= MAX_BATCH_RECORDS)
-                && !flush(&mut batch, &mut data, pid, &mut blocked)
-            {
-                return Ok(stats);
+            if action != Action::Unchanged {
+                stats.sent += 1;
+            }
+            let full = batch.data.len() == MAX_DATA_PAGES
+                || batch.zero.len() + batch.copies.len() >= MAX_BATCH_RECORDS
+                || batch.current.len() >= MAX_BATCH_RECORDS
+                || run_pages >= pages::MAX_CURRENT_PAGES;
+            if full {
+                run_pages = 0;
+                if !flush(&mut batch, &mut data, pid, &mut blocked) {
+                    return Ok(stats);
+                }
             }
         }
     }
@@ -626,9 +650,10 @@ mod tests {
         mem[off + 5 * PAGE_SIZE] ^= 0xff;
         mem[off + 9 * PAGE_SIZE..off + 10 * PAGE_SIZE].fill(0);
         std::hint::black_box(&mem);
-        let s1 = send_round(&mut held, &mut wire, vec![region], Pass { round: 1, ..Default::default() }, &level)
-            .await
-            .unwrap();
+        let s1 =
+            send_round(&mut held, &mut wire, vec![region.clone()], Pass { round: 1, ..Default::default() }, &level)
+                .await
+                .unwrap();
         assert_eq!((s1.sent, s1.data), (2, 1), "{s1:?}");
         let mut r = wire.as_slice();
         let mut records = 0;
@@ -639,5 +664,18 @@ mod tests {
         }
         assert_eq!(records, held.records);
         assert_eq!(records, 50);
+
+        // Post-copy's frozen pass also lists the unchanged pages, as runs around the changed one.
+        mem[off + 13 * PAGE_SIZE] ^= 0xff;
+        std::hint::black_box(&mem);
+        let mut wire = Vec::new();
+        let frozen = Pass { round: 2, frozen: true, current: true, no_copies: true, ..Default::default() };
+        let s2 = send_round(&mut held, &mut wire, vec![region], frozen, &level).await.unwrap();
+        assert_eq!((s2.sent, s2.data), (1, 1), "runs are not records: {s2:?}");
+        let (b, _, _) = pages::read_batch(&mut wire.as_slice()).await.unwrap().unwrap();
+        let run = |page: u64, pages| pb::PageRun { vaddr: base as u64 + page * PAGE_SIZE as u64, pages };
+        assert_eq!(b.data, vec![base as u64 + 13 * PAGE_SIZE as u64]);
+        assert_eq!(b.current, vec![run(0, 13), run(14, 50)]);
+        assert!(b.frozen);
     }
 }

@@ -8,7 +8,8 @@
 //! available memory when the migration was prepared), so a peer cannot exhaust this host's memory.
 //!
 //! Which pages are *current*: pages sent before the freeze may have changed since. Batches read from
-//! the frozen tree (`frozen`: the final delta, and answers to faults) are current; once the stream's
+//! the frozen tree (`frozen`: the final delta, and answers to faults) are current, and so are the runs
+//! of unchanged pages a lazy migration's final delta lists (`current`); once the stream's
 //! `end` arrived ([`PageStore::set_complete`]) every page is. Until then the lazy-pages daemon treats a
 //! page that is not current as pending: it asks for it ([`PageStore::request`], sent on the fault link)
 //! and waits, and it pushes pages in the order they become current ([`PageStore::take_arrivals`]).
@@ -165,6 +166,8 @@ impl Inner {
 
 /// Data pages applied under one hold of the store's lock.
 const APPLY_GROUP: usize = 16;
+/// Pages of current runs marked under one hold of the store's lock.
+const CURRENT_GROUP: usize = 256;
 
 /// Called when pages become current (the daemon's wake-up).
 type Waker = Box<dyn Fn() + Send + Sync>;
@@ -331,6 +334,19 @@ impl PageStore {
             inner.fresh.extend(batch.zero.iter().map(|&v| (pid, v)));
         }
         drop(inner);
+        // Unchanged since the rounds: what the store holds of them (or their zeros) is current. In groups,
+        // each under the lock on its own, as the data pages above (a batch may cover 64k pages).
+        let mut runs = batch.current.iter().flat_map(|r| (0..r.pages).map(move |k| r.vaddr + k * PAGE_SIZE as u64));
+        loop {
+            let group: Vec<u64> = runs.by_ref().take(CURRENT_GROUP).collect();
+            if group.is_empty() {
+                break;
+            }
+            let mut inner = self.inner.write().expect("page store lock");
+            if !inner.complete {
+                inner.mark_current(pid, group.into_iter());
+            }
+        }
         self.wake();
         Ok(())
     }
@@ -496,6 +512,34 @@ mod tests {
             assert_eq!(s.lookup(5, vaddr, &mut out), Known::Page);
             assert_eq!(out, page(want), "page {vaddr:#x}");
         }
+    }
+
+    /// The final delta of a lazy migration lists the pages it found unchanged: what the store holds of
+    /// them is current at once, a page it lacks is a known zero, and the daemon gets them as arrivals.
+    #[test]
+    fn unchanged_runs_are_current_with_what_the_store_holds() {
+        let s = PageStore::new(1 << 30);
+        let round = pb::PageBatch { pid: 1, data: vec![0x1000, 0x2000, 0x8000], ..Default::default() };
+        s.apply(&round, &[page(1), page(2), page(8)].concat()).unwrap();
+        let run = |vaddr, pages| pb::PageRun { vaddr, pages };
+        let frozen = pb::PageBatch {
+            pid: 1,
+            frozen: true,
+            data: vec![0x4000],
+            current: vec![run(0x1000, 3), run(0x6000, 1)],
+            ..Default::default()
+        };
+        s.apply(&frozen, &page(4)).unwrap();
+        let mut out = vec![0u8; PAGE_SIZE];
+        for (vaddr, want) in
+            [(0x1000, Known::Page), (0x2000, Known::Page), (0x3000, Known::Zero), (0x4000, Known::Page)]
+        {
+            assert_eq!(s.lookup(1, vaddr, &mut out), want, "page {vaddr:#x}");
+        }
+        assert_eq!((s.lookup(1, 0x2000, &mut out), out[0]), (Known::Page, 2));
+        assert_eq!(s.lookup(1, 0x6000, &mut out), Known::Zero);
+        assert_eq!(s.lookup(1, 0x8000, &mut out), Known::Pending, "held but not said to be unchanged");
+        assert_eq!(s.take_arrivals(), vec![(1, 0x4000, 1), (1, 0x1000, 3), (1, 0x6000, 1)]);
     }
 
     #[test]
