@@ -257,7 +257,7 @@ mod tests {
             (vec![run(0x1000, 1)], false, "not read from the frozen tree"),
             (vec![run(0x1800, 1)], true, "not page-aligned"),
             (vec![run(0x1000, 0)], true, "current run of 0 pages"),
-            (vec![run(u64::MAX & !0xfff, 2)], true, "current run of 2 pages"),
+            (vec![run(!0xfff, 2)], true, "current run of 2 pages"),
             (vec![run(0x1000, MAX_CURRENT_PAGES), run(0x1000, 1)], true, "over the limit"),
         ] {
             let b = pb::PageBatch { current, frozen, ..Default::default() };
