@@ -77,19 +77,10 @@ impl Slab {
     /// Gives the slab's memory back to the kernel (MADV_DONTNEED): it reads as zeros from now on, and
     /// is touched again only if a slot of it is used again.
     fn discard(&mut self) {
-        // SAFETY: advises this slab's own mapping, whole; `&mut self` means no reference into it is alive.
+        // SAFETY: advises this slab's own mapping, whole. Called (under the store's write lock) only for a
+        // slab with no slot in use, so no reference into it and no write by `apply` is in flight.
         let _ =
             unsafe { nix::sys::mman::madvise(self.0.cast(), SLAB_BYTES, nix::sys::mman::MmapAdvise::MADV_DONTNEED) };
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is SLAB_BYTES long, readable, and lives as long as self.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr(), SLAB_BYTES) }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `bytes`, writable, and `&mut self` makes this the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_ptr(), SLAB_BYTES) }
     }
 }
 
@@ -100,9 +91,11 @@ impl Drop for Slab {
     }
 }
 
-// SAFETY: a Slab owns its memory exclusively, as a Box<[u8]> does; access follows Rust's borrows.
+// SAFETY: a Slab owns its memory exclusively, as a Box<[u8]> does.
 unsafe impl Send for Slab {}
-// SAFETY: as above: `&Slab` only reads.
+// SAFETY: `&Slab` gives out nothing but its address; every access to its bytes goes through the store
+// (Inner::slot, Inner::slot_mut and PageStore::apply), which keeps a slot that is written from being
+// read or written by anyone else at the same time.
 unsafe impl Sync for Slab {}
 
 /// The index's slot number of a page whose content was released (see the module doc).
@@ -125,14 +118,17 @@ struct Inner {
 }
 
 impl Inner {
+    /// The bytes of slot `slot` (only that page: a slice over the whole slab would alias slots that
+    /// `apply` fills without the lock).
     fn slot(&self, slot: u32) -> &[u8] {
-        let (s, o) = (slot as usize / SLAB_PAGES, slot as usize % SLAB_PAGES);
-        &self.slabs[s].bytes()[o * PAGE_SIZE..(o + 1) * PAGE_SIZE]
+        // SAFETY: slot_ptr points at PAGE_SIZE bytes inside a live mapping; the caller holds the lock
+        // and reached the slot through the index, so no one writes it meanwhile.
+        unsafe { std::slice::from_raw_parts(self.slot_ptr(slot), PAGE_SIZE) }
     }
 
     fn slot_mut(&mut self, slot: u32) -> &mut [u8] {
-        let (s, o) = (slot as usize / SLAB_PAGES, slot as usize % SLAB_PAGES);
-        &mut self.slabs[s].bytes_mut()[o * PAGE_SIZE..(o + 1) * PAGE_SIZE]
+        // SAFETY: as in `slot`, and `&mut self` (the write lock) keeps every other reader out.
+        unsafe { std::slice::from_raw_parts_mut(self.slot_ptr(slot), PAGE_SIZE) }
     }
 
     /// Pages `vaddrs` of `pid`, whose content the store now holds, are current: the daemon may use
@@ -156,6 +152,13 @@ impl Inner {
         {
             return Ok(s);
         }
+        let s = self.alloc_slot(limit)?;
+        self.index.insert(key, s);
+        Ok(s)
+    }
+
+    /// A slot for a page, in no one's use and in no index entry yet.
+    fn alloc_slot(&mut self, limit: u64) -> Result<u32, StoreError> {
         let s = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -171,8 +174,15 @@ impl Inner {
             }
         };
         self.live[s as usize / SLAB_PAGES] += 1;
-        self.index.insert(key, s);
         Ok(s)
+    }
+
+    /// Where slot `slot` lives. The slab's mapping stays where it is until the store is dropped (slabs
+    /// are never unmapped before), and is not discarded while the slot is in use.
+    fn slot_ptr(&self, slot: u32) -> *mut u8 {
+        let (s, o) = (slot as usize / SLAB_PAGES, slot as usize % SLAB_PAGES);
+        // SAFETY: o < SLAB_PAGES, so the offset stays inside the slab's mapping.
+        unsafe { self.slabs[s].0.as_ptr().add(o * PAGE_SIZE) }
     }
 
     /// Slot `s` holds nothing any more. Once the stream is complete no page arrives to reuse it, so a
@@ -313,19 +323,45 @@ impl PageStore {
             return Err(StoreError::Malformed(format!("{} bytes for {} data pages", data.len(), batch.data.len())));
         }
         let pid = batch.pid;
-        // The data pages in groups, each under the lock on its own: a fault answer applied meanwhile (or
-        // the daemon looking a page up) waits for one group, not for a whole 1 MiB batch.
+        // The data pages in groups. The bytes are copied without the lock, into fresh slots that nothing
+        // else can see yet; only taking the slots and publishing them hold it. A thread that holds the
+        // lock while it copies (or first touches a new slab) and is preempted would make the daemon's
+        // lookups and the fault link's answers wait for it: measured, lookups of 1-5 ms.
+        let mut slots: Vec<(usize, u32, *mut u8)> = Vec::with_capacity(APPLY_GROUP);
         for (g, group) in batch.data.chunks(APPLY_GROUP).enumerate() {
+            slots.clear();
+            {
+                let mut inner = self.inner.write().expect("page store lock");
+                for (i, &vaddr) in group.iter().enumerate() {
+                    // A batch of the rounds still being applied when the copy runs must not overwrite a
+                    // page a fault answer (read from the frozen tree) made current meanwhile.
+                    if !batch.frozen && inner.fresh.contains(&(pid, vaddr)) {
+                        continue;
+                    }
+                    let s = inner.alloc_slot(self.limit)?;
+                    slots.push((i, s, inner.slot_ptr(s)));
+                }
+            }
+            for &(i, _, ptr) in &slots {
+                let at = (g * APPLY_GROUP + i) * PAGE_SIZE;
+                // SAFETY: the slot was just taken from the free list (or a new slab) by this call and is
+                // in no index entry: no other thread reads or writes it until it is published below; the
+                // slab's mapping outlives `&self` and is not discarded while the slot is in use.
+                unsafe { std::ptr::copy_nonoverlapping(data[at..at + PAGE_SIZE].as_ptr(), ptr, PAGE_SIZE) };
+            }
             let mut inner = self.inner.write().expect("page store lock");
-            for (i, &vaddr) in group.iter().enumerate() {
-                // A batch of the rounds still being applied when the copy runs must not overwrite a page
-                // a fault answer (read from the frozen tree) made current meanwhile.
+            for &(i, s, _) in &slots {
+                let vaddr = group[i];
                 if !batch.frozen && inner.fresh.contains(&(pid, vaddr)) {
+                    // A fault answer came in meanwhile: it is newer.
+                    inner.free_slot(s);
                     continue;
                 }
-                let s = inner.slot_for((pid, vaddr), self.limit)?;
-                let at = (g * APPLY_GROUP + i) * PAGE_SIZE;
-                inner.slot_mut(s).copy_from_slice(&data[at..at + PAGE_SIZE]);
+                if let Some(old) = inner.index.insert((pid, vaddr), s)
+                    && old != RELEASED
+                {
+                    inner.free_slot(old);
+                }
             }
             if batch.frozen && !inner.complete {
                 inner.mark_current(pid, group.iter().copied());
@@ -463,9 +499,45 @@ mod tests {
         assert!(s.read(6, 0x8000, &mut out) && out == page(2), "a copy is a copy, not a reference");
         assert!(!s.read(5, 0x1000, &mut out), "zeroed pages are forgotten");
         assert_eq!(s.len(), 2);
-        // The freed slot is reused.
+        // The freed slots (the zeroed page's, and the one the rewritten page was in: an update fills a
+        // new slot and frees the old) are reused.
+        let taken = s.inner.read().unwrap().next;
+        assert_eq!((taken, s.inner.read().unwrap().free.len()), (4, 2));
         s.apply(&pb::PageBatch { pid: 7, data: vec![0], ..Default::default() }, &page(4)).unwrap();
-        assert_eq!(s.inner.read().unwrap().next, 3);
+        assert_eq!(s.inner.read().unwrap().next, taken);
+    }
+
+    /// `apply` copies page bytes without the lock: a reader looking pages up while they are rewritten
+    /// over and over sees each page whole, old or new, never a mix.
+    #[test]
+    fn pages_rewritten_while_read_are_never_torn() {
+        const ROUNDS: u32 = 2000;
+        let fill = |round: u32| (round % 255) as u8 + 1;
+        let s = std::sync::Arc::new(PageStore::new(1 << 30));
+        let vaddrs: Vec<u64> = (0..APPLY_GROUP as u64 * 2).map(|k| 0x10000 + k * PAGE_SIZE as u64).collect();
+        let batch = pb::PageBatch { pid: 1, frozen: true, data: vaddrs.clone(), ..Default::default() };
+        s.apply(&batch, &vec![0u8; vaddrs.len() * PAGE_SIZE]).unwrap();
+        let writer = {
+            let (s, batch) = (s.clone(), batch.clone());
+            std::thread::spawn(move || {
+                for round in 1..=ROUNDS {
+                    s.apply(&batch, &vec![fill(round); batch.data.len() * PAGE_SIZE]).unwrap();
+                }
+            })
+        };
+        let mut out = vec![0u8; PAGE_SIZE];
+        let mut looked = 0;
+        while !writer.is_finished() || looked == 0 {
+            for &v in &vaddrs {
+                assert_eq!(s.lookup(1, v, &mut out), Known::Page);
+                assert!(out.iter().all(|&b| b == out[0]), "page {v:#x} torn: starts with {}", out[0]);
+                looked += 1;
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!((s.lookup(1, vaddrs[0], &mut out), out[0]), (Known::Page, fill(ROUNDS)));
+        let inner = s.inner.read().unwrap();
+        assert_eq!(inner.next as usize - inner.free.len(), vaddrs.len(), "every rewrite freed the slot it replaced");
     }
 
     /// Slabs are mappings with MADV_DONTFORK (VmFlags `dc` in smaps): a fork does not copy them.
