@@ -4,7 +4,9 @@
 //! After its [`PagesHeader`](crate::pb::PagesHeader), the stream is a sequence of batches, each a
 //! [`PageBatch`](crate::pb::PageBatch) frame followed, when it lists `data` pages, by exactly one chunk
 //! ([`crate::chunk`]) of `data.len() * PAGE_SIZE` raw bytes. A batch holds at most [`MAX_DATA_PAGES`] data
-//! pages (one chunk) and [`MAX_RECORDS`] records in all; every address is page-aligned. The stream's FIN
+//! pages (one chunk) and [`MAX_RECORDS`] records in all; every address is page-aligned. A frozen batch
+//! of a lazy migration may also list runs of unchanged pages (`current`, not records): at most
+//! [`MAX_RECORDS`] runs covering at most [`MAX_CURRENT_PAGES`] pages. The stream's FIN
 //! ends it; the source states in ImagesDone how many records it sent, so a cut stream cannot pass for a
 //! complete one.
 
