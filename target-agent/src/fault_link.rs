@@ -1,6 +1,7 @@
 //! The fault link, target side: the agent's fault endpoint takes each source's fault link and hands it
 //! to that migration's session; during post-copy the session asks on it for the pages its restored
-//! tasks fault on ([`fetch`]) and puts the answers into its page store.
+//! tasks fault on ([`fetch`]), puts the answers into its page store and fills them into the tasks
+//! parked on them right there ([`crate::lazy::ParkedFaults`]).
 //!
 //! The endpoint and every fault link run on a lane of their own ([`protocol::lane`]): a thread with its
 //! own runtime and UDP socket at a higher priority, so an answer is never queued behind the bulk pages
@@ -213,6 +214,13 @@ pub async fn fetch(
             }
             store.apply(&batch, &data).map_err(|e| ProtocolError::BadChunk(e.to_string()))?;
             let key = (batch.pid, batch.data.first().or(batch.zero.first()).copied().unwrap_or_default());
+            // The faults waiting for it get it from here: this lane runs at once, the daemon's thread
+            // may wait for a core.
+            match (batch.data.first(), batch.zero.first()) {
+                (Some(&vaddr), _) => store.fill_parked(batch.pid, vaddr, Some(&data)),
+                (None, Some(&vaddr)) => store.fill_parked(batch.pid, vaddr, None),
+                _ => 0,
+            };
             if let Some(t) = sent_at.lock().expect("lock").remove(&key) {
                 rtts.push(t.elapsed());
             }

@@ -216,6 +216,8 @@ pub struct PageStore {
     waker: Mutex<Option<Waker>>,
     /// Where requests for pending pages go (the fault link), and those already asked for.
     requests: Mutex<Requests>,
+    /// The lazy-pages daemon's parked faults, which a fault answer fills at once.
+    parked: Mutex<Option<crate::lazy::ParkedFaults>>,
 }
 
 /// The fault link's sender, and the pages (pid, vaddr) already asked for.
@@ -235,7 +237,13 @@ pub enum Known {
 impl PageStore {
     /// A store that holds at most `limit` bytes of pages.
     pub fn new(limit: u64) -> Self {
-        PageStore { inner: RwLock::new(Inner::default()), limit, waker: Mutex::new(None), requests: Default::default() }
+        PageStore {
+            inner: RwLock::new(Inner::default()),
+            limit,
+            waker: Mutex::new(None),
+            requests: Default::default(),
+            parked: Mutex::new(None),
+        }
     }
 
     /// Every page is current from now on: the pages stream ended.
@@ -315,6 +323,14 @@ impl PageStore {
         if let Some(w) = &*self.waker.lock().expect("waker lock") {
             w();
         }
+    }
+
+    /// A fault answer (one page from the frozen tree, `page` its bytes or None for a zero page), after
+    /// [`PageStore::apply`] took it: the faults parked on it get it right away, on the calling thread
+    /// (the fault link's lane), without waiting for the daemon thread (see [`crate::lazy::ParkedFaults`]).
+    pub fn fill_parked(&self, pid: u32, vaddr: u64, page: Option<&[u8]>) -> usize {
+        let parked = self.parked.lock().expect("parked lock").clone();
+        parked.map_or(0, |p| p.fill(pid, vaddr, page))
     }
 
     /// Applies one batch of the pages stream: `data` holds the bytes of `batch.data` pages in order.
@@ -473,6 +489,10 @@ impl crate::lazy::PageSource for PageStore {
 
     fn set_waker(&self, wake: Box<dyn Fn() + Send + Sync>) {
         PageStore::set_waker(self, wake)
+    }
+
+    fn set_parked(&self, parked: crate::lazy::ParkedFaults) {
+        *self.parked.lock().expect("parked lock") = Some(parked);
     }
 }
 
