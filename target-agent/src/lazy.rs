@@ -1171,11 +1171,13 @@ impl Server {
             if p.gone || p.broken {
                 return;
             }
-            let read = {
+            let (read, filled) = {
                 // Under ParkedFaults' lock: a range event's waiters are forgotten before anyone can fill
-                // there again (reading the event is what lets UFFDIO_COPY in after an mm change).
+                // there again (reading the event is what lets UFFDIO_COPY in after an mm change), and
+                // the fills done before it are accounted for before the event changes the picture.
                 let mut parked = self.parked.lock();
                 let read = sys::read_msg(p.uffd.as_fd());
+                let filled = std::mem::take(&mut parked.filled);
                 match &read {
                     Ok(Some(sys::Msg::Remap { from, to, len })) => {
                         parked.forget(p.serial, *from..from.saturating_add(*len));
@@ -1186,8 +1188,9 @@ impl Server {
                     }
                     _ => {}
                 }
-                read
+                (read, filled)
             };
+            self.settle_filled(filled);
             let msg = match read {
                 Ok(Some(m)) => m,
                 Ok(None) => return,
@@ -1359,7 +1362,8 @@ impl Server {
     /// Tries every parked fault again: those whose page the source knows now are answered, the others
     /// stay parked (without a new request).
     fn retry_parked(&mut self) {
-        self.settle_filled();
+        let filled = std::mem::take(&mut self.parked.lock().filled);
+        self.settle_filled(filled);
         for i in 0..self.procs.len() {
             if self.procs[i].parked.is_empty() || self.procs[i].gone || self.procs[i].broken {
                 continue;
@@ -1373,9 +1377,10 @@ impl Server {
 
     /// Accounts for the parked faults [`ParkedFaults::fill`] answered: they are no longer parked, their
     /// page no longer missing, and their latency ends when the fill did. A fault the daemon answered
-    /// meanwhile (it found the page in place) is not counted twice.
-    fn settle_filled(&mut self) {
-        let filled = std::mem::take(&mut self.parked.lock().filled);
+    /// meanwhile (it found the page in place) is not counted twice. Called with every uffd message read
+    /// (the fills taken under the same hold of the lock), so that a fill is accounted for before an event
+    /// read after it moves or drops its page.
+    fn settle_filled(&mut self, filled: Vec<Filled>) {
         for f in filled {
             let Some(i) = self.procs.iter().position(|p| p.serial == f.proc) else { continue };
             let p = &mut self.procs[i];
