@@ -158,34 +158,8 @@ pub trait PageSource: Send + Sync + 'static {
 /// fault's address would put that fault's page into the memory moved there.
 #[derive(Clone)]
 pub struct ParkedFaults {
-    inner: Arc<OffThread>,
+    inner: Arc<Mutex<Parked>>,
     daemon: std::sync::Weak<Shared>,
-}
-
-/// What the daemon shares with the threads that fill pages besides it: the fault link's lane
-/// ([`ParkedFaults::fill`]) and the push helper ([`push_helper`]).
-#[derive(Default)]
-struct OffThread {
-    /// Held shared around every UFFDIO_COPY/ZEROPAGE made off the daemon's thread, together with the
-    /// record of what it did; held exclusively by the daemon while it reads a uffd message and takes
-    /// those records. So no such fill lands after an event the daemon read but before it acted on it,
-    /// and every fill that landed before is accounted for before the event is.
-    fills: std::sync::RwLock<()>,
-    state: Mutex<Parked>,
-}
-
-impl OffThread {
-    fn state(&self) -> MutexGuard<'_, Parked> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn filling(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.fills.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn reading(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
-        self.fills.write().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 #[derive(Default)]
@@ -194,8 +168,6 @@ struct Parked {
     waiting: HashMap<(u32, u64), Vec<Waiter>>,
     /// Faults `fill` answered, for the daemon to account for.
     filled: Vec<Filled>,
-    /// Batches the push helper finished (or dropped), for the daemon to account for.
-    pushed: Vec<Pushed>,
     /// The daemon ended: nothing is filled any more.
     closed: bool,
 }
@@ -229,7 +201,7 @@ impl ParkedFaults {
     }
 
     fn lock(&self) -> MutexGuard<'_, Parked> {
-        self.inner.state()
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Page `vaddr` of image pid `pid` arrived from the frozen tree (`page`: its PAGE_SIZE bytes; None: a
@@ -239,9 +211,9 @@ impl ParkedFaults {
         if page.is_some_and(|b| b.len() != PAGE) {
             return 0;
         }
-        let _filling = self.inner.filling();
-        let Some(waiters) = self.lock().waiting.remove(&(pid, vaddr)) else { return 0 };
-        let mut filled = Vec::with_capacity(waiters.len());
+        let mut g = self.lock();
+        let Some(waiters) = g.waiting.remove(&(pid, vaddr)) else { return 0 };
+        let mut n = 0;
         for w in waiters {
             let (done, err) = match page {
                 Some(b) => sys::copy(w.uffd.as_fd(), w.at, b),
@@ -257,13 +229,11 @@ impl ParkedFaults {
                 _ => None,
             };
             if let Some(how) = how {
-                filled.push(Filled { proc: w.proc, at: w.at, when: Instant::now(), how });
+                n += 1;
+                g.filled.push(Filled { proc: w.proc, at: w.at, when: Instant::now(), how });
             }
         }
-        let n = filled.len();
-        // Recorded before letting go of `fills` (see OffThread).
-        self.lock().filled.extend(filled);
-        drop(_filling);
+        drop(g);
         if n > 0
             && let Some(d) = self.daemon.upgrade()
         {
@@ -321,11 +291,6 @@ pub const RESTORE_FINISHED: u32 = 0x5253_5446;
 /// 3.1-3.3 s; 32 pages 2.6-3.3 ms and 2.9-3.3 s; 16 pages 1.0-2.0 ms and 3.9-4.2 s. Fault latency is what
 /// the running copy feels, so 16.
 pub const PUSH_BATCH_PAGES: u64 = 16;
-
-/// Most pages of one batch of the push helper: filled [`PUSH_BATCH_PAGES`] per ioctl, so that the
-/// daemon's reading of the uffds (which waits for the helper's ioctl in progress) waits no longer than
-/// for one of its own batches; handing it several at once keeps it busy while the daemon is.
-pub const HELPER_BATCH_PAGES: u64 = 64;
 
 const PAGE: usize = PAGE_SIZE as usize;
 /// Poll timeout while there is nothing to push: only the "nobody waits" check needs it, and it is the
@@ -431,8 +396,6 @@ pub struct LazyStats {
     pub link_fills: u64,
     /// Pages copied by the background push.
     pub pushed_pages: u64,
-    /// Of those, pages the push helper thread copied.
-    pub helper_pages: u64,
     /// Pages filled with UFFDIO_ZEROPAGE (on faults or in the push).
     pub zero_pages: u64,
     /// Lazy pages never filled: their process exited, they were unmapped or MADV_DONTNEED'd, or their
@@ -510,7 +473,7 @@ impl LazyPages {
         for (pid, r) in ranges {
             unattached.entry(pid).or_default().extend(r);
         }
-        let mut server = Server {
+        let server = Server {
             shared: shared.clone(),
             source,
             started: Instant::now(),
@@ -524,10 +487,7 @@ impl LazyPages {
             complete: false,
             arrivals: Vec::new(),
             requested: HashSet::new(),
-            parked: parked.clone(),
-            helper: None,
-            inflight: None,
-            push_idle: false,
+            parked,
             serials: 0,
             next: 0,
             page: vec![0; PAGE],
@@ -537,16 +497,6 @@ impl LazyPages {
             stats: LazyStats::default(),
             error: None,
         };
-        let (jobs, jobs_rx) = std::sync::mpsc::channel();
-        let helper_source = server.source.clone();
-        match std::thread::Builder::new()
-            .name("lazy-push".into())
-            .spawn(move || push_helper(jobs_rx, helper_source, parked))
-        {
-            Ok(_) => server.helper = Some(jobs),
-            // The daemon pushes alone then.
-            Err(e) => tracing::warn!("cannot start the lazy-pages push helper thread: {e}"),
-        }
         server.publish();
         let s = Arc::downgrade(&shared);
         let spawned = std::thread::Builder::new().name("lazy-pages".into()).spawn(move || {
@@ -927,12 +877,6 @@ struct Server {
     requested: HashSet<(u32, u64)>,
     /// The parked faults, as the thread that receives their pages sees them.
     parked: ParkedFaults,
-    /// Hands batches to the push helper thread (complete phase only).
-    helper: Option<std::sync::mpsc::Sender<Job>>,
-    /// The batch the helper has.
-    inflight: Option<Inflight>,
-    /// The last push step found nothing to do while the helper has a batch: wait for its wake-up.
-    push_idle: bool,
     /// Serial number of the last process added.
     serials: u64,
     /// Round-robin position of the push.
@@ -949,7 +893,6 @@ struct Server {
 impl Server {
     fn run(mut self) -> Result<LazyStats, LazyError> {
         let r = self.serve();
-        self.helper = None;
         self.parked.lock().close();
         // Broken processes keep their uffd open: they stay blocked on their missing pages instead of
         // reading zeros when the kernel drops the registration; the caller kills the tree.
@@ -1036,7 +979,7 @@ impl Server {
             self.retry_parked();
             self.collect_arrivals();
             if self.rstf_at.is_some() {
-                self.push_idle = !self.push_one() && self.inflight.is_some();
+                self.push_one();
             }
         }
     }
@@ -1051,9 +994,8 @@ impl Server {
             if !p.retry.is_empty() {
                 t = t.min(Duration::from_millis(1));
             }
-            // Parked faults need no timer: the source's waker wakes poll when pages become known; nor
-            // does a push that waits for the helper's batch: the helper wakes poll when it is done.
-            if self.rstf_at.is_some() && p.has_push(self.complete) && !self.push_idle {
+            // Parked faults need no timer: the source's waker wakes poll when pages become known.
+            if self.rstf_at.is_some() && p.has_push(self.complete) {
                 match p.push_after {
                     Some(at) if at > now => t = t.min(at - now),
                     _ => return PollTimeout::ZERO,
@@ -1229,37 +1171,26 @@ impl Server {
             if p.gone || p.broken {
                 return;
             }
-            let (read, filled, pushed) = {
-                // With every fill off this thread excluded (see OffThread): a range event's parked
-                // faults are forgotten and the push helper's batch there dropped before anyone can fill
+            let (read, filled) = {
+                // Under ParkedFaults' lock: a range event's waiters are forgotten before anyone can fill
                 // there again (reading the event is what lets UFFDIO_COPY in after an mm change), and
                 // the fills done before it are accounted for before the event changes the picture.
-                let off = &self.parked.inner;
-                let _reading = off.reading();
-                let mut parked = off.state();
+                let mut parked = self.parked.lock();
                 let read = sys::read_msg(p.uffd.as_fd());
-                let (filled, pushed) = (std::mem::take(&mut parked.filled), std::mem::take(&mut parked.pushed));
-                let changed: Vec<(u64, u64)> = match &read {
+                let filled = std::mem::take(&mut parked.filled);
+                match &read {
                     Ok(Some(sys::Msg::Remap { from, to, len })) => {
-                        vec![(*from, from.saturating_add(*len)), (*to, to.saturating_add(*len))]
+                        parked.forget(p.serial, *from..from.saturating_add(*len));
+                        parked.forget(p.serial, *to..to.saturating_add(*len));
                     }
-                    Ok(Some(sys::Msg::Remove { start, end } | sys::Msg::Unmap { start, end })) => vec![(*start, *end)],
-                    _ => Vec::new(),
-                };
-                for (start, end) in changed {
-                    parked.forget(p.serial, start..end);
-                    if let Some(f) = &self.inflight
-                        && f.serial == p.serial
-                        && f.start < end
-                        && start < f.end
-                    {
-                        f.cancel.store(true, Ordering::SeqCst);
+                    Ok(Some(sys::Msg::Remove { start, end } | sys::Msg::Unmap { start, end })) => {
+                        parked.forget(p.serial, *start..*end)
                     }
+                    _ => {}
                 }
-                (read, filled, pushed)
+                (read, filled)
             };
             self.settle_filled(filled);
-            self.settle_pushed(pushed);
             let msg = match read {
                 Ok(Some(m)) => m,
                 Ok(None) => return,
@@ -1431,12 +1362,8 @@ impl Server {
     /// Tries every parked fault again: those whose page the source knows now are answered, the others
     /// stay parked (without a new request).
     fn retry_parked(&mut self) {
-        let (filled, pushed) = {
-            let mut st = self.parked.lock();
-            (std::mem::take(&mut st.filled), std::mem::take(&mut st.pushed))
-        };
+        let filled = std::mem::take(&mut self.parked.lock().filled);
         self.settle_filled(filled);
-        self.settle_pushed(pushed);
         for i in 0..self.procs.len() {
             if self.procs[i].parked.is_empty() || self.procs[i].gone || self.procs[i].broken {
                 continue;
@@ -1487,25 +1414,6 @@ impl Server {
                 Fill::Zeroed => self.stats.zero_pages += 1,
                 Fill::Present => {}
             }
-        }
-    }
-
-    /// Accounts for what the push helper did with its batch.
-    fn settle_pushed(&mut self, pushed: Vec<Pushed>) {
-        for d in pushed {
-            if d.last {
-                self.inflight = None;
-                self.push_idle = false;
-            }
-            let Some(i) = self.procs.iter().position(|p| p.serial == d.proc) else { continue };
-            if d.cancelled || self.procs[i].gone || self.procs[i].broken {
-                continue;
-            }
-            if d.first == Lookup::Pending {
-                self.pending_in_complete(i, d.batch.img);
-                continue;
-            }
-            self.filled(i, d.batch, d.done, d.err, false);
         }
     }
 
@@ -1586,12 +1494,8 @@ impl Server {
         }
     }
 
-    /// Pushes one batch of the next process that has something to push and is not backing off; in the
-    /// complete phase, first hands the push helper a batch if it has none. Whether it pushed anything.
-    fn push_one(&mut self) -> bool {
-        if self.complete && self.inflight.is_none() && self.helper.is_some() {
-            self.dispatch();
-        }
+    /// Pushes one batch of the next process that has something to push and is not backing off.
+    fn push_one(&mut self) {
         let now = Instant::now();
         let n = self.procs.len();
         for k in 0..n {
@@ -1602,97 +1506,37 @@ impl Server {
             }
             self.next = i + 1;
             if self.complete {
-                return self.push_missing(i);
+                self.push_missing(i);
+            } else {
+                self.push_arrived(i);
             }
-            self.push_arrived(i);
-            return true;
-        }
-        false
-    }
-
-    /// Hands the next batch of the complete phase to the push helper.
-    fn dispatch(&mut self) {
-        let now = Instant::now();
-        let n = self.procs.len();
-        for k in 0..n {
-            let i = (self.next + k) % n;
-            let p = &self.procs[i];
-            if !p.has_push(true) || p.push_after.is_some_and(|t| t > now) {
-                continue;
-            }
-            let Some((start, img, want)) = self.plan_missing(i, HELPER_BATCH_PAGES) else { continue };
-            let p = &mut self.procs[i];
-            let cancel = Arc::new(AtomicBool::new(false));
-            let job =
-                Job { proc: p.serial, pid: p.pid, uffd: p.uffd.clone(), start, img, want, cancel: cancel.clone() };
-            let Some(helper) = &self.helper else { return };
-            if helper.send(job).is_err() {
-                tracing::warn!("the lazy-pages push helper thread ended; the daemon pushes alone");
-                self.helper = None;
-                return;
-            }
-            // The daemon's own batches go on after it.
-            p.hint = start + want * PAGE_SIZE;
-            self.inflight = Some(Inflight { serial: p.serial, start, end: start + want * PAGE_SIZE, cancel });
             return;
         }
     }
 
-    /// The next batch of process `i` in the complete phase, from where it last faulted or pushed, and
-    /// clear of the helper's batch: (run-time start, image address, pages).
-    fn plan_missing(&self, i: usize, most: u64) -> Option<(u64, u64, u64)> {
-        let p = &self.procs[i];
-        let busy = self.inflight.as_ref().filter(|f| f.serial == p.serial).map(|f| f.start..f.end);
-        let mut from = p.hint;
-        // A run wholly in the helper's hands: look once more, after its batch.
-        for _ in 0..2 {
-            let (mut start, mut end, mut img) = p.missing.next_from(from)?;
-            if let Some(b) = &busy {
-                if b.contains(&start) {
-                    if b.end >= end {
-                        from = b.end;
-                        continue;
-                    }
-                    img += b.end - start;
-                    start = b.end;
-                } else if start < b.start && b.start < end {
-                    end = b.start;
-                }
-            }
-            let mut want = ((end - start) / PAGE_SIZE).min(most);
-            if start < p.cap_until {
-                want = want.min(p.cap);
-            }
-            return Some((start, img, want));
-        }
-        None
-    }
-
-    /// Complete phase: the next missing pages of process `i` (see [`Self::plan_missing`]). Whether it
-    /// pushed anything.
-    fn push_missing(&mut self, i: usize) -> bool {
-        let Some((start, img, want)) = self.plan_missing(i, PUSH_BATCH_PAGES) else { return false };
-        if !self.fill(i, start, img, want) {
-            self.pending_in_complete(i, img);
-        }
-        true
-    }
-
-    /// A complete source must know every page, but said Pending for image page `img` of process `i`.
-    /// Never zero-fill it: ask for it, and push there again after a while.
-    fn pending_in_complete(&mut self, i: usize, img: u64) {
+    /// Complete phase: the next missing pages of process `i`, from where it last faulted or pushed.
+    fn push_missing(&mut self, i: usize) {
         let p = &mut self.procs[i];
-        p.push_after = Some(Instant::now() + PENDING_BACKOFF);
-        if !p.warned_pending {
-            p.warned_pending = true;
-            tracing::warn!(
-                pid = p.pid,
-                vaddr = img,
-                "the page source is complete but does not know this page yet; waiting for it"
-            );
+        let Some((start, end, img)) = p.missing.next_from(p.hint) else { return };
+        let mut want = ((end - start) / PAGE_SIZE).min(PUSH_BATCH_PAGES);
+        if start < p.cap_until {
+            want = want.min(p.cap);
         }
-        if self.requested.insert((p.pid, img)) {
-            self.source.request(p.pid, img);
+        if !self.fill(i, start, img, want) {
+            // A complete source must know every page. Never zero-fill it: ask for it and wait.
+            let p = &mut self.procs[i];
+            p.push_after = Some(Instant::now() + PENDING_BACKOFF);
+            if !p.warned_pending {
+                p.warned_pending = true;
+                tracing::warn!(
+                    pid = p.pid,
+                    vaddr = img,
+                    "the page source is complete but does not know this page yet; waiting for it"
+                );
+            }
+            if self.requested.insert((p.pid, img)) {
+                self.source.request(p.pid, img);
+            }
         }
     }
 
@@ -1726,30 +1570,35 @@ impl Server {
     fn fill(&mut self, i: usize, start: u64, img: u64, want: u64) -> bool {
         let p = &mut self.procs[i];
         p.push_after = None;
-        let (first, n) = gather(&*self.source, p.pid, img, want, &mut self.batch, &mut self.page);
-        if first == Lookup::Pending {
-            return false;
+        let first = self.source.lookup(p.pid, img, &mut self.batch[..PAGE]);
+        let mut n = 1u64;
+        match first {
+            Lookup::Pending => return false,
+            Lookup::Page => {
+                while n < want {
+                    let o = n as usize * PAGE;
+                    if self.source.lookup(p.pid, img + n * PAGE_SIZE, &mut self.batch[o..o + PAGE]) != Lookup::Page {
+                        break;
+                    }
+                    n += 1;
+                }
+            }
+            Lookup::Zero => {
+                while n < want && self.source.lookup(p.pid, img + n * PAGE_SIZE, &mut self.page) == Lookup::Zero {
+                    n += 1;
+                }
+            }
         }
-        let (done, err) = put(p.uffd.as_fd(), start, first, n, &self.batch);
-        self.filled(i, Batch { start, img, n, copy: first == Lookup::Page }, done, err, true);
-        true
-    }
-
-    /// Accounts for a batch filled into process `i` (by this thread when `own`, else by the push
-    /// helper): `done` bytes of it, then `err`.
-    fn filled(&mut self, i: usize, b: Batch, done: u64, err: Option<Errno>, own: bool) {
-        let Batch { start, img, n, copy } = b;
-        let op = if copy { "UFFDIO_COPY" } else { "UFFDIO_ZEROPAGE" };
-        let p = &mut self.procs[i];
+        let copy = first == Lookup::Page;
+        let (op, (done, err)) = if copy {
+            ("UFFDIO_COPY", sys::copy(p.uffd.as_fd(), start, &self.batch[..n as usize * PAGE]))
+        } else {
+            ("UFFDIO_ZEROPAGE", sys::zeropage(p.uffd.as_fd(), start, n * PAGE_SIZE))
+        };
         let done_pages = done / PAGE_SIZE;
         let pid = p.pid;
         p.missing.remove(start, start + done_pages * PAGE_SIZE);
-        if own {
-            p.hint = start + done_pages * PAGE_SIZE;
-        }
-        if !own && copy {
-            self.stats.helper_pages += done_pages;
-        }
+        p.hint = start + done_pages * PAGE_SIZE;
         if copy {
             self.stats.pushed_pages += done_pages;
             self.release(pid, img, done_pages);
@@ -1764,9 +1613,7 @@ impl Server {
                 // Filled meanwhile (a fault answered it): done.
                 Class::Exists => {
                     p.missing.remove(at, at + PAGE_SIZE);
-                    if own {
-                        p.hint = at + PAGE_SIZE;
-                    }
+                    p.hint = at + PAGE_SIZE;
                     filled_end = at + PAGE_SIZE;
                 }
                 // A partial copy reports EAGAIN: go on at once from where it stopped. A real EAGAIN (an mm
@@ -1794,6 +1641,7 @@ impl Server {
             }
         }
         self.resolve_parked(i, start, img, filled_end);
+        true
     }
 
     fn publish(&self) {
@@ -1823,7 +1671,6 @@ impl Server {
             waited = st.waited_faults,
             link_fills = st.link_fills,
             pushed = st.pushed_pages,
-            helper = st.helper_pages,
             zero = st.zero_pages,
             dropped = st.dropped_pages,
             p50_us = st.fault_p50.as_micros() as u64,
@@ -1834,146 +1681,10 @@ impl Server {
             "every lazy page is in place; userfaultfds closed"
         );
         // Closing the uffds (dropping the procs, and whatever ParkedFaults still held) lets the tree run
-        // on without a daemon. The helper thread ends with its channel.
-        self.helper = None;
+        // on without a daemon.
         self.parked.lock().close();
         self.procs.clear();
         st
-    }
-}
-
-/// A batch of one process: run-time `start`, image address `img`, `n` pages; UFFDIO_COPY of their
-/// content (`copy`) or UFFDIO_ZEROPAGE.
-#[derive(Debug, Clone, Copy)]
-struct Batch {
-    start: u64,
-    img: u64,
-    n: u64,
-    copy: bool,
-}
-
-/// Looks up at most `want` pages of image pid `pid` from `img` for one fill: what the first is, and how
-/// many from it are the same (known pages are copied into `batch`; `page` is scratch). Stops before a
-/// page that differs: a Pending one is never filled.
-fn gather(source: &dyn PageSource, pid: u32, img: u64, want: u64, batch: &mut [u8], page: &mut [u8]) -> (Lookup, u64) {
-    let first = source.lookup(pid, img, &mut batch[..PAGE]);
-    let mut n = 1u64;
-    match first {
-        Lookup::Pending => return (first, 0),
-        Lookup::Page => {
-            while n < want {
-                let o = n as usize * PAGE;
-                if source.lookup(pid, img + n * PAGE_SIZE, &mut batch[o..o + PAGE]) != Lookup::Page {
-                    break;
-                }
-                n += 1;
-            }
-        }
-        Lookup::Zero => {
-            while n < want && source.lookup(pid, img + n * PAGE_SIZE, page) == Lookup::Zero {
-                n += 1;
-            }
-        }
-    }
-    (first, n)
-}
-
-/// One ioctl for what [`gather`] found: UFFDIO_COPY of `n` pages of `batch`, or UFFDIO_ZEROPAGE.
-fn put(uffd: std::os::fd::BorrowedFd<'_>, start: u64, first: Lookup, n: u64, batch: &[u8]) -> (u64, Option<Errno>) {
-    if first == Lookup::Page {
-        sys::copy(uffd, start, &batch[..n as usize * PAGE])
-    } else {
-        sys::zeropage(uffd, start, n * PAGE_SIZE)
-    }
-}
-
-/// A batch the daemon hands to the push helper.
-struct Job {
-    proc: u64,
-    pid: u32,
-    uffd: Arc<OwnedFd>,
-    start: u64,
-    img: u64,
-    want: u64,
-    /// Set by the daemon (with `fills` held exclusively) when an event changed the batch's range.
-    cancel: Arc<AtomicBool>,
-}
-
-/// What the push helper did with a [`Job`].
-struct Pushed {
-    proc: u64,
-    batch: Batch,
-    /// What the first page was (Pending: nothing was done).
-    first: Lookup,
-    done: u64,
-    err: Option<Errno>,
-    /// Dropped: an event changed its range before it was filled.
-    cancelled: bool,
-    /// The job's last piece: the helper is free again.
-    last: bool,
-}
-
-/// The daemon's batch in the helper's hands: process and run-time range, and its cancel flag.
-struct Inflight {
-    serial: u64,
-    start: u64,
-    end: u64,
-    cancel: Arc<AtomicBool>,
-}
-
-/// The push helper's thread: fills the batches the daemon hands it, one at a time, beside the daemon's
-/// own. On a VM whose host backs guest memory on first touch, UFFDIO_COPY spends most of its time
-/// there (measured: the daemon's thread at a whole core, 70 % of it in that copy, while the other
-/// core was a third idle, during a 2 GiB hybrid's placement), and two threads place pages about twice
-/// as fast. It looks the pages up itself; it fills them under `fills` shared, after checking that the
-/// daemon has not cancelled the batch, and records the result before letting go (see [`OffThread`]).
-fn push_helper(jobs: std::sync::mpsc::Receiver<Job>, source: Arc<dyn PageSource>, parked: ParkedFaults) {
-    /// If this thread panics with a batch, the daemon gets it back as dropped (and finds the channel
-    /// closed at its next batch): its pages are not left in flight forever.
-    struct Unwind<'a>(&'a ParkedFaults, Option<(u64, Batch)>);
-    impl Drop for Unwind<'_> {
-        fn drop(&mut self) {
-            if let Some((proc, batch)) = self.1.take() {
-                let (first, done, err, cancelled, last) = (Lookup::Pending, 0, None, true, true);
-                self.0.lock().pushed.push(Pushed { proc, batch, first, done, err, cancelled, last });
-                if let Some(d) = self.0.daemon.upgrade() {
-                    d.wake();
-                }
-            }
-        }
-    }
-    let mut batch = vec![0u8; PAGE * PUSH_BATCH_PAGES as usize];
-    let mut page = vec![0u8; PAGE];
-    while let Ok(job) = jobs.recv() {
-        let mut unwind = Unwind(&parked, Some((job.proc, Batch { start: job.start, img: job.img, n: 0, copy: false })));
-        // Pieces of at most PUSH_BATCH_PAGES, each looked up, filled and recorded on its own; the job
-        // ends at its end, at a Pending page, a partial fill or an error (the daemon goes on from there),
-        // or when the daemon cancelled it.
-        let mut at = 0u64;
-        loop {
-            let (start, img) = (job.start + at * PAGE_SIZE, job.img + at * PAGE_SIZE);
-            let want = (job.want - at).min(PUSH_BATCH_PAGES);
-            let (first, n) = gather(&*source, job.pid, img, want, &mut batch, &mut page);
-            let b = Batch { start, img, n, copy: first == Lookup::Page };
-            let _filling = parked.inner.filling();
-            let cancelled = job.cancel.load(Ordering::SeqCst);
-            let (done, err) = if cancelled || first == Lookup::Pending {
-                (0, None)
-            } else {
-                put(job.uffd.as_fd(), start, first, n, &batch)
-            };
-            at += done / PAGE_SIZE;
-            let last = cancelled || first == Lookup::Pending || err.is_some() || done < n * PAGE_SIZE || at >= job.want;
-            parked.lock().pushed.push(Pushed { proc: job.proc, batch: b, first, done, err, cancelled, last });
-            if last {
-                unwind.1 = None;
-                break;
-            }
-        }
-        drop(job);
-        if let Some(d) = parked.daemon.upgrade() {
-            d.wake();
-        }
     }
 }
 
@@ -3108,122 +2819,6 @@ mod tests {
         read_mem(pg(10), &mut m);
         assert!(m == content(pid, pg(34)), "page 10 after the move");
         munmap(addr, (64 * P) as usize);
-    }
-
-    /// A complete source: the daemon hands batches to the push helper thread beside its own, and every
-    /// page ends up with its content.
-    #[test]
-    fn the_complete_push_shares_its_batches_with_a_helper_thread() {
-        if in_own_process("the_complete_push_shares_its_batches_with_a_helper_thread") {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let pid = 30u32;
-        let pages = 4096u64;
-        let (uffd, addr) = registered(pages);
-        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..addr + pages * P), source(pid, vec![]));
-        let mut criu = FakeRestore::connect(dir.path());
-        criu.send_task(pid as i32, Some(&uffd));
-        drop(uffd);
-        criu.finish();
-        let stats = done_within(h).expect("every page in place");
-        assert_eq!(stats.pushed_pages, pages, "{stats:?}");
-        assert!(stats.helper_pages > 0 && stats.helper_pages < pages, "{stats:?}");
-        let mut b = vec![0u8; PAGE];
-        for k in 0..pages {
-            read_mem(addr + k * P, &mut b);
-            assert!(b == content(pid, addr + k * P), "page {k}");
-        }
-        eprintln!("{} of {pages} pages pushed by the helper", stats.helper_pages);
-        munmap(addr, (pages * P) as usize);
-    }
-
-    /// A complete source whose lookup of page `gate` blocks the push helper (only it) until opened, with
-    /// zero pages at `holes`, and pages `late` Pending until opened.
-    struct GatedSource {
-        pid: u32,
-        gate: u64,
-        holes: Vec<u64>,
-        late: Range<u64>,
-        open: Mutex<bool>,
-        opened: Condvar,
-        hit: AtomicBool,
-    }
-
-    impl PageSource for GatedSource {
-        fn read_page(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> bool {
-            self.lookup(pid, vaddr, out) == Lookup::Page
-        }
-
-        fn lookup(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> Lookup {
-            let mut open = self.open.lock().unwrap();
-            if vaddr == self.gate && std::thread::current().name() == Some("lazy-push") {
-                self.hit.store(true, Ordering::SeqCst);
-                while !*open {
-                    open = self.opened.wait(open).unwrap();
-                }
-            }
-            if pid != self.pid || self.holes.contains(&vaddr) {
-                return Lookup::Zero;
-            }
-            if !*open && self.late.contains(&vaddr) {
-                return Lookup::Pending;
-            }
-            out[..PAGE].copy_from_slice(&content(pid, vaddr));
-            Lookup::Page
-        }
-    }
-
-    /// The push helper has a batch (pages 0..8: its lookups held up at page 7) when an mremap moves
-    /// missing pages (16..24, Pending so far) onto that batch's range: the daemon drops the batch when it
-    /// reads the events, so the helper does not fill the old pages into the moved memory; the moved pages
-    /// get their own. Checked: without the cancelling, this fails.
-    #[test]
-    fn a_helper_batch_under_a_moved_range_is_dropped() {
-        if in_own_process("a_helper_batch_under_a_moved_range_is_dropped") {
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let pid = 31u32;
-        let (uffd, addr) = registered(64);
-        let pg = move |k: u64| addr + k * P;
-        let src = Arc::new(GatedSource {
-            pid,
-            gate: pg(7),
-            holes: vec![pg(8)],
-            late: pg(16)..pg(24),
-            open: Mutex::new(false),
-            opened: Condvar::new(),
-            hit: AtomicBool::new(false),
-        });
-        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..pg(64)), src.clone());
-        let mut criu = FakeRestore::connect(dir.path());
-        criu.send_task(pid as i32, Some(&uffd));
-        drop(uffd);
-        criu.finish();
-        // The helper's first batch starts at page 0 (pages 0..8 before the zero page 8); it waits at
-        // page 7. The daemon's own push waits at page 16.
-        assert!(until(|| src.hit.load(Ordering::SeqCst)), "the helper never looked up page 7");
-        std::thread::sleep(Duration::from_millis(20));
-        // Pages 16..24 (missing) move onto 0..8, which become one mapping of their own.
-        touching(move || mremap_fixed(pg(16), 8 * P as usize, pg(0)));
-        *src.open.lock().unwrap() = true;
-        src.opened.notify_all();
-        let stats = done_within(h).expect("every page in place");
-        assert_eq!(stats.pushed_pages + stats.zero_pages, 56, "{stats:?}");
-        let mut b = vec![0u8; PAGE];
-        for k in 0..8 {
-            read_mem(pg(k), &mut b);
-            assert!(b == content(pid, pg(16 + k)), "moved page {k} holds the page that was there before");
-        }
-        read_mem(pg(8), &mut b);
-        assert!(b == vec![0u8; PAGE], "page 8");
-        for k in (9..16).chain(24..64) {
-            read_mem(pg(k), &mut b);
-            assert!(b == content(pid, pg(k)), "page {k}");
-        }
-        munmap(addr, (16 * P) as usize);
-        munmap(pg(24), (40 * P) as usize);
     }
 
     /// Post-copy push: arrivals are kept until RSTF, then pushed while the source is not complete (only
