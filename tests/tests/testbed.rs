@@ -1071,7 +1071,11 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     check(err.contains("did not answer") && err.contains("not touched"), err.to_string())?;
     check(tb.running("a", pid), "process not running after a dead target")?;
 
-    // A pid already taken on b: make the next pid in b's namespace `pid` and start a sleeper there.
+    // A pid already taken on b: make the next pid in b's namespace `pid` and start a sleeper there; then
+    // put b's pid counter back where it was (deploy/testbed keeps b's pids clear of a's).
+    let last_pid =
+        String::from_utf8_lossy(&tb.exec("b", &["cat", "/proc/sys/kernel/ns_last_pid"]).stdout).trim().to_string();
+    check(last_pid.parse::<u32>().is_ok(), format!("b's ns_last_pid: {last_pid:?}"))?;
     let mut taken = false;
     for _ in 0..5 {
         let script = format!("echo {} > /proc/sys/kernel/ns_last_pid && exec setsid -f sleep 300", pid - 1);
@@ -1082,6 +1086,8 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
         }
     }
     check(taken, format!("could not occupy pid {pid} on b"))?;
+    let reset = format!("echo {last_pid} > /proc/sys/kernel/ns_last_pid");
+    check(tb.exec("b", &["sh", "-c", &reset]).status.success(), "cannot put b's ns_last_pid back")?;
     let r = tb.migrate("a", pid, &tb.addr("b"), None);
     tb.kill("b", pid);
     check(!r.success, "migration onto a taken pid succeeded")?;
