@@ -615,6 +615,32 @@ fn abandon(status: std::io::Result<OwnedFd>, ready: bool, port: u16) {
     }
 }
 
+/// For an agent that starts again after a crash: a `criu dump --lazy-pages` that got ready (its page
+/// server listening) after the agent that started it died, so that nobody took its one page-server
+/// connection, waits in accept() for ever with the tree frozen (state `t`). Given a process's command
+/// line (`/proc/PID/cmdline`, NUL-separated) that is such a dump of this crate (`--lazy-pages`, `--address
+/// 127.0.0.1 --port N`), connects to its page server and resets the connection, as [`Pending`]'s drop
+/// does: CRIU fails the transfer and resumes the tree. True if it connected; false for another command
+/// line or a dump that does not listen (not ready yet: it then resumes the tree itself when it finds its
+/// status fd closed; or already served).
+pub fn release_orphaned_lazy_dump(cmdline: &[u8]) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let after = |flag: &[u8]| args.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
+    let is_ours = args.iter().any(|a| *a == b"dump")
+        && args.iter().any(|a| *a == b"--lazy-pages")
+        && after(b"--address") == Some(b"127.0.0.1".as_slice());
+    let port = after(b"--port").and_then(|p| std::str::from_utf8(p).ok()?.parse::<u16>().ok());
+    let (true, Some(port)) = (is_ours, port) else { return false };
+    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+        Ok(s) => {
+            let _ = linger_zero(&s);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
 /// SO_LINGER {on, 0}: closing the socket resets the connection.
 fn linger_zero(s: &std::net::TcpStream) -> std::io::Result<()> {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };

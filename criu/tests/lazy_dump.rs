@@ -272,3 +272,60 @@ async fn a_lazy_dump_that_fails_before_ready_carries_the_log_errors() {
     }
     assert!(started.elapsed() < criu::LAZY_READY_TIMEOUT, "it waited for the timeout instead of noticing CRIU's exit");
 }
+
+/// The agent that started a lazy dump died after CRIU got ready and before it connected: CRIU waits in
+/// accept() with the tree frozen. `release_orphaned_lazy_dump`, given that CRIU's command line (as a
+/// restarted agent reads it from /proc), resets its session: CRIU fails the transfer and resumes the tree.
+#[tokio::test]
+async fn an_orphaned_ready_lazy_dump_is_released_by_its_command_line() {
+    let criu = require_criu();
+    let helper = Helper::start();
+    let images = helper.images();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    // The status pipe: CRIU writes one byte once its page server listens (as in Criu::dump_lazy).
+    let (rx, tx) = nix::unistd::pipe().expect("pipe");
+    let status_fd = std::os::fd::AsRawFd::as_raw_fd(&tx);
+    let mut cmd = std::process::Command::new(&criu.bin);
+    cmd.args(["dump", "--tree", &helper.pid.to_string(), "--images-dir"])
+        .arg(&images)
+        .args(["--leave-stopped", "--log-file", "dump.log", "-v2", "--lazy-pages", "--address", "127.0.0.1"])
+        .args(["--port", &port.to_string(), "--status-fd", &status_fd.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: fcntl is async-signal-safe; it clears close-on-exec on the status pipe's write end in the
+    // child only.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(status_fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("criu dump --lazy-pages");
+    drop(tx);
+    let mut byte = [0u8; 1];
+    let read = tokio::task::spawn_blocking(move || std::io::Read::read(&mut std::fs::File::from(rx), &mut byte))
+        .await
+        .expect("reader");
+    assert!(matches!(read, Ok(1)), "CRIU never got ready: {read:?}; {}", criu::log_errors(&images.join("dump.log")));
+    // Ready, nobody connected: frozen, and it stays so.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(helper.state(), Some('t'), "the tree is not held by CRIU");
+    assert!(child.try_wait().expect("criu").is_none(), "CRIU ended without a page-server session");
+
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", child.id())).expect("CRIU's command line");
+    assert!(!criu::release_orphaned_lazy_dump(b"sleep\x00300\x00"), "another command line");
+    assert!(criu::release_orphaned_lazy_dump(&cmdline), "could not reach the orphaned dump's page server");
+    let status = wait_for(Duration::from_secs(30), "CRIU to end", || child.try_wait().expect("criu"));
+    assert!(!status.success(), "CRIU took the reset for a clean end");
+    let errors = criu::log_errors(&images.join("dump.log"));
+    assert!(errors.contains("Lazy pages transfer FAILED"), "{errors}");
+    let state = wait_for(Duration::from_secs(10), "CRIU to let the tree go", || match helper.state() {
+        Some('t') => None,
+        s => Some(s),
+    });
+    assert!(matches!(state, Some('S' | 'R')), "state {state:?} after the release");
+    assert_eq!(helper.checksum(), helper.initial_checksum(), "the helper's memory changed");
+}

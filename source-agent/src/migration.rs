@@ -403,17 +403,32 @@ pub fn recover(state_dir: &Path) {
     }
 }
 
-/// Waits (at most 5 minutes) until no process has `dir` on its command line.
+/// Waits (at most 5 minutes) until no process has `dir` on its command line. A lazy dump among them that
+/// is ready but has no page-server session (the earlier run died between CRIU's ready byte and its
+/// connection) would wait for ever with the tree frozen: its session is reset, so that CRIU resumes
+/// the tree and ends ([`criu::release_orphaned_lazy_dump`]).
 fn wait_for_criu_in(dir: &Path) {
     let needle = dir.as_os_str().as_encoded_bytes().to_vec();
-    let busy = || {
-        std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle.as_slice()))
-        })
+    let holders = || -> Vec<Vec<u8>> {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| c.windows(needle.len()).any(|w| w == needle.as_slice()))
+            .collect()
     };
     let deadline = Instant::now() + Duration::from_secs(300);
-    while busy() && Instant::now() < deadline {
+    loop {
+        let busy = holders();
+        if busy.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        for cmdline in &busy {
+            if criu::release_orphaned_lazy_dump(cmdline) {
+                tracing::warn!(dir = %dir.display(), "reset the page-server session of an orphaned lazy dump of the earlier run: CRIU resumes the tree");
+            }
+        }
         tracing::info!(dir = %dir.display(), "waiting for a CRIU of the earlier run to finish");
         std::thread::sleep(Duration::from_millis(200));
     }
