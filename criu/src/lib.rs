@@ -608,11 +608,17 @@ fn abandon(status: std::io::Result<OwnedFd>, ready: bool, port: u16) {
             return;
         }
     }
+    reset_session(port, Duration::from_secs(5));
+}
+
+/// Connects to the lazy page server on 127.0.0.1:`port` and resets the connection at once, which makes
+/// CRIU fail the transfer and resume the tree. Whether it connected.
+fn reset_session(port: u16, timeout: Duration) -> bool {
     let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
-    if let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-        // Linger 0: close sends RST instead of FIN; a FIN would be a clean end (tree left stopped).
-        let _ = linger_zero(&s);
-    }
+    let Ok(s) = std::net::TcpStream::connect_timeout(&addr, timeout) else { return false };
+    // Linger 0: close sends RST instead of FIN; a FIN would be a clean end (tree left stopped).
+    let _ = linger_zero(&s);
+    true
 }
 
 /// For an agent that starts again after a crash: a `criu dump --lazy-pages` that got ready (its page
@@ -631,14 +637,7 @@ pub fn release_orphaned_lazy_dump(cmdline: &[u8]) -> bool {
         && after(b"--address") == Some(b"127.0.0.1".as_slice());
     let port = after(b"--port").and_then(|p| std::str::from_utf8(p).ok()?.parse::<u16>().ok());
     let (true, Some(port)) = (is_ours, port) else { return false };
-    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
-    match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
-        Ok(s) => {
-            let _ = linger_zero(&s);
-            true
-        }
-        Err(_) => false,
-    }
+    reset_session(port, Duration::from_secs(1))
 }
 
 /// SO_LINGER {on, 0}: closing the socket resets the connection.

@@ -242,12 +242,16 @@ async fn an_abandoned_lazy_dump_makes_criu_resume_the_tree() {
         e.contains("Dumping FAILED").then_some(e)
     });
     assert!(errors.contains("Lazy pages transfer FAILED"), "{errors}");
-    // CRIU resumed it: running or sleeping, never stopped.
+    assert_let_go(&helper, "an abandoned dump");
+}
+
+/// CRIU resumed the helper (running or sleeping, never stopped), with its memory unchanged.
+fn assert_let_go(helper: &Helper, after: &str) {
     let state = wait_for(Duration::from_secs(10), "CRIU to let the tree go", || match helper.state() {
         Some('t') => None,
         s => Some(s),
     });
-    assert!(matches!(state, Some('S' | 'R')), "state {state:?} after an abandoned dump");
+    assert!(matches!(state, Some('S' | 'R')), "state {state:?} after {after}");
     assert_eq!(helper.checksum(), helper.initial_checksum(), "the helper's memory changed");
 }
 
@@ -322,10 +326,5 @@ async fn an_orphaned_ready_lazy_dump_is_released_by_its_command_line() {
     assert!(!status.success(), "CRIU took the reset for a clean end");
     let errors = criu::log_errors(&images.join("dump.log"));
     assert!(errors.contains("Lazy pages transfer FAILED"), "{errors}");
-    let state = wait_for(Duration::from_secs(10), "CRIU to let the tree go", || match helper.state() {
-        Some('t') => None,
-        s => Some(s),
-    });
-    assert!(matches!(state, Some('S' | 'R')), "state {state:?} after the release");
-    assert_eq!(helper.checksum(), helper.initial_checksum(), "the helper's memory changed");
+    assert_let_go(&helper, "the release");
 }

@@ -213,14 +213,18 @@ pub async fn fetch(
                 return Err(ProtocolError::BadChunk("a fault answer must be one page from the frozen tree".into()));
             }
             store.apply(&batch, &data).map_err(|e| ProtocolError::BadChunk(e.to_string()))?;
-            let key = (batch.pid, batch.data.first().or(batch.zero.first()).copied().unwrap_or_default());
+            // The page and its bytes (None: a zero page); a copy record is left to the daemon.
+            let page = match (batch.data.first(), batch.zero.first()) {
+                (Some(&vaddr), _) => Some((vaddr, Some(&data[..]))),
+                (None, Some(&vaddr)) => Some((vaddr, None)),
+                _ => None,
+            };
             // The faults waiting for it get it from here: this lane runs at once, the daemon's thread
             // may wait for a core.
-            match (batch.data.first(), batch.zero.first()) {
-                (Some(&vaddr), _) => store.fill_parked(batch.pid, vaddr, Some(&data)),
-                (None, Some(&vaddr)) => store.fill_parked(batch.pid, vaddr, None),
-                _ => 0,
-            };
+            if let Some((vaddr, bytes)) = page {
+                store.fill_parked(batch.pid, vaddr, bytes);
+            }
+            let key = (batch.pid, page.map_or(0, |(vaddr, _)| vaddr));
             if let Some(t) = sent_at.lock().expect("lock").remove(&key) {
                 rtts.push(t.elapsed());
             }
