@@ -26,7 +26,12 @@
 //!   pages (4 KiB each, as `pagemap-*.img` lists them).
 //!
 //! After every migration the workload on b replays its writes and compares all its memory (`workload
-//! query`, `verified`); a difference fails the case. Every step has a time limit; a step that overruns
+//! query`, `verified`); a difference fails the case. It also says how long it did not run: `paused
+//! ms` is the longest gap between two ticks of its 1 ms counter thread (by CLOCK_REALTIME, which the
+//! restored copy's new time namespace leaves alone) that ended during the case. That is the downtime
+//! the program saw, for every mode alike; `downtime ms` also counts what CRIU does before it stops the
+//! tree (its start-up, about 35 ms here, as `/run` is no tmpfs and CRIU cannot keep its kerndat cache)
+//! and, for this project's modes, ends only once the source agent heard that the copy runs. Every step has a time limit; a step that overruns
 //! is killed with everything it started, and the case fails with a note saying which step it was.
 //!
 //! Once per run, before the cases, the bench measures the TCP throughput from a to b over the same veth
@@ -81,6 +86,11 @@ struct Row {
     mode: String,
     ok: bool,
     downtime_ms: f64,
+    /// How long the workload itself did not run during the migration: the longest gap between two
+    /// ticks of its 1 ms counter thread, by CLOCK_REALTIME, that ended while the case ran (the
+    /// workload's `stalls`). Unlike `downtime_ms` it leaves out what CRIU does before it stops the tree
+    /// (its start, about 35 ms here) and after it let it go.
+    paused_ms: Option<f64>,
     total_ms: f64,
     wire_bytes: u64,
     rounds: u32,
@@ -167,12 +177,13 @@ fn main() {
         Err(e) => println!("fill on b: NOT MEASURED: {e}"),
     }
     println!(
-        "{:>6} {:>8} {:>12} {:>10} {:>12} {:>10} {:>10} {:>6} {:>12} {:>7} {:>12} {:>12}  note",
+        "{:>6} {:>8} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>6} {:>12} {:>7} {:>12} {:>12}  note",
         "MiB",
         "dirty%/s",
         "content",
         "mode",
         "downtime ms",
+        "paused ms",
         "total ms",
         "wire MiB",
         "rounds",
@@ -202,12 +213,13 @@ fn main() {
                         row.complete_vs_link = Some(c / ((mib << 20) as f64 / rate * 1000.0));
                     }
                     println!(
-                        "{:>6} {:>8} {:>12} {:>10} {:>12.0} {:>10.0} {:>10.1} {:>6} {:>12} {:>7} {:>12} {:>12}  {}",
+                        "{:>6} {:>8} {:>12} {:>10} {:>12.0} {:>10} {:>10.0} {:>10.1} {:>6} {:>12} {:>7} {:>12} {:>12}  {}",
                         row.mib,
                         row.dirty_pct_per_s,
                         row.content,
                         row.mode,
                         row.downtime_ms,
+                        opt(row.paused_ms, 0),
                         row.total_ms,
                         row.wire_bytes as f64 / (1 << 20) as f64,
                         row.rounds,
@@ -223,18 +235,30 @@ fn main() {
         }
     }
     let same = |a: &Row, b: &Row| a.mib == b.mib && a.dirty_pct_per_s == b.dirty_pct_per_s && a.content == b.content;
+    // "; paused P ms = R x NAME's Q ms", when both workloads saw their stall.
+    let paused = |r: &Row, base: &Row, name: &str| match (r.paused_ms, base.paused_ms) {
+        (Some(a), Some(b)) => format!("; paused {a:.0} ms = {:.2} x {name}'s {b:.0} ms", a / b),
+        _ => String::new(),
+    };
     // The target of pre-copy: downtime against CRIU cold migration of the same case.
     let mut ratios = Vec::new();
     for r in rows.iter().filter(|r| r.mode == "precopy" && r.ok) {
         if let Some(cold) = rows.iter().filter(|c| c.mode == "criu-cold" && c.ok).find(|c| same(r, c)) {
             let ratio = r.downtime_ms / cold.downtime_ms;
             println!(
-                "{:>6} MiB {:>4} %/s {:>12}: pre-copy downtime {:.0} ms = {:.2} x CRIU cold's {:.0} ms",
-                r.mib, r.dirty_pct_per_s, r.content, r.downtime_ms, ratio, cold.downtime_ms
+                "{:>6} MiB {:>4} %/s {:>12}: pre-copy downtime {:.0} ms = {:.2} x CRIU cold's {:.0} ms{}",
+                r.mib,
+                r.dirty_pct_per_s,
+                r.content,
+                r.downtime_ms,
+                ratio,
+                cold.downtime_ms,
+                paused(r, cold, "CRIU cold")
             );
             ratios.push(serde_json::json!({
                 "mib": r.mib, "dirty_pct_per_s": r.dirty_pct_per_s, "content": r.content,
                 "precopy_downtime_ms": r.downtime_ms, "criu_cold_downtime_ms": cold.downtime_ms, "ratio": ratio,
+                "precopy_paused_ms": r.paused_ms, "criu_cold_paused_ms": cold.paused_ms,
             }));
         }
     }
@@ -248,12 +272,20 @@ fn main() {
                 _ => String::new(),
             };
             println!(
-                "{:>6} MiB {:>4} %/s {:>12}: {} downtime {:.0} ms = {:.2} x CRIU lazy's {:.0} ms{complete}",
-                r.mib, r.dirty_pct_per_s, r.content, r.mode, r.downtime_ms, ratio, lazy.downtime_ms
+                "{:>6} MiB {:>4} %/s {:>12}: {} downtime {:.0} ms = {:.2} x CRIU lazy's {:.0} ms{}{complete}",
+                r.mib,
+                r.dirty_pct_per_s,
+                r.content,
+                r.mode,
+                r.downtime_ms,
+                ratio,
+                lazy.downtime_ms,
+                paused(r, lazy, "CRIU lazy")
             );
             lazy_ratios.push(serde_json::json!({
                 "mib": r.mib, "dirty_pct_per_s": r.dirty_pct_per_s, "content": r.content, "mode": r.mode,
                 "downtime_ms": r.downtime_ms, "criu_lazy_downtime_ms": lazy.downtime_ms, "ratio": ratio,
+                "paused_ms": r.paused_ms, "criu_lazy_paused_ms": lazy.paused_ms,
                 "complete_ms": r.complete_ms, "criu_lazy_complete_ms": lazy.complete_ms,
             }));
         }
@@ -316,6 +348,7 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
         mode: mode.into(),
         ok: false,
         downtime_ms: 0.0,
+        paused_ms: None,
         total_ms: 0.0,
         wire_bytes: 0,
         rounds: 0,
@@ -326,6 +359,7 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
         note: String::new(),
     };
     let (name, pid) = start(tb, mib, dirty, content);
+    let from = unix_ms();
     match mode {
         m if MIGRATE_MODES.contains(&m) => match migrate(tb, pid, m, limit(mib) * 2) {
             Ok(j) => {
@@ -380,10 +414,14 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
         },
         other => row.note = format!("unknown mode {other}"),
     }
+    let to = unix_ms();
     if row.ok {
         // The workload replays its writes and compares all its memory: a wrong page is a failure.
         match tb.query("b", &name) {
-            Ok(v) if v["verified"] == true => row.note.push_str(", memory verified"),
+            Ok(v) if v["verified"] == true => {
+                row.note.push_str(", memory verified");
+                row.paused_ms = longest_stall(&v["stalls"], from, to);
+            }
             other => {
                 row.ok = false;
                 row.note.push_str(&format!(", MEMORY DIFFERS: {other:?}"));
@@ -392,6 +430,22 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
     }
     tb.kill("b", pid);
     row
+}
+
+fn unix_ms() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+/// The longest of a workload's `stalls` ([ended at, Unix ms; length, ms]) that ended between `from` and
+/// `to` (Unix ms).
+fn longest_stall(stalls: &serde_json::Value, from: f64, to: f64) -> Option<f64> {
+    stalls
+        .as_array()?
+        .iter()
+        .filter_map(|s| Some((s[0].as_f64()?, s[1].as_f64()?)))
+        .filter(|&(end, _)| (from..=to).contains(&end))
+        .map(|(_, len)| len)
+        .max_by(f64::total_cmp)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -9,14 +9,16 @@
 //!       way that can be checked: writer t owns the pages p with p % T == t, and its step k rewrites a
 //!       whole page of its own chosen from (S, t, k) with content derived from (S, t, k) (in the same
 //!       style as the fill), then publishes k. So the step counters alone say what every page must hold.
-//!       Answers {kind, pid, counter, checksum, expected, mib, verified}: checksum is the xxh3 of the
-//!       memory now, expected the one of the content it was filled with. A dirtying workload also
-//!       answers {steps: [k per writer], writes, mismatched_pages, first_mismatch, pause_ms, verify_ms}:
-//!       it stops every writer at a step boundary, replays their sequences up to their counters,
-//!       compares every page word for word with what they say (verified: no page differs;
-//!       first_mismatch: the lowest page that does, or null), takes the checksum, and lets the writers
-//!       go on; pause_ms is how long they were stopped, verify_ms the part of it until the comparison
-//!       was done.
+//!       Answers {kind, pid, counter, stalls, checksum, expected, mib, verified}: checksum is the xxh3 of
+//!       the memory now, expected the one of the content it was filled with; stalls the 16 longest
+//!       times the counter's thread did not tick for over 5 ms, longest first, as [ended at (Unix ms),
+//!       length (ms)], by CLOCK_REALTIME (a migration's freeze is the longest of them). A dirtying
+//!       workload also answers {steps: [k per writer], writes, mismatched_pages, first_mismatch,
+//!       pause_ms, verify_ms}: it stops every writer at a step boundary, replays their sequences up to
+//!       their counters, compares every page word for word with what they say (verified: no page
+//!       differs; first_mismatch: the lowest page that does, or null), takes the checksum, and lets the
+//!       writers go on; pause_ms is how long they were stopped, verify_ms the part of it until the
+//!       comparison was done.
 //!       With --fork-every-ms T, a thread forks a child every T ms (writers paused for the fork) that
 //!       checks its copy of the memory the same way and exits 0 or 1; answers count forks_ok and
 //!       forks_failed.
@@ -303,13 +305,58 @@ fn checksum(mem: &[u64]) -> u64 {
 }
 
 /// A counter bumped every millisecond by its own thread.
-fn start_counter() -> Arc<AtomicU64> {
-    let counter = Arc::new(AtomicU64::new(0));
+/// A counter bumped every millisecond by its own thread, which also notes when it was held up: every
+/// gap between two of its ticks longer than [`Counter::STALL`], by the wall clock (CLOCK_REALTIME, which
+/// a restored task's new time namespace leaves alone), so that a migration's freeze shows as the time
+/// the program itself did not run.
+struct Counter {
+    value: AtomicU64,
+    /// The [`Counter::KEPT`] longest stalls so far, longest first: (its length, µs; when it ended, Unix µs).
+    stalls: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+impl Counter {
+    const STALL: Duration = Duration::from_millis(5);
+    const KEPT: usize = 16;
+
+    fn value(&self) -> u64 {
+        self.value.load(Ordering::SeqCst)
+    }
+
+    /// `[ended at (Unix ms), length (ms)]` for each stall kept, longest first.
+    fn stalls(&self) -> serde_json::Value {
+        let stalls = self.stalls.lock().expect("stalls");
+        stalls.iter().map(|&(len, end)| serde_json::json!([end as f64 / 1e3, len as f64 / 1e3])).collect()
+    }
+
+    fn note_stall(&self, len: u64, end: u64) {
+        let mut stalls = self.stalls.lock().expect("stalls");
+        let at = stalls.partition_point(|&(l, _)| l >= len);
+        if at < Self::KEPT {
+            stalls.insert(at, (len, end));
+            stalls.truncate(Self::KEPT);
+        }
+    }
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+fn start_counter() -> Arc<Counter> {
+    let counter = Arc::new(Counter { value: AtomicU64::new(0), stalls: Default::default() });
     let c = counter.clone();
     std::thread::spawn(move || {
+        let mut last = unix_micros();
         loop {
-            c.fetch_add(1, Ordering::SeqCst);
+            c.value.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(1));
+            let now = unix_micros();
+            let gap = now.saturating_sub(last);
+            if gap > Counter::STALL.as_micros() as u64 {
+                c.note_stall(gap, now);
+            }
+            last = now;
         }
     });
     counter
@@ -428,7 +475,8 @@ fn mem(args: &[String]) {
         let mut answer = serde_json::json!({
             "kind": "mem",
             "pid": std::process::id(),
-            "counter": counter.load(Ordering::SeqCst),
+            "counter": counter.value(),
+            "stalls": counter.stalls(),
             "expected": format!("{expected:016x}"),
             "mib": mib,
             "forks_ok": forks.0.load(Ordering::SeqCst),
@@ -610,7 +658,7 @@ fn hold(args: &[String]) {
     write_pidfile(&pidfile, std::process::id());
     serve(listener, move || {
         let _ = (&held, &streams);
-        serde_json::json!({ "kind": "hold", "pid": std::process::id(), "counter": counter.load(Ordering::SeqCst) })
+        serde_json::json!({ "kind": "hold", "pid": std::process::id(), "counter": counter.value() })
     })
 }
 
@@ -1247,5 +1295,25 @@ mod tests {
         let v = verify(&mem, SEED, true, &steps);
         assert_eq!(v.first_mismatch, Some(page));
         assert_eq!(v.mismatched_pages, 1);
+    }
+
+    #[test]
+    fn the_counter_keeps_its_longest_stalls_longest_first() {
+        let c = Counter { value: AtomicU64::new(0), stalls: Default::default() };
+        // 40 stalls of 1..=40 ms, in a scrambled order, each ending at its own time.
+        for i in 0..40u64 {
+            let len = (i * 17) % 40 + 1;
+            c.note_stall(len * 1000, 1_000_000 + i);
+        }
+        let kept = c.stalls.lock().unwrap().clone();
+        let lengths: Vec<u64> = kept.iter().map(|&(len, _)| len / 1000).collect();
+        assert_eq!(lengths, (25..=40).rev().collect::<Vec<_>>());
+        // Each kept with the time it ended; the JSON as [ended at (ms), length (ms)].
+        let (len, end) = kept[0];
+        assert_eq!(end, 1_000_000 + (0..40).find(|i| (i * 17) % 40 + 1 == 40).unwrap());
+        assert_eq!(c.stalls()[0], serde_json::json!([end as f64 / 1e3, len as f64 / 1e3]));
+        // A stall shorter than every kept one changes nothing.
+        c.note_stall(1000, 7);
+        assert_eq!(c.stalls.lock().unwrap().clone(), kept);
     }
 }
