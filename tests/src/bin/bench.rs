@@ -31,8 +31,10 @@
 //! restored copy's new time namespace leaves alone) that ended during the case. That is the downtime
 //! the program saw, for every mode alike; `downtime ms` also counts what CRIU does before it stops the
 //! tree (its start-up, about 35 ms here, as `/run` is no tmpfs and CRIU cannot keep its kerndat cache)
-//! and, for this project's modes, ends only once the source agent heard that the copy runs. Every step has a time limit; a step that overruns
-//! is killed with everything it started, and the case fails with a note saying which step it was.
+//! and, for this project's modes, ends only once the source agent heard that the copy runs.
+//!
+//! Every step has a time limit; a step that overruns is killed with everything it started, and the
+//! case fails with a note saying which step it was.
 //!
 //! Once per run, before the cases, the bench measures the TCP throughput from a to b over the same veth
 //! (`--link-mib`, default 1 GiB, this binary's `rate-send`/`rate-recv`): `link_mb_s` in the JSON, in
@@ -88,8 +90,8 @@ struct Row {
     downtime_ms: f64,
     /// How long the workload itself did not run during the migration: the longest gap between two
     /// ticks of its 1 ms counter thread, by CLOCK_REALTIME, that ended while the case ran (the
-    /// workload's `stalls`). Unlike `downtime_ms` it leaves out what CRIU does before it stops the tree
-    /// (its start, about 35 ms here) and after it let it go.
+    /// workload's `stalls`). Unlike `downtime_ms` it leaves out CRIU's start before it stops the tree
+    /// (about 35 ms here) and the wait for the word that the copy runs.
     paused_ms: Option<f64>,
     total_ms: f64,
     wire_bytes: u64,

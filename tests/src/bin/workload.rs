@@ -304,7 +304,6 @@ fn checksum(mem: &[u64]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
-/// A counter bumped every millisecond by its own thread.
 /// A counter bumped every millisecond by its own thread, which also notes when it was held up: every
 /// gap between two of its ticks longer than [`Counter::STALL`], by the wall clock (CLOCK_REALTIME, which
 /// a restored task's new time namespace leaves alone), so that a migration's freeze shows as the time
