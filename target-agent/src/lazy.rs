@@ -2216,6 +2216,22 @@ mod tests {
         }
     }
 
+    /// The daemon on `lazy` of `pid` with `src`, and a fake restore that handed it `uffd` (CRIU's copy of
+    /// it closed, as after sending), RSTF not sent yet.
+    fn restoring(
+        dir: &Path,
+        pid: u32,
+        lazy: Range<u64>,
+        src: Arc<dyn PageSource>,
+        uffd: OwnedFd,
+    ) -> (LazyHandle, FakeRestore) {
+        let h = LazyPages::listen(dir).unwrap().start(one(pid, lazy), src);
+        let mut criu = FakeRestore::connect(dir);
+        criu.send_task(pid as i32, Some(&uffd));
+        drop(uffd);
+        (h, criu)
+    }
+
     /// A uffd with CRIU's features (FORK|REMAP|REMOVE|UNMAP = 0x4e) over a new mapping of `pages` pages.
     fn registered(pages: u64) -> (OwnedFd, u64) {
         let uffd = userfaultfd(0x4e).unwrap_or_else(|e| {
@@ -2664,10 +2680,7 @@ mod tests {
         let delay = Duration::from_millis(150);
         let src = LateSource::new(pid, Some(delay));
         src.publish(pg(0), 8, true); // known before the restore
-        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..pg(64)), src.clone());
-        let mut criu = FakeRestore::connect(dir.path());
-        criu.send_task(pid as i32, Some(&uffd));
-        drop(uffd);
+        let (h, mut criu) = restoring(dir.path(), pid, addr..pg(64), src.clone(), uffd);
 
         // Known pages: answered at once.
         let mut immediate = Vec::new();
@@ -2741,10 +2754,7 @@ mod tests {
         let delay = Duration::from_millis(100);
         let src = LateSource::new(pid, Some(delay));
         src.link_only.store(true, Ordering::SeqCst);
-        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..pg(16)), src.clone());
-        let mut criu = FakeRestore::connect(dir.path());
-        criu.send_task(pid as i32, Some(&uffd));
-        drop(uffd);
+        let (h, mut criu) = restoring(dir.path(), pid, addr..pg(16), src.clone(), uffd);
 
         let (b, t) = timed_page_at(pg(5));
         assert!(b == content(pid, pg(5)), "page 5 is not its content");
@@ -2790,10 +2800,7 @@ mod tests {
         let delay = Duration::from_millis(300);
         let src = LateSource::new(pid, Some(delay));
         src.link_only.store(true, Ordering::SeqCst);
-        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..pg(64)), src.clone());
-        let mut criu = FakeRestore::connect(dir.path());
-        criu.send_task(pid as i32, Some(&uffd));
-        drop(uffd);
+        let (h, mut criu) = restoring(dir.path(), pid, addr..pg(64), src.clone(), uffd);
         criu.finish();
 
         let (tx, rx) = std::sync::mpsc::channel();
@@ -2837,10 +2844,7 @@ mod tests {
         let pg = move |k: u64| addr + k * P;
         let src = LateSource::new(pid, None);
         src.publish(pg(0), 16, true); // before the daemon starts
-        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..pg(pages)), src.clone());
-        let mut criu = FakeRestore::connect(dir.path());
-        criu.send_task(pid as i32, Some(&uffd));
-        drop(uffd);
+        let (h, mut criu) = restoring(dir.path(), pid, addr..pg(pages), src.clone(), uffd);
         src.publish(pg(16), 8, true); // before RSTF
         // Pages 100..108 move: their run-time address is no longer their image address.
         let dest = mmap_anon(8 * P as usize);
@@ -2931,10 +2935,7 @@ mod tests {
         let (uffd, addr) = registered(8);
         let pg = move |k: u64| addr + k * P;
         let src = LateSource::new(pid, Some(Duration::from_millis(20)));
-        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..pg(8)), src.clone());
-        let mut criu = FakeRestore::connect(dir.path());
-        criu.send_task(pid as i32, Some(&uffd));
-        drop(uffd);
+        let (h, mut criu) = restoring(dir.path(), pid, addr..pg(8), src.clone(), uffd);
         criu.finish();
         h.wait_restored(Duration::from_secs(5)).expect("RSTF");
         let releases = |k: u64| src.state().releases.get(&pg(k)).copied().unwrap_or(0);
@@ -2975,10 +2976,7 @@ mod tests {
         let delay = Duration::from_millis(200);
         let src = LateSource::new(pid, Some(delay));
         src.publish(pg(0), 1, true);
-        let h = LazyPages::listen(dir.path()).unwrap().start(one(pid, addr..pg(16)), src.clone());
-        let mut criu = FakeRestore::connect(dir.path());
-        criu.send_task(pid as i32, Some(&uffd));
-        drop(uffd);
+        let (h, mut criu) = restoring(dir.path(), pid, addr..pg(16), src.clone(), uffd);
         assert_eq!(page_at(pg(0)), content(pid, pg(0)));
         let want = content(pid, pg(7));
         let t = Instant::now();
