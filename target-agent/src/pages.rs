@@ -19,7 +19,10 @@
 //! reuses that (already touched) memory. So a post-copy holds a window of pages in flight rather than a
 //! second copy of the whole tree, and the target does not pay for touching a GiB of fresh memory twice
 //! (measured on this project's VM: zeroing cold memory for the store took most of a core during a
-//! post-copy). A released page is never taken for a zero page: [`PageStore::lookup`] says Pending.
+//! post-copy). Once the stream is complete nothing arrives any more, so memory goes back to the kernel
+//! instead, 64 KiB at a time as soon as none of its pages is held (pre-copy and hybrid end with a store
+//! of the whole tree): the restored process's pages reuse it. A released page is never taken for a
+//! zero page: [`PageStore::lookup`] says Pending.
 //!
 //! **Slabs are left out of forks.** This agent starts CRIU (and its watchdog) with fork + exec, and a
 //! fork copies the page tables of every mapping it has: with a store of GiBs (hybrid, pre-copy) that
@@ -57,6 +60,14 @@ struct Slab(std::ptr::NonNull<u8>);
 
 const SLAB_BYTES: usize = SLAB_PAGES * PAGE_SIZE;
 
+/// Once the stream is complete, memory goes back to the kernel in granules of this many slots (64 KiB)
+/// as soon as none of their pages is held any more (see [`Inner::free_slot`]). A whole slab is too
+/// coarse: the daemon places pages where the process faults, all over its memory, so a slab of 512 would
+/// empty only near the end.
+const GRANULE_PAGES: usize = 16;
+const GRANULE_BYTES: usize = GRANULE_PAGES * PAGE_SIZE;
+const GRANULES_PER_SLAB: usize = SLAB_PAGES / GRANULE_PAGES;
+
 impl Slab {
     fn new() -> nix::Result<Slab> {
         use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap_anonymous, munmap};
@@ -74,13 +85,21 @@ impl Slab {
         Ok(Slab(ptr.cast()))
     }
 
-    /// Gives the slab's memory back to the kernel (MADV_DONTNEED): it reads as zeros from now on, and
-    /// is touched again only if a slot of it is used again.
-    fn discard(&mut self) {
-        // SAFETY: advises this slab's own mapping, whole. Called (under the store's write lock) only for a
-        // slab with no slot in use, so no reference into it and no write by `apply` is in flight.
-        let _ =
-            unsafe { nix::sys::mman::madvise(self.0.cast(), SLAB_BYTES, nix::sys::mman::MmapAdvise::MADV_DONTNEED) };
+    /// Gives granule `granule` (< GRANULES_PER_SLAB) of the slab's memory back to the kernel
+    /// (MADV_DONTNEED): it reads as zeros from now on, and is touched again only if a slot of it is used
+    /// again.
+    fn discard(&mut self, granule: usize) {
+        debug_assert!(granule < GRANULES_PER_SLAB);
+        // SAFETY: advises one granule inside this slab's own mapping. Called (under the store's write
+        // lock) only for a granule with no slot in use, so no reference into it and no write by `apply`
+        // is in flight.
+        let _ = unsafe {
+            nix::sys::mman::madvise(
+                self.0.cast().byte_add(granule * GRANULE_BYTES),
+                GRANULE_BYTES,
+                nix::sys::mman::MmapAdvise::MADV_DONTNEED,
+            )
+        };
     }
 }
 
@@ -100,16 +119,33 @@ unsafe impl Sync for Slab {}
 
 /// The index's slot number of a page whose content was released (see the module doc).
 const RELEASED: u32 = u32::MAX;
+/// `Inner::free_at` of a slot that is not in `Inner::free`.
+const NOT_FREE: u32 = u32::MAX;
+
+/// Before the stream is complete, free slots kept for the pages still to arrive (64 MiB); memory of
+/// granules freed beyond that goes back to the kernel as after the end (see [`Inner::free_slot`]).
+/// Post-copy keeps a window of pages in flight, well below this, so its slots are reused as before;
+/// a hybrid migration's store holds the whole tree when the restored process starts to take it.
+const FREE_RESERVE: usize = 16 << 10;
 
 #[derive(Default)]
 struct Inner {
     /// Slot of every page held ([`RELEASED`]: its content went to the restored process).
     index: HashMap<(u32, u64), u32>,
     slabs: Vec<Slab>,
-    /// Slots in use per slab (a slab with none after `complete` is discarded).
-    live: Vec<u32>,
+    /// Slots in use per granule of [`GRANULE_PAGES`] slots (a granule with none after `complete` is
+    /// discarded).
+    live: Vec<u16>,
+    /// Free slots whose memory the store still holds, reused first (last freed, first reused).
     free: Vec<u32>,
+    /// Where each slot is in `free` ([`NOT_FREE`] if it is not), so that a granule can leave it.
+    free_at: Vec<u32>,
+    /// Granules given back to the kernel, every slot of them free: reused after `free`, before a new slab.
+    discarded: Vec<u32>,
+    /// Slots below this were handed out at least once; the rest of the last slab never were.
     next: u32,
+    /// Free slots kept before `complete` ([`FREE_RESERVE`]; tests take fewer).
+    reserve: usize,
     /// Pages known current before `complete` (emptied then).
     fresh: HashSet<(u32, u64)>,
     complete: bool,
@@ -157,24 +193,37 @@ impl Inner {
         Ok(s)
     }
 
-    /// A slot for a page, in no one's use and in no index entry yet.
+    /// A slot for a page, in no one's use and in no index entry yet: a free one the store still holds
+    /// memory for, else one of a discarded granule (whose other slots join the free ones), else a new one.
     fn alloc_slot(&mut self, limit: u64) -> Result<u32, StoreError> {
-        let s = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                if self.next as usize == self.slabs.len() * SLAB_PAGES {
-                    if ((self.slabs.len() + 1) * SLAB_PAGES * PAGE_SIZE) as u64 > limit {
-                        return Err(StoreError::Full { limit });
-                    }
-                    self.slabs.push(Slab::new().map_err(|e| StoreError::NoMemory(e.to_string()))?);
-                    self.live.push(0);
-                }
-                self.next += 1;
-                self.next - 1
+        let s = if let Some(s) = self.free.pop() {
+            self.free_at[s as usize] = NOT_FREE;
+            s
+        } else if let Some(g) = self.discarded.pop() {
+            let first = g * GRANULE_PAGES as u32;
+            for s in (first + 1..first + GRANULE_PAGES as u32).rev() {
+                self.push_free(s);
             }
+            first
+        } else {
+            if self.next as usize == self.slabs.len() * SLAB_PAGES {
+                if ((self.slabs.len() + 1) * SLAB_PAGES * PAGE_SIZE) as u64 > limit {
+                    return Err(StoreError::Full { limit });
+                }
+                self.slabs.push(Slab::new().map_err(|e| StoreError::NoMemory(e.to_string()))?);
+                self.live.extend([0; GRANULES_PER_SLAB]);
+                self.free_at.extend([NOT_FREE; SLAB_PAGES]);
+            }
+            self.next += 1;
+            self.next - 1
         };
-        self.live[s as usize / SLAB_PAGES] += 1;
+        self.live[s as usize / GRANULE_PAGES] += 1;
         Ok(s)
+    }
+
+    fn push_free(&mut self, s: u32) {
+        self.free_at[s as usize] = self.free.len() as u32;
+        self.free.push(s);
     }
 
     /// Where slot `slot` lives. The slab's mapping stays where it is until the store is dropped (slabs
@@ -185,19 +234,48 @@ impl Inner {
         unsafe { self.slabs[s].0.as_ptr().add(o * PAGE_SIZE) }
     }
 
-    /// Slot `s` holds nothing any more. Once the stream is complete no page arrives to reuse it, so a
-    /// slab left with no page in use goes back to the kernel at once rather than at the end of the
-    /// migration: the target's memory peaks lower, and the restored process's next pages (the daemon
-    /// allocates them with UFFDIO_COPY) reuse memory just freed. On a VM that matters: the host backs
-    /// a guest page only on its first touch, and the bench's `fill` probe measured memory touched for
-    /// the first time at a fraction of the speed of memory used before.
+    /// Slot `s` holds nothing any more. Its granule goes back to the kernel once none of its slots is in
+    /// use, if the store has enough free slots without it: always once the stream is complete (no page
+    /// arrives any more), and beyond [`FREE_RESERVE`] before. So the target's memory peaks near the
+    /// restored tree's size rather than twice it (a pre-copy or hybrid store holds the whole tree when
+    /// the restored process starts taking it), and the restored process's next pages (the daemon
+    /// allocates them with UFFDIO_COPY) reuse memory just freed. Granules, not slabs: the daemon places
+    /// pages where the process faults, all over its memory, so a slab of 512 pages empties late.
+    ///
+    /// On a VM, reusing memory also saves time: a host that backs a guest page only on its first
+    /// touch, and takes back what the guest freed a while ago, makes new memory several times slower
+    /// to fill than memory just freed (README, "Post-copy").
     fn free_slot(&mut self, s: u32) {
-        self.free.push(s);
-        let slab = s as usize / SLAB_PAGES;
-        self.live[slab] -= 1;
-        if self.complete && self.live[slab] == 0 {
-            self.slabs[slab].discard();
+        self.push_free(s);
+        let g = s as usize / GRANULE_PAGES;
+        self.live[g] -= 1;
+        if self.live[g] == 0 && (self.complete || self.free.len() > self.reserve) {
+            self.discard(g);
         }
+    }
+
+    /// Gives granule `g`, no slot of which is in use, back to the kernel: its slots leave `free`. The
+    /// granule that holds `next` is handed out from its start again; any other becomes `discarded`.
+    fn discard(&mut self, g: usize) {
+        let first = g * GRANULE_PAGES;
+        let end = (first + GRANULE_PAGES).min(self.next as usize);
+        // Never handed out, or given back already (its slots are free but not in `free`).
+        if first >= end || self.free_at[first] == NOT_FREE {
+            return;
+        }
+        for s in first..end {
+            let at = std::mem::replace(&mut self.free_at[s], NOT_FREE);
+            self.free.swap_remove(at as usize);
+            if let Some(&moved) = self.free.get(at as usize) {
+                self.free_at[moved as usize] = at;
+            }
+        }
+        if end == self.next as usize {
+            self.next = first as u32;
+        } else {
+            self.discarded.push(g as u32);
+        }
+        self.slabs[g / GRANULES_PER_SLAB].discard(g % GRANULES_PER_SLAB);
     }
 }
 
@@ -238,7 +316,7 @@ impl PageStore {
     /// A store that holds at most `limit` bytes of pages.
     pub fn new(limit: u64) -> Self {
         PageStore {
-            inner: RwLock::new(Inner::default()),
+            inner: RwLock::new(Inner { reserve: FREE_RESERVE, ..Inner::default() }),
             limit,
             waker: Mutex::new(None),
             requests: Default::default(),
@@ -252,9 +330,9 @@ impl PageStore {
             let mut inner = self.inner.write().expect("page store lock");
             inner.complete = true;
             inner.fresh = HashSet::new();
-            let Inner { slabs, live, .. } = &mut *inner;
-            for (slab, _) in slabs.iter_mut().zip(live.iter()).filter(|(_, n)| **n == 0) {
-                slab.discard();
+            let empty: Vec<usize> = (0..inner.live.len()).filter(|&g| inner.live[g] == 0).collect();
+            for g in empty {
+                inner.discard(g);
             }
         }
         self.wake();
@@ -587,6 +665,11 @@ mod tests {
         assert_eq!(out, page(7));
     }
 
+    /// Slots holding a page.
+    fn in_use(s: &PageStore) -> usize {
+        s.inner.read().unwrap().live.iter().map(|&n| usize::from(n)).sum()
+    }
+
     /// Pages of `slab` resident in memory (mincore).
     fn resident(s: &PageStore, slab: usize) -> usize {
         let ptr = s.inner.read().unwrap().slabs[slab].0.as_ptr();
@@ -597,10 +680,11 @@ mod tests {
         v.iter().filter(|&&b| b & 1 != 0).count()
     }
 
-    /// Once the stream is complete, a slab whose every page went to the restored process (or became
-    /// zero) goes back to the kernel; one with a page still held stays. Before that, nothing does.
+    /// Once the stream is complete, a granule of slots whose every page went to the restored process (or
+    /// became zero) goes back to the kernel, while the rest of its slab stays; a granule with a page still
+    /// held stays. Before that, nothing does.
     #[test]
-    fn slabs_emptied_after_the_end_go_back_to_the_kernel() {
+    fn granules_emptied_after_the_end_go_back_to_the_kernel() {
         let s = PageStore::new(1 << 30);
         let n = SLAB_PAGES as u64 + 2;
         let vaddrs: Vec<u64> = (0..n).map(|k| 0x100000 + k * PAGE_SIZE as u64).collect();
@@ -608,21 +692,30 @@ mod tests {
         let data: Vec<u8> = (0..n).flat_map(|k| page(fill(k))).collect();
         s.apply(&pb::PageBatch { pid: 3, data: vaddrs.clone(), ..Default::default() }, &data).unwrap();
         assert_eq!((resident(&s, 0), resident(&s, 1)), (SLAB_PAGES, 2));
-        // Before the end: the first slab emptied by releases (and a zero) stays, for the next arrivals.
-        s.release(3, vaddrs[0], SLAB_PAGES as u64 - 1);
-        let zero = pb::PageBatch { pid: 3, zero: vec![vaddrs[SLAB_PAGES - 1]], ..Default::default() };
+        // Before the end: the first granule emptied by releases (and a zero) stays, for the next arrivals.
+        let g = GRANULE_PAGES;
+        s.release(3, vaddrs[0], g as u64 - 1);
+        let zero = pb::PageBatch { pid: 3, zero: vec![vaddrs[g - 1]], ..Default::default() };
         s.apply(&zero, &[]).unwrap();
         assert_eq!(resident(&s, 0), SLAB_PAGES, "discarded before the end");
-        // At the end, an empty slab is discarded at once; a slab is when its last page goes.
+        // At the end, an empty granule is discarded at once, and the rest of its slab stays.
         s.set_complete();
-        assert_eq!(resident(&s, 0), 0);
+        assert_eq!(resident(&s, 0), SLAB_PAGES - g);
+        // A granule is discarded when its last page goes, not before.
+        s.release(3, vaddrs[g], g as u64 - 1);
+        assert_eq!(resident(&s, 0), SLAB_PAGES - g, "a granule with a page still held stays");
+        s.release(3, vaddrs[2 * g - 1], 1);
+        assert_eq!(resident(&s, 0), SLAB_PAGES - 2 * g);
+        // Also the granule that holds the last slots taken: there, slots never taken count as empty.
         s.release(3, vaddrs[SLAB_PAGES], 1);
-        assert_eq!(resident(&s, 1), 2, "a slab with a page still held stays");
+        assert_eq!(resident(&s, 1), 2, "a granule with a page still held stays");
         let mut out = vec![0u8; PAGE_SIZE];
         assert_eq!((s.lookup(3, vaddrs[SLAB_PAGES + 1], &mut out), out[0]), (Known::Page, fill(n - 1)));
         s.release(3, vaddrs[SLAB_PAGES + 1], 1);
         assert_eq!(resident(&s, 1), 0);
-        // A slot of a discarded slab can be used again.
+        // The pages of the other granules are still there.
+        assert_eq!((s.lookup(3, vaddrs[2 * g], &mut out), out[0]), (Known::Page, fill(2 * g as u64)));
+        // A slot of a discarded granule can be used again.
         let late = pb::PageBatch { pid: 3, frozen: true, data: vec![0x9000], ..Default::default() };
         s.apply(&late, &page(9)).unwrap();
         assert_eq!((s.lookup(3, 0x9000, &mut out), out[0]), (Known::Page, 9));
@@ -642,17 +735,17 @@ mod tests {
         assert_eq!(s.lookup(5, 0x1000, &mut out), Known::Pending);
         assert_eq!(s.lookup(5, 0x9000, &mut out), Known::Zero);
         assert!(!s.read(5, 0x2000, &mut out));
-        assert_eq!(s.inner.read().unwrap().free.len(), 2);
+        assert_eq!(in_use(&s), 0);
         // "Zero now" for a released page frees nothing more; a copy from it is refused.
         s.apply(&pb::PageBatch { pid: 5, frozen: true, zero: vec![0x2000], ..Default::default() }, &[]).unwrap();
-        assert_eq!(s.inner.read().unwrap().free.len(), 2);
+        assert_eq!(in_use(&s), 0);
         let copy = pb::PageCopy { from_pid: 5, from_vaddr: 0x1000, vaddr: 0x5000 };
         let from_released = pb::PageBatch { pid: 5, frozen: true, copies: vec![copy], ..Default::default() };
         assert_eq!(s.apply(&from_released, &[]), Err(StoreError::UnknownCopySource { pid: 5, vaddr: 0x1000 }));
         // New pages (and a page sent again) reuse the slots without growing the store.
         let again = pb::PageBatch { pid: 5, frozen: true, data: vec![0x1000, 0x3000], ..Default::default() };
         s.apply(&again, &[page(3), page(4)].concat()).unwrap();
-        assert_eq!(s.inner.read().unwrap().next, 2);
+        assert_eq!((in_use(&s), s.inner.read().unwrap().next), (2, 2));
         assert_eq!(s.lookup(5, 0x1000, &mut out), Known::Page);
         assert_eq!(out, page(3));
         assert_eq!(s.lookup(5, 0x3000, &mut out), Known::Page);
@@ -747,6 +840,113 @@ mod tests {
         s.set_complete();
         assert_eq!((s.lookup(1, 0x2000, &mut out), out[0]), (Known::Page, 2));
         assert_eq!(s.lookup(1, 0x7000, &mut out), Known::Zero);
+    }
+
+    /// Random batches, releases and zeros, before and after the end, against a model of what each page
+    /// holds: every lookup answers as the model says, and every slot handed out is in exactly one place
+    /// (holding a page, free, or in a discarded granule). Before the end, granules with no page held
+    /// are kept only within `reserve` free slots; after it none are, and their memory is not resident.
+    #[test]
+    fn free_slots_and_discarded_granules_stay_consistent() {
+        const PAGES: u64 = 300;
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let s = PageStore::new(1 << 30);
+        s.inner.write().unwrap().reserve = 40;
+        // Some(byte): held with that content; None: released; absent: zero.
+        let mut model: HashMap<u64, Option<u8>> = HashMap::new();
+        let va = |k: u64| 0x10_0000 + k * PAGE_SIZE as u64;
+        let mut out = vec![0u8; PAGE_SIZE];
+        for step in 0..3000u32 {
+            if step == 2000 {
+                s.set_complete();
+            }
+            let complete = step >= 2000;
+            let (first, len) = (next(PAGES), 1 + next(24));
+            let ks: Vec<u64> = (first..(first + len).min(PAGES)).collect();
+            match next(3) {
+                0 => {
+                    let fill = 1 + next(250) as u8;
+                    let data: Vec<u8> = ks.iter().flat_map(|_| page(fill)).collect();
+                    let batch = pb::PageBatch {
+                        pid: 1,
+                        frozen: true,
+                        data: ks.iter().map(|&k| va(k)).collect(),
+                        ..Default::default()
+                    };
+                    s.apply(&batch, &data).unwrap();
+                    for &k in &ks {
+                        model.insert(k, Some(fill));
+                    }
+                }
+                1 => {
+                    s.release(1, va(first), ks.len() as u64);
+                    for &k in &ks {
+                        if let Some(v) = model.get_mut(&k) {
+                            *v = None;
+                        }
+                    }
+                }
+                _ => {
+                    let batch = pb::PageBatch {
+                        pid: 1,
+                        frozen: true,
+                        zero: ks.iter().map(|&k| va(k)).collect(),
+                        ..Default::default()
+                    };
+                    s.apply(&batch, &[]).unwrap();
+                    for &k in &ks {
+                        model.remove(&k);
+                    }
+                }
+            }
+            for k in 0..PAGES {
+                let want = match model.get(&k) {
+                    Some(Some(_)) => Known::Page,
+                    Some(None) => Known::Pending,
+                    None if complete => Known::Zero,
+                    // Before the end only pages sent frozen are current; a zero never was.
+                    None => continue,
+                };
+                let got = s.lookup(1, va(k), &mut out);
+                assert_eq!(got, want, "step {step}: page {k}");
+                if let Some(Some(b)) = model.get(&k) {
+                    assert_eq!(out[0], *b, "step {step}: page {k}");
+                }
+            }
+            let inner = s.inner.read().unwrap();
+            let held = model.values().filter(|v| v.is_some()).count();
+            let live: usize = inner.live.iter().map(|&n| usize::from(n)).sum();
+            assert_eq!(live, held, "step {step}");
+            let in_granules = inner.discarded.len() * GRANULE_PAGES;
+            assert_eq!(live + inner.free.len() + in_granules, inner.next as usize, "step {step}: a slot lost or twice");
+            let mut unused = HashSet::new();
+            for (at, &f) in inner.free.iter().enumerate() {
+                assert_eq!(inner.free_at[f as usize] as usize, at, "step {step}");
+                let g = f as usize / GRANULE_PAGES;
+                if inner.live[g] == 0 {
+                    unused.insert(g);
+                }
+            }
+            // A granule is kept only while the free slots, its own included, are within the reserve.
+            let most = if complete { 0 } else { 40 / GRANULE_PAGES };
+            assert!(unused.len() <= most, "step {step}: {} unused granules kept", unused.len());
+        }
+        let inner = s.inner.read().unwrap();
+        for g in 0..inner.live.len() {
+            let ptr = inner.slot_ptr((g * GRANULE_PAGES) as u32);
+            let mut v = vec![0u8; GRANULE_PAGES];
+            // SAFETY: mincore reads the page table of one granule of a slab's own mapping into `v`.
+            assert_eq!(unsafe { libc::mincore(ptr.cast(), GRANULE_BYTES, v.as_mut_ptr()) }, 0);
+            if inner.live[g] == 0 {
+                assert!(v.iter().all(|&b| b & 1 == 0), "granule {g} unused but resident after the end");
+            }
+        }
     }
 
     #[test]
