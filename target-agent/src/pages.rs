@@ -244,7 +244,7 @@ impl Inner {
     ///
     /// On a VM, reusing memory also saves time: a host that backs a guest page only on its first
     /// touch, and takes back what the guest freed a while ago, makes new memory several times slower
-    /// to fill than memory just freed (README, "Post-copy").
+    /// to fill than memory just freed (README, "Not done yet").
     fn free_slot(&mut self, s: u32) {
         self.push_free(s);
         let g = s as usize / GRANULE_PAGES;
