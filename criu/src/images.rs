@@ -96,8 +96,17 @@ impl Pagemap {
     /// The ranges `[start, end)` whose pages are lazy: not in the pages file, to be filled through
     /// userfaultfd. Adjacent entries are merged.
     pub fn lazy_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        self.ranges(|e| e.is_lazy() && !e.is_present())
+    }
+
+    /// The ranges `[start, end)` whose pages are in the pages file. Adjacent entries are merged.
+    pub fn present_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        self.ranges(PagemapEntry::is_present)
+    }
+
+    fn ranges(&self, which: impl Fn(&PagemapEntry) -> bool) -> Vec<std::ops::Range<u64>> {
         let mut out: Vec<std::ops::Range<u64>> = Vec::new();
-        for e in self.entries.iter().filter(|e| e.is_lazy() && !e.is_present()) {
+        for e in self.entries.iter().filter(|e| which(e)) {
             match out.last_mut() {
                 Some(last) if last.end == e.vaddr => last.end = e.end(),
                 _ => out.push(e.vaddr..e.end()),
@@ -571,11 +580,12 @@ mod tests {
     }
 
     #[test]
-    fn round_trip_and_lazy_ranges() {
+    fn round_trip_and_lazy_and_present_ranges() {
         let p = Pagemap {
             pages_id: 1,
             entries: vec![
                 PagemapEntry { vaddr: 0x1000, nr_pages: 2, flags: PE_PRESENT },
+                PagemapEntry { vaddr: 0x3000, nr_pages: 1, flags: PE_PRESENT },
                 PagemapEntry { vaddr: 0x10000, nr_pages: 4, flags: PE_LAZY },
                 PagemapEntry { vaddr: 0x14000, nr_pages: 1, flags: PE_LAZY },
                 PagemapEntry { vaddr: 0x20000, nr_pages: 1, flags: PE_LAZY | PE_PRESENT },
@@ -586,6 +596,7 @@ mod tests {
         assert_eq!(back, p);
         assert_eq!(back.lazy_ranges(), vec![0x10000..0x15000, 0x30000..0x33000]);
         assert_eq!(back.lazy_pages(), 8);
+        assert_eq!(back.present_ranges(), vec![0x1000..0x4000, 0x20000..0x21000]);
     }
 
     #[test]

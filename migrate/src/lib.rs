@@ -210,7 +210,7 @@ pub fn summary_text(s: &Summary) -> String {
         match s.mode {
             Mode::Stopcopy => String::new(),
             mode => format!(
-                "\n  {}: {} round{} in {}, {} pages sent during the freeze; all memory in place on the target {}",
+                "\n  {}: {} round{} in {}, {} pages sent during the freeze, {} of memory in the image files; all memory in place on the target {}",
                 match mode {
                     Mode::Precopy => "pre-copy",
                     Mode::Postcopy => "post-copy",
@@ -220,6 +220,7 @@ pub fn summary_text(s: &Summary) -> String {
                 if s.rounds == 1 { "" } else { "s" },
                 duration_ms(s.precopy_ms),
                 s.freeze_pages,
+                bytes(s.image_page_bytes),
                 match (s.complete_ms, s.fault_p50_us, s.fault_p99_us) {
                     (Some(ms), Some(p50), Some(p99)) => format!(
                         "{} after the freeze ({} faults served, p50 {p50} us, p99 {p99} us)",
@@ -429,6 +430,7 @@ mod tests {
             restore_ms: 100.0,
             total_ms: 1520.0,
             image_bytes: 256 << 20,
+            image_page_bytes: 255 << 20,
             wire_bytes: 3 << 20,
             compression_ratio: 85.3,
             files: 20,
@@ -449,12 +451,13 @@ mod tests {
             rounds: 3,
             precopy_ms: 2500.0,
             freeze_pages: 812,
+            image_page_bytes: 96 << 10,
             complete_ms: Some(1900.0),
             faults: 12,
             ..s
         };
         let t = summary_text(&p);
-        assert!(t.ends_with("pre-copy: 3 rounds in 2.50 s, 812 pages sent during the freeze; all memory in place on the target 1.90 s after the freeze (12 faults served)"), "{t}");
+        assert!(t.ends_with("pre-copy: 3 rounds in 2.50 s, 812 pages sent during the freeze, 96.0 KiB of memory in the image files; all memory in place on the target 1.90 s after the freeze (12 faults served)"), "{t}");
         let round = Event::Round {
             round: 1,
             pages_sent: 2600,

@@ -184,6 +184,11 @@ pub struct Summary {
     /// From the request until the end.
     pub total_ms: f64,
     pub image_bytes: u64,
+    /// Memory in the image files (`pages-*.img`): all of it in stop-copy; in the lazy modes only what
+    /// CRIU does not leave in the frozen tree (file-backed and shared pages, locked memory), normally
+    /// well under a MiB.
+    #[serde(default)]
+    pub image_page_bytes: u64,
     pub wire_bytes: u64,
     /// image_bytes / wire_bytes.
     pub compression_ratio: f64,

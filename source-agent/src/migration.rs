@@ -574,6 +574,18 @@ impl Migration<'_> {
         // (post-copy sends that after the restore, see post_copy).
         let files = image_files(&self.work_dir)?;
         let total: u64 = files.iter().map(|(_, s)| s).sum();
+        let page_bytes: u64 = files.iter().filter(|(n, _)| n.starts_with("pages-")).map(|(_, s)| s).sum();
+        if pre.is_some() && page_bytes > precopy::NOT_LAZY_BYTES {
+            // The migration still works (the target restores those pages from the files), but they cross
+            // during the freeze.
+            tracing::warn!(
+                id = %self.id,
+                "CRIU's lazy dump wrote {} MiB of memory into the image files instead of leaving it in the \
+                 frozen tree, so it crosses during the freeze: {}",
+                page_bytes >> 20,
+                precopy::written_ranges(&self.work_dir)
+            );
+        }
         if total > free {
             let reason =
                 format!("the images need {total} bytes but {} has only {free} bytes free for them", remote.host_name);
@@ -777,6 +789,7 @@ impl Migration<'_> {
             total_ms: ms(started.elapsed()),
             // With lazy memory the private pages are not in the image files: count what the target got.
             image_bytes: total + held_pages * protocol::pages::PAGE_SIZE as u64,
+            image_page_bytes: page_bytes,
             wire_bytes: wire + self.precopy_wire + complete.as_ref().map(|c| c.2).unwrap_or(0),
             compression_ratio: 0.0,
             files: nfiles,

@@ -150,6 +150,58 @@ pub fn lazy_regions(images_dir: &std::path::Path) -> Result<Vec<Region>, String>
         .collect())
 }
 
+/// A lazy dump that wrote more memory than this into its pages files (`pages-*.img`) did not leave
+/// some large area in the stopped tree; see [`written_ranges`]. A lazy dump writes only what CRIU
+/// cannot leave lazy (file-backed and shared pages, the page under each thread's stack pointer): a few
+/// hundred KiB for the test workloads.
+pub const NOT_LAZY_BYTES: u64 = 16 << 20;
+
+/// Why a lazy dump wrote memory into its pages files: every range of 1 MiB or more of each process
+/// that is there, with the VmFlags of the frozen tree's mapping at its start (CRIU leaves only private
+/// anonymous memory lazy, and not when locked, `lo`, or hugetlb, `ht`). Read while the tree is frozen.
+pub fn written_ranges(images_dir: &std::path::Path) -> String {
+    let mut out = Vec::new();
+    for pid in criu::images::pagemap_pids(images_dir).unwrap_or_default() {
+        let path = images_dir.join(format!("pagemap-{pid}.img"));
+        let ranges = match criu::images::read_pagemap(&path) {
+            Ok(p) => p.present_ranges(),
+            Err(e) => {
+                out.push(e.to_string());
+                continue;
+            }
+        };
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        for r in ranges.into_iter().filter(|r| r.end - r.start >= 1 << 20) {
+            let flags = vm_flags(&smaps, r.start).unwrap_or("? (no such mapping now)");
+            out.push(format!(
+                "pid {pid} {:#x}-{:#x}, {} MiB, VmFlags {flags}",
+                r.start,
+                r.end,
+                (r.end - r.start) >> 20
+            ));
+        }
+    }
+    if out.is_empty() { "no range of 1 MiB or more".into() } else { out.join("; ") }
+}
+
+/// The VmFlags of the mapping that holds `addr`, from the text of a /proc/PID/smaps.
+fn vm_flags(smaps: &str, addr: u64) -> Option<&str> {
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if inside {
+                return Some(flags.trim());
+            }
+        } else if let Some((s, e)) = line.split_once(' ').and_then(|(range, _)| range.split_once('-')) {
+            // A mapping's first line: "start-end perms offset dev inode [path]".
+            if let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) {
+                inside = (s..e).contains(&addr);
+            }
+        }
+    }
+    None
+}
+
 /// Where the kernel has soft-dirty: the pages of `regions` written since the last call (their
 /// soft-dirty bit is set), after which every bit is cleared again (`4 > /proc/PID/clear_refs`). The
 /// first call, with no bits cleared before, returns every page. A page written between the read of its
@@ -601,6 +653,64 @@ mod tests {
         let starts: Vec<u64> = r.iter().map(|r| r.start).collect();
         assert_eq!(starts, vec![0x55d0c1000000, 0x7f0000000000, 0x7f0060000000, 0x7ffd00000000]);
         assert!(r.iter().all(|r| r.pid == 9));
+    }
+
+    #[test]
+    fn vm_flags_come_from_the_mapping_that_holds_the_address() {
+        let smaps = "\
+7f0000000000-7f0000200000 rw-p 00000000 00:00 0
+Size:               2048 kB
+Anon-Huge-Pages:       0 kB
+VmFlags: rd wr mr mw me ac
+7f0000200000-7f0000400000 rw-p 00000000 00:00 0
+Size:               2048 kB
+VmFlags: rd wr mr mw me lo ac
+";
+        assert_eq!(vm_flags(smaps, 0x7f0000000000), Some("rd wr mr mw me ac"));
+        assert_eq!(vm_flags(smaps, 0x7f00003ff000), Some("rd wr mr mw me lo ac"));
+        assert_eq!(vm_flags(smaps, 0x7f0000400000), None);
+    }
+
+    /// A real locked mapping of this process, written into a dump's pagemap as CRIU does with memory
+    /// it will not leave lazy: the report names its range and the kernel's `lo` flag.
+    #[test]
+    fn written_ranges_name_the_kernels_flags() {
+        let len = 4 << 20;
+        // SAFETY: a new private mapping at an address of the kernel's choice; unmapped below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        // SAFETY: locks the mapping made above, whole.
+        let locked = unsafe { libc::mlock(map, len) };
+        assert_eq!(locked, 0, "mlock (the unit tests run as root): {}", std::io::Error::last_os_error());
+        let start = map as u64;
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |vaddr, nr_pages, flags| criu::images::PagemapEntry { vaddr, nr_pages, flags };
+        let pm = criu::images::Pagemap {
+            pages_id: 1,
+            entries: vec![
+                entry(0x1000, 1, criu::images::PE_PRESENT),
+                entry(start, 1024, criu::images::PE_PRESENT),
+                entry(start + (4 << 20), 64, criu::images::PE_LAZY),
+            ],
+        };
+        let pid = std::process::id();
+        std::fs::write(dir.path().join(format!("pagemap-{pid}.img")), criu::images::encode_pagemap(&pm)).unwrap();
+        let report = written_ranges(dir.path());
+        let want = format!("pid {pid} {start:#x}-{:#x}, 4 MiB, VmFlags ", start + (4 << 20));
+        assert!(report.starts_with(&want), "{report}");
+        assert!(report.split("VmFlags ").nth(1).unwrap().split(' ').any(|f| f == "lo"), "{report}");
+        assert_eq!(report.matches("pid ").count(), 1, "only ranges of 1 MiB or more: {report}");
+        // SAFETY: the mapping made above, no longer referenced.
+        assert_eq!(unsafe { libc::munmap(map, len) }, 0);
     }
 
     fn round(round: u32, sent: u64, secs: f64, read_secs: f64) -> RoundStats {
