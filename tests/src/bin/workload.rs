@@ -2,7 +2,7 @@
 //! socket `migrate-workload-NAME` (per network namespace, so per testbed host) with one JSON line.
 //!
 //!   workload mem  --name N --mib M [--seed S] [--compressible] [--dirty-pct P [--writers T]] [--fork-every-ms T]
-//!                 [--hold-open PATH] --pidfile F
+//!                 [--lock] [--hold-open PATH] --pidfile F
 //!       M MiB of known content (splitmix64 of S; with --compressible, mostly zeros with one random word
 //!       per 64 bytes) and a counter bumped every millisecond by a thread. With --dirty-pct, T threads
 //!       (default 1) together rewrite P percent of the pages per second, as a busy program would, in a
@@ -21,7 +21,8 @@
 //!       comparison was done.
 //!       With --fork-every-ms T, a thread forks a child every T ms (writers paused for the fork) that
 //!       checks its copy of the memory the same way and exits 0 or 1; answers count forks_ok and
-//!       forks_failed.
+//!       forks_failed. With --lock, the memory is locked (mlock(2)) once filled: CRIU leaves locked
+//!       memory out of a lazy dump's lazy ranges and writes it into the images.
 //!   workload tree --name N --pidfile F
 //!       A parent with two children: a writer sends a counter into a pipe every 5 ms, a reader reads it.
 //!       The reader answers {kind, pid, parent, writer, last, reads}.
@@ -386,6 +387,11 @@ fn mem(args: &[String]) {
     let writers: usize = arg(args, "--writers").map(|w| w.parse().expect("--writers")).unwrap_or(1);
     let fork_every: Option<u64> = arg(args, "--fork-every-ms").map(|m| m.parse().expect("--fork-every-ms"));
     let filled: &'static mut [u64] = fill(mib, seed, compressible).leak();
+    if has(args, "--lock") {
+        // SAFETY: mlock(2) only reads the range, a live buffer of this length.
+        let r = unsafe { libc::mlock(filled.as_ptr().cast(), std::mem::size_of_val(filled)) };
+        assert_eq!(r, 0, "mlock: {}", std::io::Error::last_os_error());
+    }
     let expected = checksum(filled);
     let memory = Memory { base: filled.as_mut_ptr(), words: filled.len() };
     let pages = memory.words / PAGE_WORDS;
