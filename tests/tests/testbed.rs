@@ -37,13 +37,17 @@ fn check(cond: bool, what: impl Into<String>) -> Result<(), Failed> {
 /// into the image files (one CI run once found the whole area there, cause unknown); else the source
 /// agent's report of what it wrote, with the mappings' VmFlags.
 fn dump_was_lazy(tb: &Testbed, s: &serde_json::Value) -> Result<(), Failed> {
-    let id = s["migration_id"].as_str().unwrap_or("?");
-    let log = tb.source_log("a");
-    let why: Vec<&str> = log.lines().filter(|l| l.contains(id) && l.contains("lazy dump wrote")).collect();
     check(
         s["image_page_bytes"].as_u64().is_some_and(|b| b < 16 << 20),
-        format!("the lazy dump wrote memory into the image files: {s}\n{}", why.join("\n")),
+        format!("the lazy dump wrote memory into the image files: {s}\n{}", not_lazy_warnings(tb, s).join("\n")),
     )
+}
+
+/// The source agent's warnings that the lazy dump of the migration summed up in `s` wrote memory into
+/// the image files.
+fn not_lazy_warnings(tb: &Testbed, s: &serde_json::Value) -> Vec<String> {
+    let id = s["migration_id"].as_str().unwrap_or("?");
+    tb.source_log("a").lines().filter(|l| l.contains(id) && l.contains("lazy dump wrote")).map(String::from).collect()
 }
 
 fn counter(v: &serde_json::Value) -> u64 {
@@ -172,11 +176,9 @@ fn locked_memory_crosses_in_the_image_files() -> Result<(), Failed> {
         s["image_page_bytes"].as_u64().unwrap_or(0) >= 64 << 20,
         format!("the locked memory is not in the images: {s}"),
     )?;
-    let id = s["migration_id"].as_str().unwrap_or("?");
-    let log = tb.source_log("a");
-    let warned = log.lines().find(|l| l.contains(id) && l.contains("lazy dump wrote 64 MiB"));
+    let warned = not_lazy_warnings(tb, s).into_iter().find(|l| l.contains("lazy dump wrote 64 MiB"));
     check(
-        warned.is_some_and(|l| l.contains(&format!("pid {pid} ")) && l.contains(" lo ")),
+        warned.as_ref().is_some_and(|l| l.contains(&format!("pid {pid} ")) && l.contains(" lo ")),
         format!("no warning naming the locked mapping: {warned:?}"),
     )?;
     check(!tb.running("a", pid), "the original still runs on a")?;
