@@ -672,11 +672,17 @@ mod tests {
 
     /// Pages of `slab` resident in memory (mincore).
     fn resident(s: &PageStore, slab: usize) -> usize {
-        let ptr = s.inner.read().unwrap().slabs[slab].0.as_ptr();
-        let mut v = vec![0u8; SLAB_PAGES];
-        // SAFETY: mincore reads the page table of the slab's own mapping and writes SLAB_PAGES bytes
-        // into `v`, which has them.
-        assert_eq!(unsafe { libc::mincore(ptr.cast(), SLAB_BYTES, v.as_mut_ptr()) }, 0);
+        resident_slots(s, slab * SLAB_PAGES, SLAB_PAGES)
+    }
+
+    /// Pages of the `n` slots from `first` resident in memory (mincore); they must lie in one slab.
+    fn resident_slots(s: &PageStore, first: usize, n: usize) -> usize {
+        assert!(first % SLAB_PAGES + n <= SLAB_PAGES);
+        let ptr = s.inner.read().unwrap().slot_ptr(first as u32);
+        let mut v = vec![0u8; n];
+        // SAFETY: mincore reads the page table of `n` pages of one slab's own mapping and writes `n`
+        // bytes into `v`, which has them.
+        assert_eq!(unsafe { libc::mincore(ptr.cast(), n * PAGE_SIZE, v.as_mut_ptr()) }, 0);
         v.iter().filter(|&&b| b & 1 != 0).count()
     }
 
@@ -937,15 +943,10 @@ mod tests {
             let most = if complete { 0 } else { 40 / GRANULE_PAGES };
             assert!(unused.len() <= most, "step {step}: {} unused granules kept", unused.len());
         }
-        let inner = s.inner.read().unwrap();
-        for g in 0..inner.live.len() {
-            let ptr = inner.slot_ptr((g * GRANULE_PAGES) as u32);
-            let mut v = vec![0u8; GRANULE_PAGES];
-            // SAFETY: mincore reads the page table of one granule of a slab's own mapping into `v`.
-            assert_eq!(unsafe { libc::mincore(ptr.cast(), GRANULE_BYTES, v.as_mut_ptr()) }, 0);
-            if inner.live[g] == 0 {
-                assert!(v.iter().all(|&b| b & 1 == 0), "granule {g} unused but resident after the end");
-            }
+        let live = s.inner.read().unwrap().live.clone();
+        for (g, _) in live.iter().enumerate().filter(|(_, n)| **n == 0) {
+            let resident = resident_slots(&s, g * GRANULE_PAGES, GRANULE_PAGES);
+            assert_eq!(resident, 0, "granule {g} unused but resident after the end");
         }
     }
 
