@@ -127,9 +127,97 @@ pub fn kill_all(pids: &[u32], within: std::time::Duration) -> io::Result<()> {
     Ok(())
 }
 
+/// How often a [`StopWatch`] looks at its task.
+const STOP_WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Notes, from a thread of its own, when a task first enters a tracing stop (state `t`): when a
+/// `criu dump` started meanwhile froze it. CRIU's start before that (its kernel probe, about 40 ms when
+/// `/run` is not a tmpfs, and its walk of the tree) is not part of the freeze. CRIU's own `stats-dump`
+/// cannot tell: after a lazy dump its times are garbage (CRIU 4.2.1's page server re-initialises the
+/// statistics before they are written).
+pub struct StopWatch {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Option<std::time::Instant>>>,
+}
+
+impl StopWatch {
+    /// Starts watching `pid`, which should be running (not stopped) now: a task found in a tracing stop
+    /// at the first look was not seen stopping, and gives None.
+    pub fn start(pid: u32) -> StopWatch {
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("stop-watch".into())
+            .spawn(move || {
+                // The last look that saw the task not yet stopped: it stopped after that. Reporting that
+                // instant errs on the early side, so a downtime counted from it is never too short.
+                let mut running = None;
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    let now = std::time::Instant::now();
+                    match state(pid) {
+                        Some('t') => return running,
+                        None | Some('Z' | 'X') => return None,
+                        _ => running = Some(now),
+                    }
+                    std::thread::sleep(STOP_WATCH_EVERY);
+                }
+                None
+            })
+            .ok();
+        StopWatch { done, thread }
+    }
+
+    /// When the task was last seen running before it was first seen in a tracing stop (within about a
+    /// millisecond of the stop); None if it was not seen stopped by now, or is gone.
+    pub fn stopped_at(mut self) -> Option<std::time::Instant> {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take()?.join().ok().flatten()
+    }
+}
+
+impl Drop for StopWatch {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stop_watch_sees_a_tracing_stop_but_not_a_plain_one() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        // SIGSTOP is a plain stop (T): not a freeze by CRIU.
+        let watch = StopWatch::start(child.id());
+        kill(pid, Signal::SIGSTOP).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert_eq!(state(child.id()), Some('T'));
+        assert_eq!(watch.stopped_at(), None);
+        kill(pid, Signal::SIGCONT).unwrap();
+        // PTRACE_SEIZE + PTRACE_INTERRUPT, as CRIU freezes a task: a tracing stop (t).
+        let watch = StopWatch::start(child.id());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let before = std::time::Instant::now();
+        nix::sys::ptrace::seize(pid, nix::sys::ptrace::Options::empty()).unwrap();
+        nix::sys::ptrace::interrupt(pid).unwrap();
+        nix::sys::wait::waitpid(pid, None).unwrap();
+        let after = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let seen = watch.stopped_at().expect("the tracing stop was seen");
+        // The last look before the stop: never after it, and it kept looking until then (one look every
+        // millisecond; the margin is for a busy machine), not just once at the start.
+        assert!(seen <= after, "{seen:?} after {after:?}");
+        assert!(seen + std::time::Duration::from_millis(150) >= before, "{seen:?} long before {before:?}");
+        nix::sys::ptrace::detach(pid, None).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // A task that is gone: nothing seen, and the watch ends on its own.
+        let watch = StopWatch::start(child.id());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        assert_eq!(watch.stopped_at(), None);
+    }
 
     #[test]
     fn own_process_and_children() {

@@ -166,9 +166,15 @@ async fn lazy_dump_keeps_private_memory_in_the_frozen_tree_and_finish_leaves_it_
     let criu = require_criu();
     let helper = Helper::start();
     let req = request(&helper);
+    let before = std::time::Instant::now();
+    let watch = criu::tree::StopWatch::start(helper.pid);
     let mut lazy =
         tokio::time::timeout(STEP, criu.dump_lazy(&req)).await.expect("dump_lazy timed out").expect("dump_lazy");
+    let ready = std::time::Instant::now();
     assert_eq!(lazy.pid(), helper.pid);
+    // The freeze began while CRIU ran, before its images were ready.
+    let froze = watch.stopped_at().expect("the freeze was seen");
+    assert!(before <= froze && froze <= ready, "froze {froze:?}, dump from {before:?} to {ready:?}");
     // Frozen by CRIU (ptrace stop) while its page server holds the memory.
     assert_eq!(helper.state(), Some('t'), "frozen during the lazy session");
 
