@@ -175,9 +175,11 @@ pub struct Summary {
     pub target_host: String,
     /// Root pid on the target (CRIU keeps pids, so normally equal to `pid`).
     pub target_pid: u32,
-    /// From the freeze (start of `criu dump`) until the target confirmed the copy runs, on the source's
-    /// clock (CLOCK_MONOTONIC).
+    /// From the freeze (when `criu dump` stopped the tree, seen within about a millisecond; CRIU's start
+    /// before that is not counted) until the target confirmed the copy runs, on the source's clock
+    /// (CLOCK_MONOTONIC).
     pub downtime_ms: f64,
+    /// From the freeze until the images were written.
     pub dump_ms: f64,
     pub transfer_ms: f64,
     pub restore_ms: f64,

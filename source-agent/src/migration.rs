@@ -529,7 +529,8 @@ impl Migration<'_> {
         std::fs::create_dir_all(&self.work_dir)
             .map_err(|e| format!("cannot create {}: {e}", self.work_dir.display()))?;
         self.phase(Phase::Dump, format!("freezing and dumping pid {pid}"));
-        let frozen_at = Instant::now();
+        let criu_started = Instant::now();
+        let watch = criu::tree::StopWatch::start(pid);
         self.stage = Stage::Frozen;
         write_journal(&self.work_dir, "frozen", pids);
         let req =
@@ -544,7 +545,16 @@ impl Migration<'_> {
             }),
             None => self.ctx.criu.dump(&req).await.map(|_| ()),
         };
-        let dump_ms = ms(frozen_at.elapsed());
+        let dumped_at = Instant::now();
+        // The downtime counts from the freeze, not from CRIU's start (its kernel probe and tree walk run
+        // while the tree still does); when the freeze was not seen, from CRIU's start.
+        let frozen_at = watch.stopped_at().unwrap_or_else(|| {
+            if dumped.is_ok() {
+                tracing::debug!(pid, "the freeze was not seen; downtime counts from CRIU's start");
+            }
+            criu_started
+        });
+        let dump_ms = ms(dumped_at - frozen_at);
         if let Err(e) = dumped {
             let _ =
                 write_frame(send, &send_msg(source_msg::Msg::Abort(pb::Abort { reason: "dump failed".into() }))).await;

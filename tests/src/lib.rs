@@ -308,3 +308,21 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// Now, in Unix milliseconds (CLOCK_REALTIME: the clock `workload`'s stalls are stamped with, which a
+/// restored task's new time namespace leaves alone).
+pub fn unix_ms() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+}
+
+/// The longest of a workload's `stalls` ([ended at, Unix ms; length, ms]) that ended between `from` and
+/// `to` (Unix ms): how long it did not run during a migration in that window.
+pub fn longest_stall(stalls: &serde_json::Value, from: f64, to: f64) -> Option<f64> {
+    stalls
+        .as_array()?
+        .iter()
+        .filter_map(|s| Some((s[0].as_f64()?, s[1].as_f64()?)))
+        .filter(|&(end, _)| (from..=to).contains(&end))
+        .map(|(_, len)| len)
+        .max_by(f64::total_cmp)
+}

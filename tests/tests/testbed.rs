@@ -94,7 +94,9 @@ fn memory_and_counter_survive_in(mode: &str) -> Result<(), Failed> {
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "7"]);
     let before = tb.query("a", &name)?;
     check(before["checksum"] == before["expected"], "workload checksum differs from its content before migration")?;
+    let from = tests::unix_ms();
     let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", mode]);
+    let to = tests::unix_ms();
     check(r.success, format!("migrate failed: {} {}", r.json, r.stderr))?;
     let s = &r.json;
     check(s["mode"] == mode, format!("mode in summary: {s}"))?;
@@ -122,6 +124,13 @@ fn memory_and_counter_survive_in(mode: &str) -> Result<(), Failed> {
     check(after["checksum"] == before["checksum"], format!("memory checksum changed: before {before}, after {after}"))?;
     check(counter(&after) >= counter(&before), format!("counter went back: before {before}, after {after}"))?;
     check(counter_advances("b", &name, &after), "the counter does not advance on b")?;
+    // The downtime the agent reports covers the pause the program saw (its 1 ms counter's longest gap,
+    // give or take a tick): it counts from the freeze, not later.
+    let paused = tests::longest_stall(&after["stalls"], from, to);
+    check(
+        paused.is_some_and(|p| p <= downtime + 3.0),
+        format!("the workload stood still for {paused:?} ms but the reported downtime is {downtime} ms: {s}"),
+    )?;
     tb.kill("b", pid);
     Ok(())
 }

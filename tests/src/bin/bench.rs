@@ -14,13 +14,14 @@
 //!   fault latencies (`fault p50/p99 us`, pages fetched on a fault) are what `migrate --json` reports.
 //! - `criu-cold`: plain CRIU cold migration: `criu dump` to tmpfs on a, the files copied over the same
 //!   veth link with a plain TCP stream (this binary's `copy-send`/`copy-recv`), `criu restore` on b.
-//!   Downtime runs from the start of the dump to the end of the restore, on the bench's clock; it
-//!   includes a few ms of `nsenter` per step.
+//!   Downtime runs from the freeze (when CRIU stopped the tree, seen as the agents see it:
+//!   `criu::tree::StopWatch`) to the end of the restore, on the bench's clock; it includes a few ms of
+//!   `nsenter` per step.
 //! - `criu-lazy`: plain CRIU lazy (post-copy) migration: `criu dump --lazy-pages --address A --port P`
 //!   on a (every image but the private memory, which stays in the frozen tree and is served by CRIU's
 //!   page server), the image files copied to b as for `criu-cold`, then on b `criu lazy-pages
 //!   --page-server` (waited for on its `--status-fd`) and `criu restore --lazy-pages --restore-detached`.
-//!   Downtime runs from the start of the dump until the restore returned; `complete ms` until `criu
+//!   Downtime runs from the freeze (as above) until the restore returned; `complete ms` until `criu
 //!   lazy-pages` exited, i.e. every page had crossed; `total ms` until the dump on a exited (after the
 //!   transfer CRIU kills the source tree, its default). Bytes on the wire: the image files plus the lazy
 //!   pages (4 KiB each, as `pagemap-*.img` lists them).
@@ -29,9 +30,10 @@
 //! query`, `verified`); a difference fails the case. It also says how long it did not run: `paused
 //! ms` is the longest gap between two ticks of its 1 ms counter thread (by CLOCK_REALTIME, which the
 //! restored copy's new time namespace leaves alone) that ended during the case. That is the downtime
-//! the program saw, for every mode alike; `downtime ms` also counts what CRIU does before it stops the
-//! tree (its start-up, about 35 ms here, as `/run` is no tmpfs and CRIU cannot keep its kerndat cache)
-//! and, for this project's modes, ends only once the source agent heard that the copy runs.
+//! the program saw, for every mode alike; `downtime ms` is the tools' own account, which for this
+//! project's modes ends only once the source agent heard that the copy runs. Neither counts CRIU's
+//! start before it stops the tree (about 35 ms here, as `/run` is no tmpfs and CRIU cannot keep its
+//! kerndat cache).
 //!
 //! Every step has a time limit; a step that overruns is killed with everything it started, and the
 //! case fails with a note saying which step it was.
@@ -64,7 +66,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tests::{Testbed, unique, wait_until};
+use tests::{Testbed, longest_stall, unique, unix_ms, wait_until};
 
 /// The modes that run through this project's `migrate --mode MODE`.
 const MIGRATE_MODES: [&str; 4] = ["precopy", "postcopy", "hybrid", "stopcopy"];
@@ -90,8 +92,8 @@ struct Row {
     downtime_ms: f64,
     /// How long the workload itself did not run during the migration: the longest gap between two
     /// ticks of its 1 ms counter thread, by CLOCK_REALTIME, that ended while the case ran (the
-    /// workload's `stalls`). Unlike `downtime_ms` it leaves out CRIU's start before it stops the tree
-    /// (about 35 ms here) and the wait for the word that the copy runs.
+    /// workload's `stalls`). Unlike `downtime_ms` it leaves out the wait for the word that the copy
+    /// runs.
     paused_ms: Option<f64>,
     total_ms: f64,
     wire_bytes: u64,
@@ -434,22 +436,6 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
     row
 }
 
-fn unix_ms() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e3)
-}
-
-/// The longest of a workload's `stalls` ([ended at, Unix ms; length, ms]) that ended between `from` and
-/// `to` (Unix ms).
-fn longest_stall(stalls: &serde_json::Value, from: f64, to: f64) -> Option<f64> {
-    stalls
-        .as_array()?
-        .iter()
-        .filter_map(|s| Some((s[0].as_f64()?, s[1].as_f64()?)))
-        .filter(|&(end, _)| (from..=to).contains(&end))
-        .map(|(_, len)| len)
-        .max_by(f64::total_cmp)
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -684,7 +670,8 @@ fn criu_cold(tb: &Testbed, pid: u32, mib: u64) -> Result<(f64, u64, String), Str
     let listen = format!("{}:{}", tb.addr("b"), 7600 + (n % 100) as u16);
     let mut recv = copy_receiver(tb, dirs.b(), &listen)?;
     let result = (|| {
-        let t0 = Instant::now();
+        let started = Instant::now();
+        let watch = criu::tree::StopWatch::start(pid);
         let p = pid.to_string();
         let args =
             ["criu", "dump", "--tree", &p, "--images-dir", dirs.a(), "--leave-stopped", "--log-file", "dump.log"];
@@ -692,6 +679,8 @@ fn criu_cold(tb: &Testbed, pid: u32, mib: u64) -> Result<(f64, u64, String), Str
             .finish(limit(mib))
             .map_err(|e| format!("{e}: {}", criu::log_errors(&dirs.a.join("dump.log"))))?;
         let t1 = Instant::now();
+        // From the freeze, as the agents count it.
+        let t0 = watch.stopped_at().unwrap_or(started);
         let wire = copy_images(tb, dirs.a(), &listen, &mut recv, limit(mib))?;
         let t2 = Instant::now();
         let args = ["criu", "restore", "--images-dir", dirs.b(), "--restore-detached", "--log-file", "restore.log"];
@@ -730,7 +719,8 @@ fn criu_lazy(tb: &Testbed, pid: u32, mib: u64) -> Result<Lazy, String> {
     let (a_addr, port) = (tb.addr("a"), (7700 + (n % 100) as u16).to_string());
     let mut recv = copy_receiver(tb, dirs.b(), &listen)?;
     let p = pid.to_string();
-    let t0 = Instant::now();
+    let started = Instant::now();
+    let watch = criu::tree::StopWatch::start(pid);
     // No --leave-stopped: once the page-server session ends CRIU kills the source tree (its default).
     let mut dump = HostProc::criu_with_status(
         tb,
@@ -754,6 +744,8 @@ fn criu_lazy(tb: &Testbed, pid: u32, mib: u64) -> Result<Lazy, String> {
     // CRIU writes its status byte once every image is written and its page server listens.
     dump.ready(limit(mib)).map_err(|e| format!("{e}: {}", criu::log_errors(&dirs.a.join("dump.log"))))?;
     let t1 = Instant::now();
+    // From the freeze, as the agents count it.
+    let t0 = watch.stopped_at().unwrap_or(started);
     let lazy_pages: u64 = criu::images::lazy_ranges(&dirs.a)
         .map_err(|e| format!("reading the lazy dump's pagemaps: {e}"))?
         .iter()
