@@ -168,7 +168,8 @@ impl StopWatch {
     }
 
     /// When the task was last seen running before it was first seen in a tracing stop (within about a
-    /// millisecond of the stop); None if it was not seen stopped by now, or is gone.
+    /// millisecond of the stop); None if it was not seen stopped by now, or is gone. Blocks until the
+    /// watching thread ended: at most about a millisecond (its next look).
     pub fn stopped_at(mut self) -> Option<std::time::Instant> {
         self.done.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread.take()?.join().ok().flatten()

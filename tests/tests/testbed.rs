@@ -124,11 +124,13 @@ fn memory_and_counter_survive_in(mode: &str) -> Result<(), Failed> {
     check(after["checksum"] == before["checksum"], format!("memory checksum changed: before {before}, after {after}"))?;
     check(counter(&after) >= counter(&before), format!("counter went back: before {before}, after {after}"))?;
     check(counter_advances("b", &name, &after), "the counter does not advance on b")?;
-    // The downtime the agent reports covers the pause the program saw (its 1 ms counter's longest gap,
-    // give or take a tick): it counts from the freeze, not later.
+    // The downtime the agent reports covers the pause the program saw (its 1 ms counter's longest gap;
+    // the margin: a tick, and the counter thread's wake-up after the resume on a busy machine): it
+    // counts from the freeze, not later (CRIU's dump alone took 19-89 ms in the bench's 256 MiB-1 GiB
+    // rows, so a start taken when the images were ready would show).
     let paused = tests::longest_stall(&after["stalls"], from, to);
     check(
-        paused.is_some_and(|p| p <= downtime + 3.0),
+        paused.is_some_and(|p| p <= downtime + 10.0),
         format!("the workload stood still for {paused:?} ms but the reported downtime is {downtime} ms: {s}"),
     )?;
     tb.kill("b", pid);
