@@ -31,6 +31,13 @@ impl TlsFiles {
     }
 }
 
+/// The leaf certificate (DER) that the peer of `conn` presented in the handshake: who it is, beyond
+/// being of the fleet. None before the handshake completed.
+pub fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let chain = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.first().map(|c| c.as_ref().to_vec())
+}
+
 fn tls_err(what: String) -> ProtocolError {
     ProtocolError::Tls(what)
 }

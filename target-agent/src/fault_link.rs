@@ -10,7 +10,9 @@
 //!
 //! A link is taken only when its first frame names a migration whose session waits for one
 //! ([`FaultLinks::expect`]), and only once; the peer proved fleet membership in the TLS handshake already.
-//! The link must come from the address of the migration's main connection. Since the lane runs at
+//! The link must come from the address of the migration's main connection, with the certificate that
+//! connection's peer presented: another host of the fleet cannot take a migration's faults, even
+//! knowing its id and behind the same address (a NAT, a shared host). Since the lane runs at
 //! real-time priority, connections are refused before their handshake unless a migration from that
 //! address waits for a link, and beyond [`MAX_HANDSHAKES`] at once.
 
@@ -35,8 +37,15 @@ pub struct Link {
     recv: quinn::RecvStream,
 }
 
-/// Per migration id: the main connection's peer address, and where its link goes.
-type Waiting = Mutex<HashMap<String, (std::net::IpAddr, tokio::sync::oneshot::Sender<Link>)>>;
+/// The main connection of a migration, as its fault link must match it.
+struct Source {
+    addr: std::net::IpAddr,
+    /// Its peer's leaf certificate (DER).
+    certificate: Vec<u8>,
+}
+
+/// Per migration id: the main connection's source, and where its link goes.
+type Waiting = Mutex<HashMap<String, (Source, tokio::sync::oneshot::Sender<Link>)>>;
 
 /// The agent's fault endpoint.
 pub struct FaultLinks {
@@ -61,11 +70,16 @@ impl FaultLinks {
         self.endpoint.local_addr().map(|a| a.port()).unwrap_or(0)
     }
 
-    /// Waits for the fault link of migration `id` from `peer` (the main connection's source address),
-    /// from now until the returned [`Expected`] is dropped.
-    pub fn expect(&self, id: &str, peer: std::net::IpAddr) -> Expected {
+    /// Waits for the fault link of migration `id` from the peer of `main` (the migration's main
+    /// connection: the same address and certificate), from now until the returned [`Expected`] is
+    /// dropped.
+    pub fn expect(&self, id: &str, main: &quinn::Connection) -> Expected {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.waiting.lock().expect("not poisoned").insert(id.to_string(), (peer, tx));
+        let source = Source {
+            addr: main.remote_address().ip(),
+            certificate: protocol::tls::peer_certificate(main).unwrap_or_default(),
+        };
+        self.waiting.lock().expect("not poisoned").insert(id.to_string(), (source, tx));
         Expected { id: id.to_string(), rx: Some(rx), waiting: Arc::downgrade(&self.waiting) }
     }
 
@@ -126,7 +140,7 @@ async fn accept(endpoint: quinn::Endpoint, waiting: Weak<Waiting>) {
         let from = incoming.remote_address().ip();
         let expected = waiting
             .upgrade()
-            .is_some_and(|w| w.lock().expect("not poisoned").values().any(|(peer, _)| same_host(*peer, from)));
+            .is_some_and(|w| w.lock().expect("not poisoned").values().any(|(s, _)| same_host(s.addr, from)));
         let Some(permit) = expected.then(|| handshakes.clone().try_acquire_owned().ok()).flatten() else {
             tracing::warn!(remote = %incoming.remote_address(), expected, "refused a fault link before its handshake: no migration from there waits for one, or {MAX_HANDSHAKES} handshakes are running");
             incoming.refuse();
@@ -153,16 +167,24 @@ async fn take(incoming: quinn::Incoming, waiting: &Weak<Waiting>) -> Result<Stri
         read_frame(&mut recv).await.map_err(|e| e.to_string())?.ok_or("the stream ended before its FaultLinkHello")?;
     let id = hello.migration_id.clone();
     let from = conn.remote_address().ip();
-    let tx = waiting.upgrade().and_then(|w| {
+    let certificate = protocol::tls::peer_certificate(&conn);
+    let tx = waiting.upgrade().ok_or("the agent is stopping").and_then(|w| {
         let mut w = w.lock().expect("not poisoned");
         match w.get(&id) {
-            Some((peer, _)) if same_host(*peer, from) => w.remove(&id).map(|(_, tx)| tx),
-            _ => None,
+            Some((s, _)) if !same_host(s.addr, from) => Err("no migration here waits for this fault link"),
+            Some((s, _)) if certificate.is_none_or(|c| c.is_empty() || c != s.certificate) => {
+                Err("this fault link's certificate is not the one of the migration's source")
+            }
+            Some(_) => w.remove(&id).map(|(_, tx)| tx).ok_or("no migration here waits for this fault link"),
+            None => Err("no migration here waits for this fault link"),
         }
     });
-    let Some(tx) = tx else {
-        conn.close(1u32.into(), b"no migration here waits for this fault link");
-        return Err(format!("no migration here waits for a fault link of {id:?}"));
+    let tx = match tx {
+        Ok(tx) => tx,
+        Err(why) => {
+            conn.close(1u32.into(), why.as_bytes());
+            return Err(format!("{why} ({id:?})"));
+        }
     };
     write_frame(&mut send, &hello).await.map_err(|e| e.to_string())?;
     tx.send(Link { conn, send, recv }).map_err(|_| "its session ended meanwhile".to_string())?;

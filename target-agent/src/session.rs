@@ -251,7 +251,7 @@ async fn serve_control(
     });
     let set_phase = |phase: &str| ctx.stats.migrations.set_phase(&prepare.migration_id, phase);
     // A lazy migration opens its fault link before it freezes the tree.
-    let mut fault_link = ctx.faults.expect(&prepare.migration_id, conn.remote_address().ip());
+    let mut fault_link = ctx.faults.expect(&prepare.migration_id, conn);
     let prepared =
         pb::Prepared { free_bytes: free, blockers: vec![], warnings: vec![], fault_port: ctx.faults.port().into() };
     send_msg(send, target_msg::Msg::Prepared(prepared)).await?;

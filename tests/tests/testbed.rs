@@ -960,6 +960,38 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
             if !reason.contains("no migration here waits") {
                 reasons.push(format!("a stranger's fault link: got {reason:?}"));
             }
+            // h9's link from another host of the fleet (c's certificate), from the same address: refused,
+            // and h9's session still waits for its own source's link, which is then taken (echoed).
+            let mut other = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+            let c_tls = protocol::tls::TlsFiles::in_dir(&tb.dir.join("tls"), "c");
+            other.set_default_client_config(protocol::tls::client_config(&c_tls)?);
+            let conn = other.connect(fault_addr, "b")?.await?;
+            let (mut send, _recv) = conn.open_bi().await?;
+            write_frame(&mut send, &pb::FaultLinkHello { migration_id: "h9".into() }).await?;
+            let reason = match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+                Ok(e) => e.to_string(),
+                Err(_) => "the fault link was not closed".into(),
+            };
+            if !reason.contains("certificate is not the one of the migration's source") {
+                reasons.push(format!("another fleet host's fault link for h9: got {reason:?}"));
+            }
+            match endpoint.connect(fault_addr, "b")?.await {
+                Ok(conn) => {
+                    let (mut send, mut recv) = conn.open_bi().await?;
+                    write_frame(&mut send, &pb::FaultLinkHello { migration_id: "h9".into() }).await?;
+                    let echo = tokio::time::timeout(
+                        Duration::from_secs(10),
+                        protocol::frame::read_frame::<_, pb::FaultLinkHello>(&mut recv),
+                    )
+                    .await;
+                    match echo {
+                        Ok(Ok(Some(e))) if e.migration_id == "h9" => {}
+                        other => reasons.push(format!("h9's own fault link was not taken: {other:?}")),
+                    }
+                    conn.close(0u32.into(), b"done");
+                }
+                Err(e) => reasons.push(format!("h9's own fault link was refused (taken by another?): {e}")),
+            }
             main.close(0u32.into(), b"done");
             endpoint.wait_idle().await;
             Ok::<_, Failed>(reasons)
