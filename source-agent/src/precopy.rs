@@ -54,12 +54,20 @@ pub struct Region {
     pub end: u64,
 }
 
+/// Pages per block of [`Held`]: 2 MiB of address space.
+const HELD_BLOCK_PAGES: usize = 512;
+
 /// What the target holds, as far as this side knows.
 #[derive(Default)]
 pub struct Held {
-    /// Content hash of every non-zero page the target holds.
-    pages: HashMap<Key, u128>,
-    /// A page the target holds with this content (checked against `pages` before use).
+    /// Content hash of every non-zero page the target holds, by (pid, address / 2 MiB), a slot per page
+    /// of the block; 0 = not held (a page whose hash is 0, odds 2^-128, is merely sent again). A scan
+    /// reads memory in address order, so it walks each block's slots in order instead of missing the
+    /// cache on one map entry per page (perf: a map per page was a sixth of the reader's time).
+    blocks: HashMap<(u32, u64), Box<[u128; HELD_BLOCK_PAGES]>>,
+    /// Pages held (non-zero slots).
+    held: usize,
+    /// A page the target holds with this content (checked against `blocks` before use).
     by_hash: HashMap<u128, Key>,
     /// Records sent on the pages stream so far (the target checks the total).
     pub records: u64,
@@ -75,34 +83,69 @@ pub enum Action {
 }
 
 impl Held {
+    /// The block of `key` and its slot there.
+    fn at((pid, addr): Key) -> ((u32, u64), usize) {
+        let page = addr / PAGE_SIZE as u64;
+        ((pid, page / HELD_BLOCK_PAGES as u64), (page % HELD_BLOCK_PAGES as u64) as usize)
+    }
+
+    /// Content hash of page `key` if the target holds it.
+    fn get(&self, key: Key) -> Option<u128> {
+        let (block, i) = Self::at(key);
+        self.blocks.get(&block).map(|b| b[i]).filter(|&h| h != 0)
+    }
+
+    /// Whether the target holds page `key`.
+    pub fn contains(&self, key: Key) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Records `hash` (0: not held) for page `key`.
+    fn set(&mut self, key: Key, hash: u128) {
+        let (block, i) = Self::at(key);
+        let slot = match self.blocks.get_mut(&block) {
+            Some(b) => &mut b[i],
+            None if hash == 0 => return,
+            None => &mut self.blocks.entry(block).or_insert_with(|| Box::new([0; HELD_BLOCK_PAGES]))[i],
+        };
+        match (*slot != 0, hash != 0) {
+            (false, true) => self.held += 1,
+            (true, false) => self.held -= 1,
+            _ => {}
+        }
+        *slot = hash;
+    }
+
     /// Decides what page `key` with content hash `hash` needs, and records that the target will hold it.
     pub fn update(&mut self, key: Key, hash: u128) -> Action {
+        let now = self.get(key);
         if hash == zero_hash() {
-            return match self.pages.remove(&key) {
-                Some(_) => Action::Zero,
-                None => Action::Unchanged,
-            };
+            if now.is_none() {
+                return Action::Unchanged;
+            }
+            self.set(key, 0);
+            return Action::Zero;
         }
-        if self.pages.get(&key) == Some(&hash) {
+        if now == Some(hash) {
             return Action::Unchanged;
         }
         let action = match self.by_hash.get(&hash) {
-            Some(&src) if src != key && self.pages.get(&src) == Some(&hash) => Action::Copy(src),
+            Some(&src) if src != key && self.get(src) == Some(hash) => Action::Copy(src),
             _ => Action::Data,
         };
         // The newest holder is the likeliest to still hold this content later.
         self.by_hash.insert(hash, key);
-        self.pages.insert(key, hash);
+        self.set(key, hash);
         action
     }
 
     /// Pages the target holds.
     pub fn len(&self) -> usize {
-        self.pages.len()
+        self.held
     }
 
     pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
+        self.held == 0
     }
 }
 
@@ -463,7 +506,7 @@ fn scan(
             let entry = if have_map { entries[i] } else { PM_PRESENT };
             stats.scanned += 1;
             let page = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-            let action = if only.as_ref().is_some_and(|o| !o.contains(&key)) && held.pages.contains_key(&key) {
+            let action = if only.as_ref().is_some_and(|o| !o.contains(&key)) && held.contains(key) {
                 Action::Unchanged
             } else {
                 let hash = if entry & (PM_PRESENT | PM_SWAPPED) == 0 {
@@ -633,6 +676,16 @@ mod tests {
         assert_eq!(h.update(c, 5), Action::Copy(b), "the copy source must still hold that content");
         assert_eq!(h.update(b, zero_hash()), Action::Zero, "a page zeroed since must be zeroed there");
         assert_eq!(h.update(b, zero_hash()), Action::Unchanged);
+        assert_eq!(h.len(), 2);
+        // The same slot of the next 2 MiB block, and of another process, are other pages.
+        let d = (1, 0x1000 + (HELD_BLOCK_PAGES * PAGE_SIZE) as u64);
+        assert_eq!(h.update(d, 6), Action::Copy(a));
+        assert_eq!(
+            (h.update(a, 6), h.update(c, 5), h.update(d, 6)),
+            (Action::Unchanged, Action::Unchanged, Action::Unchanged)
+        );
+        assert_eq!(h.update(a, zero_hash()), Action::Zero);
+        assert!(!h.contains(a) && h.contains(c) && h.contains(d));
         assert_eq!(h.len(), 2);
     }
 
