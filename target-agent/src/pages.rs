@@ -212,6 +212,10 @@ impl Fresh {
         let (block, i) = Self::at(key);
         self.0.entry(block).or_insert_with(|| Box::new([0; FRESH_BLOCK_PAGES / 64]))[i / 64] |= 1 << (i % 64);
     }
+
+    fn bytes(&self) -> u64 {
+        (self.0.len() * FRESH_BLOCK_PAGES / 8) as u64
+    }
 }
 
 /// Before the stream is complete, free slots kept for the pages still to arrive (64 MiB); memory of
@@ -301,7 +305,7 @@ impl Inner {
             first
         } else {
             if self.next as usize == self.slabs.len() * SLAB_PAGES {
-                if ((self.slabs.len() + 1) * SLAB_PAGES * PAGE_SIZE) as u64 + self.index.bytes() > limit {
+                if self.bytes() + (SLAB_PAGES * PAGE_SIZE) as u64 > limit {
                     return Err(StoreError::Full { limit });
                 }
                 self.slabs.push(Slab::new().map_err(|e| StoreError::NoMemory(e.to_string()))?);
@@ -313,6 +317,17 @@ impl Inner {
         };
         self.live[s as usize / GRANULE_PAGES] += 1;
         Ok(s)
+    }
+
+    /// The store's memory: its slabs, and its index and fresh bits (which a peer's records scattered
+    /// over the address space would otherwise grow without a slab).
+    fn bytes(&self) -> u64 {
+        (self.slabs.len() * SLAB_PAGES * PAGE_SIZE) as u64 + self.index.bytes() + self.fresh.bytes()
+    }
+
+    /// Err when the store's memory grew past `limit`.
+    fn within(&self, limit: u64) -> Result<(), StoreError> {
+        if self.bytes() > limit { Err(StoreError::Full { limit }) } else { Ok(()) }
     }
 
     fn push_free(&mut self, s: u32) {
@@ -586,6 +601,7 @@ impl PageStore {
             for &v in &batch.zero {
                 inner.fresh.insert((pid, v));
             }
+            inner.within(self.limit)?;
         }
         drop(inner);
         // Unchanged since the rounds: what the store holds of them (or their zeros) is current. In groups,
@@ -599,6 +615,7 @@ impl PageStore {
             let mut inner = self.inner.write().expect("page store lock");
             if !inner.complete {
                 inner.mark_current(pid, group.into_iter());
+                inner.within(self.limit)?;
             }
         }
         self.wake();
@@ -1080,5 +1097,13 @@ mod tests {
         let data = vec![1u8; many.len() * PAGE_SIZE];
         let e = s.apply(&pb::PageBatch { pid: 1, data: many, ..Default::default() }, &data).unwrap_err();
         assert!(e.to_string().contains("more free memory"), "{e}");
+        // Zero records scattered one per 16 MiB hold no page, but each needs its fresh bits: they count
+        // against the limit too (2 MiB here: 4096 such blocks), while dense ones cost next to nothing.
+        let s = PageStore::new((SLAB_PAGES * PAGE_SIZE) as u64);
+        let dense: Vec<u64> = (0..100_000u64).map(|i| i * PAGE_SIZE as u64).collect();
+        s.apply(&pb::PageBatch { pid: 1, frozen: true, zero: dense, ..Default::default() }, &[]).unwrap();
+        let scattered: Vec<u64> = (0..5000u64).map(|i| (i + 1) << 24).collect();
+        let e = s.apply(&pb::PageBatch { pid: 1, frozen: true, zero: scattered, ..Default::default() }, &[]);
+        assert_eq!(e, Err(StoreError::Full { limit: (SLAB_PAGES * PAGE_SIZE) as u64 }));
     }
 }
