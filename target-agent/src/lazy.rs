@@ -1313,8 +1313,7 @@ impl Server {
                     if class.is_none()
                         && let Some(img) = img
                     {
-                        let pid = p.pid;
-                        self.release(pid, img, 1);
+                        self.release(i, img, 1);
                     }
                 } else if filled {
                     self.stats.zero_pages += 1;
@@ -1337,12 +1336,16 @@ impl Server {
         }
     }
 
-    /// Pages of image pid `pid` were just copied into a process: if it is the only live process
-    /// looking pages up under that pid, nothing needs their content again (a fork since the copy would
+    /// Pages from image address `img` on were just copied into process `i`: if no other live process
+    /// looks pages up under its image pid, nothing needs their content again (a fork since the copy would
     /// have made it fail with EAGAIN until its event was read and the child added), and the source may
-    /// reuse their memory.
-    fn release(&self, pid: u32, img: u64, pages: u64) {
-        if pages > 0 && self.procs.iter().filter(|p| p.pid == pid && !p.gone).count() == 1 {
+    /// reuse their memory. Process `i` itself may be gone by now (a fill by the fault link's lane is
+    /// settled later, and a child that was filled may have exited meanwhile): that does not make another
+    /// process's need go away, so the others are counted, not the live ones.
+    fn release(&self, i: usize, img: u64, pages: u64) {
+        let pid = self.procs[i].pid;
+        let others = self.procs.iter().enumerate().any(|(j, p)| j != i && p.pid == pid && !p.gone);
+        if pages > 0 && !others {
             self.source.release(pid, img, pages);
         }
     }
@@ -1394,7 +1397,7 @@ impl Server {
                 n += 1;
                 false
             });
-            let (pid, img) = (p.pid, p.missing.lookup(f.at));
+            let img = p.missing.lookup(f.at);
             if n > 0 {
                 p.missing.remove(f.at, f.at + PAGE_SIZE);
                 p.hint = f.at + PAGE_SIZE;
@@ -1408,7 +1411,7 @@ impl Server {
                 Fill::Copied => {
                     self.stats.fault_pages += 1;
                     if let Some(img) = img {
-                        self.release(pid, img, 1);
+                        self.release(i, img, 1);
                     }
                 }
                 Fill::Zeroed => self.stats.zero_pages += 1,
@@ -1596,12 +1599,11 @@ impl Server {
             ("UFFDIO_ZEROPAGE", sys::zeropage(p.uffd.as_fd(), start, n * PAGE_SIZE))
         };
         let done_pages = done / PAGE_SIZE;
-        let pid = p.pid;
         p.missing.remove(start, start + done_pages * PAGE_SIZE);
         p.hint = start + done_pages * PAGE_SIZE;
         if copy {
             self.stats.pushed_pages += done_pages;
-            self.release(pid, img, done_pages);
+            self.release(i, img, done_pages);
         } else {
             self.stats.zero_pages += done_pages;
         }
