@@ -856,13 +856,11 @@ fn classify(e: Errno) -> Class {
     }
 }
 
-/// Whether process `i` of `procs` ((image pid, gone) each) is the only one that could still need pages
-/// of its image pid: no *other* live process looks pages up under it. Process `i` itself may be gone
-/// (see [`Server::release`]).
-fn sole_user(procs: impl Iterator<Item = (u32, bool)>, i: usize) -> bool {
-    let procs: Vec<(u32, bool)> = procs.collect();
-    let pid = procs[i].0;
-    !procs.iter().enumerate().any(|(j, &(p, gone))| j != i && p == pid && !gone)
+/// Whether process `i` of `procs` ((image pid, gone) each), whose image pid is `pid`, is the only one
+/// that could still need pages of that pid: no *other* live process looks pages up under it. Process
+/// `i` itself may be gone (see [`Server::release`]).
+fn sole_user(procs: impl Iterator<Item = (u32, bool)>, i: usize, pid: u32) -> bool {
+    !procs.enumerate().any(|(j, (p, gone))| j != i && p == pid && !gone)
 }
 
 /// The daemon's state, owned by its thread.
@@ -1353,7 +1351,7 @@ impl Server {
     /// process's need go away, so the others are counted, not the live ones.
     fn release(&self, i: usize, img: u64, pages: u64) {
         let pid = self.procs[i].pid;
-        if pages > 0 && sole_user(self.procs.iter().map(|p| (p.pid, p.gone)), i) {
+        if pages > 0 && sole_user(self.procs.iter().map(|p| (p.pid, p.gone)), i, pid) {
             self.source.release(pid, img, pages);
         }
     }
@@ -2512,13 +2510,13 @@ mod tests {
     fn a_page_is_released_only_when_no_other_live_process_of_its_pid_needs_it() {
         // (image pid, gone): a parent, its child forked during post-copy, another tree's process.
         let procs = |child_gone| vec![(7317, false), (7317, child_gone), (9000, false)].into_iter();
-        assert!(!sole_user(procs(false), 0), "the live child may still miss it");
-        assert!(!sole_user(procs(false), 1), "the parent may still miss it");
+        assert!(!sole_user(procs(false), 0, 7317), "the live child may still miss it");
+        assert!(!sole_user(procs(false), 1, 7317), "the parent may still miss it");
         // The lane filled the child, which exited before the daemon settled that fill: the parent may
         // still miss the page (counting the live ones instead would find exactly one, and release).
-        assert!(!sole_user(procs(true), 1));
-        assert!(sole_user(procs(true), 0), "filled into the parent, the only live one of its pid");
-        assert!(sole_user(procs(false), 2), "another pid does not count");
+        assert!(!sole_user(procs(true), 1, 7317));
+        assert!(sole_user(procs(true), 0, 7317), "filled into the parent, the only live one of its pid");
+        assert!(sole_user(procs(false), 2, 9000), "another pid does not count");
     }
 
     #[test]
