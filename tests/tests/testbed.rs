@@ -835,6 +835,22 @@ fn foreign_certificates_are_refused() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Opens a fault link from `endpoint` to `addr` naming migration `id`, and waits (at most 10 s) for the
+/// target to close it: the close reason, or a text saying it was not closed.
+async fn refused_fault_link(
+    endpoint: &quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    id: &str,
+) -> Result<String, Failed> {
+    let conn = endpoint.connect(addr, "b")?.await?;
+    let (mut send, _recv) = conn.open_bi().await?;
+    protocol::frame::write_frame(&mut send, &protocol::pb::FaultLinkHello { migration_id: id.into() }).await?;
+    Ok(match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+        Ok(e) => e.to_string(),
+        Err(_) => "the fault link was not closed".into(),
+    })
+}
+
 /// A peer with a valid fleet certificate that sends hostile input (an image name with `..` or an
 /// absolute path, a frame length far beyond the limits, a truncated frame, a file larger than the disk)
 /// gets its connection closed with the reason, the target logs it, and nothing is written outside the
@@ -950,13 +966,7 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
                 // Hello, then Prepared: from here the target waits for h9's fault link.
                 protocol::frame::read_frame::<_, pb::TargetMsg>(&mut answers).await?;
             }
-            let conn = endpoint.connect(fault_addr, "b")?.await?;
-            let (mut send, _recv) = conn.open_bi().await?;
-            write_frame(&mut send, &pb::FaultLinkHello { migration_id: "nobody".into() }).await?;
-            let reason = match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
-                Ok(e) => e.to_string(),
-                Err(_) => "the fault link was not closed".into(),
-            };
+            let reason = refused_fault_link(&endpoint, fault_addr, "nobody").await?;
             if !reason.contains("no migration here waits") {
                 reasons.push(format!("a stranger's fault link: got {reason:?}"));
             }
@@ -965,13 +975,7 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
             let mut other = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
             let c_tls = protocol::tls::TlsFiles::in_dir(&tb.dir.join("tls"), "c");
             other.set_default_client_config(protocol::tls::client_config(&c_tls)?);
-            let conn = other.connect(fault_addr, "b")?.await?;
-            let (mut send, _recv) = conn.open_bi().await?;
-            write_frame(&mut send, &pb::FaultLinkHello { migration_id: "h9".into() }).await?;
-            let reason = match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
-                Ok(e) => e.to_string(),
-                Err(_) => "the fault link was not closed".into(),
-            };
+            let reason = refused_fault_link(&other, fault_addr, "h9").await?;
             if !reason.contains("certificate is not the one of the migration's source") {
                 reasons.push(format!("another fleet host's fault link for h9: got {reason:?}"));
             }
