@@ -47,7 +47,14 @@
 //!   fault took it first) is [released](PageSource::release) at once, unless a process of that pid ever
 //!   moved memory; so is a page copied into the only process of its pid.
 //! - once the source is complete: everything still missing, from the source, with zeros where it has
-//!   nothing, starting where the process last faulted.
+//!   nothing, as one sweep in address order from where the process last faulted before that, in
+//!   batches that do not cross a [`PUSH_BATCH_PAGES`] boundary of the image address. A fault no longer
+//!   moves the sweep (every page is local by then, so following faults gains little): with a
+//!   page store that holds the whole tree (pre-copy, hybrid), the sweep empties the store's memory
+//!   granule by granule and the process's next pages reuse it. A sweep that jumped to each fault
+//!   placed pages all over the store, emptied almost no granule until the end, and so filled the
+//!   process with memory nobody had touched for a while; on this project's VM that took 3-4 x as
+//!   long (README, "Not done yet").
 //!
 //! Each process has a set of *missing* runs: run-time addresses still to be filled, each with the
 //! dump-time (image) address its content is looked up under, so that an `mremap` (REMAP) moves the
@@ -807,7 +814,7 @@ struct Proc {
     /// each further ENOENT there halves the cap).
     cap_until: u64,
     cap: u64,
-    /// Where the push goes on: just after the last fault or push.
+    /// Where the push goes on: just after the last push, or the last fault before the source was complete.
     hint: u64,
     gone: bool,
     /// A fatal error: its uffd is kept open (the process stays blocked rather than read zeros) and the
@@ -1312,7 +1319,11 @@ impl Server {
             None | Some(Class::Exists) => {
                 let filled = done > 0 || class.is_none();
                 p.missing.remove(page, page + PAGE_SIZE);
-                p.hint = page + PAGE_SIZE;
+                // Before completion the push follows faults (what they need next is likely near); after
+                // it the sweep goes on where it was (module doc).
+                if !self.complete {
+                    p.hint = page + PAGE_SIZE;
+                }
                 self.stats.faults += 1;
                 self.stats.waited_faults += u64::from(waited);
                 if filled && copied {
@@ -1523,11 +1534,12 @@ impl Server {
         }
     }
 
-    /// Complete phase: the next missing pages of process `i`, from where it last faulted or pushed.
+    /// Complete phase: the next missing pages of process `i` after its last push (the sweep, see the
+    /// module doc), up to the next PUSH_BATCH_PAGES boundary of the image address.
     fn push_missing(&mut self, i: usize) {
         let p = &mut self.procs[i];
         let Some((start, end, img)) = p.missing.next_from(p.hint) else { return };
-        let mut want = ((end - start) / PAGE_SIZE).min(PUSH_BATCH_PAGES);
+        let mut want = ((end - start) / PAGE_SIZE).min(PUSH_BATCH_PAGES - (img / PAGE_SIZE) % PUSH_BATCH_PAGES);
         if start < p.cap_until {
             want = want.min(p.cap);
         }
@@ -2317,6 +2329,8 @@ mod tests {
         released: HashSet<u64>,
         /// How often each page's content was released (held, then released).
         releases: HashMap<u64, u32>,
+        /// Every release call (vaddr, pages), in order.
+        release_calls: Vec<(u64, u64)>,
     }
 
     impl LateSource {
@@ -2419,6 +2433,7 @@ mod tests {
         fn release(&self, pid: u32, vaddr: u64, pages: u64) {
             assert_eq!(pid, self.pid);
             let mut st = self.state();
+            st.release_calls.push((vaddr, pages));
             // As the store: releasing a page whose content is gone already does nothing.
             for k in 0..pages {
                 if st.released.insert(vaddr + k * P) {
@@ -2981,6 +2996,48 @@ mod tests {
             assert_eq!(page_at(pg(k)), content(pid, pg(k)), "page {k}");
         }
         munmap(addr, (8 * P) as usize);
+    }
+
+    /// Once the source is complete the push sweeps the missing pages in address order, in batches that
+    /// do not cross a PUSH_BATCH_PAGES boundary, and a fault does not move it: the pages it places then
+    /// free the store's memory granule by granule for the next ones (see the module doc).
+    #[test]
+    fn the_complete_push_sweeps_in_address_order_whatever_the_faults() {
+        if in_own_process("the_complete_push_sweeps_in_address_order_whatever_the_faults") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pid = 13u32;
+        let pages = 512u64;
+        let (uffd, addr) = registered(pages);
+        let pg = move |k: u64| addr + k * P;
+        let src = LateSource::new(pid, None);
+        // 3 pages in: the sweep's first batch ends at the next 16-page boundary of the image address.
+        let lazy = pg(3)..pg(pages);
+        src.publish(lazy.start, (pages - 3) as u32, true);
+        src.finish();
+        let (h, mut criu) = restoring(dir.path(), pid, lazy.clone(), src.clone(), uffd);
+        // Faults before RSTF, high to low: nothing is pushed yet, so each would have been the push's start.
+        let faulted = [pg(400), pg(200), pg(450)];
+        for &a in &faulted {
+            assert_eq!(page_at(a), content(pid, a));
+        }
+        criu.finish();
+        let stats = done_within(h).expect("every page in place");
+        assert_eq!((stats.faults, stats.pushed_pages), (3, pages - 3 - 3), "{stats:?}");
+        let pushed: Vec<(u64, u64)> =
+            src.state().release_calls.iter().copied().filter(|&(a, n)| !(n == 1 && faulted.contains(&a))).collect();
+        assert!(pushed.windows(2).all(|w| w[0].0 < w[1].0), "the push went back: {pushed:x?}");
+        let first = PUSH_BATCH_PAGES - (pg(3) / P) % PUSH_BATCH_PAGES;
+        assert_eq!(pushed.first(), Some(&(pg(3), first)), "the first batch ends at the boundary: {pushed:x?}");
+        let batch = PUSH_BATCH_PAGES * P;
+        for &(a, n) in &pushed {
+            assert!(a / batch == (a + n * P - 1) / batch, "a batch crosses a boundary: {a:#x} +{n}");
+        }
+        for k in 3..pages {
+            assert_eq!(page_at(pg(k)), content(pid, pg(k)), "page {k}");
+        }
+        munmap(addr, (pages * P) as usize);
     }
 
     /// Post-copy and fork: a child faulting on a page the source does not know yet waits for it under its

@@ -62,8 +62,8 @@ const SLAB_BYTES: usize = SLAB_PAGES * PAGE_SIZE;
 
 /// Once the stream is complete, memory goes back to the kernel in granules of this many slots (64 KiB)
 /// as soon as none of their pages is held any more (see [`Inner::free_slot`]). A whole slab is too
-/// coarse: the daemon places pages where the process faults, all over its memory, so a slab of 512 would
-/// empty only near the end.
+/// coarse: faults place pages all over the process's memory while the daemon's sweep goes on, so a slab
+/// of 512 would empty late.
 const GRANULE_PAGES: usize = 16;
 const GRANULE_BYTES: usize = GRANULE_PAGES * PAGE_SIZE;
 const GRANULES_PER_SLAB: usize = SLAB_PAGES / GRANULE_PAGES;
@@ -348,8 +348,9 @@ impl Inner {
     /// arrives any more), and beyond [`FREE_RESERVE`] before. So the target's memory peaks near the
     /// restored tree's size rather than twice it (a pre-copy or hybrid store holds the whole tree when
     /// the restored process starts taking it), and the restored process's next pages (the daemon
-    /// allocates them with UFFDIO_COPY) reuse memory just freed. Granules, not slabs: the daemon places
-    /// pages where the process faults, all over its memory, so a slab of 512 pages empties late.
+    /// allocates them with UFFDIO_COPY) reuse memory just freed, as long as the daemon places pages
+    /// roughly in the order they arrived (its address-order sweep, `crate::lazy`). Granules, not slabs:
+    /// faults place pages all over the process's memory, so a slab of 512 pages empties late.
     ///
     /// On a VM, reusing memory also saves time: a host that backs a guest page only on its first
     /// touch, and takes back what the guest freed a while ago, makes new memory several times slower
