@@ -7,8 +7,9 @@
 #      fails on recent kernels (vDSO), so CRIU is built from Debian sid's *source* package: a deb-src-only
 #      apt source is added (never a binary sid source), the upstream orig tarball fetched with
 #      `apt-get source --download-only`, and `make criu` run in a scratch directory.
-#   3. fs.pipe-max-size raised to 4 MiB: without CAP_SYS_RESOURCE CRIU cannot grow its page pipes past the
-#      default limit and `criu dump --lazy-pages` fails with "page-pipe: splice ... Bad file descriptor".
+#   3. fs.pipe-max-size raised to 4 MiB, now and at boot (/etc/sysctl.d/60-migrate-criu.conf): without
+#      CAP_SYS_RESOURCE CRIU cannot grow its page pipes past the default limit and `criu dump
+#      --lazy-pages` fails with "page-pipe: splice ... Bad file descriptor".
 #   4. `criu check`, and a note when /run is no tmpfs: CRIU keeps its probe of the kernel's features
 #      (/run/criu.kdat) only on a tmpfs and otherwise probes again on every run (about 35 ms on the test
 #      VM, part of it inside a migration's freeze).
@@ -95,6 +96,12 @@ cur=$(sysctl -n fs.pipe-max-size)
 if [ "$cur" -lt "$want" ]; then
   sysctl -q -w fs.pipe-max-size=$want
   log "fs.pipe-max-size raised from $cur to $want"
+  # And at every boot (systemd-sysctl reads /etc/sysctl.d); a higher value set elsewhere is left alone.
+  if [ -d /etc/sysctl.d ]; then
+    printf '# criu dump --lazy-pages without CAP_SYS_RESOURCE (deploy/install.sh of migrate)\nfs.pipe-max-size = %s\n' \
+      "$want" > /etc/sysctl.d/60-migrate-criu.conf
+    log "fs.pipe-max-size kept at $want across reboots: /etc/sysctl.d/60-migrate-criu.conf"
+  fi
 fi
 
 criu_bin=$(command -v criu || echo "$CRIU_PREFIX/criu")
