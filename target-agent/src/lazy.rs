@@ -47,14 +47,14 @@
 //!   fault took it first) is [released](PageSource::release) at once, unless a process of that pid ever
 //!   moved memory; so is a page copied into the only process of its pid.
 //! - once the source is complete: everything still missing, from the source, with zeros where it has
-//!   nothing, as one sweep in address order from where the process last faulted before that, in
-//!   batches that do not cross a [`PUSH_BATCH_PAGES`] boundary of the image address. A fault no longer
-//!   moves the sweep (every page is local by then, so following faults gains little): with a
-//!   page store that holds the whole tree (pre-copy, hybrid), the sweep empties the store's memory
-//!   granule by granule and the process's next pages reuse it. A sweep that jumped to each fault
-//!   placed pages all over the store, emptied almost no granule until the end, and so filled the
-//!   process with memory nobody had touched for a while; on this project's VM that took 3-4 x as
-//!   long (README, "Not done yet").
+//!   nothing, as one sweep in address order (from where the process last faulted before that, round
+//!   to the start), in batches that do not cross a [`PUSH_BATCH_PAGES`] boundary of the image address.
+//!   A fault does not move the sweep (every page is local by then, so following faults gains little):
+//!   with a page store that holds the whole tree (pre-copy, hybrid), the sweep empties the store's
+//!   memory granule by granule and the process's next pages reuse it. A sweep that jumped to each
+//!   fault placed pages all over the store, emptied almost no granule until the end, and so filled the
+//!   process with memory nobody had touched for a while, which on this project's VM is 2-3 x slower
+//!   to fill (README, "Not done yet").
 //!
 //! Each process has a set of *missing* runs: run-time addresses still to be filled, each with the
 //! dump-time (image) address its content is looked up under, so that an `mremap` (REMAP) moves the
@@ -1417,7 +1417,10 @@ impl Server {
             let img = p.missing.lookup(f.at);
             if n > 0 {
                 p.missing.remove(f.at, f.at + PAGE_SIZE);
-                p.hint = f.at + PAGE_SIZE;
+                // As for the daemon's own fault answers: the sweep does not follow faults (module doc).
+                if !self.complete {
+                    p.hint = f.at + PAGE_SIZE;
+                }
                 self.stats.faults += n;
                 self.stats.waited_faults += n;
                 self.stats.link_fills += n;
