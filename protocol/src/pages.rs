@@ -23,6 +23,14 @@ pub const MAX_DATA_PAGES: usize = MAX_CHUNK / PAGE_SIZE;
 /// Records (data, zero and copy pages) in one batch.
 pub const MAX_RECORDS: usize = 16 * 1024;
 
+/// Where page `vaddr` of process `pid` lies when each process's address space is cut into blocks of
+/// `block_pages` consecutive pages (how both agents keep per-page state, so that consecutive pages share
+/// a block): the block's key (pid, block number) and the page's index in it.
+pub fn page_block((pid, vaddr): (u32, u64), block_pages: usize) -> ((u32, u64), usize) {
+    let page = vaddr / PAGE_SIZE as u64;
+    ((pid, page / block_pages as u64), (page % block_pages as u64) as usize)
+}
+
 /// Pages the `current` runs of one batch may cover (256 MiB of memory).
 pub const MAX_CURRENT_PAGES: u64 = 64 * 1024;
 

@@ -84,9 +84,8 @@ pub enum Action {
 
 impl Held {
     /// The block of `key` and its slot there.
-    fn at((pid, addr): Key) -> ((u32, u64), usize) {
-        let page = addr / PAGE_SIZE as u64;
-        ((pid, page / HELD_BLOCK_PAGES as u64), (page % HELD_BLOCK_PAGES as u64) as usize)
+    fn at(key: Key) -> ((u32, u64), usize) {
+        pages::page_block(key, HELD_BLOCK_PAGES)
     }
 
     /// Content hash of page `key` if the target holds it.

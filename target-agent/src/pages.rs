@@ -141,9 +141,8 @@ struct PageIndex {
 }
 
 impl PageIndex {
-    fn at((pid, vaddr): (u32, u64)) -> ((u32, u64), usize) {
-        let page = vaddr / PAGE_SIZE as u64;
-        ((pid, page / INDEX_BLOCK_PAGES as u64), (page % INDEX_BLOCK_PAGES as u64) as usize)
+    fn at(key: (u32, u64)) -> ((u32, u64), usize) {
+        protocol::pages::page_block(key, INDEX_BLOCK_PAGES)
     }
 
     /// The slot of `key` ([`RELEASED`] included), if it has one.
@@ -198,9 +197,8 @@ const FRESH_BLOCK_PAGES: usize = 4096;
 struct Fresh(HashMap<(u32, u64), Box<[u64; FRESH_BLOCK_PAGES / 64]>>);
 
 impl Fresh {
-    fn at((pid, vaddr): (u32, u64)) -> ((u32, u64), usize) {
-        let page = vaddr / PAGE_SIZE as u64;
-        ((pid, page / FRESH_BLOCK_PAGES as u64), (page % FRESH_BLOCK_PAGES as u64) as usize)
+    fn at(key: (u32, u64)) -> ((u32, u64), usize) {
+        protocol::pages::page_block(key, FRESH_BLOCK_PAGES)
     }
 
     fn contains(&self, key: (u32, u64)) -> bool {
