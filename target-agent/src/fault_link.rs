@@ -170,13 +170,14 @@ async fn take(incoming: quinn::Incoming, waiting: &Weak<Waiting>) -> Result<Stri
     let certificate = protocol::tls::peer_certificate(&conn);
     let tx = waiting.upgrade().ok_or("the agent is stopping").and_then(|w| {
         let mut w = w.lock().expect("not poisoned");
+        const NOT_WAITING: &str = "no migration here waits for this fault link";
         match w.get(&id) {
-            Some((s, _)) if !same_host(s.addr, from) => Err("no migration here waits for this fault link"),
+            None => Err(NOT_WAITING),
+            Some((s, _)) if !same_host(s.addr, from) => Err(NOT_WAITING),
             Some((s, _)) if certificate.is_none_or(|c| c.is_empty() || c != s.certificate) => {
                 Err("this fault link's certificate is not the one of the migration's source")
             }
-            Some(_) => w.remove(&id).map(|(_, tx)| tx).ok_or("no migration here waits for this fault link"),
-            None => Err("no migration here waits for this fault link"),
+            Some(_) => w.remove(&id).map(|(_, tx)| tx).ok_or(NOT_WAITING),
         }
     });
     let tx = match tx {
