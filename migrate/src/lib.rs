@@ -210,7 +210,7 @@ pub fn summary_text(s: &Summary) -> String {
         match s.mode {
             Mode::Stopcopy => String::new(),
             mode => format!(
-                "\n  {}: {} round{} in {}, {} pages sent during the freeze, {} of memory in the image files; all memory in place on the target {}",
+                "\n  {}: {} round{} in {}{}, {} pages sent during the freeze, {} of memory in the image files; all memory in place on the target {}",
                 match mode {
                     Mode::Precopy => "pre-copy",
                     Mode::Postcopy => "post-copy",
@@ -219,6 +219,10 @@ pub fn summary_text(s: &Summary) -> String {
                 s.rounds,
                 if s.rounds == 1 { "" } else { "s" },
                 duration_ms(s.precopy_ms),
+                match s.dirty_tracking.as_str() {
+                    "" => String::new(),
+                    t => format!(" ({t} dirty tracking)"),
+                },
                 s.freeze_pages,
                 bytes(s.image_page_bytes),
                 match (s.complete_ms, s.fault_p50_us, s.fault_p99_us) {
@@ -438,6 +442,7 @@ mod tests {
             rounds: 0,
             precopy_ms: 0.0,
             freeze_pages: 0,
+            dirty_tracking: String::new(),
             complete_ms: None,
             faults: 0,
             fault_p50_us: None,
@@ -451,13 +456,14 @@ mod tests {
             rounds: 3,
             precopy_ms: 2500.0,
             freeze_pages: 812,
+            dirty_tracking: "write-protect".into(),
             image_page_bytes: 96 << 10,
             complete_ms: Some(1900.0),
             faults: 12,
             ..s
         };
         let t = summary_text(&p);
-        assert!(t.ends_with("pre-copy: 3 rounds in 2.50 s, 812 pages sent during the freeze, 96.0 KiB of memory in the image files; all memory in place on the target 1.90 s after the freeze (12 faults served)"), "{t}");
+        assert!(t.ends_with("pre-copy: 3 rounds in 2.50 s (write-protect dirty tracking), 812 pages sent during the freeze, 96.0 KiB of memory in the image files; all memory in place on the target 1.90 s after the freeze (12 faults served)"), "{t}");
         let round = Event::Round {
             round: 1,
             pages_sent: 2600,

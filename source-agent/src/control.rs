@@ -206,6 +206,10 @@ pub struct Summary {
     /// Page records sent during the freeze (what changed since the last round).
     #[serde(default)]
     pub freeze_pages: u64,
+    /// How the rounds learnt what changed (source_agent::dirty): "write-protect", "soft-dirty" or
+    /// "compare" (every page read again); empty without rounds.
+    #[serde(default)]
+    pub dirty_tracking: String,
     /// From the freeze until every page was in place on the target (lazy restore); None when the
     /// target did not say.
     #[serde(default)]

@@ -11,6 +11,7 @@
 //! the `criu` crate.
 
 pub mod control;
+pub mod dirty;
 pub mod external;
 pub mod fault_link;
 pub mod inspect;

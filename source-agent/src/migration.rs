@@ -42,7 +42,7 @@ use protocol::{ProtocolError, file_stream};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::control::{Event, MigrateOptions, Mode, Original, Phase, Summary};
-use crate::precopy;
+use crate::{dirty, precopy};
 
 /// How long to wait for the target to answer the QUIC handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,6 +115,8 @@ struct Migration<'a> {
     rounds: u32,
     precopy_ms: f64,
     precopy_wire: u64,
+    /// How they learnt what changed (Summary.dirty_tracking).
+    dirty_tracking: &'static str,
     /// Policies for connections to the outside: the command's, then the agent's.
     rules: crate::external::Rules,
     /// What the pre-flight decided for them.
@@ -127,6 +129,36 @@ struct PreCopied {
     held: precopy::Held,
     level: protocol::chunk::AdaptiveLevel,
     rounds: u32,
+    /// Write-protect dirty tracking of the tree, when the rounds had it: the pass over the frozen tree
+    /// then reads only what was written since the last round.
+    trackers: Option<dirty::Trackers>,
+}
+
+/// How pre-copy learns what changed between passes (see [`dirty`]).
+enum Tracking {
+    WriteProtect(dirty::Trackers),
+    SoftDirty,
+    Compare,
+}
+
+impl Tracking {
+    fn name(&self) -> &'static str {
+        match self {
+            Tracking::WriteProtect(_) => "write-protect",
+            Tracking::SoftDirty => "soft-dirty",
+            Tracking::Compare => "compare",
+        }
+    }
+}
+
+impl PreCopied {
+    /// What changed in `regions` of the frozen tree since the last round, when that is known exactly.
+    fn changed_at_freeze(&mut self, regions: &[precopy::Region]) -> Option<dirty::Changed> {
+        let t = self.trackers.as_mut()?;
+        let c = t.changed(regions);
+        tracing::info!(pages = c.pages.len(), untracked = c.all_of.len(), "written since the last round");
+        Some(c)
+    }
 }
 
 /// Stream priority of the bulk pages (quinn: higher first): control and files go before them. Fault
@@ -169,14 +201,9 @@ impl PostCopy {
             }
             go = go => go.map_err(|_| "the migration ended before the commit".to_string())?,
         }
-        let pass = precopy::Pass {
-            round: pre.rounds,
-            frozen: true,
-            hints: Some(hints),
-            no_copies: true,
-            current: true,
-            ..Default::default()
-        };
+        let only = pre.changed_at_freeze(&regions);
+        let pass =
+            precopy::Pass { round: pre.rounds, frozen: true, only, hints: Some(hints), no_copies: true, current: true };
         let stats = precopy::send_round(&mut pre.held, &mut pre.stream, regions, pass, &pre.level).await?;
         let end = precopy::send_end(&mut pre.stream, pre.held.records).await?;
         pre.stream.finish().map_err(|e| format!("pages stream: {e}"))?;
@@ -244,6 +271,7 @@ pub async fn run(
         rounds: 0,
         precopy_ms: 0.0,
         precopy_wire: 0,
+        dirty_tracking: "",
         rules: rules.then(&ctx.rules),
         external: Default::default(),
     };
@@ -610,7 +638,8 @@ impl Migration<'_> {
         let transfer_started = Instant::now();
         let delta = async {
             let Some(p) = pre.as_mut().filter(|_| !postcopy) else { return Ok(precopy::RoundStats::default()) };
-            let pass = precopy::Pass { round: p.rounds, frozen: true, ..Default::default() };
+            let only = p.changed_at_freeze(&lazy_regions);
+            let pass = precopy::Pass { round: p.rounds, frozen: true, only, ..Default::default() };
             let mut s = precopy::send_round(&mut p.held, &mut p.stream, lazy_regions.clone(), pass, &p.level).await?;
             s.wire += precopy::send_end(&mut p.stream, p.held.records).await?;
             p.stream.finish().map_err(|e| format!("pages stream: {e}"))?;
@@ -807,6 +836,7 @@ impl Migration<'_> {
             rounds: self.rounds,
             precopy_ms: self.precopy_ms,
             freeze_pages: delta.sent,
+            dirty_tracking: self.dirty_tracking.into(),
             complete_ms: complete.as_ref().map(|c| c.0),
             faults: complete.as_ref().map(|c| c.1.faults).unwrap_or(0),
             fault_p50_us: complete.as_ref().filter(|c| c.1.faults > 0).map(|c| c.1.fault_p50_us),
@@ -856,24 +886,48 @@ impl Migration<'_> {
         };
         write_frame(&mut stream, &header).await.map_err(|e| format!("pages stream: {e}"))?;
         let policy = precopy::Policy { max_downtime: Duration::from_millis(self.options.max_downtime_ms), max_rounds };
-        let soft_dirty = self.ctx.hello.soft_dirty;
         let level = protocol::chunk::AdaptiveLevel::new(protocol::chunk::DEFAULT_LEVEL);
         let mut held = precopy::Held::default();
         let mut rounds: Vec<precopy::RoundStats> = Vec::new();
+        // How the rounds after the first learn what changed (see crate::dirty): write-protect tracking
+        // where it can be set up, soft-dirty where the kernel has that, else every page is compared.
+        // Either is armed before round 0 reads anything.
+        let mut tracking = Tracking::Compare;
         if max_rounds > 0 {
+            let regions = precopy::tree_regions(pid);
+            let mut trackers = dirty::Trackers::default();
+            trackers.changed(&regions);
+            tracking = if trackers.tracked() > 0 {
+                Tracking::WriteProtect(trackers)
+            } else if self.ctx.hello.soft_dirty {
+                dirty::soft_dirty_pages(&regions);
+                Tracking::SoftDirty
+            } else {
+                Tracking::Compare
+            };
+            self.dirty_tracking = tracking.name();
             self.phase(
                 Phase::Precopy,
                 format!(
-                    "copying the memory of {} process(es) while they run ({} dirty tracking)",
+                    "copying the memory of {} process(es) while they run ({})",
                     pids.len(),
-                    if soft_dirty { "soft-dirty" } else { "content hash" }
+                    match &tracking {
+                        Tracking::WriteProtect(t) => format!("write-protect dirty tracking of {} of them", t.tracked()),
+                        Tracking::SoftDirty => "soft-dirty dirty tracking".into(),
+                        Tracking::Compare => "every page compared".into(),
+                    }
                 ),
             );
         }
         while (rounds.len() as u32) < max_rounds {
             let round = rounds.len() as u32;
             let regions = precopy::tree_regions(pid);
-            let only = soft_dirty.then(|| precopy::soft_dirty_pages(&regions)).filter(|_| round > 0);
+            let only = match &mut tracking {
+                _ if round == 0 => None,
+                Tracking::WriteProtect(t) => Some(t.changed(&regions)),
+                Tracking::SoftDirty => Some(dirty::soft_dirty_pages(&regions)),
+                Tracking::Compare => None,
+            };
             let pass = precopy::Pass { round, only, ..Default::default() };
             let stats = precopy::send_round(&mut held, &mut stream, regions, pass, &level).await?;
             rounds.push(stats);
@@ -894,7 +948,11 @@ impl Migration<'_> {
         self.rounds = rounds.len() as u32;
         self.precopy_ms = ms(started.elapsed());
         self.precopy_wire = rounds.iter().map(|r| r.wire).sum();
-        Ok(PreCopied { stream, held, level, rounds: self.rounds })
+        let trackers = match tracking {
+            Tracking::WriteProtect(t) => Some(t),
+            _ => None,
+        };
+        Ok(PreCopied { stream, held, level, rounds: self.rounds, trackers })
     }
 
     async fn send_files(

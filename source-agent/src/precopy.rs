@@ -8,9 +8,10 @@
 //! hold" when another page with the same content was sent already. So zero pages never cross, identical
 //! pages cross once, and a round after the first sends only what the process changed (content
 //! tracking: it works on kernels without soft-dirty, like the ones this was built on, where CRIU's own
-//! `pre-dump` aborts and leaves its parasite mapped in the process). Where the kernel has soft-dirty
-//! (the Hello says so) a round reads only the pages whose soft-dirty bit is set since the previous one
-//! (`/proc/PID/clear_refs`, bit 55 of `/proc/PID/pagemap`) and still compares their content.
+//! `pre-dump` aborts and leaves its parasite mapped in the process). Where [`crate::dirty`] knows which
+//! pages were written since the previous pass (write-protect tracking, or soft-dirty), a pass reads and
+//! compares only those ([`Pass::only`]); with write-protect tracking that holds for the pass over the
+//! frozen tree too.
 //!
 //! Only private anonymous memory is pre-copied: it is what `criu dump --lazy-pages` leaves in the frozen
 //! tree (PE_LAZY in its pagemap) instead of writing it out. At the freeze the final delta reads exactly
@@ -244,36 +245,6 @@ fn vm_flags(smaps: &str, addr: u64) -> Option<&str> {
     None
 }
 
-/// Where the kernel has soft-dirty: the pages of `regions` written since the last call (their
-/// soft-dirty bit is set), after which every bit is cleared again (`4 > /proc/PID/clear_refs`). The
-/// first call, with no bits cleared before, returns every page. A page written between the read of its
-/// bit and the clear is missed by the next round; the final delta at the freeze reads every page
-/// whatever its bit, so nothing is lost.
-pub fn soft_dirty_pages(regions: &[Region]) -> std::collections::HashSet<Key> {
-    let mut out = std::collections::HashSet::new();
-    let mut pids: Vec<u32> = regions.iter().map(|r| r.pid).collect();
-    pids.dedup();
-    for pid in &pids {
-        let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else { continue };
-        for r in regions.iter().filter(|r| r.pid == *pid) {
-            let n = ((r.end - r.start) / PAGE_SIZE as u64) as usize;
-            let mut entries = vec![0u64; n];
-            if read_pagemap(&mut f, r.start, &mut entries).is_err() {
-                continue;
-            }
-            for (i, e) in entries.iter().enumerate() {
-                if e & PM_SOFT_DIRTY != 0 {
-                    out.insert((*pid, r.start + (i * PAGE_SIZE) as u64));
-                }
-            }
-        }
-        if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "4") {
-            tracing::debug!(pid, "clear_refs: {e}");
-        }
-    }
-    out
-}
-
 /// Counters of one round.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RoundStats {
@@ -295,15 +266,14 @@ pub struct RoundStats {
 /// Bits of a /proc/PID/pagemap entry.
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
-const PM_SOFT_DIRTY: u64 = 1 << 55;
 
 /// How one pass over the memory runs.
 #[derive(Default)]
 pub struct Pass {
     pub round: u32,
-    /// With soft-dirty: only these pages may have changed (see [`soft_dirty_pages`]); other pages the
-    /// target holds are taken as unchanged without being compared.
-    pub only: Option<std::collections::HashSet<Key>>,
+    /// With dirty tracking: only these pages may have changed since the previous pass ([`crate::dirty`]);
+    /// the others are taken as unchanged without being read.
+    pub only: Option<crate::dirty::Changed>,
     /// The tree is frozen: what this pass sends is current (PageBatch.frozen).
     pub frozen: bool,
     /// Post-copy: pages the target faulted on; the pass reads the memory around them next, so the
@@ -456,6 +426,8 @@ fn scan(
     let mut data: Vec<u8> = Vec::with_capacity(MAX_DATA_PAGES * PAGE_SIZE);
     let mut pagemap: Option<(u32, std::fs::File)> = None;
     let mut entries = vec![0u64; READ_PAGES];
+    // Per page of a chunk: it may have changed; it is to be read; it was read.
+    let (mut may, mut want, mut got) = ([false; READ_PAGES], [false; READ_PAGES], [false; READ_PAGES]);
     // Pages the batch's current runs cover.
     let mut run_pages = 0u64;
     // Sends the batch; false when the stream side has gone (the round is over).
@@ -487,30 +459,37 @@ fn scan(
                 return Ok(stats);
             }
         }
+        // Which pages may have changed since the previous pass (all of them without dirty tracking).
+        for (i, m) in may.iter_mut().enumerate().take(n) {
+            *m = only.as_ref().is_none_or(|o| o.may_have((pid, addr + (i * PAGE_SIZE) as u64)));
+        }
+        let looked = may[..n].iter().any(|&m| m);
         // Which pages exist (present or swapped).
-        if pagemap.as_ref().map(|(p, _)| *p) != Some(pid) {
+        if looked && pagemap.as_ref().map(|(p, _)| *p) != Some(pid) {
             pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok().map(|f| (pid, f));
         }
-        let have_map = match &mut pagemap {
-            Some((_, f)) => read_pagemap(f, addr, &mut entries[..n]).is_ok(),
-            None => false,
-        };
-        let len = n * PAGE_SIZE;
-        // Reading pages that were never touched would map the zero page into them: skip runs of
-        // absent pages without reading (they hash as zero below).
-        let any = !have_map || entries[..n].iter().any(|e| e & (PM_PRESENT | PM_SWAPPED) != 0);
-        let read = if any { read_memory(pid, addr, &mut buf[..len]) } else { 0 };
+        let have_map = looked
+            && match &mut pagemap {
+                Some((_, f)) => read_pagemap(f, addr, &mut entries[..n]).is_ok(),
+                None => false,
+            };
+        // Reading pages that were never touched would map the zero page into them: runs of absent
+        // pages are not read (they hash as zero below), nor are pages that did not change.
+        for i in 0..n {
+            let exists = !have_map || entries[i] & (PM_PRESENT | PM_SWAPPED) != 0;
+            want[i] = may[i] && exists;
+        }
+        read_pages(pid, addr, &want[..n], &mut buf, &mut got[..n]);
         for i in 0..n {
             let key = (pid, addr + (i * PAGE_SIZE) as u64);
-            let entry = if have_map { entries[i] } else { PM_PRESENT };
             stats.scanned += 1;
             let page = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-            let action = if only.as_ref().is_some_and(|o| !o.contains(&key)) && held.contains(key) {
+            let action = if !may[i] {
                 Action::Unchanged
             } else {
-                let hash = if entry & (PM_PRESENT | PM_SWAPPED) == 0 {
+                let hash = if !want[i] {
                     zero_hash()
-                } else if (i + 1) * PAGE_SIZE <= read {
+                } else if got[i] {
                     xxhash_rust::xxh3::xxh3_128(page)
                 } else {
                     // Unmapped since /proc/PID/maps was read: the final delta decides.
@@ -569,10 +548,11 @@ pub async fn send_end<W: pages::BatchSink>(stream: &mut W, total: u64) -> Result
 /// One page of a stopped tree, encoded as the answer to a fault (a frozen batch with one record).
 pub fn fault_answer(pid: u32, vaddr: u64) -> Vec<u8> {
     let mut page = vec![0u8; PAGE_SIZE];
-    let read = read_memory(pid, vaddr, &mut page);
+    let mut got = [false];
+    read_pages(pid, vaddr, &[true], &mut page, &mut got);
     let mut batch = pb::PageBatch { pid, frozen: true, ..Default::default() };
     let mut out = Vec::with_capacity(PAGE_SIZE + 64);
-    if read == PAGE_SIZE && page.iter().any(|&b| b != 0) {
+    if got[0] && page.iter().any(|&b| b != 0) {
         batch.data.push(vaddr);
         pages::encode_batch(&batch, &page, None, &mut out);
     } else {
@@ -584,7 +564,7 @@ pub fn fault_answer(pid: u32, vaddr: u64) -> Vec<u8> {
 }
 
 /// Reads pagemap entries for the pages from `addr`.
-fn read_pagemap(f: &mut std::fs::File, addr: u64, out: &mut [u64]) -> std::io::Result<()> {
+pub(crate) fn read_pagemap(f: &mut std::fs::File, addr: u64, out: &mut [u64]) -> std::io::Result<()> {
     let mut raw = vec![0u8; out.len() * 8];
     f.seek(SeekFrom::Start(addr / PAGE_SIZE as u64 * 8))?;
     f.read_exact(&mut raw)?;
@@ -594,12 +574,44 @@ fn read_pagemap(f: &mut std::fs::File, addr: u64, out: &mut [u64]) -> std::io::R
     Ok(())
 }
 
-/// Reads `buf.len()` bytes at `addr` of `pid`; returns how many could be read (a range unmapped in
+/// Reads the pages `want`s of the `want.len()` pages at `addr` of `pid` into their places in `buf`
+/// (page i at `i * PAGE_SIZE`), in one call, and says in `got` which were read (a range unmapped in
 /// the meantime ends the read early).
-fn read_memory(pid: u32, addr: u64, buf: &mut [u8]) -> usize {
-    let len = buf.len();
-    let remote = [RemoteIoVec { base: addr as usize, len }];
-    process_vm_readv(nix::unistd::Pid::from_raw(pid as i32), &mut [IoSliceMut::new(buf)], &remote).unwrap_or_default()
+fn read_pages(pid: u32, addr: u64, want: &[bool], buf: &mut [u8], got: &mut [bool]) {
+    got.fill(false);
+    // Runs of wanted pages: (first page, pages).
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, _) in want.iter().enumerate().filter(|(_, w)| **w) {
+        match runs.last_mut() {
+            Some((s, n)) if *s + *n == i => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    if runs.is_empty() {
+        return;
+    }
+    let remote: Vec<RemoteIoVec> = runs
+        .iter()
+        .map(|&(s, n)| RemoteIoVec { base: (addr + (s * PAGE_SIZE) as u64) as usize, len: n * PAGE_SIZE })
+        .collect();
+    let mut local: Vec<IoSliceMut> = Vec::with_capacity(runs.len());
+    let mut rest = &mut buf[..want.len() * PAGE_SIZE];
+    let mut at = 0;
+    for &(s, n) in &runs {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((s - at) * PAGE_SIZE);
+        let (run, tail) = tail.split_at_mut(n * PAGE_SIZE);
+        local.push(IoSliceMut::new(run));
+        rest = tail;
+        at = s + n;
+    }
+    let read = process_vm_readv(nix::unistd::Pid::from_raw(pid as i32), &mut local, &remote).unwrap_or_default();
+    // The bytes read fill the runs in order.
+    let mut left = read / PAGE_SIZE;
+    for &(s, n) in &runs {
+        let k = n.min(left);
+        got[s..s + k].fill(true);
+        left -= k;
+    }
 }
 
 /// When to stop the rounds and freeze.
