@@ -779,7 +779,9 @@ impl Migration<'_> {
             let completing = recv_within(recv, target, COMPLETE_TIMEOUT, &remote.host_name, "finish the post-copy");
             let answer = unless_failed(completing, &mut postcopy_failed).await;
             let c = match answer {
-                Ok(target_msg::Msg::Complete(c)) => c,
+                // Every page is in place on the target now: that is when the migration is complete (the
+                // commit's kill of the original, which frees its memory, comes after).
+                Ok(target_msg::Msg::Complete(c)) => (ms(frozen_at.elapsed()), c),
                 Ok(other) => return Err(unexpected(target, &other, "Complete")),
                 Err(e) => {
                     // A Failed from the target means it killed its copy (see target-agent's session).
@@ -809,7 +811,7 @@ impl Migration<'_> {
                 None => (0, pre.as_ref().map(|p| p.held.len() as u64).unwrap_or(0)),
             };
             self.kill_original(pids, &remote.host_name).await;
-            complete = Some((ms(frozen_at.elapsed()), c, wire_after, held_after));
+            complete = Some((c.0, c.1, wire_after, held_after));
         }
         let _ = send.finish();
         let held_pages = complete.as_ref().map(|c| c.3).unwrap_or(0);
