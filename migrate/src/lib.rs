@@ -84,6 +84,10 @@ pub struct How {
     /// is dropped on the target and the original resumes here.
     #[arg(long, global = true, default_value_t = MigrateOptions::default().grace_s, value_parser = clap::value_parser!(u64).range(1..=source_agent::control::MAX_GRACE.as_secs()))]
     pub grace: u64,
+    /// Pre-copy: do not give the tree's processes a write-protect userfaultfd (one system call injected
+    /// through ptrace) to learn which pages they write; compare every page's content every round.
+    #[arg(long, global = true)]
+    pub no_write_protect: bool,
 }
 
 impl How {
@@ -93,6 +97,7 @@ impl How {
             max_downtime_ms: self.max_downtime,
             max_rounds: self.max_rounds,
             grace_s: self.grace,
+            no_write_protect: self.no_write_protect,
         }
     }
 }
@@ -379,7 +384,7 @@ mod tests {
                 host: Some("10.0.0.2:7420".into()),
                 json: true,
                 agent_socket: "/x.sock".into(),
-                how: How { mode: Mode::Hybrid, max_downtime: 100, max_rounds: 8, grace: 10 },
+                how: How { mode: Mode::Hybrid, max_downtime: 100, max_rounds: 8, grace: 10, no_write_protect: false },
                 external: External::default(),
             }
         );
@@ -390,7 +395,10 @@ mod tests {
         assert_eq!(c.command, Some(Command::Check { pid: 42, host: None }));
         assert!(c.json);
         let c = Cli::try_parse_from(["migrate", "--mode", "stopcopy", "--max-downtime", "300", "1", "b"]).unwrap();
-        assert_eq!(c.how, How { mode: Mode::Stopcopy, max_downtime: 300, max_rounds: 8, grace: 10 });
+        assert_eq!(
+            c.how,
+            How { mode: Mode::Stopcopy, max_downtime: 300, max_rounds: 8, grace: 10, no_write_protect: false }
+        );
         assert!(Cli::try_parse_from(["migrate", "--grace", "0", "1", "b"]).is_err());
         assert!(Cli::try_parse_from(["migrate", "--grace", "61", "1", "b"]).is_err());
         assert!(Cli::try_parse_from(["migrate", "--mode", "teleport", "1", "b"]).is_err());

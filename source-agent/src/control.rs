@@ -71,6 +71,8 @@ pub struct MigrateOptions {
     /// Post-copy and hybrid: how long a link outage is ridden out (seconds, at most MAX_GRACE). Longer,
     /// and the copy is dropped on the target and the original resumed here.
     pub grace_s: u64,
+    /// Pre-copy: no write-protect dirty tracking (crate::dirty), even where it works.
+    pub no_write_protect: bool,
 }
 
 /// Default of MigrateOptions::grace_s.
@@ -86,6 +88,7 @@ impl Default for MigrateOptions {
             max_downtime_ms: p.max_downtime.as_millis() as u64,
             max_rounds: p.max_rounds,
             grace_s: DEFAULT_GRACE.as_secs(),
+            no_write_protect: false,
         }
     }
 }

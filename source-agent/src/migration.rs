@@ -898,7 +898,9 @@ impl Migration<'_> {
         if max_rounds > 0 {
             let regions = precopy::tree_regions(pid);
             let mut trackers = dirty::Trackers::default();
-            trackers.changed(&regions);
+            if !self.options.no_write_protect {
+                trackers.changed(&regions);
+            }
             tracking = if trackers.tracked() > 0 {
                 Tracking::WriteProtect(trackers)
             } else if self.ctx.hello.soft_dirty {
