@@ -72,6 +72,10 @@ pub struct Held {
     by_hash: HashMap<u128, Key>,
     /// Records sent on the pages stream so far (the target checks the total).
     pub records: u64,
+    /// Pages a pass should have read but could not (a read stops at a range unmapped meanwhile):
+    /// the next pass reads them whatever dirty tracking says, as the writes it reported are not
+    /// reported again.
+    unread: std::collections::HashSet<Key>,
 }
 
 /// What one page needs, given its content hash.
@@ -461,7 +465,9 @@ fn scan(
         }
         // Which pages may have changed since the previous pass (all of them without dirty tracking).
         for (i, m) in may.iter_mut().enumerate().take(n) {
-            *m = only.as_ref().is_none_or(|o| o.may_have((pid, addr + (i * PAGE_SIZE) as u64)));
+            let key = (pid, addr + (i * PAGE_SIZE) as u64);
+            *m = only.as_ref().is_none_or(|o| o.may_have(key))
+                || (!held.unread.is_empty() && held.unread.contains(&key));
         }
         let looked = may[..n].iter().any(|&m| m);
         // Which pages exist (present or swapped).
@@ -490,9 +496,14 @@ fn scan(
                 let hash = if !want[i] {
                     zero_hash()
                 } else if got[i] {
+                    if !held.unread.is_empty() {
+                        held.unread.remove(&key);
+                    }
                     xxhash_rust::xxh3::xxh3_128(page)
                 } else {
-                    // Unmapped since /proc/PID/maps was read: the final delta decides.
+                    // Unmapped since /proc/PID/maps was read, or after a range that was: the next pass
+                    // (at the latest the final delta, on the frozen tree) reads it again.
+                    held.unread.insert(key);
                     continue;
                 };
                 held.update(key, hash)
@@ -851,5 +862,64 @@ VmFlags: rd wr mr mw me lo ac
         assert_eq!(b.data, vec![base as u64 + 13 * PAGE_SIZE as u64]);
         assert_eq!(b.current, vec![run(0, 13), run(14, 50)]);
         assert!(b.frozen);
+    }
+
+    #[test]
+    fn a_read_stops_at_a_range_unmapped_meanwhile() {
+        // SAFETY: a fresh anonymous mapping of 3 pages, only touched through this pointer, then unmapped.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                3 * PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        } as *mut u8;
+        // SAFETY: within the mapping; then the middle page is unmapped.
+        unsafe {
+            std::ptr::write_bytes(base, 7, 3 * PAGE_SIZE);
+            libc::munmap(base.add(PAGE_SIZE).cast(), PAGE_SIZE);
+        }
+        let mut buf = vec![0u8; 3 * PAGE_SIZE];
+        let mut got = [false; 3];
+        read_pages(std::process::id(), base as u64, &[true, true, true], &mut buf, &mut got);
+        assert_eq!(got, [true, false, false], "the pages after the hole are not read either");
+        read_pages(std::process::id(), base as u64, &[true, false, true], &mut buf, &mut got);
+        assert_eq!(got, [true, false, true]);
+        assert!(buf[2 * PAGE_SIZE..].iter().all(|&b| b == 7));
+        // SAFETY: the two pages still mapped.
+        unsafe {
+            libc::munmap(base.cast(), PAGE_SIZE);
+            libc::munmap(base.add(2 * PAGE_SIZE).cast(), PAGE_SIZE);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_page_a_pass_could_not_read_is_read_by_the_next_whatever_dirty_tracking_says() {
+        let mut mem = vec![3u8; 9 * PAGE_SIZE];
+        let base = (mem.as_mut_ptr() as usize).next_multiple_of(PAGE_SIZE);
+        let region = Region { pid: std::process::id(), start: base as u64, end: (base + 8 * PAGE_SIZE) as u64 };
+        let page = |i: usize| (std::process::id(), (base + i * PAGE_SIZE) as u64);
+        let level = AdaptiveLevel::new(1);
+        let mut held = Held::default();
+        let mut wire = Vec::new();
+        send_round(&mut held, &mut wire, vec![region.clone()], Pass::default(), &level).await.unwrap();
+        // Page 5 changed, but its read failed in the last pass (see the test above): tracking will not
+        // report the write again.
+        let off = base - mem.as_ptr() as usize;
+        mem[off + 5 * PAGE_SIZE] = 9;
+        std::hint::black_box(&mem);
+        held.unread.insert(page(5));
+        let nothing_written = || Pass { round: 1, only: Some(crate::dirty::Changed::default()), ..Default::default() };
+        let mut wire = Vec::new();
+        let s = send_round(&mut held, &mut wire, vec![region.clone()], nothing_written(), &level).await.unwrap();
+        assert_eq!((s.sent, s.data), (1, 1), "{s:?}");
+        let (b, _, _) = pages::read_batch(&mut wire.as_slice()).await.unwrap().unwrap();
+        assert_eq!(b.data, vec![page(5).1]);
+        assert!(held.unread.is_empty());
+        let s = send_round(&mut held, &mut Vec::new(), vec![region], nothing_written(), &level).await.unwrap();
+        assert_eq!(s.sent, 0, "{s:?}");
     }
 }
