@@ -173,9 +173,7 @@ impl Tracker {
     /// Gives process `pid` a userfaultfd, keeps a duplicate of it in write-protect-async mode.
     pub fn attach(pid: u32) -> Result<Tracker, String> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("pid {pid}: {e}"))?;
-        let field = |name: &str| {
-            status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap_or_default()
-        };
+        let field = |name: &str| crate::inspect::status_field(&status, name);
         if field("Seccomp:") != "0" {
             return Err(format!("pid {pid} runs under a seccomp filter, which may refuse or punish userfaultfd(2)"));
         }

@@ -197,14 +197,16 @@ pub fn tree(root: u32) -> std::io::Result<Tree> {
     })
 }
 
+/// The value of field `name` (with its colon, e.g. "TracerPid:") in the text of a /proc/PID/status,
+/// trimmed; empty when there is no such field.
+pub(crate) fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("")
+}
+
 /// Whether `pid` has capability number `cap` in its effective set.
 fn has_cap(pid: &str, cap: u32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .is_some_and(|bits| bits & (1 << cap) != 0)
+    u64::from_str_radix(status_field(&status, "CapEff:"), 16).is_ok_and(|bits| bits & (1 << cap) != 0)
 }
 
 fn ns_ino(pid: &str, ns: &str) -> u64 {
@@ -214,7 +216,7 @@ fn ns_ino(pid: &str, ns: &str) -> u64 {
 fn process(pid: u32, unix: &HashMap<u64, sockdiag::UnixDiag>, owners: &HashMap<u64, (u32, String)>) -> Process {
     let base = format!("/proc/{pid}");
     let status = std::fs::read_to_string(format!("{base}/status")).unwrap_or_default();
-    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("");
+    let field = |name: &str| status_field(&status, name);
     let stat = std::fs::read_to_string(format!("{base}/stat")).unwrap_or_default();
     let after: Vec<&str> = stat.rfind(')').map(|i| stat[i + 2..].split_whitespace().collect()).unwrap_or_default();
     let num = |i: usize| after.get(i).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
