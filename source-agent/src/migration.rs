@@ -129,9 +129,9 @@ struct PreCopied {
     held: precopy::Held,
     level: protocol::chunk::AdaptiveLevel,
     rounds: u32,
-    /// Write-protect dirty tracking of the tree, when the rounds had it: the pass over the frozen tree
-    /// then reads only what was written since the last round.
-    trackers: Option<dirty::Trackers>,
+    /// How the rounds learnt what changed; with write-protect tracking the pass over the frozen tree
+    /// too reads only what was written since the last round.
+    tracking: Tracking,
 }
 
 /// How pre-copy learns what changed between passes (see [`dirty`]).
@@ -154,7 +154,7 @@ impl Tracking {
 impl PreCopied {
     /// What changed in `regions` of the frozen tree since the last round, when that is known exactly.
     fn changed_at_freeze(&mut self, regions: &[precopy::Region]) -> Option<dirty::Changed> {
-        let t = self.trackers.as_mut()?;
+        let Tracking::WriteProtect(t) = &mut self.tracking else { return None };
         let c = t.changed(regions);
         tracing::info!(pages = c.pages.len(), untracked = c.all_of.len(), "written since the last round");
         Some(c)
@@ -952,11 +952,7 @@ impl Migration<'_> {
         self.rounds = rounds.len() as u32;
         self.precopy_ms = ms(started.elapsed());
         self.precopy_wire = rounds.iter().map(|r| r.wire).sum();
-        let trackers = match tracking {
-            Tracking::WriteProtect(t) => Some(t),
-            _ => None,
-        };
-        Ok(PreCopied { stream, held, level, rounds: self.rounds, trackers })
+        Ok(PreCopied { stream, held, level, rounds: self.rounds, tracking })
     }
 
     async fn send_files(
