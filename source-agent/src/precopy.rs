@@ -500,9 +500,17 @@ fn scan(
                         held.unread.remove(&key);
                     }
                     xxhash_rust::xxh3::xxh3_128(page)
+                } else if frozen {
+                    // The tree's memory cannot change any more and CRIU listed this page: sending
+                    // nothing for it would leave the target a stale or zero page.
+                    return Err(format!(
+                        "cannot read page {:#x} of pid {pid} in the frozen tree (neither process_vm_readv nor \
+                         /proc/{pid}/mem can)",
+                        key.1
+                    ));
                 } else {
-                    // Unmapped since /proc/PID/maps was read, or after a range that was: the next pass
-                    // (at the latest the final delta, on the frozen tree) reads it again.
+                    // Unmapped since /proc/PID/maps was read: the next pass (at the latest the final delta,
+                    // on the frozen tree) reads it again.
                     held.unread.insert(key);
                     continue;
                 };
@@ -586,8 +594,12 @@ pub(crate) fn read_pagemap(f: &mut std::fs::File, addr: u64, out: &mut [u64]) ->
 }
 
 /// Reads the pages `want`s of the `want.len()` pages at `addr` of `pid` into their places in `buf`
-/// (page i at `i * PAGE_SIZE`), in one call, and says in `got` which were read (a range unmapped in
-/// the meantime ends the read early).
+/// (page i at `i * PAGE_SIZE`), in one call, and says in `got` which were read.
+///
+/// process_vm_readv stops at the first page it cannot read: one in a range unmapped in the meantime,
+/// or one the process cannot read itself (PROT_NONE: memory a program protected after writing it,
+/// which CRIU still dumps, and lazily). The pages after that are read through /proc/PID/mem, which
+/// reads protected pages as a debugger does; what it cannot read either is not there.
 fn read_pages(pid: u32, addr: u64, want: &[bool], buf: &mut [u8], got: &mut [bool]) {
     got.fill(false);
     // Runs of wanted pages: (first page, pages).
@@ -616,12 +628,32 @@ fn read_pages(pid: u32, addr: u64, want: &[bool], buf: &mut [u8], got: &mut [boo
         at = s + n;
     }
     let read = process_vm_readv(nix::unistd::Pid::from_raw(pid as i32), &mut local, &remote).unwrap_or_default();
+    drop(local);
     // The bytes read fill the runs in order.
     let mut left = read / PAGE_SIZE;
+    let mut rest = Vec::new();
     for &(s, n) in &runs {
         let k = n.min(left);
         got[s..s + k].fill(true);
         left -= k;
+        if k < n {
+            rest.push((s + k, n - k));
+        }
+    }
+    if rest.is_empty() {
+        return;
+    }
+    let Ok(mem) = std::fs::File::open(format!("/proc/{pid}/mem")) else { return };
+    for (s, n) in rest {
+        let run = &mut buf[s * PAGE_SIZE..(s + n) * PAGE_SIZE];
+        if std::os::unix::fs::FileExt::read_exact_at(&mem, run, addr + (s * PAGE_SIZE) as u64).is_ok() {
+            got[s..s + n].fill(true);
+            continue;
+        }
+        for i in s..s + n {
+            let page = &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            got[i] = std::os::unix::fs::FileExt::read_exact_at(&mem, page, addr + (i * PAGE_SIZE) as u64).is_ok();
+        }
     }
 }
 
@@ -865,7 +897,7 @@ VmFlags: rd wr mr mw me lo ac
     }
 
     #[test]
-    fn a_read_stops_at_a_range_unmapped_meanwhile() {
+    fn a_read_goes_past_a_range_unmapped_meanwhile_and_reads_protected_pages() {
         // SAFETY: a fresh anonymous mapping of 3 pages, only touched through this pointer, then unmapped.
         let base = unsafe {
             libc::mmap(
@@ -877,17 +909,21 @@ VmFlags: rd wr mr mw me lo ac
                 0,
             )
         } as *mut u8;
-        // SAFETY: within the mapping; then the middle page is unmapped.
+        // SAFETY: within the mapping; then the middle page is unmapped and the last one made PROT_NONE
+        // (as a program protects memory it wrote: CRIU dumps it all the same).
         unsafe {
             std::ptr::write_bytes(base, 7, 3 * PAGE_SIZE);
             libc::munmap(base.add(PAGE_SIZE).cast(), PAGE_SIZE);
+            libc::mprotect(base.add(2 * PAGE_SIZE).cast(), PAGE_SIZE, libc::PROT_NONE);
         }
         let mut buf = vec![0u8; 3 * PAGE_SIZE];
         let mut got = [false; 3];
         read_pages(std::process::id(), base as u64, &[true, true, true], &mut buf, &mut got);
-        assert_eq!(got, [true, false, false], "the pages after the hole are not read either");
-        read_pages(std::process::id(), base as u64, &[true, false, true], &mut buf, &mut got);
-        assert_eq!(got, [true, false, true]);
+        assert_eq!(got, [true, false, true], "the hole is not read, the pages around it are");
+        assert!(buf[..PAGE_SIZE].iter().chain(&buf[2 * PAGE_SIZE..]).all(|&b| b == 7));
+        buf.fill(0);
+        read_pages(std::process::id(), base as u64, &[false, false, true], &mut buf, &mut got);
+        assert_eq!(got, [false, false, true], "a PROT_NONE page alone");
         assert!(buf[2 * PAGE_SIZE..].iter().all(|&b| b == 7));
         // SAFETY: the two pages still mapped.
         unsafe {

@@ -2,7 +2,7 @@
 //! socket `migrate-workload-NAME` (per network namespace, so per testbed host) with one JSON line.
 //!
 //!   workload mem  --name N --mib M [--seed S] [--compressible] [--dirty-pct P [--writers T]] [--fork-every-ms T]
-//!                 [--lock] [--hold-open PATH] --pidfile F
+//!                 [--lock] [--protected-mib P] [--hold-open PATH] --pidfile F
 //!       M MiB of known content (splitmix64 of S; with --compressible, mostly zeros with one random word
 //!       per 64 bytes) and a counter bumped every millisecond by a thread. With --dirty-pct, T threads
 //!       (default 1) together rewrite P percent of the pages per second, as a busy program would, in a
@@ -22,7 +22,10 @@
 //!       With --fork-every-ms T, a thread forks a child every T ms (writers paused for the fork) that
 //!       checks its copy of the memory the same way and exits 0 or 1; answers count forks_ok and
 //!       forks_failed. With --lock, the memory is locked (mlock(2)) once filled: CRIU leaves locked
-//!       memory out of a lazy dump's lazy ranges and writes it into the images.
+//!       memory out of a lazy dump's lazy ranges and writes it into the images. With --protected-mib,
+//!       P MiB more of known content (seed S + 1) are made PROT_NONE once filled, as a program protects
+//!       memory it wrote (CRIU dumps it, lazily too, but the process itself cannot read it); each
+//!       answer makes it readable for the check and protects it again: {protected_verified}.
 //!   workload tree --name N --pidfile F
 //!       A parent with two children: a writer sends a counter into a pipe every 5 ms, a reader reads it.
 //!       The reader answers {kind, pid, parent, writer, last, reads}.
@@ -376,6 +379,49 @@ fn serve(listener: UnixListener, answer: impl Fn() -> serde_json::Value) -> ! {
     }
 }
 
+/// Memory of known content kept PROT_NONE (`workload mem --protected-mib`).
+struct Protected {
+    base: usize,
+    words: usize,
+    expected: u64,
+}
+
+impl Protected {
+    fn new(mib: usize, seed: u64) -> Protected {
+        let len = mib << 20;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a new private anonymous mapping of the kernel's choice, owned by the value made here.
+        let base =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        assert_ne!(base, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        let words = len / 8;
+        // SAFETY: the mapping just made, readable and writable, `words` words long.
+        let mem = unsafe { std::slice::from_raw_parts_mut(base.cast::<u64>(), words) };
+        for (i, w) in mem.iter_mut().enumerate() {
+            *w = fill_word(seed, i as u64, false);
+        }
+        let expected = checksum(mem);
+        let p = Protected { base: base as usize, words, expected };
+        p.protect(libc::PROT_NONE);
+        p
+    }
+
+    fn protect(&self, prot: libc::c_int) {
+        // SAFETY: changes the protection of this value's own mapping, whole.
+        let r = unsafe { libc::mprotect(self.base as *mut libc::c_void, self.words * 8, prot) };
+        assert_eq!(r, 0, "mprotect: {}", std::io::Error::last_os_error());
+    }
+
+    /// Whether it still holds what it was filled with (readable for the check only).
+    fn verified(&self) -> bool {
+        self.protect(libc::PROT_READ);
+        // SAFETY: the mapping, readable now; nothing writes it.
+        let sum = checksum(unsafe { std::slice::from_raw_parts(self.base as *const u64, self.words) });
+        self.protect(libc::PROT_NONE);
+        sum == self.expected
+    }
+}
+
 fn mem(args: &[String]) {
     let name = arg(args, "--name").expect("--name");
     let mib: usize = arg(args, "--mib").map(|m| m.parse().expect("--mib")).unwrap_or(64);
@@ -393,6 +439,7 @@ fn mem(args: &[String]) {
         assert_eq!(r, 0, "mlock: {}", std::io::Error::last_os_error());
     }
     let expected = checksum(filled);
+    let protected = arg(args, "--protected-mib").map(|p| Protected::new(p.parse().expect("--protected-mib"), seed + 1));
     let memory = Memory { base: filled.as_mut_ptr(), words: filled.len() };
     let pages = memory.words / PAGE_WORDS;
     let counter = start_counter();
@@ -487,6 +534,9 @@ fn mem(args: &[String]) {
             "forks_ok": forks.0.load(Ordering::SeqCst),
             "forks_failed": forks.1.load(Ordering::SeqCst),
         });
+        if let Some(p) = &protected {
+            answer["protected_verified"] = p.verified().into();
+        }
         if !dirtying {
             // SAFETY: nothing writes the memory of a workload that does not dirty it.
             let mem = unsafe { std::slice::from_raw_parts(memory.base(), memory.words) };
