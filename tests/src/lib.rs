@@ -252,6 +252,25 @@ impl Testbed {
         std::fs::read_to_string(self.dir.join(host).join("source-agent.log")).unwrap_or_default()
     }
 
+    /// The last `lines` lines of each agent's log on each host (what a failure report needs: the
+    /// testbed and its logs are gone once the suite ends).
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for host in ["a", "b", "c"] {
+            for agent in ["source-agent", "target-agent"] {
+                let path = self.dir.join(host).join(format!("{agent}.log"));
+                let Ok(log) = std::fs::read_to_string(&path) else { continue };
+                let all: Vec<&str> = log.lines().collect();
+                out += &format!("--- {} (last {} of {} lines)\n", path.display(), lines.min(all.len()), all.len());
+                for l in &all[all.len().saturating_sub(lines)..] {
+                    out += l;
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
     /// Scrapes `/metrics` of the agent listening on `port` of `host`'s loopback (9464 source, 9465
     /// target): metric name (with labels) -> value.
     pub fn metrics(&self, host: &str, port: u16) -> std::collections::HashMap<String, f64> {

@@ -222,6 +222,32 @@ fn locked_memory_crosses_in_the_image_files() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Memory a program made PROT_NONE after writing it crosses intact in every mode: the agent cannot
+/// read it with process_vm_readv (as the program cannot), yet CRIU leaves it lazy; before the fix each
+/// mode silently gave the copy zeros or stale pages there.
+fn protected_memory_crosses_in_every_mode() -> Result<(), Failed> {
+    let tb = tb();
+    for (k, mode) in ["postcopy", "hybrid", "precopy"].into_iter().enumerate() {
+        let name = format!("prot{}", unique());
+        let seed = (40 + k).to_string();
+        let args =
+            ["mem", "--name", &name, "--mib", "32", "--seed", &seed, "--dirty-pct", "10", "--protected-mib", "16"];
+        let pid = tb.start_workload("a", &args);
+        std::thread::sleep(Duration::from_millis(500));
+        let before = tb.query("a", &name)?;
+        check(before["protected_verified"] == true, format!("protected memory wrong before the move: {before}"))?;
+        let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", mode]);
+        check(r.success, format!("--mode {mode}: migrate failed: {} {}", r.json, r.stderr))?;
+        let after = tb.query("b", &name)?;
+        check(
+            after["verified"] == true && after["protected_verified"] == true,
+            format!("--mode {mode}: memory on b differs: {after}"),
+        )?;
+        tb.kill("b", pid);
+    }
+    Ok(())
+}
+
 /// Post-copy and hybrid with 1 GiB: three writer threads dirty 10 % of the pages per second and a
 /// thread forks a checking child every 300 ms, before, during and after the post-copy. The copy runs on
 /// b with every write it made intact (the workload replays them all), its children's checks pass
@@ -1222,6 +1248,9 @@ fn wrong_pid_dead_host_taken_pid() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Lines of each agent's log a failing case prints.
+const LOG_TAIL_LINES: usize = 40;
+
 fn main() {
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
@@ -1236,6 +1265,7 @@ fn main() {
         ("users_migrate_only_their_own", users_migrate_only_their_own),
         ("precopy_keeps_every_page_under_writers", precopy_keeps_every_page_under_writers),
         ("locked_memory_crosses_in_the_image_files", locked_memory_crosses_in_the_image_files),
+        ("protected_memory_crosses_in_every_mode", protected_memory_crosses_in_every_mode),
         ("postcopy_and_hybrid_move_a_gib", postcopy_and_hybrid_move_a_gib),
         ("postcopy_rides_out_a_short_link_drop", postcopy_rides_out_a_short_link_drop),
         ("postcopy_longer_outage_rolls_back", postcopy_longer_outage_rolls_back),
@@ -1269,7 +1299,18 @@ fn main() {
             }
         }
     }
-    let trials = cases.into_iter().map(|(n, f)| Trial::test(n, f)).collect();
+    // A failing case reports the agents' last words with its message: the testbed is gone afterwards.
+    let trials = cases
+        .into_iter()
+        .map(|(n, f)| {
+            Trial::test(n, move || {
+                f().map_err(|e| {
+                    let tails = TB.get().map(|tb| tb.log_tails(LOG_TAIL_LINES)).unwrap_or_default();
+                    format!("{}\n{tails}", e.message().unwrap_or("")).into()
+                })
+            })
+        })
+        .collect();
     let conclusion = libtest_mimic::run(&args, trials);
     if let Some(tb) = TB.get() {
         // A static is never dropped: tear down explicitly.
