@@ -168,14 +168,17 @@ const PRIORITY_BULK: i32 = -10;
 /// The source's side of post-copy, after ImagesDone: streams every page that differs from what the
 /// target holds (all of them after no rounds), going first where the faults are, while the fault link
 /// answers the faults themselves (crate::fault_link::serve, which is given the other end of `hints`).
+///
+/// The fault link outlives the stream: it serves until the migration ends (the caller holds it), so
+/// a page the target still lacks once the stream is in (it asks only then for a page its daemon let go
+/// of and needs again, see target-agent's lazy module) is answered rather than waited for forever.
 struct PostCopy {
     regions: Vec<precopy::Region>,
     delivered: Arc<std::sync::atomic::AtomicBool>,
     work_dir: PathBuf,
     pids: Vec<u32>,
-    /// The fault link's server, and the bytes it answered.
+    /// The fault link's server (the caller aborts it when the migration ends).
     faults: tokio::task::JoinHandle<Result<(), String>>,
-    answered: Arc<AtomicU64>,
     hints: std::sync::mpsc::Receiver<precopy::Key>,
     /// Fired when Commit is sent: the stream waits for it, so that it does not take the cores from
     /// the target's restore, which is downtime (the copy cannot fault before it runs anyway).
@@ -183,11 +186,9 @@ struct PostCopy {
 }
 
 impl PostCopy {
-    /// Returns the bytes it put on the wire and the pages the target holds.
+    /// Returns the bytes it put on the pages stream and the pages the target holds.
     async fn run(self, mut pre: PreCopied) -> Result<(u64, u64), String> {
-        let PostCopy { regions, delivered, work_dir, pids, mut faults, answered, hints, go } = self;
-        // Once every page reached the target, no fault waits for this host any more.
-        let _stop_faults = AbortOnDrop(faults.abort_handle());
+        let PostCopy { regions, delivered, work_dir, pids, mut faults, hints, go } = self;
         // Until Commit only the restore can fault (CRIU's restorer touches some lazy pages, e.g. the
         // rseq area): the fault link alone answers it, and if the link fails the restore would wait.
         tokio::select! {
@@ -228,7 +229,7 @@ impl PostCopy {
         {
             tracing::warn!("fault link: {e}");
         }
-        Ok((stats.wire + end + answered.load(Ordering::Relaxed), pre.held.len() as u64))
+        Ok((stats.wire + end, pre.held.len() as u64))
     }
 }
 
@@ -685,6 +686,8 @@ impl Migration<'_> {
         // (from Commit on), and pages the copy faults on are answered first.
         let mut stream_start = None;
         let mut postcopy_failed = None;
+        // The fault link's server, stopped when this returns, and the bytes it answered.
+        let mut fault_server: Option<(AbortOnDrop, Arc<AtomicU64>)> = None;
         let background = match pre.take() {
             Some(p) if postcopy => {
                 let (hint_tx, hints) = std::sync::mpsc::channel();
@@ -692,6 +695,7 @@ impl Migration<'_> {
                 let lazy = crate::fault_link::Lazy { pids: pids.to_vec(), regions: lazy_regions.clone() };
                 let link = fault_link.expect("opened for post-copy");
                 let faults = crate::fault_link::serve(&self.ctx.fault_lane, link, lazy, hint_tx, answered.clone());
+                fault_server = Some((AbortOnDrop(faults.abort_handle()), answered));
                 let (start, go) = tokio::sync::oneshot::channel();
                 stream_start = Some(start);
                 let task = PostCopy {
@@ -701,7 +705,6 @@ impl Migration<'_> {
                     delivered: self.delivered.clone(),
                     work_dir: self.work_dir.clone(),
                     faults,
-                    answered,
                     hints,
                 };
                 let (fail_tx, fail_rx) = tokio::sync::oneshot::channel();
@@ -810,8 +813,9 @@ impl Migration<'_> {
                 },
                 None => (0, pre.as_ref().map(|p| p.held.len() as u64).unwrap_or(0)),
             };
+            let answered = fault_server.as_ref().map_or(0, |(_, a)| a.load(Ordering::Relaxed));
             self.kill_original(pids, &remote.host_name).await;
-            complete = Some((c.0, c.1, wire_after, held_after));
+            complete = Some((c.0, c.1, wire_after + answered, held_after));
         }
         let _ = send.finish();
         let held_pages = complete.as_ref().map(|c| c.3).unwrap_or(0);

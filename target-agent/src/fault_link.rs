@@ -248,6 +248,7 @@ pub async fn fetch(
                 store.fill_parked(batch.pid, vaddr, bytes);
             }
             let key = (batch.pid, page.map_or(0, |(vaddr, _)| vaddr));
+            store.answered(key.0, key.1);
             if let Some(t) = sent_at.lock().expect("lock").remove(&key) {
                 rtts.push(t.elapsed());
             }

@@ -304,6 +304,10 @@ const PAGE: usize = PAGE_SIZE as usize;
 /// safety net for parked faults and arrivals of a source whose waker did not fire; every real event
 /// (restore socket, uffds, the waker, cancel) wakes poll.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+/// After the restore, when no page was filled and no process settled for this long, the daemon logs
+/// what each unsettled process waits for (again every so long while it lasts): a stall is then
+/// diagnosable from the agent's log rather than only seen as a migration that never completes.
+const STALL_REPORT: Duration = Duration::from_secs(10);
 /// Wait before pushing again into a process whose next page a complete source still calls Pending (a
 /// source that breaks its promise: the page is requested and waited for, never zero-filled).
 const PENDING_BACKOFF: Duration = Duration::from_millis(10);
@@ -503,6 +507,7 @@ impl LazyPages {
             immediate: Vec::new(),
             stats: LazyStats::default(),
             error: None,
+            progress: (0, Instant::now(), None),
         };
         server.publish();
         let s = Arc::downgrade(&shared);
@@ -902,6 +907,8 @@ struct Server {
     immediate: Vec<u64>,
     stats: LazyStats,
     error: Option<LazyError>,
+    /// What [`Server::progress_mark`] said last, when it last changed, and when a stall was last reported.
+    progress: (u64, Instant, Option<Instant>),
 }
 
 impl Server {
@@ -941,6 +948,7 @@ impl Server {
             }
             self.check_complete();
             self.publish();
+            self.report_stall();
             if self.rstf_at.is_some() && self.procs.iter().all(Proc::settled) {
                 if let Some(e) = self.error.take() {
                     return Err(e);
@@ -1677,6 +1685,58 @@ impl Server {
         let left: u64 = self.procs.iter().filter(|p| !p.gone).map(|p| p.missing.pages).sum::<u64>()
             + self.unattached.values().map(|r| Missing::new(r).pages).sum::<u64>();
         s.left.store(left, Ordering::Release);
+    }
+
+    /// Changes whenever a page is filled or dropped, a fault answered, or a process ends or is added.
+    fn progress_mark(&self) -> u64 {
+        let s = &self.stats;
+        s.faults
+            + s.pushed_pages
+            + s.zero_pages
+            + s.fault_pages
+            + s.dropped_pages
+            + s.processes
+            + self.procs.len() as u64
+    }
+
+    /// Logs what the unsettled processes wait for when nothing moved for [`STALL_REPORT`] after RSTF.
+    fn report_stall(&mut self) {
+        let now = Instant::now();
+        let mark = self.progress_mark();
+        if mark != self.progress.0 || self.rstf_at.is_none() {
+            self.progress = (mark, now, None);
+            return;
+        }
+        let since = self.progress.2.unwrap_or(self.progress.1);
+        if now.duration_since(since) < STALL_REPORT {
+            return;
+        }
+        self.progress.2 = Some(now);
+        let stalled = now.duration_since(self.progress.1);
+        let parked = self.parked.lock().waiting.len();
+        tracing::warn!(
+            secs = stalled.as_secs(),
+            complete = self.complete,
+            parked_pages = parked,
+            "lazy pages: nothing filled for a while; what each unfinished process waits for follows"
+        );
+        for p in self.procs.iter().filter(|p| !p.settled()) {
+            let first = p.missing.runs.iter().next().map(|(&s, &(e, img))| (s, e, img));
+            let first_known = first.map(|(_, _, img)| self.source.lookup(p.pid, img, &mut vec![0u8; PAGE]));
+            tracing::warn!(
+                pid = p.pid,
+                serial = p.serial,
+                missing = p.missing.pages,
+                first_missing = ?first.map(|(s, e, img)| format!("{s:#x}-{e:#x} (image {img:#x})")),
+                first_known = ?first_known,
+                parked = ?p.parked.iter().take(4).map(|(a, t)| format!("{a:#x} for {:?}", t.elapsed())).collect::<Vec<_>>(),
+                retry = p.retry.len(),
+                ready = p.ready.len(),
+                push_after = ?p.push_after.map(|t| t.saturating_duration_since(now)),
+                has_push = p.has_push(self.complete),
+                "lazy pages: unfinished process"
+            );
+        }
     }
 
     fn finish(&mut self) -> LazyStats {

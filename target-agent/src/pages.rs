@@ -477,12 +477,19 @@ impl PageStore {
         }
     }
 
+    /// The source answered the request for this page: it may be asked for again. A page the daemon
+    /// released can be needed again (the module doc says when it is released; a case the daemon did not
+    /// foresee must end in a request answered, not in a fault that waits forever).
+    pub fn answered(&self, pid: u32, vaddr: u64) {
+        self.requests.lock().expect("requests lock").1.remove(&(pid, vaddr));
+    }
+
     /// Post-copy: pending pages are asked for on `requests` (see [`PageStore::request`]).
     pub fn set_requests(&self, requests: tokio::sync::mpsc::UnboundedSender<(u32, u64)>) {
         self.requests.lock().expect("requests lock").0 = Some(requests);
     }
 
-    /// Asks the source for a pending page (once per page).
+    /// Asks the source for a pending page (once per page, until [`PageStore::answered`]).
     pub fn request(&self, pid: u32, vaddr: u64) {
         let mut r = self.requests.lock().expect("requests lock");
         if r.1.insert((pid, vaddr))
@@ -834,6 +841,30 @@ mod tests {
         let late = pb::PageBatch { pid: 3, frozen: true, data: vec![0x9000], ..Default::default() };
         s.apply(&late, &page(9)).unwrap();
         assert_eq!((s.lookup(3, 0x9000, &mut out), out[0]), (Known::Page, 9));
+    }
+
+    /// A page asked for, answered and then released can be asked for again (and answered again): a
+    /// page needed again after its release must not wait forever on a request deduplicated away.
+    #[test]
+    fn an_answered_page_can_be_asked_for_again() {
+        let s = PageStore::new(1 << 30);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        s.set_requests(tx);
+        s.request(7, 0x4000);
+        assert_eq!(rx.try_recv().unwrap(), (7, 0x4000));
+        let answer = pb::PageBatch { pid: 7, frozen: true, data: vec![0x4000], ..Default::default() };
+        s.apply(&answer, &page(9)).unwrap();
+        s.answered(7, 0x4000);
+        s.set_complete();
+        s.release(7, 0x4000, 1);
+        let mut out = vec![0u8; PAGE_SIZE];
+        assert_eq!(s.lookup(7, 0x4000, &mut out), Known::Pending);
+        s.request(7, 0x4000);
+        s.request(7, 0x4000);
+        assert_eq!(rx.try_recv().unwrap(), (7, 0x4000), "asked for again after its answer");
+        assert!(rx.try_recv().is_err(), "and still once per answer");
+        s.apply(&answer, &page(9)).unwrap();
+        assert_eq!((s.lookup(7, 0x4000, &mut out), out[0]), (Known::Page, 9));
     }
 
     /// A released page's slot is reused, and the page is Pending (never zero) from then on.
