@@ -1,6 +1,8 @@
 //! The fault link, source side: a QUIC connection of its own to the target's fault port, opened after
 //! Prepared and before the freeze of a lazy migration ([`open`]), on which the source answers the
-//! target's page faults from the stopped tree during post-copy ([`serve`]).
+//! target's page faults from the stopped tree during post-copy ([`serve`]), until the migration ends:
+//! also after the whole pages stream arrived, when the target asks only for a page it let go of and
+//! needs again.
 //!
 //! It runs on the agent's fault lane ([`protocol::lane`]): its own thread, runtime and UDP socket at a
 //! higher priority, so an answer leaves as soon as its request came in, ahead of the bulk pages that

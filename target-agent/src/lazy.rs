@@ -66,6 +66,11 @@
 //! a partial copy counts what was copied. Once RSTF came and nothing is missing any more the uffds are
 //! closed and the tree runs on without a daemon.
 //!
+//! **A stall is logged.** After RSTF, when no page was filled, no fault answered and no process came or
+//! went for [`STALL_REPORT`], the daemon logs what each unfinished process waits for (its first missing
+//! run and what the source says of it, parked and retried faults, its push backoff), and again every
+//! so long while it lasts.
+//!
 //! Every `unsafe` (ioctls, taking ownership of received fds) is in the private module `sys` below.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
