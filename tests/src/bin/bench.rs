@@ -174,9 +174,10 @@ fn main() {
     let fill = fill_rate(&tb, link_mib << 20);
     match &fill {
         Ok(rate) => println!(
-            "fill on b: {:.0} MB/s, {link_mib} MiB placed with UFFDIO_COPY (16 pages per call) into fresh memory, \
+            "fill on b: {:.0} MB/s, {link_mib} MiB placed with UFFDIO_COPY ({} pages per call) into fresh memory, \
              no network (the most the target can place here)",
-            rate / 1e6
+            rate / 1e6,
+            target_agent::lazy::PUSH_BATCH_PAGES
         ),
         Err(e) => println!("fill on b: NOT MEASURED: {e}"),
     }
@@ -905,14 +906,14 @@ fn fill_rate(tb: &Testbed, bytes: u64) -> Result<f64, String> {
 }
 
 /// Maps --bytes of fresh anonymous memory, registers it with a userfaultfd (missing pages) and fills it
-/// with UFFDIO_COPY, 16 pages per call, from a buffer, as the lazy-pages daemon of
+/// with UFFDIO_COPY, PUSH_BATCH_PAGES per call, from a buffer, as the lazy-pages daemon of
 /// target-agent/src/lazy.rs does (same ioctls). Prints "BYTES SECONDS".
 fn fill(args: &[String]) {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     const UFFDIO_API: u64 = 0xc018_aa3f;
     const UFFDIO_REGISTER: u64 = 0xc020_aa00;
     const UFFDIO_COPY: u64 = 0xc028_aa03;
-    const BATCH: usize = 16 * 4096;
+    const BATCH: usize = target_agent::lazy::PUSH_BATCH_PAGES as usize * 4096;
     let bytes: usize = arg(args, "--bytes").expect("--bytes").parse().expect("--bytes");
     let len = bytes.div_ceil(BATCH) * BATCH;
     // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1.
