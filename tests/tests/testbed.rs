@@ -720,11 +720,7 @@ fn dropped_link_rolls_back() -> Result<(), Failed> {
     check(err.contains("timed out") || err.contains("link"), format!("error does not blame the link: {err}"))?;
     check(err.contains("resumed on this host") && r.json["original"] == "running", format!("{}", r.json))?;
     check(tb.running("a", pid), "the original does not run on a")?;
-    // b never ran its copy (no Commit came): at most it still holds it stopped, until its own idle
-    // timer, which may fire a little after a's, tells it the link is gone.
-    check(!tb.running("b", pid), "a copy runs on b beside the original")?;
-    let gone = wait_until(Duration::from_secs(15), || tb.state("b", pid).is_none());
-    check(gone, format!("the stopped copy on b was not removed: state {:?}", tb.state("b", pid)))?;
+    no_copy_left_on_b(pid)?;
     let after = tb.query("a", &name)?;
     check(after["checksum"] == before["checksum"], "memory changed")?;
     // b dropped what it had received once it noticed the link was gone.
@@ -734,6 +730,16 @@ fn dropped_link_rolls_back() -> Result<(), Failed> {
     check(emptied, format!("{} still holds images", incoming.display()))?;
     tb.kill("a", pid);
     Ok(())
+}
+
+/// After a rollback before Commit: the copy b restored never runs beside the original, and b removes
+/// it. b may still hold it, stopped, for a moment: its idle timer can fire a little after the source's,
+/// which resumed the original as soon as its own fired.
+fn no_copy_left_on_b(pid: u32) -> Result<(), Failed> {
+    let tb = tb();
+    check(!tb.running("b", pid), "a copy runs on b beside the original")?;
+    let gone = wait_until(Duration::from_secs(15), || tb.state("b", pid).is_none());
+    check(gone, format!("the stopped copy on b was not removed: state {:?}", tb.state("b", pid)))
 }
 
 /// Starts an extra agent of `role` on `host` with the TLS material in `tls`, state in `state`, its log
@@ -828,10 +834,7 @@ fn crashed_source_agent_resumes_the_original_in(mode: &'static str) -> Result<()
     let after = tb.query("a", &name)?;
     check(after["checksum"] == before["checksum"], "memory changed")?;
     check(counter_advances("a", &name, &after), "the counter does not advance after recovery")?;
-    // A copy b restored never ran (no Commit); b removes it once its idle timer notices the link gone.
-    check(!tb.running("b", pid), "a copy runs on b beside the original")?;
-    let gone = wait_until(Duration::from_secs(15), || tb.state("b", pid).is_none());
-    check(gone, format!("the stopped copy on b was not removed: state {:?}", tb.state("b", pid)))?;
+    no_copy_left_on_b(pid)?;
     let incoming = tb.dir.join("b/target/incoming");
     let emptied =
         wait_until(Duration::from_secs(30), || std::fs::read_dir(&incoming).map(|d| d.count() == 0).unwrap_or(false));
