@@ -72,9 +72,9 @@ pub struct Held {
     by_hash: HashMap<u128, Key>,
     /// Records sent on the pages stream so far (the target checks the total).
     pub records: u64,
-    /// Pages a pass should have read but could not (a read stops at a range unmapped meanwhile):
-    /// the next pass reads them whatever dirty tracking says, as the writes it reported are not
-    /// reported again.
+    /// Pages a pass should have read but could not (unmapped since the pass read /proc/PID/maps): the
+    /// next pass reads them whatever dirty tracking says, as the writes it reported are not reported
+    /// again.
     unread: std::collections::HashSet<Key>,
 }
 
@@ -631,20 +631,21 @@ fn read_pages(pid: u32, addr: u64, want: &[bool], buf: &mut [u8], got: &mut [boo
     drop(local);
     // The bytes read fill the runs in order.
     let mut left = read / PAGE_SIZE;
-    let mut rest = Vec::new();
+    // The parts of runs that process_vm_readv did not read: (first page, pages).
+    let mut missed = Vec::new();
     for &(s, n) in &runs {
         let k = n.min(left);
         got[s..s + k].fill(true);
         left -= k;
         if k < n {
-            rest.push((s + k, n - k));
+            missed.push((s + k, n - k));
         }
     }
-    if rest.is_empty() {
+    if missed.is_empty() {
         return;
     }
     let Ok(mem) = std::fs::File::open(format!("/proc/{pid}/mem")) else { return };
-    for (s, n) in rest {
+    for (s, n) in missed {
         let run = &mut buf[s * PAGE_SIZE..(s + n) * PAGE_SIZE];
         if std::os::unix::fs::FileExt::read_exact_at(&mem, run, addr + (s * PAGE_SIZE) as u64).is_ok() {
             got[s..s + n].fill(true);
