@@ -287,7 +287,8 @@ pub struct Pass {
     /// back of [`Held`], so a copy source could be out of date).
     pub no_copies: bool,
     /// Post-copy's frozen pass: the pages found unchanged are sent too, as runs (PageBatch.current), so
-    /// the target may place what it holds of them while the rest is still being read.
+    /// the target may place what it holds of them while the rest is still being read. With dirty
+    /// tracking (`only`), those it vouches for are all listed first, before anything is read.
     pub current: bool,
 }
 
@@ -448,6 +449,44 @@ fn scan(
         ok
     };
     let chunks = chunks(regions);
+    // Post-copy's frozen pass with dirty tracking: the pages it vouches for (not written since the last
+    // round) are current as the target holds them. Say so for all of them first, before reading
+    // anything: the target can then place them at once instead of as the reader gets there, and its
+    // faults on them need not go over the fault link. The loop below then reads the rest only.
+    let vouched = current && only.is_some();
+    if let Some(o) = only.as_ref().filter(|_| vouched) {
+        for c in &chunks {
+            if batch.pid != c.pid {
+                run_pages = 0;
+                if !flush(&mut batch, &mut data, c.pid, &mut blocked) {
+                    return Ok(stats);
+                }
+            }
+            for i in 0..c.pages {
+                let key = (c.pid, c.addr + (i * PAGE_SIZE) as u64);
+                if o.may_have(key) || (!held.unread.is_empty() && held.unread.contains(&key)) {
+                    continue;
+                }
+                match batch.current.last_mut() {
+                    Some(r) if r.vaddr + r.pages * PAGE_SIZE as u64 == key.1 => r.pages += 1,
+                    _ => batch.current.push(pb::PageRun { vaddr: key.1, pages: 1 }),
+                }
+                run_pages += 1;
+                if batch.current.len() >= MAX_BATCH_RECORDS || run_pages >= pages::MAX_CURRENT_PAGES {
+                    run_pages = 0;
+                    if !flush(&mut batch, &mut data, c.pid, &mut blocked) {
+                        return Ok(stats);
+                    }
+                }
+            }
+        }
+        // Not held back until the reader fills the batch.
+        run_pages = 0;
+        let pid = batch.pid;
+        if !flush(&mut batch, &mut data, pid, &mut blocked) {
+            return Ok(stats);
+        }
+    }
     let mut order = Order::new(chunks.len());
     loop {
         if let Some(h) = &hints {
@@ -470,6 +509,10 @@ fn scan(
                 || (!held.unread.is_empty() && held.unread.contains(&key));
         }
         let looked = may[..n].iter().any(|&m| m);
+        if vouched && !looked {
+            stats.scanned += n as u64;
+            continue;
+        }
         // Which pages exist (present or swapped).
         if looked && pagemap.as_ref().map(|(p, _)| *p) != Some(pid) {
             pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok().map(|f| (pid, f));
@@ -491,6 +534,9 @@ fn scan(
             stats.scanned += 1;
             let page = &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
             let action = if !may[i] {
+                if vouched {
+                    continue; // said above
+                }
                 Action::Unchanged
             } else {
                 let hash = if !want[i] {
@@ -895,6 +941,41 @@ VmFlags: rd wr mr mw me lo ac
         assert_eq!(b.data, vec![base as u64 + 13 * PAGE_SIZE as u64]);
         assert_eq!(b.current, vec![run(0, 13), run(14, 50)]);
         assert!(b.frozen);
+    }
+
+    /// With dirty tracking, post-copy's frozen pass first lists every page tracking vouches for as
+    /// current, before it reads anything: the target may place all of them at once.
+    #[tokio::test]
+    async fn with_dirty_tracking_the_frozen_pass_lists_the_current_pages_first() {
+        let mut mem = vec![7u8; 33 * PAGE_SIZE];
+        let base = (mem.as_mut_ptr() as usize).next_multiple_of(PAGE_SIZE);
+        let off = base - mem.as_ptr() as usize;
+        let region = Region { pid: std::process::id(), start: base as u64, end: (base + 32 * PAGE_SIZE) as u64 };
+        let page = |i: u64| (std::process::id(), base as u64 + i * PAGE_SIZE as u64);
+        let level = AdaptiveLevel::new(1);
+        let mut held = Held::default();
+        send_round(&mut held, &mut Vec::new(), vec![region.clone()], Pass::default(), &level).await.unwrap();
+        // Tracking reports pages 4 and 20 written; only 4 changed (20 was written with what it held).
+        mem[off + 4 * PAGE_SIZE] = 9;
+        std::hint::black_box(&mem);
+        let mut only = crate::dirty::Changed::default();
+        only.pages.extend([page(4), page(20)]);
+        let frozen =
+            Pass { round: 1, frozen: true, current: true, no_copies: true, only: Some(only), ..Default::default() };
+        let mut wire = Vec::new();
+        let s = send_round(&mut held, &mut wire, vec![region], frozen, &level).await.unwrap();
+        assert_eq!((s.scanned, s.sent, s.data), (32, 1, 1), "{s:?}");
+        let run = |first: u64, pages| pb::PageRun { vaddr: page(first).1, pages };
+        let mut r = wire.as_slice();
+        let (first, _, _) = pages::read_batch(&mut r).await.unwrap().unwrap();
+        assert!(first.data.is_empty(), "nothing read before the vouched pages are listed: {first:?}");
+        assert_eq!(first.current, vec![run(0, 4), run(5, 15), run(21, 11)]);
+        let (second, data, _) = pages::read_batch(&mut r).await.unwrap().unwrap();
+        assert_eq!(second.data, vec![page(4).1]);
+        assert_eq!(data[0], 9);
+        assert_eq!(second.current, vec![run(20, 1)], "read, unchanged, so current too");
+        assert!(first.frozen && second.frozen);
+        assert!(pages::read_batch(&mut r).await.unwrap().is_none());
     }
 
     #[test]
