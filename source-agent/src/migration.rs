@@ -616,11 +616,16 @@ impl Migration<'_> {
         let page_bytes: u64 = files.iter().filter(|(n, _)| n.starts_with("pages-")).map(|(_, s)| s).sum();
         if pre.is_some() && page_bytes > precopy::NOT_LAZY_BYTES {
             // The migration still works (the target restores those pages from the files), but they cross
-            // during the freeze.
+            // during the freeze. CRIU's log is kept beside the work dir (which goes at the end), for why.
+            let kept = self.work_dir.with_extension("dump.log");
+            let kept = match std::fs::copy(self.work_dir.join("dump.log"), &kept) {
+                Ok(_) => format!("CRIU's log of that dump: {}", kept.display()),
+                Err(e) => format!("CRIU's log of that dump could not be kept: {e}"),
+            };
             tracing::warn!(
                 id = %self.id,
                 "CRIU's lazy dump wrote {} MiB of memory into the image files instead of leaving it in the \
-                 frozen tree, so it crosses during the freeze: {}",
+                 frozen tree, so it crosses during the freeze: {}; {kept}",
                 page_bytes >> 20,
                 precopy::written_ranges(&self.work_dir)
             );
