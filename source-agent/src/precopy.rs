@@ -501,10 +501,7 @@ fn scan(
                 }
             }
             written.fill(&held.unread, c.pid, c.addr, &mut may[..c.pages]);
-            for i in 0..c.pages {
-                if may[i] {
-                    continue;
-                }
+            for (i, _) in may[..c.pages].iter().enumerate().filter(|(_, m)| !**m) {
                 let key = (c.pid, c.addr + (i * PAGE_SIZE) as u64);
                 match batch.current.last_mut() {
                     Some(r) if r.vaddr + r.pages * PAGE_SIZE as u64 == key.1 => r.pages += 1,
