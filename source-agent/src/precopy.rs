@@ -450,6 +450,14 @@ impl<'a> Written<'a> {
     }
 }
 
+/// Adds page `vaddr` to the batch's runs of current pages (extending the last run if it ends there).
+fn add_current(batch: &mut pb::PageBatch, vaddr: u64) {
+    match batch.current.last_mut() {
+        Some(r) if r.vaddr + r.pages * PAGE_SIZE as u64 == vaddr => r.pages += 1,
+        _ => batch.current.push(pb::PageRun { vaddr, pages: 1 }),
+    }
+}
+
 /// The blocking reader of [`send_round`].
 fn scan(
     held: &mut Held,
@@ -503,10 +511,7 @@ fn scan(
             written.fill(&held.unread, c.pid, c.addr, &mut may[..c.pages]);
             for (i, _) in may[..c.pages].iter().enumerate().filter(|(_, m)| !**m) {
                 let key = (c.pid, c.addr + (i * PAGE_SIZE) as u64);
-                match batch.current.last_mut() {
-                    Some(r) if r.vaddr + r.pages * PAGE_SIZE as u64 == key.1 => r.pages += 1,
-                    _ => batch.current.push(pb::PageRun { vaddr: key.1, pages: 1 }),
-                }
+                add_current(&mut batch, key.1);
                 run_pages += 1;
                 if batch.current.len() >= MAX_BATCH_RECORDS || run_pages >= pages::MAX_CURRENT_PAGES {
                     run_pages = 0;
@@ -596,10 +601,7 @@ fn scan(
             };
             match action {
                 Action::Unchanged if current => {
-                    match batch.current.last_mut() {
-                        Some(r) if r.vaddr + r.pages * PAGE_SIZE as u64 == key.1 => r.pages += 1,
-                        _ => batch.current.push(pb::PageRun { vaddr: key.1, pages: 1 }),
-                    }
+                    add_current(&mut batch, key.1);
                     run_pages += 1;
                 }
                 Action::Unchanged => continue,
