@@ -389,8 +389,8 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
                 // source agent's account of it.
                 let written = j["image_page_bytes"].as_u64().unwrap_or(0);
                 if m != "stopcopy" && written > source_agent::precopy::NOT_LAZY_BYTES {
-                    let tails = tb.log_tails(200);
-                    let why = tails.lines().rev().find(|l| l.contains("into the image files instead")).unwrap_or("");
+                    let log = tb.source_log("a");
+                    let why = log.lines().rev().find(|l| l.contains("into the image files instead")).unwrap_or("");
                     row.note += &format!("; {} MiB of memory in the image files: {why}", written >> 20);
                 }
             }
