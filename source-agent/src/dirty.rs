@@ -39,20 +39,53 @@ use crate::precopy::{Key, Region};
 /// was then.
 #[derive(Debug, Default, Clone)]
 pub struct Changed {
-    /// Pages written.
-    pub pages: HashSet<Key>,
+    /// Pages written, sorted by (pid, address), no page twice: the passes ask by chunk (see
+    /// [`Changed::mark`]), with one search each. A hash lookup per page took about 0.1 s of a pass over
+    /// 2 GiB here, twice in post-copy's frozen pass, on the cores the restored copy needs.
+    pages: Vec<Key>,
     /// Processes whose every page counts as changed (not tracked).
     pub all_of: HashSet<u32>,
 }
 
 impl Changed {
+    /// These pages written, and every page of the processes `all_of`.
+    pub fn new(pages: impl IntoIterator<Item = Key>, all_of: impl IntoIterator<Item = u32>) -> Changed {
+        let mut c = Changed { pages: pages.into_iter().collect(), all_of: all_of.into_iter().collect() };
+        c.sort();
+        c
+    }
+
     /// Whether page `key` may differ from when it was last looked at.
     pub fn may_have(&self, key: Key) -> bool {
-        self.all_of.contains(&key.0) || self.pages.contains(&key)
+        self.all_of.contains(&key.0) || self.pages.binary_search(&key).is_ok()
+    }
+
+    /// Sets `may[i]` to whether page `addr + i * PAGE_SIZE` of `pid` may have changed.
+    pub fn mark(&self, pid: u32, addr: u64, may: &mut [bool]) {
+        if self.all_of.contains(&pid) {
+            return may.fill(true);
+        }
+        may.fill(false);
+        let end = addr + (may.len() * PAGE_SIZE) as u64;
+        let from = self.pages.partition_point(|&k| k < (pid, addr));
+        for &(_, a) in self.pages[from..].iter().take_while(|&&(p, a)| p == pid && a < end) {
+            may[((a - addr) as usize) / PAGE_SIZE] = true;
+        }
+    }
+
+    /// The pages written (not those of `all_of`), in order.
+    pub fn written(&self) -> &[Key] {
+        &self.pages
     }
 
     fn add_range(&mut self, pid: u32, start: u64, end: u64) {
         self.pages.extend((start..end).step_by(PAGE_SIZE).map(|a| (pid, a)));
+    }
+
+    /// Restores the order of `pages` after additions.
+    fn sort(&mut self) {
+        self.pages.sort_unstable();
+        self.pages.dedup();
     }
 }
 
@@ -96,6 +129,7 @@ impl Trackers {
                 }
             }
         }
+        out.sort();
         out
     }
 
@@ -473,7 +507,7 @@ pub fn soft_dirty_pages(regions: &[Region]) -> Changed {
             }
             for (i, e) in entries.iter().enumerate() {
                 if e & PM_SOFT_DIRTY != 0 {
-                    out.pages.insert((*pid, r.start + (i * PAGE_SIZE) as u64));
+                    out.pages.push((*pid, r.start + (i * PAGE_SIZE) as u64));
                 }
             }
         }
@@ -481,6 +515,7 @@ pub fn soft_dirty_pages(regions: &[Region]) -> Changed {
             tracing::debug!(pid, "clear_refs: {e}");
         }
     }
+    out.sort();
     out
 }
 
@@ -589,9 +624,7 @@ mod tests {
     }
 
     fn written(c: &Changed) -> Vec<Key> {
-        let mut v: Vec<Key> = c.pages.iter().copied().collect();
-        v.sort_unstable();
-        v
+        c.written().to_vec()
     }
 
     #[test]
@@ -610,7 +643,7 @@ mod tests {
         assert_eq!(written(&t.changed(&r)), vec![child.page(3), child.page(700)]);
         child.tell(5 | 1 << 63);
         assert_eq!(written(&t.changed(&r)), vec![child.page(5)], "a discarded page is changed (now zero)");
-        assert!(t.changed(&r).pages.is_empty());
+        assert!(t.changed(&r).written().is_empty());
         assert_eq!(child.end(), 0, "the child saw a broken read(2)");
     }
 

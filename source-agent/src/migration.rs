@@ -156,7 +156,7 @@ impl PreCopied {
     fn changed_at_freeze(&mut self, regions: &[precopy::Region]) -> Option<dirty::Changed> {
         let Tracking::WriteProtect(t) = &mut self.tracking else { return None };
         let c = t.changed(regions);
-        tracing::info!(pages = c.pages.len(), untracked = c.all_of.len(), "written since the last round");
+        tracing::info!(pages = c.written().len(), untracked = c.all_of.len(), "written since the last round");
         Some(c)
     }
 }

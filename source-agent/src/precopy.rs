@@ -413,39 +413,23 @@ impl Order {
     }
 }
 
-/// Which pages of a chunk may have changed since the previous pass: with dirty tracking, those it
-/// reports written (looked up in a sorted list, one search per chunk: a hash lookup per page took about
-/// 0.1 s of a pass over 2 GiB here, twice in post-copy's frozen pass, on cores the restored copy
-/// needs), those of processes it does not track, and those a pass could not read; without it, all.
-struct Written<'a> {
-    only: Option<&'a crate::dirty::Changed>,
-    sorted: Vec<Key>,
-}
-
-impl<'a> Written<'a> {
-    fn new(only: Option<&'a crate::dirty::Changed>) -> Self {
-        let mut sorted: Vec<Key> = only.map(|o| o.pages.iter().copied().collect()).unwrap_or_default();
-        sorted.sort_unstable();
-        Written { only, sorted }
+/// Sets `may[i]` to whether page `addr + i * PAGE_SIZE` of `pid` may have changed since the previous
+/// pass: with dirty tracking, what it says ([`crate::dirty::Changed::mark`]) and the pages a pass could
+/// not read (`unread`); without it, all.
+fn may_have_changed(
+    only: Option<&crate::dirty::Changed>,
+    unread: &std::collections::HashSet<Key>,
+    pid: u32,
+    addr: u64,
+    may: &mut [bool],
+) {
+    match only {
+        Some(o) => o.mark(pid, addr, may),
+        None => may.fill(true),
     }
-
-    /// Sets `may[i]` for page `addr + i * PAGE_SIZE` of `pid`.
-    fn fill(&self, unread: &std::collections::HashSet<Key>, pid: u32, addr: u64, may: &mut [bool]) {
-        match self.only {
-            Some(o) if !o.all_of.contains(&pid) => {
-                may.fill(false);
-                let end = addr + (may.len() * PAGE_SIZE) as u64;
-                let from = self.sorted.partition_point(|&k| k < (pid, addr));
-                for &(_, a) in self.sorted[from..].iter().take_while(|&&(p, a)| p == pid && a < end) {
-                    may[((a - addr) as usize) / PAGE_SIZE] = true;
-                }
-            }
-            _ => may.fill(true),
-        }
-        if !unread.is_empty() {
-            for (i, m) in may.iter_mut().enumerate() {
-                *m |= unread.contains(&(pid, addr + (i * PAGE_SIZE) as u64));
-            }
+    if !unread.is_empty() {
+        for (i, m) in may.iter_mut().enumerate() {
+            *m |= unread.contains(&(pid, addr + (i * PAGE_SIZE) as u64));
         }
     }
 }
@@ -499,7 +483,6 @@ fn scan(
     // anything: the target can then place them at once instead of as the reader gets there, and its
     // faults on them need not go over the fault link. The loop below then reads the rest only.
     let vouched = current && only.is_some();
-    let written = Written::new(only.as_ref());
     if vouched {
         for c in &chunks {
             if batch.pid != c.pid {
@@ -508,7 +491,7 @@ fn scan(
                     return Ok(stats);
                 }
             }
-            written.fill(&held.unread, c.pid, c.addr, &mut may[..c.pages]);
+            may_have_changed(only.as_ref(), &held.unread, c.pid, c.addr, &mut may[..c.pages]);
             for (i, _) in may[..c.pages].iter().enumerate().filter(|(_, m)| !**m) {
                 let key = (c.pid, c.addr + (i * PAGE_SIZE) as u64);
                 add_current(&mut batch, key.1);
@@ -544,7 +527,7 @@ fn scan(
             }
         }
         // Which pages may have changed since the previous pass (all of them without dirty tracking).
-        written.fill(&held.unread, pid, addr, &mut may[..n]);
+        may_have_changed(only.as_ref(), &held.unread, pid, addr, &mut may[..n]);
         let looked = may[..n].iter().any(|&m| m);
         if vouched && !looked {
             stats.scanned += n as u64;
@@ -982,23 +965,22 @@ VmFlags: rd wr mr mw me lo ac
     #[test]
     fn written_pages_are_found_per_chunk() {
         let p = PAGE_SIZE as u64;
-        let mut c = crate::dirty::Changed::default();
-        c.pages.extend([(7, 0x10000 + 3 * p), (7, 0x10000), (7, 0x10000 + 4 * p), (8, 0x10000 + p), (6, 0x10000 + p)]);
-        c.all_of.insert(9);
-        let w = Written::new(Some(&c));
+        let pages = [(7, 0x10000 + 3 * p), (7, 0x10000), (7, 0x10000 + 4 * p), (8, 0x10000 + p), (6, 0x10000 + p)];
+        let c = crate::dirty::Changed::new(pages, [9]);
         let none = std::collections::HashSet::new();
         let mut may = [false; 4];
-        w.fill(&none, 7, 0x10000, &mut may);
+        may_have_changed(Some(&c), &none, 7, 0x10000, &mut may);
         assert_eq!(may, [true, false, false, true], "page 4 is the next chunk's; pid 6 and 8 are others");
-        w.fill(&none, 7, 0x10000 + 4 * p, &mut may);
+        may_have_changed(Some(&c), &none, 7, 0x10000 + 4 * p, &mut may);
         assert_eq!(may, [true, false, false, false]);
-        w.fill(&none, 9, 0x10000, &mut may);
+        may_have_changed(Some(&c), &none, 9, 0x10000, &mut may);
         assert_eq!(may, [true; 4], "untracked");
         let unread = std::collections::HashSet::from([(8, 0x10000 + 2 * p)]);
-        w.fill(&unread, 8, 0x10000, &mut may);
+        may_have_changed(Some(&c), &unread, 8, 0x10000, &mut may);
         assert_eq!(may, [false, true, true, false]);
-        Written::new(None).fill(&none, 7, 0x10000, &mut may);
+        may_have_changed(None, &none, 7, 0x10000, &mut may);
         assert_eq!(may, [true; 4], "no tracking");
+        assert!(c.may_have((7, 0x10000 + 3 * p)) && c.may_have((9, 0)) && !c.may_have((7, 0x10000 + p)));
     }
 
     /// With dirty tracking, post-copy's frozen pass first lists every page tracking vouches for as
@@ -1016,8 +998,7 @@ VmFlags: rd wr mr mw me lo ac
         // Tracking reports pages 4 and 20 written; only 4 changed (20 was written with what it held).
         mem[off + 4 * PAGE_SIZE] = 9;
         std::hint::black_box(&mem);
-        let mut only = crate::dirty::Changed::default();
-        only.pages.extend([page(4), page(20)]);
+        let only = crate::dirty::Changed::new([page(4), page(20)], []);
         let frozen =
             Pass { round: 1, frozen: true, current: true, no_copies: true, only: Some(only), ..Default::default() };
         let mut wire = Vec::new();
