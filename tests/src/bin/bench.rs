@@ -46,12 +46,14 @@
 //! sockets (`quic-send`/`quic-recv`, the same size): `quic_mb_s` in the JSON, with the path MTU quinn
 //! reached and its losses (`quic_path`). That is the most the pages stream can carry on this machine.
 //! And it measures, on b, how fast pages can be placed into fresh memory at all, with no network: one
-//! process copies `--link-mib` of pages into a new mapping of its own with UFFDIO_COPY, 16 pages per
+//! process copies `--link-mib` of pages into a new mapping of its own with UFFDIO_COPY, 64 pages per
 //! ioctl as the lazy-pages daemon does (`fill`): `fill_mb_s` in the JSON, the floor of `complete ms`
 //! whatever the link. The kernel may back that mapping with memory freed just before; on a VM whose
 //! host backs guest memory only on first touch, memory never touched fills several times slower
 //! (measured here: 2 GiB at 2.4-3.8 GB/s after earlier use, 16 GiB at 656 MB/s mostly untouched), so
-//! a migration can place pages slower than `fill` says.
+//! a migration can place pages slower than `fill` says. Then the same with the pages taken out of a
+//! held copy, as hybrid's complete phase takes them out of the page store (`fill --from-store`: copy
+//! out, UFFDIO_COPY, give the source back): `store_fill_mb_s`, the floor of hybrid's `complete ms`.
 //!
 //! Workloads (`workload mem`) dirty `--dirty` percent of their pages per second while they run, for two
 //! seconds before the migration starts. Needs root, CRIU and a release build (like the integration
@@ -171,7 +173,7 @@ fn main() {
         ),
         Err(e) => println!("QUIC a -> b: NOT MEASURED: {e}"),
     }
-    let fill = fill_rate(&tb, link_mib << 20);
+    let fill = fill_rate(&tb, link_mib << 20, &[]);
     match &fill {
         Ok(rate) => println!(
             "fill on b: {:.0} MB/s, {link_mib} MiB placed with UFFDIO_COPY ({} pages per call) into fresh memory, \
@@ -180,6 +182,15 @@ fn main() {
             target_agent::lazy::PUSH_BATCH_PAGES
         ),
         Err(e) => println!("fill on b: NOT MEASURED: {e}"),
+    }
+    let store_fill = fill_rate(&tb, link_mib << 20, &["--from-store"]);
+    match &store_fill {
+        Ok(rate) => println!(
+            "fill from a store on b: {:.0} MB/s, {link_mib} MiB as the daemon's one thread takes a held copy: \
+             copied out, UFFDIO_COPY, source given back (hybrid's complete phase at its floor)",
+            rate / 1e6
+        ),
+        Err(e) => println!("fill from a store on b: NOT MEASURED: {e}"),
     }
     println!(
         "{:>6} {:>8} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>6} {:>12} {:>7} {:>12} {:>12}  note",
@@ -303,6 +314,8 @@ fn main() {
         "quic_error": quic.as_ref().err(),
         "fill_mb_s": fill.as_ref().ok().map(|r| r / 1e6),
         "fill_error": fill.as_ref().err(),
+        "store_fill_mb_s": store_fill.as_ref().ok().map(|r| r / 1e6),
+        "store_fill_error": store_fill.as_ref().err(),
         "link_target": LINK_TARGET,
         "precopy_vs_criu_cold": ratios,
         "postcopy_vs_criu_lazy": lazy_ratios,
@@ -903,11 +916,14 @@ fn throughput(tb: &Testbed, bytes: u64, kind: &str, port: u16, extra: &[&str]) -
     Ok((bytes as f64 / secs, rest))
 }
 
-/// How fast b places pages into fresh memory with UFFDIO_COPY (`bench fill` run there). Bytes per second.
-fn fill_rate(tb: &Testbed, bytes: u64) -> Result<f64, String> {
+/// How fast b places pages into fresh memory with UFFDIO_COPY (`bench fill` run there, with `extra`
+/// arguments). Bytes per second.
+fn fill_rate(tb: &Testbed, bytes: u64, extra: &[&str]) -> Result<f64, String> {
     let bench = tb.bin.join("bench");
     let n = bytes.to_string();
-    let mut p = HostProc::spawn(tb, "b", &[bench.to_str().expect("utf8"), "fill", "--bytes", &n], "fill on b")?;
+    let mut cmd = vec![bench.to_str().expect("utf8"), "fill", "--bytes", &n];
+    cmd.extend(extra);
+    let mut p = HostProc::spawn(tb, "b", &cmd, "fill on b")?;
     p.finish(Duration::from_secs(120))?;
     let out = p.stdout();
     let secs: f64 = out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or(format!("fill said {out:?}"))?;
@@ -917,6 +933,12 @@ fn fill_rate(tb: &Testbed, bytes: u64) -> Result<f64, String> {
 /// Maps --bytes of fresh anonymous memory, registers it with a userfaultfd (missing pages) and fills it
 /// with UFFDIO_COPY, PUSH_BATCH_PAGES per call, from a buffer, as the lazy-pages daemon of
 /// target-agent/src/lazy.rs does (same ioctls). Prints "BYTES SECONDS".
+///
+/// With `--from-store`, the pages come out of a second mapping of --bytes, written before the clock
+/// starts, as a hybrid migration's complete phase takes them out of the page store: per batch a copy
+/// into the buffer, the UFFDIO_COPY, and MADV_DONTNEED of the batch's source (the store giving its
+/// memory back, which the next pages reuse). That is the bulk work of the daemon's one thread at its
+/// floor: no faults, no bookkeeping, no other thread.
 fn fill(args: &[String]) {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     const UFFDIO_API: u64 = 0xc018_aa3f;
@@ -924,6 +946,7 @@ fn fill(args: &[String]) {
     const UFFDIO_COPY: u64 = 0xc028_aa03;
     const BATCH: usize = target_agent::lazy::PUSH_BATCH_PAGES as usize * 4096;
     let bytes: usize = arg(args, "--bytes").expect("--bytes").parse().expect("--bytes");
+    let from_store = args.iter().any(|a| a == "--from-store");
     let len = bytes.div_ceil(BATCH) * BATCH;
     // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1.
     let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
@@ -933,30 +956,49 @@ fn fill(args: &[String]) {
     let mut api = [0xaa_u64, 0, 0];
     // SAFETY: UFFDIO_API reads and writes a struct uffdio_api (three u64).
     assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) }, 0, "UFFDIO_API");
-    // SAFETY: a fresh mapping at an address of the kernel's choice touches no existing memory.
-    let map = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
+    let fresh = || {
+        // SAFETY: a fresh mapping at an address of the kernel's choice touches no existing memory.
+        let m = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(m, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        m.cast::<u8>()
     };
-    assert_ne!(map, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+    let map = fresh();
     let mut reg = [map as u64, len as u64, 1, 0];
     // SAFETY: UFFDIO_REGISTER reads a struct uffdio_register (range, mode) and writes its ioctls field.
     assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) }, 0, "UFFDIO_REGISTER");
+    let store = from_store.then(|| {
+        let m = fresh();
+        // SAFETY: `m` is a fresh private mapping of `len` bytes, only used through this pointer here.
+        unsafe { std::ptr::write_bytes(m, 0x5a, len) };
+        m
+    });
     // The content does not matter to UFFDIO_COPY, which copies every byte.
-    let src = vec![0x5au8; BATCH];
+    let mut buf = vec![0x5au8; BATCH];
     let t = Instant::now();
     for off in (0..len).step_by(BATCH) {
-        let mut copy = [map as u64 + off as u64, src.as_ptr() as u64, BATCH as u64, 0, 0];
+        if let Some(store) = store {
+            // SAFETY: `off + BATCH <= len`: inside the store mapping, which `buf` does not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(store.add(off), buf.as_mut_ptr(), BATCH) };
+        }
+        let mut copy = [map as u64 + off as u64, buf.as_ptr() as u64, BATCH as u64, 0, 0];
         // SAFETY: UFFDIO_COPY reads a struct uffdio_copy (dst, src, len, mode) and writes its copy field;
         // dst is inside the registered mapping, src a live buffer of len bytes.
         let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, copy.as_mut_ptr()) };
         assert_eq!(r, 0, "UFFDIO_COPY at +{off}: {}", std::io::Error::last_os_error());
+        if let Some(store) = store {
+            // SAFETY: drops the content of a range of the store mapping that nothing reads again.
+            let r = unsafe { libc::madvise(store.add(off).cast(), BATCH, libc::MADV_DONTNEED) };
+            assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+        }
     }
     println!("{len} {}", t.elapsed().as_secs_f64());
 }
