@@ -956,20 +956,13 @@ fn fill(args: &[String]) {
     let mut api = [0xaa_u64, 0, 0];
     // SAFETY: UFFDIO_API reads and writes a struct uffdio_api (three u64).
     assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) }, 0, "UFFDIO_API");
+    use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap_anonymous};
     let fresh = || {
+        let n = std::num::NonZeroUsize::new(len).expect("--bytes above 0");
+        let prot = ProtFlags::PROT_READ | ProtFlags::PROT_WRITE;
         // SAFETY: a fresh mapping at an address of the kernel's choice touches no existing memory.
-        let m = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(m, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-        m.cast::<u8>()
+        let m = unsafe { mmap_anonymous(None, n, prot, MapFlags::MAP_PRIVATE) }.expect("mmap");
+        m.cast::<u8>().as_ptr()
     };
     let map = fresh();
     let mut reg = [map as u64, len as u64, 1, 0];
@@ -995,9 +988,9 @@ fn fill(args: &[String]) {
         let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, copy.as_mut_ptr()) };
         assert_eq!(r, 0, "UFFDIO_COPY at +{off}: {}", std::io::Error::last_os_error());
         if let Some(store) = store {
+            let part = std::ptr::NonNull::new(store.wrapping_add(off)).expect("inside a mapping").cast();
             // SAFETY: drops the content of a range of the store mapping that nothing reads again.
-            let r = unsafe { libc::madvise(store.add(off).cast(), BATCH, libc::MADV_DONTNEED) };
-            assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+            unsafe { madvise(part, BATCH, MmapAdvise::MADV_DONTNEED) }.expect("madvise");
         }
     }
     println!("{len} {}", t.elapsed().as_secs_f64());
