@@ -3,10 +3,14 @@
 # Idempotent: a second run only checks. Steps:
 #   1. Debian packages: CRIU's build deps, libclang-dev (bindgen for userfaultfd-sys), protoc (prost-build),
 #      iproute2/util-linux (testbed), openssl (fleet certificates).
-#   2. CRIU >= 4.1 at /usr/local/sbin/criu unless a working one is already on PATH. Debian bookworm's 3.17
-#      fails on recent kernels (vDSO), so CRIU is built from Debian sid's *source* package: a deb-src-only
-#      apt source is added (never a binary sid source), the upstream orig tarball fetched with
-#      `apt-get source --download-only`, and `make criu` run in a scratch directory.
+#   2. CRIU >= 4.1 with the fixes in deploy/criu-patches at /usr/local/sbin/criu, unless the `criu` on
+#      PATH already is one (its `criu --version` names the patch set: "GitID: migrate-<sha256 prefix>").
+#      Debian bookworm's 3.17 fails on recent kernels (vDSO), so CRIU is built from Debian sid's *source*
+#      package: a deb-src-only apt source is added (never a binary sid source), the upstream orig tarball
+#      fetched with `apt-get source --download-only`, the patches applied (one already in the source is
+#      skipped), and `make criu` run in a scratch directory. The patches: 0001 keeps a lazy dump lazy
+#      when a thread's stack pointer happens to be page aligned (CRIU 4.2.1 then writes all memory into
+#      the images, and a migration moves it all during the freeze).
 #   3. fs.pipe-max-size raised to 4 MiB, now and at boot (/etc/sysctl.d/60-migrate-criu.conf): without
 #      CAP_SYS_RESOURCE CRIU cannot grow its page pipes past the default limit and `criu dump
 #      --lazy-pages` fails with "page-pipe: splice ... Bad file descriptor".
@@ -18,6 +22,7 @@ set -euo pipefail
 CRIU_MIN_MAJOR=4
 CRIU_MIN_MINOR=1
 CRIU_PREFIX=/usr/local/sbin
+CRIU_PATCHES=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches
 
 log() { printf '[install] %s\n' "$*" >&2; }
 die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
@@ -25,7 +30,7 @@ die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages and CRIU): sudo $0"
 command -v apt-get >/dev/null || die "this script needs a Debian-like system with apt-get"
 
-PKGS=(build-essential pkgconf git ca-certificates xz-utils
+PKGS=(build-essential pkgconf git ca-certificates xz-utils patch
       libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler
       libnl-3-dev libnet1-dev libcap-dev libbsd-dev libnftables-dev libgnutls28-dev
       python3-protobuf uuid-dev libclang-dev clang
@@ -42,8 +47,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The patch set's name, built into CRIU as its GitID: a CRIU built from other patches (or none) is rebuilt.
+patches=("$CRIU_PATCHES"/*.patch)
+[ -f "${patches[0]}" ] || die "no CRIU patches in $CRIU_PATCHES (a partial checkout?)"
+CRIU_GITID="migrate-$(cat "${patches[@]}" | sha256sum | cut -c1-12)"
+
 criu_ok() {
-  # A CRIU counts only when it is new enough *and* `criu check` passes on this kernel.
+  # A CRIU counts only when it is new enough, carries this patch set, and `criu check` passes on this
+  # kernel.
   local bin=$1 v major minor
   [ -x "$bin" ] || return 1
   v=$("$bin" --version 2>/dev/null | sed -n 's/^Version: *//p') || return 1
@@ -51,6 +62,10 @@ criu_ok() {
   [ -n "$major" ] || return 1
   if [ "$major" -lt "$CRIU_MIN_MAJOR" ] || { [ "$major" -eq "$CRIU_MIN_MAJOR" ] && [ "$minor" -lt "$CRIU_MIN_MINOR" ]; }; then
     log "$bin is CRIU $v, older than $CRIU_MIN_MAJOR.$CRIU_MIN_MINOR"
+    return 1
+  fi
+  if ! "$bin" --version 2>/dev/null | grep -qx "GitID: $CRIU_GITID"; then
+    log "$bin is CRIU $v without this checkout's fixes (deploy/criu-patches, GitID $CRIU_GITID)"
     return 1
   fi
   "$bin" check >/dev/null 2>&1 || { log "$bin ($v) fails 'criu check' on this kernel"; return 1; }
@@ -84,7 +99,19 @@ SRC
   log "building $(basename "$orig")"
   tar -xf "$orig" -C "$work"
   dir=$(find "$work" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)
-  make -C "$dir" -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; die "CRIU build failed (log above)"; }
+  for p in "${patches[@]}"; do
+    if patch -d "$dir" -p1 --forward --dry-run --batch <"$p" >"$work/patch.log" 2>&1; then
+      patch -d "$dir" -p1 --forward --batch --silent <"$p"
+      log "applied $(basename "$p")"
+    elif patch -d "$dir" -p1 --reverse --dry-run --batch --silent <"$p" >/dev/null 2>&1; then
+      log "$(basename "$p") is already in $(basename "$orig")"
+    else
+      cat "$work/patch.log" >&2
+      die "$(basename "$p") does not apply to $(basename "$orig"): read the patch's description and fix the bug it names by hand, or refresh the patch"
+    fi
+  done
+  # GITID names the patch set in `criu --version` (criu_ok checks it).
+  make -C "$dir" -j"$(nproc)" GITID="$CRIU_GITID" criu >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; die "CRIU build failed (log above)"; }
   install -D -m 0755 "$dir/criu/criu" "$CRIU_PREFIX/criu"
   hash -r
   criu_ok "$CRIU_PREFIX/criu" || die "built CRIU at $CRIU_PREFIX/criu but it does not pass 'criu check'"
