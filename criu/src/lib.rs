@@ -62,7 +62,14 @@ pub struct Criu {
     pub bin: PathBuf,
     /// e.g. "4.2.1"
     pub version: String,
+    /// The `GitID:` line of `criu --version`, if any: deploy/install.sh builds CRIU with the patches in
+    /// deploy/criu-patches and names the set there, "migrate-<sha256 prefix>".
+    pub gitid: Option<String>,
 }
+
+/// The newest CRIU known to leave no page lazy when a thread's stack pointer is page aligned at the
+/// freeze (criu/mem.c `is_stack` masks the page offset instead of the page; deploy/criu-patches/0001).
+const STACK_BUG_UNTIL: (u32, u32, u32) = (4, 2, 1);
 
 /// What to dump.
 #[derive(Debug, Clone)]
@@ -118,13 +125,33 @@ impl Criu {
             .output()
             .map_err(|source| CriuError::Spawn { bin: bin.clone(), source })?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let version =
-            text.lines().find_map(|l| l.strip_prefix("Version:")).map(|v| v.trim().to_string()).unwrap_or_default();
+        let line = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).map(|v| v.trim().to_string());
+        let (version, gitid) = (line("Version:").unwrap_or_default(), line("GitID:"));
         let parsed = parse_version(&version);
         match parsed {
-            Some(v) if v >= MIN_VERSION => Ok(Criu { bin, version }),
+            Some(v) if v >= MIN_VERSION => Ok(Criu { bin, version, gitid }),
             _ => Err(CriuError::TooOld { bin, version }),
         }
+    }
+
+    /// Why a lazy dump by this CRIU may write all private memory into the images, when it is known to:
+    /// CRIU up to 4.2.1 does whenever one of the tree's threads has its stack pointer on a page boundary
+    /// at the freeze (by chance, about one freeze in 256-512 per thread), unless it was built by
+    /// deploy/install.sh, which applies the fix (deploy/criu-patches/0001). `None` for a CRIU with the
+    /// fix or newer than 4.2.1.
+    pub fn stack_bug(&self) -> Option<String> {
+        let patched = self.gitid.as_deref().is_some_and(|g| g.starts_with("migrate-"));
+        let affected = parse_full_version(&self.version).is_some_and(|v| v <= STACK_BUG_UNTIL);
+        (affected && !patched).then(|| {
+            format!(
+                "{} (CRIU {}) leaves no memory lazy when a thread's stack pointer is page aligned at the freeze, \
+                 by chance about once in 256-512 freezes of each thread; the migration then copies all memory \
+                 while the process is frozen. deploy/install.sh builds CRIU with the fix \
+                 (deploy/criu-patches/0001)",
+                self.bin.display(),
+                self.version
+            )
+        })
     }
 
     /// `criu dump` of the tree rooted at `req.pid`, leaving it **stopped** on success so that the caller
@@ -807,8 +834,16 @@ fn raise_nofile_soft_limit() {
 }
 
 fn parse_version(v: &str) -> Option<(u32, u32)> {
-    let mut it = v.split('.');
-    Some((it.next()?.parse().ok()?, it.next().unwrap_or("0").parse().ok()?))
+    parse_full_version(v).map(|(major, minor, _)| (major, minor))
+}
+
+/// "4.2.1" → (4, 2, 1); "4.1" → (4, 1, 0); a suffix after the numbers ("4.2-rc1") is ignored.
+fn parse_full_version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut it = v.split('.').map(|p| p.split(|c: char| !c.is_ascii_digit()).next().unwrap_or(""));
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next().unwrap_or("0").parse().ok()?;
+    let patch = it.next().filter(|p| !p.is_empty()).map_or(Some(0), |p| p.parse().ok())?;
+    Some((major, minor, patch))
 }
 
 fn describe_status(s: ExitStatus) -> String {
@@ -883,5 +918,23 @@ mod tests {
     fn versions() {
         assert_eq!(parse_version("4.2.1"), Some((4, 2)));
         assert!(parse_version("3.17").unwrap() < MIN_VERSION);
+        assert_eq!(parse_full_version("4.1"), Some((4, 1, 0)));
+        assert_eq!(parse_full_version("4.2-rc1"), Some((4, 2, 0)));
+        assert_eq!(parse_full_version("4.2.1"), Some((4, 2, 1)));
+        assert_eq!(parse_full_version("x"), None);
+    }
+
+    #[test]
+    fn the_stack_bug_is_named_for_unpatched_criu_up_to_4_2_1() {
+        let criu = |version: &str, gitid: Option<&str>| Criu {
+            bin: "/usr/sbin/criu".into(),
+            version: version.into(),
+            gitid: gitid.map(String::from),
+        };
+        let warning = criu("4.2.1", None).stack_bug().expect("4.2.1 as released has the bug");
+        assert!(warning.contains("/usr/sbin/criu (CRIU 4.2.1)") && warning.contains("deploy/install.sh"), "{warning}");
+        assert!(criu("4.1", Some("v4.1-3-gabc")).stack_bug().is_some(), "a git build is not our patch set");
+        assert_eq!(criu("4.2.1", Some("migrate-897e2ac7981f")).stack_bug(), None, "built by deploy/install.sh");
+        assert_eq!(criu("4.3", None).stack_bug(), None, "not known to have it");
     }
 }

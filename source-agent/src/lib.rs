@@ -62,6 +62,9 @@ pub enum AgentError {
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     let criu = criu::Criu::find()?;
+    if let Some(bug) = criu.stack_bug() {
+        tracing::warn!("{bug}");
+    }
     let io = |path: &std::path::Path| {
         let path = path.to_owned();
         move |source| AgentError::Io { path, source }

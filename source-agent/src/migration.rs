@@ -622,12 +622,17 @@ impl Migration<'_> {
                 Ok(_) => format!("CRIU's log of that dump: {}", kept.display()),
                 Err(e) => format!("CRIU's log of that dump could not be kept: {e}"),
             };
+            // Locked (`lo`) and hugetlb (`ht`) memory is never lazy; with an unpatched CRIU any memory may
+            // not be (Criu::stack_bug), which the VmFlags cannot show.
+            let stack_bug =
+                self.ctx.criu.stack_bug().map(|b| format!("; if those mappings are neither locked nor hugetlb: {b}"));
             tracing::warn!(
                 id = %self.id,
                 "CRIU's lazy dump wrote {} MiB of memory into the image files instead of leaving it in the \
-                 frozen tree, so it crosses during the freeze: {}; {kept}",
+                 frozen tree, so it crosses during the freeze: {}{}; {kept}",
                 page_bytes >> 20,
-                precopy::written_ranges(&self.work_dir)
+                precopy::written_ranges(&self.work_dir),
+                stack_bug.unwrap_or_default()
             );
         }
         if total > free {
