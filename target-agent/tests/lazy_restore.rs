@@ -51,7 +51,10 @@ impl Case {
             nix::unistd::geteuid().is_root(),
             "this test needs root (CRIU dumps and restores processes; userfaultfd with fork events): run it as root"
         );
-        let criu = criu::Criu::find().unwrap_or_else(|e| panic!("this test needs CRIU: {e}")).bin;
+        let criu = criu::Criu::find().unwrap_or_else(|e| panic!("this test needs CRIU: {e}"));
+        // Else a dump now and then marks no page lazy and the cases here fail at random.
+        assert_eq!(criu.stack_bug(), None, "these tests need CRIU with the fixes of deploy/install.sh");
+        let criu = criu.bin;
         // target/<profile>/deps/lazy_restore-HASH → target/<profile>/workload
         let exe = std::env::current_exe().expect("current exe");
         let workload = exe.parent().and_then(Path::parent).expect("target dir").join("workload");
@@ -525,6 +528,10 @@ fn post_copy_restore_waits_for_pages_still_on_their_way() {
     assert_eq!(before["checksum"], before["expected"], "workload before the dump: {before}");
     case.dump(pid);
     let (ranges, images, lazy_pages) = case.lazy_ranges();
+    assert!(
+        lazy_pages >= POST_MIB * 256,
+        "CRIU marked {lazy_pages} pages lazy, fewer than the workload's {POST_MIB} MiB"
+    );
     case.kill_originals();
 
     // Nothing is known when the restore starts; the stream begins at RSTF.

@@ -2,7 +2,7 @@
 //! socket `migrate-workload-NAME` (per network namespace, so per testbed host) with one JSON line.
 //!
 //!   workload mem  --name N --mib M [--seed S] [--compressible] [--dirty-pct P [--writers T]] [--fork-every-ms T]
-//!                 [--lock] [--protected-mib P] [--hold-open PATH] --pidfile F
+//!                 [--lock] [--protected-mib P] [--aligned-stack] [--hold-open PATH] --pidfile F
 //!       M MiB of known content (splitmix64 of S; with --compressible, mostly zeros with one random word
 //!       per 64 bytes) and a counter bumped every millisecond by a thread. With --dirty-pct, T threads
 //!       (default 1) together rewrite P percent of the pages per second, as a busy program would, in a
@@ -26,6 +26,10 @@
 //!       P MiB more of known content (seed S + 1) are made PROT_NONE once filled, as a program protects
 //!       memory it wrote (CRIU dumps it, lazily too, but the process itself cannot read it); each
 //!       answer makes it readable for the check and protects it again: {protected_verified}.
+//!       With --aligned-stack (x86_64), a thread waits in pause(2) for ever with its stack pointer on a
+//!       page boundary, as any thread's may be by chance when a migration freezes it (CRIU 4.2.1 as
+//!       released then left no memory lazy: deploy/criu-patches/0001); answers {aligned_stack: that
+//!       stack pointer, "0x..."}, and /proc/PID/task/*/syscall shows it.
 //!   workload tree --name N --pidfile F
 //!       A parent with two children: a writer sends a counter into a pipe every 5 ms, a reader reads it.
 //!       The reader answers {kind, pid, parent, writer, last, reads}.
@@ -422,6 +426,54 @@ impl Protected {
     }
 }
 
+/// Starts a thread that waits in pause(2) for ever with its stack pointer on a page boundary, on a stack
+/// of its own, and returns that stack pointer once the thread is there. Every signal is blocked in the
+/// thread, so nothing but the system call itself runs on that stack.
+#[cfg(target_arch = "x86_64")]
+fn park_on_aligned_stack() -> usize {
+    const STACK: usize = 64 << 10;
+    let prot = nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE;
+    let len = std::num::NonZeroUsize::new(STACK).expect("non-zero");
+    // SAFETY: a new private anonymous mapping of the kernel's choice; never unmapped, the parked thread
+    // lives on it for ever.
+    let stack = unsafe { nix::sys::mman::mmap_anonymous(None, len, prot, nix::sys::mman::MapFlags::MAP_PRIVATE) }
+        .expect("mmap a stack");
+    // Page aligned, with 32 KiB of room on either side.
+    let top = stack.as_ptr() as usize + STACK / 2;
+    let parked = Arc::new(AtomicBool::new(false));
+    let flag = parked.clone();
+    std::thread::spawn(move || {
+        nix::sys::signal::SigSet::all().thread_block().expect("block every signal");
+        let flag = flag.as_ptr();
+        // SAFETY: switches to the stack made above (nothing of Rust's runs on it: the thread never
+        // returns), says so through the flag (an AtomicBool the Arc moved here keeps alive for ever; a
+        // plain byte store is a release store on x86_64), then loops on pause(2) (34). rcx and r11,
+        // which `syscall` clobbers, are only read before the loop.
+        unsafe {
+            std::arch::asm!(
+                "mov rsp, {top}",
+                "mov byte ptr [{flag}], 1",
+                "2:",
+                "mov eax, 34",
+                "syscall",
+                "jmp 2b",
+                top = in(reg) top,
+                flag = in(reg) flag,
+                options(noreturn),
+            )
+        }
+    });
+    while !parked.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    top
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn park_on_aligned_stack() -> usize {
+    panic!("--aligned-stack is written for x86_64 only")
+}
+
 fn mem(args: &[String]) {
     let name = arg(args, "--name").expect("--name");
     let mib: usize = arg(args, "--mib").map(|m| m.parse().expect("--mib")).unwrap_or(64);
@@ -440,6 +492,7 @@ fn mem(args: &[String]) {
     }
     let expected = checksum(filled);
     let protected = arg(args, "--protected-mib").map(|p| Protected::new(p.parse().expect("--protected-mib"), seed + 1));
+    let aligned_stack = has(args, "--aligned-stack").then(park_on_aligned_stack);
     let memory = Memory { base: filled.as_mut_ptr(), words: filled.len() };
     let pages = memory.words / PAGE_WORDS;
     let counter = start_counter();
@@ -536,6 +589,9 @@ fn mem(args: &[String]) {
         });
         if let Some(p) = &protected {
             answer["protected_verified"] = p.verified().into();
+        }
+        if let Some(sp) = aligned_stack {
+            answer["aligned_stack"] = format!("{sp:#x}").into();
         }
         if !dirtying {
             // SAFETY: nothing writes the memory of a workload that does not dirty it.
