@@ -3,8 +3,9 @@
 # Idempotent: a second run only checks. Steps:
 #   1. Debian packages: CRIU's build deps, libclang-dev (bindgen for userfaultfd-sys), protoc (prost-build),
 #      iproute2/util-linux (testbed), openssl (fleet certificates).
-#   2. CRIU >= 4.1 with the fixes in deploy/criu-patches at /usr/local/sbin/criu, unless the `criu` on
-#      PATH already is one (its `criu --version` names the patch set: "GitID: migrate-<sha256 prefix>").
+#   2. CRIU >= 4.1 with the fixes in deploy/criu-patches at /usr/local/sbin/criu, unless that already is
+#      one (its `criu --version` names the patch set: "GitID: migrate-<sha256 prefix>"); a `criu` without
+#      them that comes first on PATH is an error (the agents would run it).
 #      Debian bookworm's 3.17 fails on recent kernels (vDSO), so CRIU is built from Debian sid's *source*
 #      package: a deb-src-only apt source is added (never a binary sid source), the upstream orig tarball
 #      fetched with `apt-get source --download-only`, the patches applied (one already in the source is
@@ -22,7 +23,7 @@ set -euo pipefail
 CRIU_MIN_MAJOR=4
 CRIU_MIN_MINOR=1
 CRIU_PREFIX=/usr/local/sbin
-CRIU_PATCHES=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-patches
+CRIU_PATCHES=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" >/dev/null && pwd)/criu-patches
 
 log() { printf '[install] %s\n' "$*" >&2; }
 die() { printf '[install] error: %s\n' "$*" >&2; exit 1; }
@@ -71,9 +72,8 @@ criu_ok() {
   "$bin" check >/dev/null 2>&1 || { log "$bin ($v) fails 'criu check' on this kernel"; return 1; }
 }
 
-have=$(command -v criu || true)
-if [ -n "$have" ] && criu_ok "$have"; then
-  log "CRIU already works: $have ($("$have" --version | sed -n 's/^Version: *//p'))"
+if criu_ok "$CRIU_PREFIX/criu"; then
+  log "CRIU already works: $CRIU_PREFIX/criu ($("$CRIU_PREFIX/criu" --version | sed -n 's/^Version: *//p'))"
 else
   log "building CRIU >= $CRIU_MIN_MAJOR.$CRIU_MIN_MINOR from Debian sid's source package"
   src_list=/etc/apt/sources.list.d/migrate-criu-sid-src.sources
@@ -100,10 +100,12 @@ SRC
   tar -xf "$orig" -C "$work"
   dir=$(find "$work" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)
   for p in "${patches[@]}"; do
-    if patch -d "$dir" -p1 --forward --dry-run --batch <"$p" >"$work/patch.log" 2>&1; then
-      patch -d "$dir" -p1 --forward --batch --silent <"$p"
+    # --forward with --reverse: "already applied" only when the whole patch reverses (with --batch alone,
+    # patch ignores -R on a hunk that does not reverse and succeeds).
+    if patch -d "$dir" -p1 --forward --fuzz=0 --dry-run --batch <"$p" >"$work/patch.log" 2>&1; then
+      patch -d "$dir" -p1 --forward --fuzz=0 --batch --silent <"$p"
       log "applied $(basename "$p")"
-    elif patch -d "$dir" -p1 --reverse --dry-run --batch --silent <"$p" >/dev/null 2>&1; then
+    elif patch -d "$dir" -p1 --reverse --forward --fuzz=0 --dry-run --batch --silent <"$p" >/dev/null 2>&1; then
       log "$(basename "$p") is already in $(basename "$orig")"
     else
       cat "$work/patch.log" >&2
@@ -116,6 +118,11 @@ SRC
   hash -r
   criu_ok "$CRIU_PREFIX/criu" || die "built CRIU at $CRIU_PREFIX/criu but it does not pass 'criu check'"
   log "installed $("$CRIU_PREFIX/criu" --version | sed -n 's/^Version: *//p') at $CRIU_PREFIX/criu"
+fi
+# The agents take the first criu on PATH (criu::Criu::find): another one before ours would be used instead.
+have=$(command -v criu || true)
+if [ -n "$have" ] && [ "$have" != "$CRIU_PREFIX/criu" ] && ! criu_ok "$have"; then
+  die "$have comes before $CRIU_PREFIX/criu on PATH and lacks the fixes above: remove it, or put $CRIU_PREFIX first on PATH (or set CRIU_BIN=$CRIU_PREFIX/criu for the agents)"
 fi
 
 want=4194304
@@ -131,8 +138,7 @@ if [ "$cur" -lt "$want" ]; then
   fi
 fi
 
-criu_bin=$(command -v criu || echo "$CRIU_PREFIX/criu")
-"$criu_bin" check
+"$CRIU_PREFIX/criu" check
 if [ "$(stat -f -c %T /run 2>/dev/null)" != tmpfs ]; then
   log "note: /run is not a tmpfs, so CRIU cannot keep its kernel probe (/run/criu.kdat) and redoes it on every dump and restore (about 35 ms each on the test VM); a tmpfs on /run (systemd's default) avoids that"
 fi

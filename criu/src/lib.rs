@@ -1,5 +1,6 @@
 //! Talking to CRIU, for both agents. This crate owns:
-//! - finding the `criu` binary and checking it is new enough ([`Criu::find`]);
+//! - finding the `criu` binary and checking it is new enough ([`Criu::find`]), and knowing a bug of
+//!   released CRIU that deploy/install.sh patches ([`Criu::stack_bug`]);
 //! - every `criu dump` and `criu restore` command line, one option per line with its reason
 //!   ([`Criu::dump`], [`Criu::dump_lazy`], [`Criu::restore`]), and failures that carry the command, the
 //!   exit status and the `Error` lines of CRIU's log ([`CriuError`]);
@@ -67,9 +68,9 @@ pub struct Criu {
     pub gitid: Option<String>,
 }
 
-/// The newest CRIU known to leave no page lazy when a thread's stack pointer is page aligned at the
-/// freeze (criu/mem.c `is_stack` masks the page offset instead of the page; deploy/criu-patches/0001).
-const STACK_BUG_UNTIL: (u32, u32, u32) = (4, 2, 1);
+/// The `GitID` deploy/install.sh builds into CRIU: "migrate-" and the first 12 hex digits of the sha256
+/// of deploy/criu-patches/*.patch in order (a unit test recomputes it).
+pub const PATCHED_GITID: &str = "migrate-117e881189aa";
 
 /// What to dump.
 #[derive(Debug, Clone)]
@@ -134,22 +135,22 @@ impl Criu {
         }
     }
 
-    /// Why a lazy dump by this CRIU may write all private memory into the images, when it is known to:
-    /// CRIU up to 4.2.1 does whenever one of the tree's threads has its stack pointer on a page boundary
-    /// at the freeze (by chance, about one freeze in 256-512 per thread), unless it was built by
-    /// deploy/install.sh, which applies the fix (deploy/criu-patches/0001). `None` for a CRIU with the
-    /// fix or newer than 4.2.1.
+    /// Why a lazy dump by this CRIU may write all private memory into the images: CRIU as released (4.2.1
+    /// and every release before it that this project runs on; none is known to have the fix) leaves no
+    /// page lazy when one of the tree's threads has its stack pointer on a page boundary at the freeze
+    /// (criu/mem.c `is_stack` compares the offset in the page instead of the page). A thread that waits
+    /// where its stack pointer is page aligned does so at every freeze; any thread may by chance. `None`
+    /// for the CRIU deploy/install.sh builds with the fix ([`PATCHED_GITID`], deploy/criu-patches/0001).
     pub fn stack_bug(&self) -> Option<String> {
-        let patched = self.gitid.as_deref().is_some_and(|g| g.starts_with("migrate-"));
-        let affected = parse_full_version(&self.version).is_some_and(|v| v <= STACK_BUG_UNTIL);
-        (affected && !patched).then(|| {
+        (self.gitid.as_deref() != Some(PATCHED_GITID)).then(|| {
             format!(
-                "{} (CRIU {}) leaves no memory lazy when a thread's stack pointer is page aligned at the freeze, \
-                 by chance about once in 256-512 freezes of each thread; the migration then copies all memory \
-                 while the process is frozen. deploy/install.sh builds CRIU with the fix \
-                 (deploy/criu-patches/0001)",
+                "{} (CRIU {}, GitID {}) leaves no memory lazy when a thread's stack pointer is page aligned at \
+                 the freeze (a thread waiting where its stack pointer is page aligned does so at every \
+                 freeze), and the migration then copies all memory while the process is frozen; \
+                 deploy/install.sh builds CRIU with the fix (deploy/criu-patches/0001, GitID {PATCHED_GITID})",
                 self.bin.display(),
-                self.version
+                self.version,
+                self.gitid.as_deref().unwrap_or("none"),
             )
         })
     }
@@ -834,16 +835,8 @@ fn raise_nofile_soft_limit() {
 }
 
 fn parse_version(v: &str) -> Option<(u32, u32)> {
-    parse_full_version(v).map(|(major, minor, _)| (major, minor))
-}
-
-/// "4.2.1" → (4, 2, 1); "4.1" → (4, 1, 0); a suffix after the numbers ("4.2-rc1") is ignored.
-fn parse_full_version(v: &str) -> Option<(u32, u32, u32)> {
-    let mut it = v.split('.').map(|p| p.split(|c: char| !c.is_ascii_digit()).next().unwrap_or(""));
-    let major = it.next()?.parse().ok()?;
-    let minor = it.next().unwrap_or("0").parse().ok()?;
-    let patch = it.next().filter(|p| !p.is_empty()).map_or(Some(0), |p| p.parse().ok())?;
-    Some((major, minor, patch))
+    let mut it = v.split('.');
+    Some((it.next()?.parse().ok()?, it.next().unwrap_or("0").parse().ok()?))
 }
 
 fn describe_status(s: ExitStatus) -> String {
@@ -918,23 +911,48 @@ mod tests {
     fn versions() {
         assert_eq!(parse_version("4.2.1"), Some((4, 2)));
         assert!(parse_version("3.17").unwrap() < MIN_VERSION);
-        assert_eq!(parse_full_version("4.1"), Some((4, 1, 0)));
-        assert_eq!(parse_full_version("4.2-rc1"), Some((4, 2, 0)));
-        assert_eq!(parse_full_version("4.2.1"), Some((4, 2, 1)));
-        assert_eq!(parse_full_version("x"), None);
     }
 
     #[test]
-    fn the_stack_bug_is_named_for_unpatched_criu_up_to_4_2_1() {
-        let criu = |version: &str, gitid: Option<&str>| Criu {
+    fn the_stack_bug_is_named_for_every_criu_but_the_patched_build() {
+        let criu = |gitid: Option<&str>| Criu {
             bin: "/usr/sbin/criu".into(),
-            version: version.into(),
+            version: "4.2.1".into(),
             gitid: gitid.map(String::from),
         };
-        let warning = criu("4.2.1", None).stack_bug().expect("4.2.1 as released has the bug");
-        assert!(warning.contains("/usr/sbin/criu (CRIU 4.2.1)") && warning.contains("deploy/install.sh"), "{warning}");
-        assert!(criu("4.1", Some("v4.1-3-gabc")).stack_bug().is_some(), "a git build is not our patch set");
-        assert_eq!(criu("4.2.1", Some("migrate-897e2ac7981f")).stack_bug(), None, "built by deploy/install.sh");
-        assert_eq!(criu("4.3", None).stack_bug(), None, "not known to have it");
+        let warning = criu(None).stack_bug().expect("4.2.1 as released has the bug");
+        assert!(warning.contains("/usr/sbin/criu (CRIU 4.2.1, GitID none)"), "{warning}");
+        assert!(warning.contains("deploy/install.sh"), "{warning}");
+        assert!(criu(Some("v4.2.1-3-gabc")).stack_bug().is_some(), "a git build is not the patch set");
+        assert!(criu(Some("migrate-000000000000")).stack_bug().is_some(), "another patch set");
+        assert_eq!(criu(Some(PATCHED_GITID)).stack_bug(), None, "built by deploy/install.sh");
+    }
+
+    /// PATCHED_GITID is what deploy/install.sh computes from the patches: `cat deploy/criu-patches/*.patch
+    /// | sha256sum | cut -c1-12` (the glob sorts by name, as here).
+    #[test]
+    fn the_patched_gitid_is_the_patch_sets_hash() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/criu-patches");
+        let mut patches: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("deploy/criu-patches")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "patch"))
+            .collect();
+        patches.sort();
+        assert!(!patches.is_empty(), "no patches in {}", dir.display());
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("cat \"$@\" | sha256sum")
+            .arg("sh")
+            .args(&patches)
+            .output()
+            .expect("run sha256sum");
+        assert!(out.status.success(), "sha256sum: {}", String::from_utf8_lossy(&out.stderr));
+        let sum = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            format!("migrate-{}", &sum[..12]),
+            PATCHED_GITID,
+            "deploy/criu-patches changed: set PATCHED_GITID to what deploy/install.sh now builds in"
+        );
     }
 }
