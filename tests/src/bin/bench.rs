@@ -398,8 +398,8 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
                     j["freeze_pages"]
                 );
                 // A lazy dump that left memory out of the lazy ranges (it then crosses in the image files,
-                // during the freeze): seen now and then, cause unknown (README, "Not done yet"); keep the
-                // source agent's account of it.
+                // during the freeze): locked or hugetlb memory, or a CRIU without deploy/criu-patches
+                // (criu::Criu::stack_bug); keep the source agent's account of it.
                 let written = j["image_page_bytes"].as_u64().unwrap_or(0);
                 if m != "stopcopy" && written > source_agent::precopy::NOT_LAZY_BYTES {
                     let log = tb.source_log("a");

@@ -427,8 +427,9 @@ impl Protected {
 }
 
 /// Starts a thread that waits in pause(2) for ever with its stack pointer on a page boundary, on a stack
-/// of its own, and returns that stack pointer once the thread is there. Every signal is blocked in the
-/// thread, so nothing but the system call itself runs on that stack.
+/// of its own, and returns that stack pointer once the thread is there. The thread blocks every signal
+/// it can (glibc keeps its internal SIGCANCEL and SIGSETXID open, which this program never raises), so
+/// nothing but the system call runs on that stack; a handler would still have 32 KiB below it.
 #[cfg(target_arch = "x86_64")]
 fn park_on_aligned_stack() -> usize {
     const STACK: usize = 64 << 10;
@@ -443,7 +444,7 @@ fn park_on_aligned_stack() -> usize {
     let parked = Arc::new(AtomicBool::new(false));
     let flag = parked.clone();
     std::thread::spawn(move || {
-        nix::sys::signal::SigSet::all().thread_block().expect("block every signal");
+        nix::sys::signal::SigSet::all().thread_block().expect("block the signals");
         let flag = flag.as_ptr();
         // SAFETY: switches to the stack made above (nothing of Rust's runs on it: the thread never
         // returns), says so through the flag (an AtomicBool the Arc moved here keeps alive for ever; a
