@@ -205,8 +205,8 @@ pub const NOT_LAZY_BYTES: u64 = 16 << 20;
 
 /// Why a lazy dump wrote memory into its pages files: every range of 1 MiB or more of each process
 /// that is there, with the VmFlags of the frozen tree's mapping at its start (CRIU leaves only private
-/// anonymous memory lazy, and not when locked, `lo`, or hugetlb, `ht`; an unpatched CRIU up to 4.2.1
-/// none at all when a thread's stack pointer was page aligned, see [`criu::Criu::stack_bug`]). Read
+/// anonymous memory lazy, and not when locked, `lo`, or hugetlb, `ht`; CRIU as released none at
+/// all when a thread's stack pointer was page aligned, see [`criu::Criu::stack_bug`]). Read
 /// while the tree is frozen.
 pub fn written_ranges(images_dir: &std::path::Path) -> String {
     let mut out = Vec::new();
