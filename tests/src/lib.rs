@@ -249,6 +249,17 @@ impl Testbed {
         std::fs::read_to_string(self.dir.join(host).join("source-agent.log")).unwrap_or_default()
     }
 
+    /// The warnings of the source agent on `host` that the lazy dump of the migration summed up in
+    /// `summary` (its `migration_id`) wrote memory into the image files, with what it wrote.
+    pub fn not_lazy_warnings(&self, host: &str, summary: &serde_json::Value) -> Vec<String> {
+        let id = summary["migration_id"].as_str().unwrap_or("?");
+        self.source_log(host)
+            .lines()
+            .filter(|l| l.contains(id) && l.contains("lazy dump wrote"))
+            .map(String::from)
+            .collect()
+    }
+
     /// The last `lines` lines of each agent's log on each host (what a failure report needs: the
     /// testbed and its logs are gone once the suite ends).
     pub fn log_tails(&self, lines: usize) -> String {

@@ -33,20 +33,14 @@ fn check(cond: bool, what: impl Into<String>) -> Result<(), Failed> {
     if cond { Ok(()) } else { Err(what.into().into()) }
 }
 
-/// The migration's lazy dump left the workload's memory in the frozen tree: CRIU wrote less than 16 MiB
-/// into the image files; else the source agent's report of what it wrote, with the mappings' VmFlags.
+/// The migration's lazy dump left the workload's memory in the frozen tree: CRIU wrote less than the
+/// source agent's bound, `precopy::NOT_LAZY_BYTES` (16 MiB), into the image files; else the source
+/// agent's report of what it wrote, with the mappings' VmFlags.
 fn dump_was_lazy(tb: &Testbed, s: &serde_json::Value) -> Result<(), Failed> {
     check(
-        s["image_page_bytes"].as_u64().is_some_and(|b| b < 16 << 20),
-        format!("the lazy dump wrote memory into the image files: {s}\n{}", not_lazy_warnings(tb, s).join("\n")),
+        s["image_page_bytes"].as_u64().is_some_and(|b| b < source_agent::precopy::NOT_LAZY_BYTES),
+        format!("the lazy dump wrote memory into the image files: {s}\n{}", tb.not_lazy_warnings("a", s).join("\n")),
     )
-}
-
-/// The source agent's warnings that the lazy dump of the migration summed up in `s` wrote memory into
-/// the image files.
-fn not_lazy_warnings(tb: &Testbed, s: &serde_json::Value) -> Vec<String> {
-    let id = s["migration_id"].as_str().unwrap_or("?");
-    tb.source_log("a").lines().filter(|l| l.contains(id) && l.contains("lazy dump wrote")).map(String::from).collect()
 }
 
 fn counter(v: &serde_json::Value) -> u64 {
@@ -65,7 +59,7 @@ fn freeze_marker(pid: u32) -> String {
 
 /// `migrate --json --mode MODE PID b` on a, through the agent at `agent` (a's own when None), on its
 /// own thread.
-fn migrate_in_background_with(
+fn migrate_in_background(
     pid: u32,
     agent: Option<PathBuf>,
     mode: &'static str,
@@ -197,7 +191,7 @@ fn locked_memory_crosses_in_the_image_files() -> Result<(), Failed> {
         s["image_page_bytes"].as_u64().unwrap_or(0) >= 64 << 20,
         format!("the locked memory is not in the images: {s}"),
     )?;
-    let warned = not_lazy_warnings(tb, s).into_iter().find(|l| l.contains("lazy dump wrote 64 MiB"));
+    let warned = tb.not_lazy_warnings("a", s).into_iter().find(|l| l.contains("lazy dump wrote 64 MiB"));
     check(
         warned.as_ref().is_some_and(|l| l.contains(&format!("pid {pid} ")) && l.contains(" lo ")),
         format!("no warning naming the locked mapping: {warned:?}"),
@@ -340,7 +334,7 @@ fn postcopy_rides_out_a_short_link_drop() -> Result<(), Failed> {
     let name = format!("drop{}", unique());
     let args = ["mem", "--name", &name, "--mib", "1024", "--seed", "23", "--dirty-pct", "10", "--writers", "2"];
     let pid = tb.start_workload("a", &args);
-    let migrating = migrate_in_background_with(pid, None, "postcopy");
+    let migrating = migrate_in_background(pid, None, "postcopy");
     let marker = format!("pid {pid}: post-copy");
     let streaming = wait_until(Duration::from_secs(60), || tb.source_log("a").contains(&marker));
     let unplugged = tb.link("b", false);
@@ -438,7 +432,7 @@ fn same_file_on_both(path: &str) -> Result<(), Failed> {
 /// restore there fails for real.
 fn migrate_losing_file_on_b(pid: u32, path: &str, mode: &'static str) -> Result<tests::MigrateResult, Failed> {
     let tb = tb();
-    let migrating = migrate_in_background_with(pid, None, mode);
+    let migrating = migrate_in_background(pid, None, mode);
     let frozen = wait_until(Duration::from_secs(30), || tb.source_log("a").contains(&freeze_marker(pid)));
     let removed = tb.exec("b", &["rm", "-f", path]).status.success();
     let r = migrating.join().expect("migrate thread");
@@ -738,7 +732,7 @@ fn dropped_link_rolls_back() -> Result<(), Failed> {
     let name = format!("link{}", unique());
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "3"]);
     let before = tb.query("a", &name)?;
-    let migrating = migrate_in_background_with(pid, None, "stopcopy");
+    let migrating = migrate_in_background(pid, None, "stopcopy");
     let id_marker = freeze_marker(pid);
     let frozen = wait_until(Duration::from_secs(30), || tb.source_log("a").contains(&id_marker));
     // The dump takes a few hundred ms; unplug as the images start to flow.
@@ -835,7 +829,7 @@ fn crashed_source_agent_resumes_the_original_in(mode: &'static str) -> Result<()
     let sock_s = sock.to_str().expect("utf8").to_string();
     let tls = tb.dir.join("tls");
     let first = start_agent("a", "source", &tls, &state, &dir.join("first.log"), &["--control-socket", &sock_s]);
-    let migrating = migrate_in_background_with(pid, Some(sock.clone()), mode);
+    let migrating = migrate_in_background(pid, Some(sock.clone()), mode);
     let freezing = freeze_marker(pid);
     let frozen = wait_until(Duration::from_secs(30), || {
         std::fs::read_to_string(dir.join("first.log")).is_ok_and(|l| l.contains(&freezing))

@@ -402,8 +402,7 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
                 // (criu::Criu::stack_bug); keep the source agent's account of it.
                 let written = j["image_page_bytes"].as_u64().unwrap_or(0);
                 if m != "stopcopy" && written > source_agent::precopy::NOT_LAZY_BYTES {
-                    let log = tb.source_log("a");
-                    let why = log.lines().rev().find(|l| l.contains("into the image files instead")).unwrap_or("");
+                    let why = tb.not_lazy_warnings("a", &j).pop().unwrap_or_default();
                     row.note += &format!("; {} MiB of memory in the image files: {why}", written >> 20);
                 }
             }
