@@ -11,7 +11,9 @@
 #      fetched with `apt-get source --download-only`, the patches applied (one already in the source is
 #      skipped), and `make criu` run in a scratch directory. The patches: 0001 keeps a lazy dump lazy
 #      when a thread's stack pointer happens to be page aligned (CRIU 4.2.1 then writes all memory into
-#      the images, and a migration moves it all during the freeze).
+#      the images, and a migration moves it all during the freeze); 0002 adds `--lazy-pages-in-place`,
+#      which leaves lazy pages in the stopped tree instead of collecting them into CRIU's page pipes
+#      during the freeze (the agents read them from the tree, never from CRIU's page server).
 #   3. fs.pipe-max-size raised to 4 MiB, now and at boot (/etc/sysctl.d/60-migrate-criu.conf): without
 #      CAP_SYS_RESOURCE CRIU cannot grow its page pipes past the default limit and `criu dump
 #      --lazy-pages` fails with "page-pipe: splice ... Bad file descriptor".

@@ -70,7 +70,22 @@ pub struct Criu {
 
 /// The `GitID` deploy/install.sh builds into CRIU: "migrate-" and the first 12 hex digits of the sha256
 /// of deploy/criu-patches/*.patch in order (a unit test recomputes it).
-pub const PATCHED_GITID: &str = "migrate-117e881189aa";
+pub const PATCHED_GITID: &str = "migrate-7006ce577348";
+
+/// Where a lazy dump's private memory is read from afterwards ([`Criu::dump_lazy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LazyMemory {
+    /// Over CRIU's page server ([`LazyDump::page_server`]): CRIU collects every lazy page into its page
+    /// pipes while the tree is frozen (vmsplice through its parasite: about 60 ms of the freeze for 2 GiB
+    /// on the test VM).
+    Served,
+    /// From the stopped tree itself (/proc/PID/mem; the tree stays stopped until it is killed or
+    /// resumed), as this project's source agent does. The CRIU deploy/install.sh builds
+    /// ([`PATCHED_GITID`]) then leaves the lazy pages where they are (`--lazy-pages-in-place`,
+    /// deploy/criu-patches/0002), which shortens the freeze, and its page server has none of them to
+    /// serve. Any other CRIU collects them all the same, as for `Served`.
+    InPlace,
+}
 
 /// What to dump.
 #[derive(Debug, Clone)]
@@ -142,7 +157,7 @@ impl Criu {
     /// where its stack pointer is page aligned does so at every freeze; any thread may by chance. `None`
     /// for the CRIU deploy/install.sh builds with the fix ([`PATCHED_GITID`], deploy/criu-patches/0001).
     pub fn stack_bug(&self) -> Option<String> {
-        (self.gitid.as_deref() != Some(PATCHED_GITID)).then(|| {
+        (!self.patched()).then(|| {
             format!(
                 "{} (CRIU {}, GitID {}) leaves no memory lazy when a thread's stack pointer is page aligned at \
                  the freeze (a thread waiting where its stack pointer is page aligned does so at every \
@@ -153,6 +168,11 @@ impl Criu {
                 self.gitid.as_deref().unwrap_or("none"),
             )
         })
+    }
+
+    /// Built by deploy/install.sh from this checkout's deploy/criu-patches.
+    fn patched(&self) -> bool {
+        self.gitid.as_deref() == Some(PATCHED_GITID)
     }
 
     /// `criu dump` of the tree rooted at `req.pid`, leaving it **stopped** on success so that the caller
@@ -179,7 +199,9 @@ impl Criu {
     ///
     /// # Cancel safety
     /// The dump is lost, the tree is not: dropping the future is handled like the timeout above.
-    pub async fn dump_lazy(&self, req: &DumpRequest) -> Result<LazyDump, CriuError> {
+    /// `memory`: how the caller reads the lazy pages afterwards ([`LazyMemory`]);
+    /// [`LazyDump::in_place`] says whether CRIU left them out of its pipes.
+    pub async fn dump_lazy(&self, req: &DumpRequest, memory: LazyMemory) -> Result<LazyDump, CriuError> {
         let log = req.images_dir.join("dump.log");
         let spawn_error = |source| CriuError::Spawn { bin: self.bin.clone(), source };
         // Found empirically (CRIU 4.2.1, kernel 6.18): `--status-fd` works in `dump --lazy-pages` mode.
@@ -203,7 +225,8 @@ impl Criu {
         let mut args: Vec<&std::ffi::OsStr> = common.iter().map(|a| a.as_os_str()).collect();
         let lazy: [&std::ffi::OsStr; 7] = [
             // Private anonymous memory stays in the frozen tree (PE_LAZY entries in pagemap-<pid>.img, no
-            // bytes in pages-*.img); CRIU then serves it over its page server until the session ends.
+            // bytes in pages-*.img); CRIU then serves it over its page server
+            // until the session ends (unless in place, below).
             "--lazy-pages".as_ref(),
             // Loopback only: whoever connects first reads the frozen tree's memory, so we connect as soon
             // as CRIU is ready; CRIU accepts one client and closes its listening socket (a second connect
@@ -220,6 +243,11 @@ impl Criu {
             status_fd_arg.as_ref(),
         ];
         args.extend(lazy);
+        let in_place = memory == LazyMemory::InPlace && self.patched();
+        if in_place {
+            // Needs --lazy-pages and --leave-stopped (both above); deploy/criu-patches/0002.
+            args.push("--lazy-pages-in-place".as_ref());
+        }
         let command = self.command_line(&args);
         tracing::debug!(%command, "running criu");
         let mut cmd = self.command(&args);
@@ -319,6 +347,7 @@ impl Criu {
             command,
             started,
             dumped_in,
+            in_place,
             session: Some(session),
             child: Some(child),
             stderr,
@@ -498,6 +527,7 @@ pub struct LazyDump {
     command: String,
     started: Instant,
     dumped_in: Duration,
+    in_place: bool,
     /// Some until finish() or drop.
     session: Option<tokio::net::TcpStream>,
     child: Option<tokio::process::Child>,
@@ -521,12 +551,18 @@ impl LazyDump {
         self.dumped_in
     }
 
+    /// CRIU left the lazy pages in the stopped tree, out of its page pipes ([`LazyMemory::InPlace`] with
+    /// the patched CRIU): its page server cannot serve them.
+    pub fn in_place(&self) -> bool {
+        self.in_place
+    }
+
     /// The layout of the page-server headers this CRIU speaks (it changed in 4.2).
     pub fn layout(&self) -> PsLayout {
         self.layout
     }
 
-    /// The connection CRIU serves lazy pages on: write GET requests ([`PsIov::get`], encoded with
+    /// The connection CRIU serves lazy pages on (unless [`LazyDump::in_place`]): write GET requests ([`PsIov::get`], encoded with
     /// [`LazyDump::layout`]) and read each reply (a header, then `nr_pages` pages). CRIU answers in order;
     /// a GET for pages it does not hold ends the session (the tree then runs again). Leave no reply
     /// unread before [`LazyDump::finish`].

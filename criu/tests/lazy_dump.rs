@@ -2,13 +2,14 @@
 //! memory. These need root and CRIU (>= 4.1) and fail, never skip, without them. Each test starts its own
 //! helper (a `python3` in its own session, stdio on /dev/null) and kills it at the end, also on failure.
 
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criu::images::{PAGE_SIZE, read_pagemap};
-use criu::{CriuError, DumpRequest, PS_IOV_ADD_F, PsIov};
+use criu::{CriuError, DumpRequest, LazyMemory, PS_IOV_ADD_F, PsIov};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MIB: u64 = 64;
@@ -168,8 +169,10 @@ async fn lazy_dump_keeps_private_memory_in_the_frozen_tree_and_finish_leaves_it_
     let req = request(&helper);
     let before = std::time::Instant::now();
     let watch = criu::tree::StopWatch::start(helper.pid);
-    let mut lazy =
-        tokio::time::timeout(STEP, criu.dump_lazy(&req)).await.expect("dump_lazy timed out").expect("dump_lazy");
+    let mut lazy = tokio::time::timeout(STEP, criu.dump_lazy(&req, LazyMemory::Served))
+        .await
+        .expect("dump_lazy timed out")
+        .expect("dump_lazy");
     let ready = std::time::Instant::now();
     assert_eq!(lazy.pid(), helper.pid);
     // The freeze began while CRIU ran, before its images were ready.
@@ -221,12 +224,77 @@ async fn lazy_dump_keeps_private_memory_in_the_frozen_tree_and_finish_leaves_it_
     resume_and_check(&helper);
 }
 
+/// Bytes held in the pipes of the `criu dump` working on `images` (each pipe once), read with FIONREAD
+/// on a reader of each pipe opened through /proc/CRIU/fd.
+fn criu_pipe_bytes(images: &Path) -> u64 {
+    let dir = images.to_string_lossy().into_owned();
+    let criu = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.get(1) == Some(&b"dump".as_slice()) && args.contains(&dir.as_bytes())
+        })
+        .expect("the criu dump of these images");
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0u64;
+    for fd in std::fs::read_dir(format!("/proc/{criu}/fd")).expect("CRIU's fds").flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        if !target.to_string_lossy().starts_with("pipe:") || !seen.insert(target) {
+            continue;
+        }
+        let pipe = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fd.path())
+            .expect("a reader on CRIU's pipe");
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int into `n`, which outlives the call.
+        let r = unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(r, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+        bytes += n as u64;
+    }
+    bytes
+}
+
+/// With the patched CRIU, `LazyMemory::InPlace` leaves the lazy pages in the stopped tree instead of
+/// collecting them into CRIU's page pipes during the freeze (deploy/criu-patches/0002); `Served`
+/// collects them for the page server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_place_lazy_dump_leaves_the_lazy_pages_out_of_criu_s_pipes() {
+    let criu = require_criu();
+    let helper = Helper::start();
+    let mut held = Vec::new();
+    for memory in [LazyMemory::Served, LazyMemory::InPlace] {
+        let req = request(&helper);
+        let lazy = tokio::time::timeout(STEP, criu.dump_lazy(&req, memory))
+            .await
+            .expect("dump_lazy timed out")
+            .expect("dump_lazy");
+        assert_eq!(lazy.in_place(), memory == LazyMemory::InPlace, "{memory:?} with {criu:?}");
+        let pagemap = read_pagemap(&req.images_dir.join(format!("pagemap-{}.img", helper.pid))).expect("pagemap");
+        assert!(pagemap.lazy_pages() * PAGE_SIZE >= (MIB - 1) << 20, "{memory:?}: the memory is not lazy");
+        held.push((memory, criu_pipe_bytes(&req.images_dir)));
+        tokio::time::timeout(STEP, lazy.finish()).await.expect("finish timed out").expect("finish");
+        wait_stopped(&helper, &req.images_dir.join("dump.log"));
+        resume_and_check(&helper);
+        std::fs::remove_dir_all(&req.images_dir).expect("clear the images");
+    }
+    assert!(held[0].1 >= (MIB - 1) << 20, "CRIU's pipes: {held:?}");
+    assert!(held[1].1 < 1 << 20, "CRIU's pipes: {held:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_lazy_dump_closes_the_session_and_leaves_the_tree_stopped() {
     let criu = require_criu();
     let helper = Helper::start();
     let req = request(&helper);
-    let lazy = tokio::time::timeout(STEP, criu.dump_lazy(&req)).await.expect("dump_lazy timed out").expect("dump_lazy");
+    let lazy = tokio::time::timeout(STEP, criu.dump_lazy(&req, LazyMemory::InPlace))
+        .await
+        .expect("dump_lazy timed out")
+        .expect("dump_lazy");
     drop(lazy);
     // CRIU exits on its own after the CLOSE; the tree goes from `t` (CRIU's) to `T` (stopped).
     wait_stopped(&helper, &req.images_dir.join("dump.log"));
@@ -240,7 +308,7 @@ async fn an_abandoned_lazy_dump_makes_criu_resume_the_tree() {
     let helper = Helper::start();
     let req = request(&helper);
     // The future is dropped while it waits for CRIU to get ready (CRIU was spawned on its first poll).
-    let cancelled = tokio::time::timeout(Duration::from_millis(1), criu.dump_lazy(&req)).await;
+    let cancelled = tokio::time::timeout(Duration::from_millis(1), criu.dump_lazy(&req, LazyMemory::InPlace)).await;
     assert!(cancelled.is_err(), "a lazy dump of 64 MiB cannot be ready within 1 ms");
     let log = req.images_dir.join("dump.log");
     let errors = wait_for(Duration::from_secs(30), "CRIU to fail the abandoned transfer", || {
@@ -270,7 +338,7 @@ async fn a_lazy_dump_that_fails_before_ready_carries_the_log_errors() {
     gone.wait().expect("wait true");
     let req = DumpRequest { pid: gone.id(), images_dir: dir.path().to_owned(), externals: vec![] };
     let started = Instant::now();
-    let err = tokio::time::timeout(STEP, criu.dump_lazy(&req)).await.expect("dump_lazy timed out");
+    let err = tokio::time::timeout(STEP, criu.dump_lazy(&req, LazyMemory::InPlace)).await.expect("dump_lazy timed out");
     match err {
         Err(CriuError::Failed { op, status, errors, command, .. }) => {
             assert_eq!(op, "dump");

@@ -569,7 +569,7 @@ impl Migration<'_> {
             // server is not needed: this agent reads the stopped tree directly. The images are complete
             // once the dump is ready; CRIU's session end and exit (it then leaves the tree stopped) run
             // while the images travel, and are waited for before Commit (or a rollback).
-            Some(_) => self.ctx.criu.dump_lazy(&req).await.map(|lazy| {
+            Some(_) => self.ctx.criu.dump_lazy(&req, criu::LazyMemory::InPlace).await.map(|lazy| {
                 self.criu_finishing = Some(tokio::spawn(lazy.finish()));
             }),
             None => self.ctx.criu.dump(&req).await.map(|_| ()),
