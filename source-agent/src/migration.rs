@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use protocol::frame::{read_frame, write_frame};
+use protocol::pages::BatchSink;
 use protocol::pb::{self, source_msg, target_msg};
 use protocol::{ProtocolError, file_stream};
 use tokio::sync::mpsc::UnboundedSender;
@@ -180,8 +181,9 @@ struct PostCopy {
     /// The fault link's server (the caller aborts it when the migration ends).
     faults: tokio::task::JoinHandle<Result<(), String>>,
     hints: std::sync::mpsc::Receiver<precopy::Key>,
-    /// Fired when Commit is sent: the stream waits for it, so that it does not take the cores from
-    /// the target's restore, which is downtime (the copy cannot fault before it runs anyway).
+    /// Fired when Commit is sent: the stream sends nothing before (what the pass reads meanwhile waits
+    /// in [`UntilCommit`]), so that it does not take the cores from the target's restore, which is
+    /// downtime (the copy cannot fault before it runs anyway).
     go: tokio::sync::oneshot::Receiver<()>,
 }
 
@@ -189,24 +191,34 @@ impl PostCopy {
     /// Returns the bytes it put on the pages stream and the pages the target holds.
     async fn run(self, mut pre: PreCopied) -> Result<(u64, u64), String> {
         let PostCopy { regions, delivered, work_dir, pids, mut faults, hints, go } = self;
-        // Until Commit only the restore can fault (CRIU's restorer touches some lazy pages, e.g. the
-        // rseq area): the fault link alone answers it, and if the link fails the restore would wait.
-        tokio::select! {
-            r = &mut faults => {
-                let e = match r {
-                    Ok(Ok(())) => "the target closed it".to_string(),
-                    Ok(Err(e)) => e,
-                    Err(e) => e.to_string(),
-                };
-                return Err(format!("the fault link failed before the commit: {e}"));
-            }
-            go = go => go.map_err(|_| "the migration ended before the commit".to_string())?,
-        }
+        // The tree is stopped: what changed since the last round is known now, and the pass reads it while
+        // the target restores (the tree's own cores are idle then). What it reads waits here until
+        // Commit (UntilCommit). Until Commit only the restore can fault (CRIU's restorer touches some
+        // lazy pages, e.g. the rseq area): the fault link alone answers it, and if the link fails the
+        // restore would wait.
         let only = pre.changed_at_freeze(&regions);
+        let gate = async {
+            tokio::select! {
+                r = &mut faults => Err(match r {
+                    Ok(Ok(())) => "the fault link failed before the commit: the target closed it".to_string(),
+                    Ok(Err(e)) => format!("the fault link failed before the commit: {e}"),
+                    Err(e) => format!("the fault link failed before the commit: {e}"),
+                }),
+                go = go => go.map_err(|_| "the migration ended before the commit".to_string()),
+            }
+        };
+        let mut sink = UntilCommit::new(&mut pre.stream, gate, HOLD_UNTIL_COMMIT);
         let pass =
             precopy::Pass { round: pre.rounds, frozen: true, only, hints: Some(hints), no_copies: true, current: true };
-        let stats = precopy::send_round(&mut pre.held, &mut pre.stream, regions, pass, &pre.level).await?;
-        let end = precopy::send_end(&mut pre.stream, pre.held.records).await?;
+        let sent = precopy::send_round(&mut pre.held, &mut sink, regions, pass, &pre.level).await;
+        let stats = match sent {
+            Ok(s) => s,
+            // The gate's own reason (the fault link failed, the migration ended) rather than the sink's.
+            Err(e) => return Err(sink.open().await.err().map_or(e, |g| g.to_string())),
+        };
+        let end = precopy::send_end(&mut sink, pre.held.records).await?;
+        sink.open().await.map_err(|e| e.to_string())?;
+        drop(sink);
         pre.stream.finish().map_err(|e| format!("pages stream: {e}"))?;
         tracing::info!(
             pages = stats.sent,
@@ -230,6 +242,64 @@ impl PostCopy {
             tracing::warn!("fault link: {e}");
         }
         Ok((stats.wire + end, pre.held.len() as u64))
+    }
+}
+
+/// How much of the post-copy pages stream [`UntilCommit`] holds back at most (the source's memory).
+const HOLD_UNTIL_COMMIT: usize = 64 << 20;
+
+/// The post-copy pages stream before Commit: batches the pass over the stopped tree reads while the
+/// target restores are held here, up to `cap` bytes, and go out once `gate` opens (at Commit): sent
+/// earlier they would take the target's cores from its restore, which is downtime.
+struct UntilCommit<'a, W, G> {
+    stream: &'a mut W,
+    /// Ok at Commit, Err when the migration cannot get there; None once it opened.
+    gate: Option<std::pin::Pin<Box<G>>>,
+    held: Vec<Vec<bytes::Bytes>>,
+    bytes: usize,
+    cap: usize,
+}
+
+impl<'a, W: BatchSink + Send, G: std::future::Future<Output = Result<(), String>> + Send> UntilCommit<'a, W, G> {
+    fn new(stream: &'a mut W, gate: G, cap: usize) -> Self {
+        UntilCommit { stream, gate: Some(Box::pin(gate)), held: Vec::new(), bytes: 0, cap }
+    }
+
+    /// Waits for the gate (if it did not open yet), then sends what was held.
+    async fn open(&mut self) -> std::io::Result<()> {
+        if let Some(gate) = self.gate.take() {
+            gate.await.map_err(std::io::Error::other)?;
+        }
+        for parts in std::mem::take(&mut self.held) {
+            self.stream.put(parts).await?;
+        }
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
+impl<W: BatchSink + Send, G: std::future::Future<Output = Result<(), String>> + Send> BatchSink
+    for UntilCommit<'_, W, G>
+{
+    async fn put(&mut self, parts: Vec<bytes::Bytes>) -> std::io::Result<()> {
+        if let Some(gate) = self.gate.as_mut() {
+            let len: usize = parts.iter().map(|p| p.len()).sum();
+            match futures::poll!(gate.as_mut()) {
+                std::task::Poll::Pending if self.bytes + len <= self.cap => {
+                    self.held.push(parts);
+                    self.bytes += len;
+                    return Ok(());
+                }
+                // Full: open() waits for the gate.
+                std::task::Poll::Pending => {}
+                std::task::Poll::Ready(r) => {
+                    self.gate = None;
+                    r.map_err(std::io::Error::other)?;
+                }
+            }
+            self.open().await?;
+        }
+        self.stream.put(parts).await
     }
 }
 
@@ -1342,4 +1412,49 @@ const THEIR_WORDS: Duration = Duration::from_secs(2);
 
 fn unexpected(target: &str, got: &target_msg::Msg, expected: &str) -> String {
     format!("target {target} sent {got:?} where {expected} was expected")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(b: u8, len: usize) -> Vec<bytes::Bytes> {
+        vec![bytes::Bytes::from(vec![b; len])]
+    }
+
+    /// Until the gate opens, batches are held (up to the cap) and nothing reaches the stream; then the
+    /// held ones go first, in order.
+    #[tokio::test]
+    async fn until_commit_holds_batches_until_the_gate_opens() {
+        let mut out = Vec::new();
+        let (go, gate) = tokio::sync::oneshot::channel::<()>();
+        let gate = async move { gate.await.map_err(|_| "ended".to_string()) };
+        let mut sink = UntilCommit::new(&mut out, gate, 10);
+        sink.put(batch(1, 4)).await.unwrap();
+        sink.put(batch(2, 6)).await.unwrap();
+        assert_eq!(sink.bytes, 10);
+        // Over the cap: waits for the gate.
+        let mut third = Box::pin(sink.put(batch(3, 1)));
+        assert!(futures::poll!(third.as_mut()).is_pending(), "a batch over the cap must wait for the gate");
+        go.send(()).unwrap();
+        third.await.unwrap();
+        sink.put(batch(4, 2)).await.unwrap();
+        sink.open().await.unwrap();
+        assert_eq!(out, [vec![1; 4], vec![2; 6], vec![3; 1], vec![4; 2]].concat());
+    }
+
+    /// A gate that fails (the migration ended before Commit) sends nothing and says why.
+    #[tokio::test]
+    async fn until_commit_sends_nothing_when_the_gate_fails() {
+        let mut out = Vec::new();
+        let (go, gate) = tokio::sync::oneshot::channel::<()>();
+        let gate = async move { gate.await.map_err(|_| "the migration ended before the commit".to_string()) };
+        let mut sink = UntilCommit::new(&mut out, gate, 10);
+        sink.put(batch(1, 8)).await.unwrap();
+        drop(go);
+        let over = sink.put(batch(2, 8)).await.unwrap_err();
+        assert!(over.to_string().contains("ended before the commit"), "{over}");
+        drop(sink);
+        assert!(out.is_empty());
+    }
 }
