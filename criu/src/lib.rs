@@ -70,7 +70,7 @@ pub struct Criu {
 
 /// The `GitID` deploy/install.sh builds into CRIU: "migrate-" and the first 12 hex digits of the sha256
 /// of deploy/criu-patches/*.patch in order (a unit test recomputes it).
-pub const PATCHED_GITID: &str = "migrate-7006ce577348";
+pub const PATCHED_GITID: &str = "migrate-18343a8f6699";
 
 /// Where a lazy dump's private memory is read from afterwards ([`Criu::dump_lazy`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -286,6 +286,36 @@ async fn an_in_place_lazy_dump_leaves_the_lazy_pages_out_of_criu_s_pipes() {
     assert!(held[1].1 < 1 << 20, "CRIU's pipes: {held:?}");
 }
 
+/// CRIU's page server has nothing to serve after an in-place dump: a GET fails the transfer (CRIU then
+/// resumes the tree) instead of waiting forever on an empty pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_from_an_in_place_lazy_dump_fails_and_criu_resumes_the_tree() {
+    let criu = require_criu();
+    let helper = Helper::start();
+    let req = request(&helper);
+    let mut lazy = tokio::time::timeout(STEP, criu.dump_lazy(&req, LazyMemory::InPlace))
+        .await
+        .expect("dump_lazy timed out")
+        .expect("dump_lazy");
+    assert!(lazy.in_place());
+    let pagemap = read_pagemap(&req.images_dir.join(format!("pagemap-{}.img", helper.pid))).expect("pagemap");
+    let start = pagemap.lazy_ranges().into_iter().max_by_key(|r| r.end - r.start).expect("a lazy range").start;
+    let layout = lazy.layout();
+    let session = lazy.page_server();
+    session.write_all(&PsIov::get(helper.pid, start, 16).encode(layout)).await.expect("send GET");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(STEP, session.read_to_end(&mut rest)).await.expect("CRIU kept the session open");
+    assert!(read.is_err() || rest.is_empty(), "CRIU answered {} bytes", rest.len());
+    let log = req.images_dir.join("dump.log");
+    let errors = wait_for(Duration::from_secs(30), "CRIU to fail the transfer", || {
+        let e = criu::log_errors(&log);
+        e.contains("Dumping FAILED").then_some(e)
+    });
+    assert!(errors.contains("--lazy-pages-in-place"), "{errors}");
+    drop(lazy);
+    assert_let_go(&helper, "a GET from an in-place dump");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_lazy_dump_closes_the_session_and_leaves_the_tree_stopped() {
     let criu = require_criu();
