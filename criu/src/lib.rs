@@ -64,7 +64,7 @@ pub struct Criu {
     /// e.g. "4.2.1"
     pub version: String,
     /// The `GitID:` line of `criu --version`, if any: deploy/install.sh builds CRIU with the patches in
-    /// deploy/criu-patches and names the set there, "migrate-<sha256 prefix>".
+    /// deploy/criu-patches and names the set there, `migrate-<sha256 prefix>`.
     pub gitid: Option<String>,
 }
 
@@ -187,7 +187,9 @@ impl Criu {
     /// `criu dump --lazy-pages --leave-stopped` of the tree rooted at `req.pid` into `req.images_dir`:
     /// returns once every image file is written (lazy private pages are NOT in `pages-*.img`: they stay in
     /// the frozen tree, PE_LAZY in `pagemap-<pid>.img`) and CRIU's lazy page server listens on 127.0.0.1.
-    /// The tree is frozen from the call until [`LazyDump::finish`].
+    /// The tree is frozen from the call until [`LazyDump::finish`]. `memory` says how the caller reads the
+    /// lazy pages afterwards ([`LazyMemory`]); [`LazyDump::in_place`] whether CRIU left them out of its
+    /// page pipes.
     ///
     /// On `Err` the tree runs again, or will: CRIU resumes it itself when a dump fails. When CRIU is not
     /// ready within [`LAZY_READY_TIMEOUT`] (or this future is dropped before it is), CRIU is not killed
@@ -199,8 +201,6 @@ impl Criu {
     ///
     /// # Cancel safety
     /// The dump is lost, the tree is not: dropping the future is handled like the timeout above.
-    /// `memory`: how the caller reads the lazy pages afterwards ([`LazyMemory`]);
-    /// [`LazyDump::in_place`] says whether CRIU left them out of its pipes.
     pub async fn dump_lazy(&self, req: &DumpRequest, memory: LazyMemory) -> Result<LazyDump, CriuError> {
         let log = req.images_dir.join("dump.log");
         let spawn_error = |source| CriuError::Spawn { bin: self.bin.clone(), source };
@@ -225,8 +225,8 @@ impl Criu {
         let mut args: Vec<&std::ffi::OsStr> = common.iter().map(|a| a.as_os_str()).collect();
         let lazy: [&std::ffi::OsStr; 7] = [
             // Private anonymous memory stays in the frozen tree (PE_LAZY entries in pagemap-<pid>.img, no
-            // bytes in pages-*.img); CRIU then serves it over its page server
-            // until the session ends (unless in place, below).
+            // bytes in pages-*.img); CRIU then serves it over its page server until the session ends
+            // (unless it is left in place, below).
             "--lazy-pages".as_ref(),
             // Loopback only: whoever connects first reads the frozen tree's memory, so we connect as soon
             // as CRIU is ready; CRIU accepts one client and closes its listening socket (a second connect
@@ -562,10 +562,10 @@ impl LazyDump {
         self.layout
     }
 
-    /// The connection CRIU serves lazy pages on (unless [`LazyDump::in_place`]): write GET requests ([`PsIov::get`], encoded with
-    /// [`LazyDump::layout`]) and read each reply (a header, then `nr_pages` pages). CRIU answers in order;
-    /// a GET for pages it does not hold ends the session (the tree then runs again). Leave no reply
-    /// unread before [`LazyDump::finish`].
+    /// The connection CRIU serves lazy pages on (none if [`LazyDump::in_place`]): write GET requests
+    /// ([`PsIov::get`], encoded with [`LazyDump::layout`]) and read each reply (a header, then `nr_pages`
+    /// pages). CRIU answers in order; a GET for pages it does not hold ends the session (the tree then
+    /// runs again). Leave no reply unread before [`LazyDump::finish`].
     pub fn page_server(&mut self) -> &mut tokio::net::TcpStream {
         self.session.as_mut().expect("the session exists until finish() or drop")
     }
@@ -689,7 +689,7 @@ fn reset_session(port: u16, timeout: Duration) -> bool {
 /// server listening) after the agent that started it died, so that nobody took its one page-server
 /// connection, waits in accept() for ever with the tree frozen (state `t`). Given a process's command
 /// line (`/proc/PID/cmdline`, NUL-separated) that is such a dump of this crate (`--lazy-pages`, `--address
-/// 127.0.0.1 --port N`), connects to its page server and resets the connection, as [`Pending`]'s drop
+/// 127.0.0.1 --port N`), connects to its page server and resets the connection, as `Pending`'s drop
 /// does: CRIU fails the transfer and resumes the tree. True if it connected; false for another command
 /// line or a dump that does not listen (not ready yet: it then resumes the tree itself when it finds its
 /// status fd closed; or already served).

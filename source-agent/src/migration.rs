@@ -210,12 +210,8 @@ impl PostCopy {
         let mut sink = UntilCommit::new(&mut pre.stream, gate, HOLD_UNTIL_COMMIT);
         let pass =
             precopy::Pass { round: pre.rounds, frozen: true, only, hints: Some(hints), no_copies: true, current: true };
-        let sent = precopy::send_round(&mut pre.held, &mut sink, regions, pass, &pre.level).await;
-        let stats = match sent {
-            Ok(s) => s,
-            // The gate's own reason (the fault link failed, the migration ended) rather than the sink's.
-            Err(e) => return Err(sink.open().await.err().map_or(e, |g| g.to_string())),
-        };
+        // A failure returns at once, also before Commit (a gate that failed is in the sink's error).
+        let stats = precopy::send_round(&mut pre.held, &mut sink, regions, pass, &pre.level).await?;
         let end = precopy::send_end(&mut sink, pre.held.records).await?;
         sink.open().await.map_err(|e| e.to_string())?;
         drop(sink);
