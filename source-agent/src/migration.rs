@@ -199,11 +199,14 @@ impl PostCopy {
         let only = pre.changed_at_freeze(&regions);
         let gate = async {
             tokio::select! {
-                r = &mut faults => Err(match r {
-                    Ok(Ok(())) => "the fault link failed before the commit: the target closed it".to_string(),
-                    Ok(Err(e)) => format!("the fault link failed before the commit: {e}"),
-                    Err(e) => format!("the fault link failed before the commit: {e}"),
-                }),
+                r = &mut faults => {
+                    let e = match r {
+                        Ok(Ok(())) => "the target closed it".to_string(),
+                        Ok(Err(e)) => e,
+                        Err(e) => e.to_string(),
+                    };
+                    Err(format!("the fault link failed before the commit: {e}"))
+                }
                 go = go => go.map_err(|_| "the migration ended before the commit".to_string()),
             }
         };
@@ -1418,13 +1421,18 @@ mod tests {
         vec![bytes::Bytes::from(vec![b; len])]
     }
 
+    /// A gate as the post-copy pass gets it: opened by the sender, failed when the sender is dropped.
+    fn gate() -> (tokio::sync::oneshot::Sender<()>, impl std::future::Future<Output = Result<(), String>> + Send) {
+        let (go, gate) = tokio::sync::oneshot::channel::<()>();
+        (go, async move { gate.await.map_err(|_| "the migration ended before the commit".to_string()) })
+    }
+
     /// Until the gate opens, batches are held (up to the cap) and nothing reaches the stream; then the
     /// held ones go first, in order.
     #[tokio::test]
     async fn until_commit_holds_batches_until_the_gate_opens() {
         let mut out = Vec::new();
-        let (go, gate) = tokio::sync::oneshot::channel::<()>();
-        let gate = async move { gate.await.map_err(|_| "ended".to_string()) };
+        let (go, gate) = gate();
         let mut sink = UntilCommit::new(&mut out, gate, 10);
         sink.put(batch(1, 4)).await.unwrap();
         sink.put(batch(2, 6)).await.unwrap();
@@ -1443,8 +1451,7 @@ mod tests {
     #[tokio::test]
     async fn until_commit_sends_nothing_when_the_gate_fails() {
         let mut out = Vec::new();
-        let (go, gate) = tokio::sync::oneshot::channel::<()>();
-        let gate = async move { gate.await.map_err(|_| "the migration ended before the commit".to_string()) };
+        let (go, gate) = gate();
         let mut sink = UntilCommit::new(&mut out, gate, 10);
         sink.put(batch(1, 8)).await.unwrap();
         drop(go);
