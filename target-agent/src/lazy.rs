@@ -2195,8 +2195,8 @@ mod tests {
     const OWN_PROCESS_ENV: &str = "MIGRATE_LAZY_TEST_IN_OWN_PROCESS";
 
     /// The uffd tests register ranges of this process's own mm with EVENT_FORK, as CRIU's restorer
-    /// does. Then every fork of the whole process (another test's: the watchdog's forks, a fork in one
-    /// uffd test handing the others' ranges to its child) waits inside clone() until the daemon reads
+    /// does. Then every fork of the whole process (another test's: a fork in one uffd test handing the
+    /// others' ranges to its child) waits inside clone() until the daemon reads
     /// the FORK event, and glibc's fork() holds every malloc arena lock meanwhile: a daemon that needs
     /// one never reads it (seen here under load: a deadlock). So each uffd test runs alone in a fresh
     /// process of this test binary, bounded by 60 s; the parent only spawns it (posix_spawn, no

@@ -39,8 +39,17 @@ struct Args {
     metrics_listen: String,
 }
 
+fn main() -> anyhow::Result<()> {
+    // This executable run again as a restored copy's watchdog (target_agent::watchdog).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(never) = target_agent::watchdog::child_main(&args) {
+        match never {}
+    }
+    serve()
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn serve() -> anyhow::Result<()> {
     telemetry::init_logging();
     let a = Args::parse();
     let cfg = target_agent::Config {

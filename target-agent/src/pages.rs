@@ -24,7 +24,7 @@
 //! of the whole tree): the restored process's pages reuse it. A released page is never taken for a
 //! zero page: [`PageStore::lookup`] says Pending.
 //!
-//! **Slabs are left out of forks.** This agent starts CRIU (and its watchdog) with fork + exec, and a
+//! **Slabs are left out of forks.** This agent starts CRIU with fork + exec, and a
 //! fork copies the page tables of every mapping it has: with a store of GiBs (hybrid, pre-copy) that
 //! took about 80 ms of the downtime before `criu restore` even ran (perf: `copy_page_range` in the
 //! forking thread, `unmap_page_range` in the child's exec). Each slab is a mapping of its own with

@@ -361,7 +361,7 @@ async fn serve_control(
     // Lazy memory: should this agent die before every page is in place, the copy dies with it.
     let watchdog = if done.lazy {
         Some(
-            crate::watchdog::Watchdog::arm(&pids)
+            crate::watchdog::Watchdog::arm(std::path::Path::new("/proc/self/exe"), &pids)
                 .map_err(|e| refuse("restore", format!("cannot start the watchdog: {e}")))?,
         )
     } else {

