@@ -1494,7 +1494,12 @@ impl Server {
         for p in &mut self.procs {
             p.ready = VecDeque::new();
         }
-        tracing::debug!(restored = self.rstf_at.is_some(), "the page source is complete: every missing page is pushed");
+        tracing::debug!(
+            restored = self.rstf_at.is_some(),
+            pushed = self.stats.pushed_pages,
+            faults = self.stats.faults,
+            "the page source is complete: every missing page is pushed"
+        );
     }
 
     /// Takes the source's arrivals; from RSTF on hands them to every process with their image pid that
