@@ -17,6 +17,8 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use nix::sys::signal::Signal;
+
 /// The first argument that makes the agent's executable a watchdog ([`child_main`]); the pids of the
 /// copy follow it.
 pub const CHILD_ARG: &str = "--internal-watchdog";
@@ -67,7 +69,7 @@ impl Drop for Watchdog {
 
 /// The watchdog's side, when `args` (the executable's arguments after its name) start with
 /// [`CHILD_ARG`]: waits for one byte on stdin and exits; at end of file (or any error) SIGKILLs every
-/// pid given first. None for other arguments (the agent itself).
+/// pid given first. SIGTERM, SIGINT and SIGHUP are ignored. None for other arguments (the agent itself).
 pub fn child_main(args: &[OsString]) -> Option<std::convert::Infallible> {
     if args.first().map(OsString::as_os_str) != Some(OsStr::new(CHILD_ARG)) {
         return None;
@@ -78,6 +80,12 @@ pub fn child_main(args: &[OsString]) -> Option<std::convert::Infallible> {
         .filter(|&p| p > 0)
         .map(nix::unistd::Pid::from_raw)
         .collect();
+    // A stop of the agent's whole service (systemd signals every process of its cgroup) must not take
+    // the watchdog first: it waits for the pipe to close, and kills the copy then.
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: ignoring a signal installs no handler; nothing else in this process handles these.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
+    }
     // Nothing of the agent's but the pipe stays open in here (an inherited uffd or socket would outlive
     // the agent in this process).
     // SAFETY: closes fds this process owns and nothing in it uses (it has only just started, and
@@ -93,7 +101,7 @@ pub fn child_main(args: &[OsString]) -> Option<std::convert::Infallible> {
     };
     if !released {
         for &p in &pids {
-            let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
         }
     }
     std::process::exit(0)

@@ -40,7 +40,7 @@ fn released_spares_the_copy_and_dropped_kills_it() {
 }
 
 /// The agent dying is the watchdog's reason to be: the only holder of the pipe's write end (a stand-in
-/// for the agent) is SIGKILLed, and the copy with it.
+/// for the agent) is SIGKILLed, and the copy with it; a SIGTERM to the watchdog before does not end it.
 #[test]
 fn the_agent_dying_kills_the_copy() {
     let mut copy = copy();
@@ -53,6 +53,11 @@ fn the_agent_dying_kills_the_copy() {
     let mut agent = Command::new("sleep").arg("30").stdout(Stdio::from(write)).spawn().expect("stand-in agent");
     std::thread::sleep(Duration::from_millis(300));
     assert!(criu::tree::is_alive(copy.id()), "the watchdog killed the copy while the agent lived");
+    // Stopping the whole service signals the watchdog too: it stays until the agent is gone.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(watchdog.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .expect("SIGTERM");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(watchdog.try_wait().expect("try_wait").is_none(), "SIGTERM ended the watchdog");
     agent.kill().expect("kill the stand-in agent");
     agent.wait().expect("wait");
     let st = ended(&mut copy).expect("the copy outlived its agent");
