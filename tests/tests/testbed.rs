@@ -368,8 +368,7 @@ fn postcopy_longer_outage_rolls_back() -> Result<(), Failed> {
     let unplugged = tb.link("b", false);
     let r = migrating.join().expect("migrate thread");
     // The copy on b must be gone before the link comes back (b saw the outage too).
-    let copy_gone =
-        wait_until(Duration::from_secs(10), || !matches!(tb.state("b", pid), Some(s) if s != 'Z' && s != 'X'));
+    let copy_gone = copy_gone_from_b(pid, Duration::from_secs(10));
     let replugged = tb.link("b", true);
     check(streaming && unplugged && replugged, "could not unplug b during the post-copy")?;
     check(!r.success, format!("a migration whose link was cut for longer than the grace succeeded: {}", r.json))?;
@@ -378,16 +377,8 @@ fn postcopy_longer_outage_rolls_back() -> Result<(), Failed> {
         err.contains("post-copy") && (err.contains("timed out") || err.contains("lost")),
         format!("error does not say the link was lost during post-copy: {err}"),
     )?;
-    check(err.contains("original was resumed") && r.json["original"] == "running", format!("{}", r.json))?;
     check(copy_gone, format!("the copy still runs on b (state {:?})", tb.state("b", pid)))?;
-    check(tb.running("a", pid), "the original does not run on a")?;
-    let after = tb.query("a", &name)?;
-    check(after["verified"] == true, format!("the original's memory went wrong: {after}"))?;
-    let writes = |v: &serde_json::Value| v["writes"].as_u64().unwrap_or(0);
-    check(writes(&after) >= writes(&before), format!("writes went back: {before} -> {after}"))?;
-    check(counter_advances("a", &name, &after), "the counter does not advance on a")?;
-    tb.kill("a", pid);
-    Ok(())
+    original_resumed_whole(&r, pid, &name, &before)
 }
 
 /// The target agent dies (SIGKILL) while its copy runs and takes its memory: the watchdog the agent left
@@ -412,21 +403,37 @@ fn crashed_target_agent_takes_its_copy_along() -> Result<(), Failed> {
     let streaming = wait_until(Duration::from_secs(60), || tb.source_log("a").contains(&marker));
     let copy_ran = tb.running("b", pid);
     stop_rogue("b", &agent);
-    let copy_gone =
-        wait_until(Duration::from_secs(5), || !matches!(tb.state("b", pid), Some(s) if s != 'Z' && s != 'X'));
+    let copy_gone = copy_gone_from_b(pid, Duration::from_secs(5));
     let r = migrating.join().expect("migrate thread");
     let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
     check(streaming && copy_ran, format!("the copy never ran on b: {} {log}", r.json))?;
     check(copy_gone, format!("the copy outlived its target agent (state {:?}): {log}", tb.state("b", pid)))?;
     check(!r.success, format!("a migration whose target agent died succeeded: {}", r.json))?;
+    original_resumed_whole(&r, pid, &name, &before)
+}
+
+/// No copy of `pid` runs on b any more (none, or a zombie) within `within`.
+fn copy_gone_from_b(pid: u32, within: Duration) -> bool {
+    wait_until(within, || !matches!(tb().state("b", pid), Some(s) if s != 'Z' && s != 'X'))
+}
+
+/// After a post-copy rolled back: the source says it resumed the original, which runs on a with its
+/// memory right, none of its writes lost and its counter advancing (then it is killed).
+fn original_resumed_whole(
+    r: &tests::MigrateResult,
+    pid: u32,
+    name: &str,
+    before: &serde_json::Value,
+) -> Result<(), Failed> {
+    let tb = tb();
     let err = r.json["error"].as_str().unwrap_or_default();
     check(err.contains("original was resumed") && r.json["original"] == "running", format!("{}", r.json))?;
     check(tb.running("a", pid), "the original does not run on a")?;
-    let after = tb.query("a", &name)?;
+    let after = tb.query("a", name)?;
     check(after["verified"] == true, format!("the original's memory went wrong: {after}"))?;
     let writes = |v: &serde_json::Value| v["writes"].as_u64().unwrap_or(0);
-    check(writes(&after) >= writes(&before), format!("writes went back: {before} -> {after}"))?;
-    check(counter_advances("a", &name, &after), "the counter does not advance on a")?;
+    check(writes(&after) >= writes(before), format!("writes went back: {before} -> {after}"))?;
+    check(counter_advances("a", name, &after), "the counter does not advance on a")?;
     tb.kill("a", pid);
     Ok(())
 }
