@@ -117,8 +117,13 @@ impl Pagemap {
 
     /// Pages of lazy ranges.
     pub fn lazy_pages(&self) -> u64 {
-        self.lazy_ranges().iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum()
+        pages_in(&self.lazy_ranges())
     }
+}
+
+/// Pages in `ranges` (page-aligned `[start, end)` address ranges, as [`Pagemap`] gives them).
+pub fn pages_in(ranges: &[std::ops::Range<u64>]) -> u64 {
+    ranges.iter().map(|r| (r.end - r.start) / PAGE_SIZE).sum()
 }
 
 /// Reads `path` as a pagemap image.

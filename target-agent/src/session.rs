@@ -323,8 +323,7 @@ async fn serve_control(
     }
     let lazy = if done.lazy {
         let ranges = criu::images::lazy_ranges(&dir).map_err(|e| refuse("restore", e.to_string()))?;
-        let lazy_bytes: u64 = ranges.iter().flat_map(|(_, r)| r).map(|r| r.end - r.start).sum();
-        store.expect_lazy(lazy_bytes / protocol::pages::PAGE_SIZE as u64);
+        store.expect_lazy(ranges.iter().map(|(_, r)| criu::images::pages_in(r)).sum());
         let listener = crate::lazy::LazyPages::listen(&dir).map_err(|e| refuse("restore", e.to_string()))?;
         Some(LazyCopy(Some(listener.start(ranges, store.clone()))))
     } else {
