@@ -1,6 +1,7 @@
 //! Talking to CRIU, for both agents. This crate owns:
 //! - finding the `criu` binary and checking it is new enough ([`Criu::find`]), and knowing a bug of
-//!   released CRIU that deploy/install.sh patches ([`Criu::stack_bug`]);
+//!   released CRIU that deploy/install.sh patches ([`Criu::stack_bug`]); having CRIU probe the kernel
+//!   once, at an agent's start, so that its later runs load what it found ([`Criu::keep_kernel_probe`]);
 //! - every `criu dump` and `criu restore` command line, one option per line with its reason
 //!   ([`Criu::dump`], [`Criu::dump_lazy`], [`Criu::restore`]), and failures that carry the command, the
 //!   exit status and the `Error` lines of CRIU's log ([`CriuError`]);
@@ -29,6 +30,11 @@ pub const MIN_VERSION: (u32, u32) = (4, 1);
 /// `-v4` would log each memory area and costs about 0.2 s per GiB restored (measured on the testbed),
 /// all of it downtime.
 const LOG_LEVEL: &str = "-v2";
+
+/// Where CRIU keeps what it probed of the kernel between runs (criu/kerndat.c: `KDAT_RUNDIR
+/// "/criu.kdat"`). It writes the file only where `statfs` says tmpfs, so that a reboot into another
+/// kernel clears it.
+pub const KERNEL_PROBE_CACHE: &str = "/run/criu.kdat";
 
 /// How long `criu dump --lazy-pages` may take to write the images and start its page server. It copies no
 /// private memory (0.06 s for a 64 MiB process here), so this is only reached when CRIU is stuck; what
@@ -168,6 +174,43 @@ impl Criu {
                 self.gitid.as_deref().unwrap_or("none"),
             )
         })
+    }
+
+    /// Has CRIU probe the kernel now, while nothing waits for it, so that its later runs load what it
+    /// found from [`KERNEL_PROBE_CACHE`] instead of probing again. Every CRIU run starts with that probe
+    /// unless the cache is there: 15 ms of each `criu restore` on the 2-core test VM (CRIU's own log,
+    /// 256 MiB hybrid migrations), and a restore is all downtime. Returns a warning for the operator
+    /// when the cache cannot be kept: `/run` is no tmpfs (systemd mounts one; the VMs this was built on
+    /// have none), or CRIU's probe failed.
+    pub fn keep_kernel_probe(&self) -> Option<String> {
+        let cache = Path::new(KERNEL_PROBE_CACHE);
+        let dir = cache.parent().unwrap_or(Path::new("/"));
+        let kind = nix::sys::statfs::statfs(dir).map(|s| s.filesystem_type());
+        if let Some(warning) = kernel_probe_warning(dir, kind) {
+            return Some(warning);
+        }
+        if cache.exists() {
+            return None;
+        }
+        // Any command probes first. This one only asks whether restores can take userfaultfds from
+        // tasks they create (`--lazy-pages` needs it); its answer does not matter here.
+        let out = std::process::Command::new(&self.bin)
+            .args(["check", "--feature", "uffd-noncoop"])
+            .stdin(std::process::Stdio::null())
+            .output();
+        match out {
+            // Another CRIU (the other agent of this host, starting too) may have won the race to write
+            // the cache; this one then writes nothing, and the cache appears a moment later.
+            Ok(out) if out.status.success() || cache.exists() => None,
+            Ok(out) => Some(format!(
+                "`{} check --feature uffd-noncoop` failed ({}) and left no {KERNEL_PROBE_CACHE}, so every CRIU run \
+                 probes the kernel again (about 15 ms more of each restore's downtime): {}",
+                self.bin.display(),
+                describe_status(out.status),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => Some(format!("cannot run {} to probe the kernel: {e}", self.bin.display())),
+        }
     }
 
     /// Built by deploy/install.sh from this checkout's deploy/criu-patches.
@@ -883,6 +926,27 @@ fn describe_status(s: ExitStatus) -> String {
     }
 }
 
+/// Why CRIU cannot keep its kernel probe in `dir` (the directory of [`KERNEL_PROBE_CACHE`]), given what
+/// `statfs` said of it; `None` on a tmpfs.
+fn kernel_probe_warning(dir: &Path, kind: nix::Result<nix::sys::statfs::FsType>) -> Option<String> {
+    let fix = "mount a tmpfs on it, as systemd does";
+    match kind {
+        Ok(kind) if kind == nix::sys::statfs::TMPFS_MAGIC => None,
+        Ok(_) => Some(format!(
+            "{} is not a tmpfs, so CRIU cannot keep what it probed of the kernel ({KERNEL_PROBE_CACHE}) and \
+             probes it again at the start of every run: about 15 ms more of every restore's downtime (2-core \
+             VM); {fix}",
+            dir.display()
+        )),
+        Err(e) => Some(format!(
+            "cannot tell whether {} is a tmpfs ({e}), where CRIU keeps what it probed of the kernel \
+             ({KERNEL_PROBE_CACHE}); without it every CRIU run probes again (about 15 ms more of every \
+             restore's downtime); {fix}",
+            dir.display()
+        )),
+    }
+}
+
 /// The `Error` lines of a CRIU log, minus the RLIMIT_NOFILE one CRIU logs on every run without
 /// CAP_SYS_RESOURCE (harmless), joined with " / ". At most the last 6, each trimmed of its timestamp.
 pub fn log_errors(log: &Path) -> String {
@@ -904,6 +968,21 @@ pub fn log_errors(log: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_probe_is_kept_only_on_tmpfs() {
+        use nix::sys::statfs::{TMPFS_MAGIC, statfs};
+        let run = Path::new("/run");
+        assert_eq!(kernel_probe_warning(run, Ok(TMPFS_MAGIC)), None);
+        // Real file systems: /dev/shm is a tmpfs wherever glibc's shm_open works; /proc never is one.
+        assert_eq!(kernel_probe_warning(Path::new("/dev/shm"), statfs("/dev/shm").map(|s| s.filesystem_type())), None);
+        let proc = kernel_probe_warning(Path::new("/proc"), statfs("/proc").map(|s| s.filesystem_type()))
+            .expect("/proc is no tmpfs");
+        assert!(proc.starts_with("/proc is not a tmpfs") && proc.contains(KERNEL_PROBE_CACHE), "{proc}");
+        assert!(proc.contains("mount a tmpfs"), "names the fix: {proc}");
+        let failed = kernel_probe_warning(run, Err(nix::errno::Errno::EACCES)).expect("an error is a warning");
+        assert!(failed.contains("cannot tell whether /run is a tmpfs"), "{failed}");
+    }
 
     #[test]
     fn log_errors_skip_the_rlimit_noise() {

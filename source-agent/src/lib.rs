@@ -62,6 +62,10 @@ pub enum AgentError {
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     let criu = criu::Criu::find()?;
+    // Before the first migration, so that no freeze waits for CRIU's probe of the kernel.
+    if let Some(warning) = criu.keep_kernel_probe() {
+        tracing::warn!("{warning}");
+    }
     if let Some(bug) = criu.stack_bug() {
         tracing::warn!("{bug}");
     }

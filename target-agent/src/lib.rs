@@ -77,6 +77,10 @@ pub enum AgentError {
 /// Runs the agent until `shutdown` resolves. Each connection is one migration, handled by its own task.
 pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     let criu = criu::Criu::find()?;
+    // Before the first migration, so that no freeze waits for CRIU's probe of the kernel.
+    if let Some(warning) = criu.keep_kernel_probe() {
+        tracing::warn!("{warning}");
+    }
     for sub in ["incoming", "logs"] {
         let p = cfg.state_dir.join(sub);
         std::fs::create_dir_all(&p).map_err(|source| AgentError::StateDir { path: p, source })?;

@@ -412,6 +412,34 @@ fn crashed_target_agent_takes_its_copy_along() -> Result<(), Failed> {
     original_resumed_whole(&r, pid, &name, &before)
 }
 
+/// An agent has CRIU probe the kernel as it starts, so that no restore waits for that probe (about 15
+/// ms of each one's downtime on the test VM). b has a tmpfs on /run as a systemd host has: a target
+/// agent started there with CRIU's cache gone leaves it there before it says it is ready. a shares this
+/// machine's /run: its agents warn, naming the fix, exactly when that is no tmpfs.
+fn agents_have_criu_keep_its_kernel_probe() -> Result<(), Failed> {
+    let tb = tb();
+    let cache = "/run/criu.kdat";
+    let on_b = |args: &[&str]| tb.exec("b", args).status.success();
+    check(on_b(&["sh", "-c", "stat -f -c %T /run | grep -qx tmpfs"]), "b's /run is no tmpfs")?;
+    check(on_b(&["rm", "-f", cache]) && !on_b(&["test", "-e", cache]), format!("cannot remove {cache} on b"))?;
+    let dir = tb.dir.join(format!("kdat-{}", unique()));
+    std::fs::create_dir_all(&dir)?;
+    let extra = ["--listen", "0.0.0.0:7452", "--fault-listen", "0.0.0.0:7453"];
+    let agent = start_agent("b", "target", &tb.dir.join("tls"), &dir.join("state"), &dir.join("log"), &extra);
+    let kept = on_b(&["test", "-s", cache]);
+    stop_rogue("b", &agent);
+    let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+    check(kept, format!("the target agent started on b left no {cache}: {log}"))?;
+    check(!log.contains("WARN"), format!("the target agent on b warned: {log}"))?;
+    let a_is_tmpfs = nix::sys::statfs::statfs("/run")?.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC;
+    for role in ["source", "target"] {
+        let log = std::fs::read_to_string(tb.dir.join("a").join(format!("{role}-agent.log")))?;
+        let warned = log.contains("/run is not a tmpfs, so CRIU cannot keep") && log.contains("mount a tmpfs on it");
+        check(warned != a_is_tmpfs, format!("a's {role} agent (a's /run tmpfs: {a_is_tmpfs}) warned: {warned}"))?;
+    }
+    Ok(())
+}
+
 /// No copy of `pid` runs on b any more (none, or a zombie) within `within`.
 fn copy_gone_from_b(pid: u32, within: Duration) -> bool {
     wait_until(within, || !matches!(tb().state("b", pid), Some(s) if s != 'Z' && s != 'X'))
@@ -1358,6 +1386,7 @@ fn main() {
         ("postcopy_rides_out_a_short_link_drop", postcopy_rides_out_a_short_link_drop),
         ("postcopy_longer_outage_rolls_back", postcopy_longer_outage_rolls_back),
         ("crashed_target_agent_takes_its_copy_along", crashed_target_agent_takes_its_copy_along),
+        ("agents_have_criu_keep_its_kernel_probe", agents_have_criu_keep_its_kernel_probe),
         ("hostile_peer_is_cut_off", hostile_peer_is_cut_off),
         ("drain_onto_two_hosts", drain_onto_two_hosts),
         ("dropped_link_rolls_back", dropped_link_rolls_back),
