@@ -2,7 +2,7 @@
 //! plain CRIU, in one run, on the same workloads. Prints a table and writes JSON.
 //!
 //!   bench [--sizes 256,1024] [--dirty 0,1,10] [--content random,compressible]
-//!         [--modes hybrid,postcopy,precopy,criu-cold,criu-lazy] [--json bench.json]
+//!         [--modes hybrid,postcopy,precopy,criu-cold,criu-lazy] [--repeat 1] [--json bench.json]
 //!         [--link-mib 1024] [--testbed bench]
 //!
 //! The post-copy comparison: `bench --sizes 256,1024,2048 --dirty 10 --content random
@@ -34,6 +34,12 @@
 //! project's modes ends only once the source agent heard that the copy runs. Neither counts CRIU's
 //! start before it stops the tree (about 35 ms here, as `/run` is no tmpfs and CRIU cannot keep its
 //! kerndat cache).
+//!
+//! `--repeat N` runs every case N times (all its modes, then all of them again, so that each mode meets
+//! the machine in the same states), prints a row per migration and then, per case and mode, the median
+//! and the range of `downtime ms`, `complete ms` and `x link` (`repeats` in the JSON). A single
+//! migration varies: 2 GiB hybrids on the test VM completed anywhere in 1.1-1.5 s from one run to the
+//! next.
 //!
 //! Every step has a time limit; a step that overruns is killed with everything it started, and the
 //! case fails with a note saying which step it was.
@@ -110,6 +116,64 @@ struct Row {
     note: String,
 }
 
+/// Per case and mode of a `--repeat` run: the median and range of the figures a single migration
+/// varies in, printed as a line each and returned for the JSON. Only migrations that succeeded count.
+fn summarize_repeats(rows: &[Row]) -> Vec<serde_json::Value> {
+    fn spread(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
+        v.sort_by(f64::total_cmp);
+        let median = match v.len() {
+            0 => return None,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        };
+        Some((median, v[0], v[v.len() - 1]))
+    }
+    let show = |s: Option<(f64, f64, f64)>, decimals: usize| match s {
+        Some((m, lo, hi)) => format!("{m:.decimals$} ({lo:.decimals$}-{hi:.decimals$})"),
+        None => "-".into(),
+    };
+    let mut out = Vec::new();
+    let mut seen: Vec<(u64, u64, &str, &str)> = Vec::new();
+    for r in rows {
+        let key = (r.mib, r.dirty_pct_per_s.to_bits(), r.content.as_str(), r.mode.as_str());
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let runs: Vec<&Row> = rows
+            .iter()
+            .filter(|o| (o.mib, o.dirty_pct_per_s.to_bits(), o.content.as_str(), o.mode.as_str()) == key)
+            .collect();
+        let ok: Vec<&&Row> = runs.iter().filter(|o| o.ok).collect();
+        let downtime = spread(ok.iter().map(|o| o.downtime_ms).collect());
+        let complete = spread(ok.iter().filter_map(|o| o.complete_ms).collect());
+        let vs_link = spread(ok.iter().filter_map(|o| o.complete_vs_link).collect());
+        let within = ok.iter().filter(|o| o.complete_vs_link.is_some_and(|x| x <= LINK_TARGET)).count();
+        println!(
+            "{:>6} MiB {:>4} %/s {:>12} {:>10}: {} of {} succeeded; downtime ms {}; complete ms {}; x link {} \
+             ({within} within {LINK_TARGET})",
+            r.mib,
+            r.dirty_pct_per_s,
+            r.content,
+            r.mode,
+            ok.len(),
+            runs.len(),
+            show(downtime, 0),
+            show(complete, 0),
+            show(vs_link, 2),
+        );
+        let json = |s: Option<(f64, f64, f64)>| {
+            s.map(|(median, min, max)| serde_json::json!({"median": median, "min": min, "max": max}))
+        };
+        out.push(serde_json::json!({
+            "mib": r.mib, "dirty_pct_per_s": r.dirty_pct_per_s, "content": r.content, "mode": r.mode,
+            "runs": runs.len(), "succeeded": ok.len(), "within_link_target": within,
+            "downtime_ms": json(downtime), "complete_ms": json(complete), "complete_vs_link": json(vs_link),
+        }));
+    }
+    out
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
@@ -123,9 +187,10 @@ fn main() {
         _ => {}
     }
     // Unknown words would otherwise be ignored and start the whole default run.
-    const OPTIONS: [&str; 7] = ["--sizes", "--dirty", "--content", "--modes", "--json", "--link-mib", "--testbed"];
+    const OPTIONS: [&str; 8] =
+        ["--sizes", "--dirty", "--content", "--modes", "--repeat", "--json", "--link-mib", "--testbed"];
     if let Some(bad) = args[1..].iter().step_by(2).find(|a| !OPTIONS.contains(&a.as_str())) {
-        let usage = "usage: bench [--sizes 256,1024] [--dirty 0,1,10] [--content random,compressible]\n             [--modes hybrid,postcopy,precopy,criu-cold,criu-lazy] [--json bench.json]\n             [--link-mib 1024] [--testbed bench]\n(the doc comment of tests/src/bin/bench.rs says what each column means)";
+        let usage = "usage: bench [--sizes 256,1024] [--dirty 0,1,10] [--content random,compressible]\n             [--modes hybrid,postcopy,precopy,criu-cold,criu-lazy] [--repeat 1] [--json bench.json]\n             [--link-mib 1024] [--testbed bench]\n(the doc comment of tests/src/bin/bench.rs says what each column means)";
         if bad == "--help" || bad == "-h" {
             println!("{usage}");
             return;
@@ -137,6 +202,14 @@ fn main() {
     let dirty: Vec<f64> = list(&args, "--dirty", "0,1,10");
     let contents: Vec<String> = list(&args, "--content", "random,compressible");
     let modes: Vec<String> = list(&args, "--modes", "hybrid,postcopy,precopy,criu-cold,criu-lazy");
+    let repeat: usize = match arg(&args, "--repeat").map(|r| r.parse::<usize>()) {
+        None => 1,
+        Some(Ok(n)) if n >= 1 => n,
+        Some(_) => {
+            eprintln!("bench: --repeat takes a whole number of at least 1");
+            std::process::exit(2);
+        }
+    };
     let json_path = PathBuf::from(arg(&args, "--json").unwrap_or_else(|| "bench.json".into()));
     let link_mib: u64 = arg(&args, "--link-mib").and_then(|m| m.parse().ok()).unwrap_or(1024);
     let testbed = arg(&args, "--testbed").unwrap_or_else(|| "bench".into());
@@ -223,7 +296,7 @@ fn main() {
                 if case.is_multiple_of(2) {
                     order.reverse();
                 }
-                for mode in order {
+                for mode in (0..repeat).flat_map(|_| order.iter().copied()) {
                     let mut row = run_case(&tb, mib, d, content, mode);
                     if let (Some(c), Ok(rate)) = (row.complete_ms, &link) {
                         row.complete_vs_link = Some(c / ((mib << 20) as f64 / rate * 1000.0));
@@ -250,6 +323,7 @@ fn main() {
             }
         }
     }
+    let repeats = if repeat > 1 { summarize_repeats(&rows) } else { Vec::new() };
     let same = |a: &Row, b: &Row| a.mib == b.mib && a.dirty_pct_per_s == b.dirty_pct_per_s && a.content == b.content;
     // "; paused P ms = R x NAME's Q ms", when both workloads saw their stall.
     let paused = |r: &Row, base: &Row, name: &str| match (r.paused_ms, base.paused_ms) {
@@ -317,6 +391,8 @@ fn main() {
         "store_fill_mb_s": store_fill.as_ref().ok().map(|r| r / 1e6),
         "store_fill_error": store_fill.as_ref().err(),
         "link_target": LINK_TARGET,
+        "repeat": repeat,
+        "repeats": repeats,
         "precopy_vs_criu_cold": ratios,
         "postcopy_vs_criu_lazy": lazy_ratios,
         "command": args.join(" "),
