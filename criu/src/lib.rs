@@ -35,6 +35,8 @@ const LOG_LEVEL: &str = "-v2";
 /// "/criu.kdat"`). It writes the file only where `statfs` says tmpfs, so that a reboot into another
 /// kernel clears it.
 pub const KERNEL_PROBE_CACHE: &str = "/run/criu.kdat";
+/// What a run without [`KERNEL_PROBE_CACHE`] costs, for the warnings (CRIU's log, 2-core test VM).
+const PROBE_COST: &str = "about 15 ms more of every restore's downtime on a 2-core VM";
 
 /// How long `criu dump --lazy-pages` may take to write the images and start its page server. It copies no
 /// private memory (0.06 s for a 64 MiB process here), so this is only reached when CRIU is stuck; what
@@ -204,7 +206,7 @@ impl Criu {
             Ok(out) if out.status.success() || cache.exists() => None,
             Ok(out) => Some(format!(
                 "`{} check --feature uffd-noncoop` failed ({}) and left no {KERNEL_PROBE_CACHE}, so every CRIU run \
-                 probes the kernel again (about 15 ms more of each restore's downtime): {}",
+                 probes the kernel again ({PROBE_COST}): {}",
                 self.bin.display(),
                 describe_status(out.status),
                 String::from_utf8_lossy(&out.stderr).trim()
@@ -934,14 +936,12 @@ fn kernel_probe_warning(dir: &Path, kind: nix::Result<nix::sys::statfs::FsType>)
         Ok(kind) if kind == nix::sys::statfs::TMPFS_MAGIC => None,
         Ok(_) => Some(format!(
             "{} is not a tmpfs, so CRIU cannot keep what it probed of the kernel ({KERNEL_PROBE_CACHE}) and \
-             probes it again at the start of every run: about 15 ms more of every restore's downtime (2-core \
-             VM); {fix}",
+             probes it again at the start of every run ({PROBE_COST}); {fix}",
             dir.display()
         )),
         Err(e) => Some(format!(
             "cannot tell whether {} is a tmpfs ({e}), where CRIU keeps what it probed of the kernel \
-             ({KERNEL_PROBE_CACHE}); without it every CRIU run probes again (about 15 ms more of every \
-             restore's downtime); {fix}",
+             ({KERNEL_PROBE_CACHE}); without it every CRIU run probes again ({PROBE_COST}); {fix}",
             dir.display()
         )),
     }
