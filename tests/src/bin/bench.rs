@@ -116,6 +116,13 @@ struct Row {
     note: String,
 }
 
+impl Row {
+    /// Whether `other` measured the same case (size, dirty rate, content), in whatever mode.
+    fn same_case(&self, other: &Row) -> bool {
+        self.mib == other.mib && self.dirty_pct_per_s == other.dirty_pct_per_s && self.content == other.content
+    }
+}
+
 /// Per case and mode of a `--repeat` run: the median and range of the figures a single migration
 /// varies in, printed as a line each and returned for the JSON. Only migrations that succeeded count.
 fn summarize_repeats(rows: &[Row]) -> Vec<serde_json::Value> {
@@ -132,18 +139,13 @@ fn summarize_repeats(rows: &[Row]) -> Vec<serde_json::Value> {
         Some((m, lo, hi)) => format!("{m:.decimals$} ({lo:.decimals$}-{hi:.decimals$})"),
         None => "-".into(),
     };
+    let alike = |a: &Row, b: &Row| a.same_case(b) && a.mode == b.mode;
     let mut out = Vec::new();
-    let mut seen: Vec<(u64, u64, &str, &str)> = Vec::new();
-    for r in rows {
-        let key = (r.mib, r.dirty_pct_per_s.to_bits(), r.content.as_str(), r.mode.as_str());
-        if seen.contains(&key) {
+    for (i, r) in rows.iter().enumerate() {
+        if rows[..i].iter().any(|o| alike(o, r)) {
             continue;
         }
-        seen.push(key);
-        let runs: Vec<&Row> = rows
-            .iter()
-            .filter(|o| (o.mib, o.dirty_pct_per_s.to_bits(), o.content.as_str(), o.mode.as_str()) == key)
-            .collect();
+        let runs: Vec<&Row> = rows.iter().filter(|o| alike(o, r)).collect();
         let ok: Vec<&&Row> = runs.iter().filter(|o| o.ok).collect();
         let downtime = spread(ok.iter().map(|o| o.downtime_ms).collect());
         let complete = spread(ok.iter().filter_map(|o| o.complete_ms).collect());
@@ -324,7 +326,6 @@ fn main() {
         }
     }
     let repeats = if repeat > 1 { summarize_repeats(&rows) } else { Vec::new() };
-    let same = |a: &Row, b: &Row| a.mib == b.mib && a.dirty_pct_per_s == b.dirty_pct_per_s && a.content == b.content;
     // "; paused P ms = R x NAME's Q ms", when both workloads saw their stall.
     let paused = |r: &Row, base: &Row, name: &str| match (r.paused_ms, base.paused_ms) {
         (Some(a), Some(b)) => format!("; paused {a:.0} ms = {:.2} x {name}'s {b:.0} ms", a / b),
@@ -333,7 +334,7 @@ fn main() {
     // The target of pre-copy: downtime against CRIU cold migration of the same case.
     let mut ratios = Vec::new();
     for r in rows.iter().filter(|r| r.mode == "precopy" && r.ok) {
-        if let Some(cold) = rows.iter().filter(|c| c.mode == "criu-cold" && c.ok).find(|c| same(r, c)) {
+        if let Some(cold) = rows.iter().filter(|c| c.mode == "criu-cold" && c.ok).find(|c| r.same_case(c)) {
             let ratio = r.downtime_ms / cold.downtime_ms;
             println!(
                 "{:>6} MiB {:>4} %/s {:>12}: pre-copy downtime {:.0} ms = {:.2} x CRIU cold's {:.0} ms{}",
@@ -355,7 +356,7 @@ fn main() {
     // Post-copy against CRIU's own lazy migration of the same case: downtime, and time to complete.
     let mut lazy_ratios = Vec::new();
     for r in rows.iter().filter(|r| (r.mode == "hybrid" || r.mode == "postcopy") && r.ok) {
-        if let Some(lazy) = rows.iter().filter(|c| c.mode == "criu-lazy" && c.ok).find(|c| same(r, c)) {
+        if let Some(lazy) = rows.iter().filter(|c| c.mode == "criu-lazy" && c.ok).find(|c| r.same_case(c)) {
             let ratio = r.downtime_ms / lazy.downtime_ms;
             let complete = match (r.complete_ms, lazy.complete_ms) {
                 (Some(a), Some(b)) => format!("; complete {a:.0} ms = {:.2} x CRIU lazy's {b:.0} ms", a / b),
