@@ -146,12 +146,19 @@ impl StopWatch {
     pub fn start(pid: u32) -> StopWatch {
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = done.clone();
+        // The first look is taken here, not by the new thread: on busy cores that thread may first run
+        // after CRIU has frozen the task, which would then look stopped from the start.
+        let first = std::time::Instant::now();
+        let mut running = match state(pid) {
+            Some('t') | None | Some('Z' | 'X') => None,
+            _ => Some(first),
+        };
         let thread = std::thread::Builder::new()
             .name("stop-watch".into())
             .spawn(move || {
                 // The last look that saw the task not yet stopped: it stopped after that. Reporting that
                 // instant errs on the early side, so a downtime counted from it is never too short.
-                let mut running = None;
+                running?;
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     let now = std::time::Instant::now();
                     match state(pid) {
