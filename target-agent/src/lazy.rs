@@ -806,6 +806,30 @@ impl Missing {
     fn is_empty(&self) -> bool {
         self.pages == 0
     }
+
+    /// The missing pieces (run-time start, end) within `[start, end)`, last first.
+    fn pieces(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.runs
+            .range(..end)
+            .rev()
+            .take_while(move |(_, (e, _))| *e > start)
+            .map(move |(&s, &(e, _))| (s.max(start), e.min(end)))
+    }
+}
+
+/// The parts of `[start, end)` that none of `pieces` (sorted by start, possibly overlapping) covers.
+fn gaps(start: u64, end: u64, pieces: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let (mut out, mut at) = (Vec::new(), start);
+    for (s, e) in pieces {
+        if s > at {
+            out.push((at, s.min(end)));
+        }
+        at = at.max(e);
+    }
+    if at < end {
+        out.push((at, end));
+    }
+    out
 }
 
 /// One served userfaultfd: a restored process, or a child one forked while being served.
@@ -1534,10 +1558,11 @@ impl Server {
                 continue;
             }
             let live = |p: &&Proc| p.pid == pid && !p.gone && !p.broken;
-            for page in (start..end).step_by(PAGE_SIZE as usize) {
-                if !self.procs.iter().filter(live).any(|p| p.missing.lookup(page).is_some()) {
-                    self.source.release(pid, page, 1);
-                }
+            let mut missing: Vec<(u64, u64)> =
+                self.procs.iter().filter(live).flat_map(|p| p.missing.pieces(start, end)).collect();
+            missing.sort_unstable();
+            for (from, to) in gaps(start, end, missing) {
+                self.source.release(pid, from, (to - from) / PAGE_SIZE);
             }
         }
     }
@@ -2639,6 +2664,23 @@ mod tests {
         assert_eq!(m.next_from(0x90000), Some((0x10000, 0x12000, 0x10000)));
         assert_eq!(m.remove(0, u64::MAX), 14);
         assert!(m.is_empty() && m.runs.is_empty());
+    }
+
+    /// An arrived run's pages that no process misses (released at once) are the gaps between the missing
+    /// pieces of every process within the run.
+    #[test]
+    fn pages_no_process_misses_are_the_gaps_between_missing_pieces() {
+        let a = Missing::new(&[0x10000..0x14000, 0x18000..0x20000]);
+        let b = Missing::new(&[0x13000..0x16000, 0x16000..0x19000]);
+        assert_eq!(a.pieces(0x11000, 0x1a000).collect::<Vec<_>>(), vec![(0x18000, 0x1a000), (0x11000, 0x14000)]);
+        assert_eq!(a.pieces(0x14000, 0x18000).count(), 0);
+        let mut both: Vec<(u64, u64)> = a.pieces(0xf000, 0x22000).chain(b.pieces(0xf000, 0x22000)).collect();
+        both.sort_unstable();
+        assert_eq!(gaps(0xf000, 0x22000, both), vec![(0xf000, 0x10000), (0x20000, 0x22000)]);
+        let only_a: Vec<(u64, u64)> = a.pieces(0x12000, 0x1c000).collect::<Vec<_>>().into_iter().rev().collect();
+        assert_eq!(gaps(0x12000, 0x1c000, only_a), vec![(0x14000, 0x18000)]);
+        assert_eq!(gaps(0x12000, 0x1c000, Vec::new()), vec![(0x12000, 0x1c000)]);
+        assert_eq!(gaps(0x12000, 0x1c000, vec![(0x12000, 0x1c000)]), Vec::new());
     }
 
     /// Faults before RSTF are answered from the source (holes and pages outside the lazy ranges as
