@@ -22,8 +22,7 @@
 //! post-copy). Once the stream is complete nothing arrives any more, so memory goes back to the kernel
 //! instead, each 64 KiB granule as soon as none of its pages is held, [`GIVE_BACK_GRANULES`] granules at
 //! a time (pre-copy and hybrid end with a store of the whole tree): the restored process's pages reuse
-//! it. A released page is never taken for a
-//! zero page: [`PageStore::lookup`] says Pending.
+//! it. A released page is never taken for a zero page: [`PageStore::lookup`] says Pending.
 //!
 //! **Slabs are left out of forks.** This agent starts CRIU with fork + exec, and a
 //! fork copies the page tables of every mapping it has: with a store of GiBs (hybrid, pre-copy) that
