@@ -127,6 +127,24 @@ pub fn kill_all(pids: &[u32], within: std::time::Duration) -> io::Result<()> {
     Ok(())
 }
 
+/// What a [`StopWatch`] sees of its task at one look (None: gone, or a zombie).
+enum Look {
+    /// In a tracing stop (`t`): frozen by CRIU.
+    Stopped,
+    /// Any other state, a plain stop (`T`) included.
+    Running,
+}
+
+impl Look {
+    fn at(pid: u32) -> Option<Look> {
+        match state(pid)? {
+            't' => Some(Look::Stopped),
+            'Z' | 'X' => None,
+            _ => Some(Look::Running),
+        }
+    }
+}
+
 /// How often a [`StopWatch`] looks at its task.
 const STOP_WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -147,24 +165,21 @@ impl StopWatch {
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = done.clone();
         // The first look is taken here, not by the new thread: on busy cores that thread may first run
-        // after CRIU has frozen the task, which would then look stopped from the start.
-        let first = std::time::Instant::now();
-        let mut running = match state(pid) {
-            Some('t') | None | Some('Z' | 'X') => None,
-            _ => Some(first),
-        };
+        // after CRIU has frozen the task, which would then look stopped from the start. A task not
+        // running at that look gives None, and needs no thread.
+        // The last look that saw the task not yet stopped (taken as the instant before it): it stopped
+        // after that. Reporting that instant errs on the early side, so a downtime counted from it is
+        // never too short.
+        let mut running = std::time::Instant::now();
+        let Some(Look::Running) = Look::at(pid) else { return StopWatch { done, thread: None } };
         let thread = std::thread::Builder::new()
             .name("stop-watch".into())
             .spawn(move || {
-                // The last look that saw the task not yet stopped: it stopped after that. Reporting that
-                // instant errs on the early side, so a downtime counted from it is never too short.
-                running?;
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
                     let now = std::time::Instant::now();
-                    match state(pid) {
-                        Some('t') => return running,
-                        None | Some('Z' | 'X') => return None,
-                        _ => running = Some(now),
+                    match Look::at(pid)? {
+                        Look::Stopped => return Some(running),
+                        Look::Running => running = now,
                     }
                     std::thread::sleep(STOP_WATCH_EVERY);
                 }

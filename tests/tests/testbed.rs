@@ -418,7 +418,7 @@ fn crashed_target_agent_takes_its_copy_along() -> Result<(), Failed> {
 /// machine's /run: its agents warn, naming the fix, exactly when that is no tmpfs.
 fn agents_have_criu_keep_its_kernel_probe() -> Result<(), Failed> {
     let tb = tb();
-    let cache = "/run/criu.kdat";
+    let cache = criu::KERNEL_PROBE_CACHE;
     let on_b = |args: &[&str]| tb.exec("b", args).status.success();
     check(on_b(&["sh", "-c", "stat -f -c %T /run | grep -qx tmpfs"]), "b's /run is no tmpfs")?;
     check(on_b(&["rm", "-f", cache]) && !on_b(&["test", "-e", cache]), format!("cannot remove {cache} on b"))?;
