@@ -10,8 +10,9 @@
 //!
 //! Modes:
 //! - `precopy`, `postcopy`, `hybrid`, `stopcopy`: this project's `migrate --mode MODE`. Downtime, total
-//!   time, bytes, rounds, `complete ms` (from the freeze until every page was in place on b) and the
-//!   fault latencies (`fault p50/p99 us`, pages fetched on a fault) are what `migrate --json` reports.
+//!   time, bytes, rounds, `complete ms` (from the freeze until every page was in place on b), the
+//!   faults the target answered meanwhile (`faults`) and their latencies (`fault p50/p99 us`, pages
+//!   fetched on a fault) are what `migrate --json` reports.
 //! - `criu-cold`: plain CRIU cold migration: `criu dump` to tmpfs on a, the files copied over the same
 //!   veth link with a plain TCP stream (this binary's `copy-send`/`copy-recv`), `criu restore` on b.
 //!   Downtime runs from the freeze (when CRIU stopped the tree, seen as the agents see it:
@@ -110,6 +111,10 @@ struct Row {
     complete_ms: Option<f64>,
     /// `complete_ms / (memory bytes / link rate)`; the post-copy target is at most [`LINK_TARGET`].
     complete_vs_link: Option<f64>,
+    /// Page faults of the restored tree that the target answered while it filled the memory in (this
+    /// project's post-copy modes): each one cost the lazy-pages daemon a wake-up, so the count explains
+    /// much of the spread of `complete_ms` from one migration to the next.
+    faults: Option<u64>,
     /// Latency of the faults served over the network (this project's post-copy modes).
     fault_p50_us: Option<f64>,
     fault_p99_us: Option<f64>,
@@ -150,10 +155,11 @@ fn summarize_repeats(rows: &[Row]) -> Vec<serde_json::Value> {
         let downtime = spread(ok.iter().map(|o| o.downtime_ms).collect());
         let complete = spread(ok.iter().filter_map(|o| o.complete_ms).collect());
         let vs_link = spread(ok.iter().filter_map(|o| o.complete_vs_link).collect());
+        let faults = spread(ok.iter().filter_map(|o| o.faults.map(|f| f as f64)).collect());
         let within = ok.iter().filter(|o| o.complete_vs_link.is_some_and(|x| x <= LINK_TARGET)).count();
         println!(
             "{:>6} MiB {:>4} %/s {:>12} {:>10}: {} of {} succeeded; downtime ms {}; complete ms {}; x link {} \
-             ({within} within {LINK_TARGET})",
+             ({within} within {LINK_TARGET}); faults {}",
             r.mib,
             r.dirty_pct_per_s,
             r.content,
@@ -163,6 +169,7 @@ fn summarize_repeats(rows: &[Row]) -> Vec<serde_json::Value> {
             show(downtime, 0),
             show(complete, 0),
             show(vs_link, 2),
+            show(faults, 0),
         );
         let json = |s: Option<(f64, f64, f64)>| {
             s.map(|(median, min, max)| serde_json::json!({"median": median, "min": min, "max": max}))
@@ -171,6 +178,7 @@ fn summarize_repeats(rows: &[Row]) -> Vec<serde_json::Value> {
             "mib": r.mib, "dirty_pct_per_s": r.dirty_pct_per_s, "content": r.content, "mode": r.mode,
             "runs": runs.len(), "succeeded": ok.len(), "within_link_target": within,
             "downtime_ms": json(downtime), "complete_ms": json(complete), "complete_vs_link": json(vs_link),
+            "faults": json(faults),
         }));
     }
     out
@@ -268,7 +276,7 @@ fn main() {
         Err(e) => println!("fill from a store on b: NOT MEASURED: {e}"),
     }
     println!(
-        "{:>6} {:>8} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>6} {:>12} {:>7} {:>12} {:>12}  note",
+        "{:>6} {:>8} {:>12} {:>10} {:>12} {:>10} {:>10} {:>10} {:>6} {:>12} {:>7} {:>7} {:>12} {:>12}  note",
         "MiB",
         "dirty%/s",
         "content",
@@ -280,6 +288,7 @@ fn main() {
         "rounds",
         "complete ms",
         "x link",
+        "faults",
         "fault p50 us",
         "fault p99 us"
     );
@@ -304,7 +313,7 @@ fn main() {
                         row.complete_vs_link = Some(c / ((mib << 20) as f64 / rate * 1000.0));
                     }
                     println!(
-                        "{:>6} {:>8} {:>12} {:>10} {:>12.0} {:>10} {:>10.0} {:>10.1} {:>6} {:>12} {:>7} {:>12} {:>12}  {}",
+                        "{:>6} {:>8} {:>12} {:>10} {:>12.0} {:>10} {:>10.0} {:>10.1} {:>6} {:>12} {:>7} {:>7} {:>12} {:>12}  {}",
                         row.mib,
                         row.dirty_pct_per_s,
                         row.content,
@@ -316,6 +325,7 @@ fn main() {
                         row.rounds,
                         opt(row.complete_ms, 0),
                         opt(row.complete_vs_link, 2),
+                        row.faults.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
                         opt(row.fault_p50_us, 0),
                         opt(row.fault_p99_us, 0),
                         if row.ok { row.note.clone() } else { format!("FAILED: {}", row.note) }
@@ -449,6 +459,7 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
         rounds: 0,
         complete_ms: None,
         complete_vs_link: None,
+        faults: None,
         fault_p50_us: None,
         fault_p99_us: None,
         note: String::new(),
@@ -464,6 +475,7 @@ fn run_case(tb: &Testbed, mib: u64, dirty: f64, content: &str, mode: &str) -> Ro
                 row.wire_bytes = j["wire_bytes"].as_u64().unwrap_or(0);
                 row.rounds = j["rounds"].as_u64().unwrap_or(0) as u32;
                 row.complete_ms = j["complete_ms"].as_f64();
+                row.faults = row.complete_ms.and(j["faults"].as_u64());
                 row.fault_p50_us = j["fault_p50_us"].as_f64();
                 row.fault_p99_us = j["fault_p99_us"].as_f64();
                 let f = |k: &str| j[k].as_f64().unwrap_or(0.0);
