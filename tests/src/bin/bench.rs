@@ -112,8 +112,8 @@ struct Row {
     /// `complete_ms / (memory bytes / link rate)`; the post-copy target is at most [`LINK_TARGET`].
     complete_vs_link: Option<f64>,
     /// Page faults of the restored tree that the target answered while it filled the memory in (this
-    /// project's post-copy modes): each one cost the lazy-pages daemon a wake-up, so the count explains
-    /// much of the spread of `complete_ms` from one migration to the next.
+    /// project's post-copy modes); each one cost the lazy-pages daemon's thread a wake-up of the faulting
+    /// task (README, "Not done yet").
     faults: Option<u64>,
     /// Latency of the faults served over the network (this project's post-copy modes).
     fault_p50_us: Option<f64>,
