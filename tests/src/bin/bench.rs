@@ -38,7 +38,7 @@
 //!
 //! `--repeat N` runs every case N times (all its modes, then all of them again, so that each mode meets
 //! the machine in the same states), prints a row per migration and then, per case and mode, the median
-//! and the range of `downtime ms`, `complete ms` and `x link` (`repeats` in the JSON). A single
+//! and the range of `downtime ms`, `complete ms`, `x link` and `faults` (`repeats` in the JSON). A single
 //! migration varies: 2 GiB hybrids on the test VM completed anywhere in 1.1-1.5 s from one run to the
 //! next.
 //!
@@ -325,7 +325,7 @@ fn main() {
                         row.rounds,
                         opt(row.complete_ms, 0),
                         opt(row.complete_vs_link, 2),
-                        row.faults.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
+                        opt(row.faults.map(|f| f as f64), 0),
                         opt(row.fault_p50_us, 0),
                         opt(row.fault_p99_us, 0),
                         if row.ok { row.note.clone() } else { format!("FAILED: {}", row.note) }
