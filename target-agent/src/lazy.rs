@@ -807,7 +807,7 @@ impl Missing {
         self.pages == 0
     }
 
-    /// The missing pieces (run-time start, end) within `[start, end)`, last first.
+    /// The missing runs that overlap `[start, end)`, each cut to it, as (start, end), last first.
     fn pieces(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
         self.runs
             .range(..end)
