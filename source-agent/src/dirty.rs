@@ -29,7 +29,7 @@
 //! userfaultfd holds it, or it changed under the look) counts as wholly changed.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use protocol::pages::PAGE_SIZE;
 
@@ -145,31 +145,11 @@ pub struct Tracker {
     uffd: OwnedFd,
 }
 
-// userfaultfd(2) and PAGEMAP_SCAN: include/uapi/linux/userfaultfd.h and fs.h of Linux 6.7 (Debian
-// bookworm's headers, which the libc crate follows, are older).
-const UFFD_USER_MODE_ONLY: u64 = 1;
-const UFFD_API: u64 = 0xAA;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+// PAGEMAP_SCAN: include/uapi/linux/fs.h of Linux 6.7 (Debian bookworm's headers, which the libc crate
+// follows, are older). The userfaultfd side is the `uffd` crate's.
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
 const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-struct UffdioRegister {
-    start: u64,
-    len: u64,
-    mode: u64,
-    ioctls: u64,
-}
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -196,8 +176,6 @@ struct PmScanArg {
     return_mask: u64,
 }
 
-nix::ioctl_readwrite!(uffdio_api, 0xAA, 0x3F, UffdioApi);
-nix::ioctl_readwrite!(uffdio_register, 0xAA, 0x00, UffdioRegister);
 nix::ioctl_readwrite!(pagemap_scan, b'f', 16, PmScanArg);
 
 /// Written ranges fetched per PAGEMAP_SCAN call.
@@ -218,12 +196,9 @@ impl Tracker {
         if !state.starts_with('S') && !state.starts_with('R') && !state.starts_with('D') {
             return Err(format!("pid {pid} is in state {state:?}, not running or sleeping"));
         }
-        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64 | UFFD_USER_MODE_ONLY;
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK | uffd::USER_MODE_ONLY) as u64;
         let uffd = inject::userfaultfd(pid, flags)?;
-        let mut api =
-            UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, ioctls: 0 };
-        // SAFETY: a userfaultfd owned here and an initialised struct of the size the ioctl expects.
-        unsafe { uffdio_api(uffd.as_raw_fd(), &mut api) }
+        uffd::api(uffd.as_fd(), uffd::FEATURE_WP_ASYNC | uffd::FEATURE_WP_UNPOPULATED)
             .map_err(|e| format!("this kernel has no asynchronous write-protect userfaultfd (UFFDIO_API: {e})"))?;
         Ok(Tracker { pid, uffd })
     }
@@ -236,9 +211,8 @@ impl Tracker {
                 o.add_range(r.pid, at, r.end);
             }
         };
-        let mut reg = UffdioRegister { start: r.start, len: r.end - r.start, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
-        // SAFETY: as in attach. Registering a range again with the same userfaultfd changes nothing.
-        if let Err(e) = unsafe { uffdio_register(self.uffd.as_raw_fd(), &mut reg) } {
+        // Registering a range again with the same userfaultfd changes nothing.
+        if let Err(e) = uffd::register(self.uffd.as_fd(), r.start, r.end - r.start, uffd::REGISTER_MODE_WP) {
             tracing::debug!(pid = self.pid, start = r.start, end = r.end, "dirty tracking: register: {e}");
             return all_from(r.start, out);
         }

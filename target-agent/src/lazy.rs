@@ -71,7 +71,8 @@
 //! run and what the source says of it, parked and retried faults, its push backoff), and again every
 //! so long while it lasts.
 //!
-//! Every `unsafe` (ioctls, taking ownership of received fds) is in the private module `sys` below.
+//! The userfaultfd ioctls and messages are the `uffd` crate's; every `unsafe` left here (taking ownership
+//! of the fds CRIU sends) is in the private module `sys` below.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::File;
@@ -228,8 +229,8 @@ impl ParkedFaults {
         let mut n = 0;
         for w in waiters {
             let (done, err) = match page {
-                Some(b) => sys::copy(w.uffd.as_fd(), w.at, b),
-                None => sys::zeropage(w.uffd.as_fd(), w.at, PAGE_SIZE),
+                Some(b) => uffd::copy(w.uffd.as_fd(), w.at, b),
+                None => uffd::zeropage(w.uffd.as_fd(), w.at, PAGE_SIZE),
             };
             let how = match (err, page) {
                 (None, Some(_)) => Some(Fill::Copied),
@@ -1234,14 +1235,14 @@ impl Server {
                 // there again (reading the event is what lets UFFDIO_COPY in after an mm change), and
                 // the fills done before it are accounted for before the event changes the picture.
                 let mut parked = self.parked.lock();
-                let read = sys::read_msg(p.uffd.as_fd());
+                let read = uffd::read_msg(p.uffd.as_fd());
                 let filled = std::mem::take(&mut parked.filled);
                 match &read {
-                    Ok(Some(sys::Msg::Remap { from, to, len })) => {
+                    Ok(Some(uffd::Msg::Remap { from, to, len })) => {
                         parked.forget(p.serial, *from..from.saturating_add(*len));
                         parked.forget(p.serial, *to..to.saturating_add(*len));
                     }
-                    Ok(Some(sys::Msg::Remove { start, end } | sys::Msg::Unmap { start, end })) => {
+                    Ok(Some(uffd::Msg::Remove { start, end } | uffd::Msg::Unmap { start, end })) => {
                         parked.forget(p.serial, *start..*end)
                     }
                     _ => {}
@@ -1260,11 +1261,11 @@ impl Server {
             };
             let p = &mut self.procs[i];
             match msg {
-                sys::Msg::Fault { addr } => {
+                uffd::Msg::Fault { addr } => {
                     let t0 = Instant::now();
                     self.answer_fault(i, addr & !(PAGE_SIZE - 1), t0, false);
                 }
-                sys::Msg::Fork(uffd) => {
+                uffd::Msg::Fork(uffd) => {
                     // The child's faulting threads are its own: its parked faults start empty.
                     let (pid, missing, ready) = (p.pid, p.missing.clone(), p.ready.clone());
                     let nonblocking = set_nonblocking(&uffd);
@@ -1278,9 +1279,9 @@ impl Server {
                         self.error.get_or_insert(e);
                     }
                 }
-                sys::Msg::Remap { from, to, len } => p.missing.remap(from, to, len),
-                sys::Msg::Remove { start, end } => {
-                    match sys::unregister(p.uffd.as_fd(), start, end - start) {
+                uffd::Msg::Remap { from, to, len } => p.missing.remap(from, to, len),
+                uffd::Msg::Remove { start, end } => {
+                    match uffd::unregister(p.uffd.as_fd(), start, end - start) {
                         Ok(()) => {}
                         // ENOMEM: the mm is gone (the process exited).
                         Err(Errno::ENOMEM) | Err(Errno::ESRCH) => p.gone = true,
@@ -1293,11 +1294,11 @@ impl Server {
                     let n = p.missing.remove(start, end);
                     self.stats.dropped_pages += n;
                 }
-                sys::Msg::Unmap { start, end } => {
+                uffd::Msg::Unmap { start, end } => {
                     let n = p.missing.remove(start, end);
                     self.stats.dropped_pages += n;
                 }
-                sys::Msg::Other(event) => tracing::debug!(event, "userfaultfd: unknown event ignored"),
+                uffd::Msg::Other(event) => tracing::debug!(event, "userfaultfd: unknown event ignored"),
             }
         }
     }
@@ -1355,8 +1356,8 @@ impl Server {
                 p.parked.push((page, t0));
                 return;
             }
-            (Lookup::Page, _) => ("UFFDIO_COPY", true, sys::copy(p.uffd.as_fd(), page, &self.page)),
-            _ => ("UFFDIO_ZEROPAGE", false, sys::zeropage(p.uffd.as_fd(), page, PAGE_SIZE)),
+            (Lookup::Page, _) => ("UFFDIO_COPY", true, uffd::copy(p.uffd.as_fd(), page, &self.page)),
+            _ => ("UFFDIO_ZEROPAGE", false, uffd::zeropage(p.uffd.as_fd(), page, PAGE_SIZE)),
         };
         let class = err.map(classify);
         match class {
@@ -1665,9 +1666,9 @@ impl Server {
         }
         let copy = first == Lookup::Page;
         let (op, (done, err)) = if copy {
-            ("UFFDIO_COPY", sys::copy(p.uffd.as_fd(), start, &self.batch[..n as usize * PAGE]))
+            ("UFFDIO_COPY", uffd::copy(p.uffd.as_fd(), start, &self.batch[..n as usize * PAGE]))
         } else {
-            ("UFFDIO_ZEROPAGE", sys::zeropage(p.uffd.as_fd(), start, n * PAGE_SIZE))
+            ("UFFDIO_ZEROPAGE", uffd::zeropage(p.uffd.as_fd(), start, n * PAGE_SIZE))
         };
         let done_pages = done / PAGE_SIZE;
         p.missing.remove(start, start + done_pages * PAGE_SIZE);
@@ -1932,83 +1933,6 @@ mod sys {
 
     use nix::errno::Errno;
 
-    // Request numbers: _IOWR/_IOR(0xAA, nr, struct) in the asm-generic encoding (x86-64, arm64, riscv64),
-    // as listed in docs/criu-interfaces.md §1.4; `ioctl_numbers` in the tests recomputes them.
-    // REGISTER and API: only the tests' fake restore calls them (CRIU does, in the restored tasks).
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(super) const UFFDIO_REGISTER: u64 = 0xc020_aa00;
-    pub(super) const UFFDIO_UNREGISTER: u64 = 0x8010_aa01;
-    pub(super) const UFFDIO_COPY: u64 = 0xc028_aa03;
-    pub(super) const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(super) const UFFDIO_API: u64 = 0xc018_aa3f;
-
-    const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-    const UFFD_EVENT_FORK: u8 = 0x13;
-    const UFFD_EVENT_REMAP: u8 = 0x14;
-    const UFFD_EVENT_REMOVE: u8 = 0x15;
-    const UFFD_EVENT_UNMAP: u8 = 0x16;
-
-    #[repr(C)]
-    struct UffdioCopy {
-        dst: u64,
-        src: u64,
-        len: u64,
-        mode: u64,
-        copy: i64,
-    }
-
-    #[repr(C)]
-    struct UffdioZeropage {
-        start: u64,
-        len: u64,
-        mode: u64,
-        zeropage: i64,
-    }
-
-    #[repr(C)]
-    struct UffdioRange {
-        start: u64,
-        len: u64,
-    }
-
-    /// A message read from a userfaultfd.
-    pub(super) enum Msg {
-        Fault { addr: u64 },
-        Fork(OwnedFd),
-        Remap { from: u64, to: u64, len: u64 },
-        Remove { start: u64, end: u64 },
-        Unmap { start: u64, end: u64 },
-        Other(u8),
-    }
-
-    /// Reads one `struct uffd_msg` (32 bytes: u8 event, 7 reserved, 24-byte union); None when there is
-    /// none (EAGAIN).
-    pub(super) fn read_msg(uffd: BorrowedFd<'_>) -> Result<Option<Msg>, Errno> {
-        let mut b = [0u8; 32];
-        match nix::unistd::read(uffd, &mut b) {
-            Ok(32) => {}
-            Ok(_) => return Err(Errno::EIO),
-            Err(Errno::EAGAIN) => return Ok(None),
-            Err(e) => return Err(e),
-        }
-        let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().expect("8 bytes"));
-        Ok(Some(match b[0] {
-            UFFD_EVENT_PAGEFAULT => Msg::Fault { addr: u64_at(16) },
-            UFFD_EVENT_FORK => {
-                let raw = u32::from_ne_bytes(b[8..12].try_into().expect("4 bytes")) as RawFd;
-                // SAFETY: the kernel installed this fd in our table while producing the FORK message we
-                // just read (fs/userfaultfd.c resolve_userfault_fork); nothing else knows its number, so
-                // this OwnedFd is its only owner.
-                Msg::Fork(unsafe { OwnedFd::from_raw_fd(raw) })
-            }
-            UFFD_EVENT_REMAP => Msg::Remap { from: u64_at(8), to: u64_at(16), len: u64_at(24) },
-            UFFD_EVENT_REMOVE => Msg::Remove { start: u64_at(8), end: u64_at(16) },
-            UFFD_EVENT_UNMAP => Msg::Unmap { start: u64_at(8), end: u64_at(16) },
-            e => Msg::Other(e),
-        }))
-    }
-
     /// `recvmsg` of the 1-byte message that carries a uffd: None when nothing is there yet, else the
     /// bytes read (0 = EOF) and the fds received. Err(ENOBUFS) when the control data was truncated.
     pub(super) fn recv_fds(sock: BorrowedFd<'_>) -> Result<Option<(usize, Vec<OwnedFd>)>, Errno> {
@@ -2039,90 +1963,24 @@ mod sys {
         Ok(Some((msg.bytes, fds)))
     }
 
-    /// What a fill ioctl did: bytes filled (a partial fill reports EAGAIN), and the error if not all.
-    fn outcome(r: libc::c_int, len: u64, field: i64) -> (u64, Option<Errno>) {
-        if r == 0 {
-            return (len, None);
-        }
-        let e = Errno::last();
-        (u64::try_from(field).unwrap_or(0).min(len), Some(e))
-    }
-
-    /// UFFDIO_COPY of `src` to `dst` in the uffd's process, mode 0 (wakes the faulting threads).
-    pub(super) fn copy(uffd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> (u64, Option<Errno>) {
-        let mut a = UffdioCopy { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode: 0, copy: 0 };
-        // SAFETY: UFFDIO_COPY reads `len` bytes at `src`, a live slice of exactly that length, and
-        // writes only the `copy` field of `a`, a uffdio_copy laid out as in linux/userfaultfd.h. It fills
-        // only pages that are missing in the uffd's mm (never overwrites one: EEXIST); when that mm is
-        // this process (tests), the pages are in mappings only ever accessed through raw pointers.
-        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &mut a) };
-        outcome(r, a.len, a.copy)
-    }
-
-    /// UFFDIO_ZEROPAGE of `[start, start + len)`, mode 0 (wakes the faulting threads).
-    pub(super) fn zeropage(uffd: BorrowedFd<'_>, start: u64, len: u64) -> (u64, Option<Errno>) {
-        let mut a = UffdioZeropage { start, len, mode: 0, zeropage: 0 };
-        // SAFETY: UFFDIO_ZEROPAGE writes only the `zeropage` field of `a` (laid out as in
-        // linux/userfaultfd.h) and maps zero pages where pages are missing in the uffd's mm.
-        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_ZEROPAGE as _, &mut a) };
-        outcome(r, len, a.zeropage)
-    }
-
-    /// UFFDIO_UNREGISTER of `[start, start + len)`.
-    pub(super) fn unregister(uffd: BorrowedFd<'_>, start: u64, len: u64) -> Result<(), Errno> {
-        let a = UffdioRange { start, len };
-        // SAFETY: UFFDIO_UNREGISTER only reads `a`, a uffdio_range laid out as in linux/userfaultfd.h.
-        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_UNREGISTER as _, &a) };
-        Errno::result(r).map(drop)
-    }
-
     /// What the tests need to play `criu restore` in-process: a userfaultfd of their own, anonymous
     /// mappings, mremap/madvise/munmap to cause events, and a forked child.
     #[cfg(test)]
     pub(super) mod testing {
+        use std::os::fd::AsFd;
+
         use super::*;
-
-        #[repr(C)]
-        struct UffdioApi {
-            api: u64,
-            features: u64,
-            ioctls: u64,
-        }
-
-        #[repr(C)]
-        struct UffdioRegister {
-            start: u64,
-            len: u64,
-            mode: u64,
-            ioctls: u64,
-        }
 
         /// A userfaultfd of this process, O_CLOEXEC|O_NONBLOCK, after UFFDIO_API with `features`.
         pub fn userfaultfd(features: u64) -> std::io::Result<OwnedFd> {
-            // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1.
-            let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-            if raw < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // SAFETY: a new fd just returned by the kernel, owned by nobody else.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
-            let mut api = UffdioApi { api: 0xaa, features, ioctls: 0 };
-            // SAFETY: UFFDIO_API reads and writes `api`, laid out as in linux/userfaultfd.h.
-            if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            let fd = uffd::create(libc::O_CLOEXEC | libc::O_NONBLOCK)?;
+            uffd::api(fd.as_fd(), features)?;
             Ok(fd)
         }
 
         /// UFFDIO_REGISTER_MODE_MISSING over `[start, start + len)`.
-        pub fn register_missing(uffd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
-            let mut r = UffdioRegister { start, len, mode: 1, ioctls: 0 };
-            // SAFETY: UFFDIO_REGISTER reads `r` and writes its `ioctls` field, laid out as in
-            // linux/userfaultfd.h.
-            if unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, &mut r) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+        pub fn register_missing(fd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
+            Ok(uffd::register(fd.as_fd(), start, len, uffd::REGISTER_MODE_MISSING)?)
         }
 
         /// A new private anonymous read-write mapping of `len` bytes; its address.
@@ -2612,18 +2470,6 @@ mod tests {
 
     fn micros(d: &[Duration]) -> Vec<u128> {
         d.iter().map(|d| d.as_micros()).collect()
-    }
-
-    #[test]
-    fn ioctl_numbers_are_the_kernels() {
-        const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
-            (dir << 30) | ((size as u64) << 16) | (0xaa << 8) | nr
-        }
-        assert_eq!(sys::UFFDIO_REGISTER, ioc(3, 0x00, 32));
-        assert_eq!(sys::UFFDIO_UNREGISTER, ioc(2, 0x01, 16));
-        assert_eq!(sys::UFFDIO_COPY, ioc(3, 0x03, 40));
-        assert_eq!(sys::UFFDIO_ZEROPAGE, ioc(3, 0x04, 32));
-        assert_eq!(sys::UFFDIO_API, ioc(3, 0x3f, 24));
     }
 
     #[test]

@@ -1028,22 +1028,13 @@ fn fill_rate(tb: &Testbed, bytes: u64, extra: &[&str]) -> Result<f64, String> {
 /// memory back, which the next pages reuse). That is the bulk work of the daemon's one thread at its
 /// floor: no faults, no bookkeeping, no other thread.
 fn fill(args: &[String]) {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    const UFFDIO_API: u64 = 0xc018_aa3f;
-    const UFFDIO_REGISTER: u64 = 0xc020_aa00;
-    const UFFDIO_COPY: u64 = 0xc028_aa03;
+    use std::os::fd::AsFd;
     const BATCH: usize = target_agent::lazy::PUSH_BATCH_PAGES as usize * 4096;
     let bytes: usize = arg(args, "--bytes").expect("--bytes").parse().expect("--bytes");
     let from_store = args.iter().any(|a| a == "--from-store");
     let len = bytes.div_ceil(BATCH) * BATCH;
-    // SAFETY: userfaultfd(2) takes only flags and returns a new fd or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
-    assert!(raw >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
-    // SAFETY: a new fd just returned by the kernel, owned by nobody else.
-    let uffd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
-    let mut api = [0xaa_u64, 0, 0];
-    // SAFETY: UFFDIO_API reads and writes a struct uffdio_api (three u64).
-    assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) }, 0, "UFFDIO_API");
+    let uffd = uffd::create(libc::O_CLOEXEC).expect("userfaultfd(2)");
+    uffd::api(uffd.as_fd(), 0).expect("UFFDIO_API");
     use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap_anonymous};
     let fresh = || {
         let n = std::num::NonZeroUsize::new(len).expect("--bytes above 0");
@@ -1053,9 +1044,7 @@ fn fill(args: &[String]) {
         m.cast::<u8>().as_ptr()
     };
     let map = fresh();
-    let mut reg = [map as u64, len as u64, 1, 0];
-    // SAFETY: UFFDIO_REGISTER reads a struct uffdio_register (range, mode) and writes its ioctls field.
-    assert_eq!(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) }, 0, "UFFDIO_REGISTER");
+    uffd::register(uffd.as_fd(), map as u64, len as u64, uffd::REGISTER_MODE_MISSING).expect("UFFDIO_REGISTER");
     let store = from_store.then(|| {
         let m = fresh();
         // SAFETY: `m` is a fresh private mapping of `len` bytes, only used through this pointer here.
@@ -1070,11 +1059,8 @@ fn fill(args: &[String]) {
             // SAFETY: `off + BATCH <= len`: inside the store mapping, which `buf` does not overlap.
             unsafe { std::ptr::copy_nonoverlapping(store.add(off), buf.as_mut_ptr(), BATCH) };
         }
-        let mut copy = [map as u64 + off as u64, buf.as_ptr() as u64, BATCH as u64, 0, 0];
-        // SAFETY: UFFDIO_COPY reads a struct uffdio_copy (dst, src, len, mode) and writes its copy field;
-        // dst is inside the registered mapping, src a live buffer of len bytes.
-        let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, copy.as_mut_ptr()) };
-        assert_eq!(r, 0, "UFFDIO_COPY at +{off}: {}", std::io::Error::last_os_error());
+        let (_, err) = uffd::copy(uffd.as_fd(), map as u64 + off as u64, &buf);
+        assert_eq!(err, None, "UFFDIO_COPY at +{off}");
         if let Some(store) = store {
             let part = std::ptr::NonNull::new(store.wrapping_add(off)).expect("inside a mapping").cast();
             // SAFETY: drops the content of a range of the store mapping that nothing reads again.
