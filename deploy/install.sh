@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the agents, the testbed and the tests need on a Debian machine, as root.
 # Idempotent: a second run only checks. Steps:
-#   1. Debian packages: CRIU's build deps, libclang-dev (bindgen for userfaultfd-sys), protoc (prost-build),
+#   1. Debian packages: CRIU's build deps, protoc (prost-build),
 #      iproute2/util-linux (testbed), openssl (fleet certificates).
 #   2. CRIU >= 4.1 with the fixes in deploy/criu-patches at /usr/local/sbin/criu, unless that already is
 #      one (its `criu --version` names the patch set: "GitID: migrate-<sha256 prefix>"); a `criu` without
@@ -36,7 +36,7 @@ command -v apt-get >/dev/null || die "this script needs a Debian-like system wit
 PKGS=(build-essential pkgconf git ca-certificates xz-utils patch
       libprotobuf-c-dev protobuf-c-compiler libprotobuf-dev protobuf-compiler
       libnl-3-dev libnet1-dev libcap-dev libbsd-dev libnftables-dev libgnutls28-dev
-      python3-protobuf uuid-dev libclang-dev clang
+      python3-protobuf uuid-dev
       iproute2 util-linux procps openssl tmux)
 
 missing=()
