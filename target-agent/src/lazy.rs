@@ -72,7 +72,7 @@
 //! so long while it lasts.
 //!
 //! The userfaultfd ioctls and messages are the `uffd` crate's; every `unsafe` left here (taking ownership
-//! of the fds CRIU sends) is in the private module `sys` below.
+//! of the fds CRIU sends, and the tests' stand-in for `criu restore`) is in the private module `sys` below.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::File;
@@ -1265,13 +1265,13 @@ impl Server {
                     let t0 = Instant::now();
                     self.answer_fault(i, addr & !(PAGE_SIZE - 1), t0, false);
                 }
-                uffd::Msg::Fork(uffd) => {
+                uffd::Msg::Fork(child) => {
                     // The child's faulting threads are its own: its parked faults start empty.
                     let (pid, missing, ready) = (p.pid, p.missing.clone(), p.ready.clone());
-                    let nonblocking = set_nonblocking(&uffd);
+                    let nonblocking = set_nonblocking(&child);
                     self.stats.forks += 1;
                     tracing::debug!(pid, pages = missing.pages, "fork: the child gets its parent's missing pages");
-                    self.add_proc(pid, uffd, missing, ready);
+                    self.add_proc(pid, child, missing, ready);
                     if let Err(e) = nonblocking {
                         // A blocking uffd would block the daemon in read: never served, it ends the daemon.
                         tracing::error!("{e}");
@@ -1926,8 +1926,8 @@ impl PageSource for ImagePageSource {
     }
 }
 
-/// Every unsafe operation of this module: the userfaultfd ioctls and taking ownership of file
-/// descriptors the kernel just installed (SCM_RIGHTS, FORK messages).
+/// Every unsafe operation of this module: taking ownership of the file descriptors CRIU sends
+/// (SCM_RIGHTS), and the tests' stand-in for `criu restore` (the `uffd` crate has the ioctls).
 mod sys {
     use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
