@@ -212,7 +212,9 @@ impl Tracker {
             }
         };
         // Registering a range again with the same userfaultfd changes nothing.
-        if let Err(e) = uffd::register(self.uffd.as_fd(), r.start, r.end - r.start, uffd::REGISTER_MODE_WP) {
+        // SAFETY: the uffd is the tracked process's (injected into it), not this agent's, and this mode
+        // only write-protects.
+        if let Err(e) = unsafe { uffd::register(self.uffd.as_fd(), r.start, r.end - r.start, uffd::REGISTER_MODE_WP) } {
             tracing::debug!(pid = self.pid, start = r.start, end = r.end, "dirty tracking: register: {e}");
             return all_from(r.start, out);
         }

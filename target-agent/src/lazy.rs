@@ -1978,9 +1978,11 @@ mod sys {
             Ok(fd)
         }
 
-        /// UFFDIO_REGISTER_MODE_MISSING over `[start, start + len)`.
+        /// UFFDIO_REGISTER_MODE_MISSING over `[start, start + len)`, a mapping made with [`mmap_anon`].
         pub fn register_missing(fd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
-            Ok(uffd::register(fd.as_fd(), start, len, uffd::REGISTER_MODE_MISSING)?)
+            // SAFETY: the tests register only their mmap_anon mappings, which they access through raw
+            // pointers (read_mem) and never hold a Rust value in.
+            Ok(unsafe { uffd::register(fd.as_fd(), start, len, uffd::REGISTER_MODE_MISSING) }?)
         }
 
         /// A new private anonymous read-write mapping of `len` bytes; its address.

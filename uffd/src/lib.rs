@@ -102,10 +102,16 @@ pub fn api(uffd: BorrowedFd<'_>, features: u64) -> Result<(), Errno> {
 
 /// UFFDIO_REGISTER of `[start, start + len)` in `mode` ([`REGISTER_MODE_MISSING`], [`REGISTER_MODE_WP`]).
 /// Registering a range again with the same uffd and mode changes nothing.
-pub fn register(uffd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> Result<(), Errno> {
+///
+/// # Safety
+/// Once registered for missing pages, [`copy`] and [`zeropage`] can write into the range wherever a page
+/// is not populated yet. When `uffd` belongs to this process, no Rust value may live in the range (e.g. a
+/// zeroed allocation whose pages were never touched): use it only for mappings accessed through raw
+/// pointers. A uffd of another process (the agents' case) puts nothing of this process at risk.
+pub unsafe fn register(uffd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> Result<(), Errno> {
     let mut a = UffdioRegister { range: UffdioRange { start, len }, mode, ioctls: 0 };
     // SAFETY: UFFDIO_REGISTER reads `a` and writes its `ioctls` field, laid out as struct
-    // uffdio_register. It changes how faults in the range are handled, no memory content.
+    // uffdio_register; what the registration allows later is the caller's contract above.
     Errno::result(unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER as _, &mut a) }).map(drop)
 }
 
@@ -134,7 +140,7 @@ pub fn copy(uffd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> (u64, Option<Errno>) 
     // SAFETY: UFFDIO_COPY reads `len` bytes at `src`, a live slice of exactly that length, and writes
     // only the `copy` field of `a` (struct uffdio_copy). It fills only pages that are missing in a
     // registered range of the uffd's mm and never overwrites one (EEXIST); when that mm is this
-    // process (tests, bench), no Rust value lives in a missing page.
+    // process, `register`'s contract keeps Rust values out of such a range.
     let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY as _, &mut a) };
     outcome(r, a.len, a.copy)
 }
@@ -242,7 +248,8 @@ mod tests {
         api(uffd.as_fd(), (1 << 6) | (1 << 3)).expect("UFFDIO_API");
         let len = 4 * 4096;
         let base = mapping(len);
-        register(uffd.as_fd(), base, len as u64, REGISTER_MODE_MISSING).expect("UFFDIO_REGISTER");
+        // SAFETY: a mapping of this test's, only ever accessed through raw pointers.
+        unsafe { register(uffd.as_fd(), base, len as u64, REGISTER_MODE_MISSING) }.expect("UFFDIO_REGISTER");
         assert!(read_msg(uffd.as_fd()).expect("read").is_none(), "no message yet");
 
         let page = vec![0x5au8; 4096];

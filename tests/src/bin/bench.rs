@@ -1044,7 +1044,9 @@ fn fill(args: &[String]) {
         m.cast::<u8>().as_ptr()
     };
     let map = fresh();
-    uffd::register(uffd.as_fd(), map as u64, len as u64, uffd::REGISTER_MODE_MISSING).expect("UFFDIO_REGISTER");
+    // SAFETY: `map` is a fresh mapping of this function's, only ever accessed through raw pointers.
+    unsafe { uffd::register(uffd.as_fd(), map as u64, len as u64, uffd::REGISTER_MODE_MISSING) }
+        .expect("UFFDIO_REGISTER");
     let store = from_store.then(|| {
         let m = fresh();
         // SAFETY: `m` is a fresh private mapping of `len` bytes, only used through this pointer here.
