@@ -244,6 +244,16 @@ impl Testbed {
         (out.status.success(), json)
     }
 
+    /// `path` as seen on `host`, reached from this (the outer) host without starting a process there:
+    /// through /proc/INIT/root of the host's own pid and mount namespaces (b, c); a shares this mount
+    /// namespace.
+    pub fn path_on(&self, host: &str, path: &str) -> PathBuf {
+        match std::fs::read_to_string(self.dir.join(host).join("init.pid")) {
+            Ok(init) => PathBuf::from(format!("/proc/{}/root{path}", init.trim())),
+            Err(_) => PathBuf::from(path),
+        }
+    }
+
     /// The source agent's log on `host`.
     pub fn source_log(&self, host: &str) -> String {
         std::fs::read_to_string(self.dir.join(host).join("source-agent.log")).unwrap_or_default()
