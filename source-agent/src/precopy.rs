@@ -38,6 +38,16 @@ const READ_PAGES: usize = 256;
 const COMPRESS_PARALLEL: usize = 4;
 /// Zero and copy records in one batch before it is sent even without data pages.
 const MAX_BATCH_RECORDS: usize = 4096;
+/// The content hash [`Held`] records for a page the last pass sent without hashing it: it matches no real
+/// page's hash but by chance (odds 2^-128), so a pass after it would send the page again.
+const UNKNOWN: u128 = 1;
+
+/// Whether a page holds only zeros: 64 bytes at a time (the inner fold vectorizes), so a page with
+/// content usually says so in its first line.
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks(64).all(|line| line.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
 /// Hash of a page of zeros.
 fn zero_hash() -> u128 {
     static Z: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
@@ -68,14 +78,37 @@ pub struct Held {
     blocks: HashMap<(u32, u64), Box<[u128; HELD_BLOCK_PAGES]>>,
     /// Pages held (non-zero slots).
     held: usize,
-    /// A page the target holds with this content (checked against `blocks` before use).
-    by_hash: HashMap<u128, Key>,
+    /// A page the target holds with this content (checked against `blocks` before use). Keyed by the
+    /// xxh3 hash itself, not hashed again ([`ByContent`]).
+    by_hash: HashMap<u128, Key, std::hash::BuildHasherDefault<ByContent>>,
     /// Records sent on the pages stream so far (the target checks the total).
     pub records: u64,
     /// Pages a pass should have read but could not (unmapped since the pass read /proc/PID/maps): the
     /// next pass reads them whatever dirty tracking says, as the writes it reported are not reported
     /// again.
     unread: std::collections::HashSet<Key>,
+}
+
+/// The hasher of [`Held::by_hash`], whose keys are xxh3-128 hashes of page contents already: it takes
+/// their low 64 bits as they are instead of running SipHash over them again (perf: SipHash was a tenth of
+/// the reader's time). Only the tree's own content decides these keys, so a tree that made many of them
+/// collide would only slow down its own migration.
+#[derive(Default)]
+struct ByContent(u64);
+
+impl std::hash::Hasher for ByContent {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by u128 keys (write_u128); kept correct for any other caller.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, h: u128) {
+        self.0 = h as u64;
+    }
 }
 
 /// What one page needs, given its content hash.
@@ -122,6 +155,12 @@ impl Held {
 
     /// Decides what page `key` with content hash `hash` needs, and records that the target will hold it.
     pub fn update(&mut self, key: Key, hash: u128) -> Action {
+        self.update_with(key, hash, true)
+    }
+
+    /// [`Held::update`]; `copies`: whether later pages may be sent as copies of this one (else it is not
+    /// indexed by content).
+    fn update_with(&mut self, key: Key, hash: u128, copies: bool) -> Action {
         let now = self.get(key);
         if hash == zero_hash() {
             if now.is_none() {
@@ -133,6 +172,10 @@ impl Held {
         if now == Some(hash) {
             return Action::Unchanged;
         }
+        if !copies {
+            self.set(key, hash);
+            return Action::Data;
+        }
         let action = match self.by_hash.get(&hash) {
             Some(&src) if src != key && self.get(src) == Some(hash) => Action::Copy(src),
             _ => Action::Data,
@@ -141,6 +184,21 @@ impl Held {
         self.by_hash.insert(hash, key);
         self.set(key, hash);
         action
+    }
+
+    /// The last pass's decision for page `key` that it read as `page`, without hashing it where it need
+    /// not: a page the target does not hold needs only to be told zero from not, and with no pass after
+    /// this one nothing will compare against its hash. It is recorded as held with [`UNKNOWN`] content.
+    /// Copy records are not sent ([`Pass::no_copies`]).
+    fn update_last(&mut self, key: Key, page: &[u8]) -> Action {
+        if self.contains(key) {
+            return self.update_with(key, xxhash_rust::xxh3::xxh3_128(page), false);
+        }
+        if is_zero(page) {
+            return Action::Unchanged;
+        }
+        self.set(key, UNKNOWN);
+        Action::Data
     }
 
     /// Pages the target holds.
@@ -452,6 +510,9 @@ fn scan(
     tx: &tokio::sync::mpsc::Sender<(pb::PageBatch, Vec<u8>)>,
 ) -> Result<RoundStats, String> {
     let Pass { round, only, frozen, hints, no_copies, current } = pass;
+    // The pass over the frozen tree is the last: no pass after it compares against what it records, so
+    // pages the target does not hold are not hashed ([`Held::update_last`]).
+    let last = frozen && no_copies;
     let mut stats = RoundStats { round, ..Default::default() };
     let started = Instant::now();
     // Time spent waiting for the network, which is not the reader's own cost.
@@ -560,29 +621,30 @@ fn scan(
                     continue; // said above
                 }
                 Action::Unchanged
-            } else {
-                let hash = if !want[i] {
-                    zero_hash()
-                } else if got[i] {
-                    if !held.unread.is_empty() {
-                        held.unread.remove(&key);
-                    }
-                    xxhash_rust::xxh3::xxh3_128(page)
-                } else if frozen {
-                    // The tree's memory cannot change any more and CRIU listed this page: sending
-                    // nothing for it would leave the target a stale or zero page.
-                    return Err(format!(
-                        "cannot read page {:#x} of pid {pid} in the frozen tree (neither process_vm_readv nor \
-                         /proc/{pid}/mem can)",
-                        key.1
-                    ));
+            } else if !want[i] {
+                held.update_with(key, zero_hash(), !no_copies)
+            } else if got[i] {
+                if !held.unread.is_empty() {
+                    held.unread.remove(&key);
+                }
+                if last {
+                    held.update_last(key, page)
                 } else {
-                    // Unmapped since /proc/PID/maps was read: the next pass (at the latest the final delta,
-                    // on the frozen tree) reads it again.
-                    held.unread.insert(key);
-                    continue;
-                };
-                held.update(key, hash)
+                    held.update_with(key, xxhash_rust::xxh3::xxh3_128(page), !no_copies)
+                }
+            } else if frozen {
+                // The tree's memory cannot change any more and CRIU listed this page: sending
+                // nothing for it would leave the target a stale or zero page.
+                return Err(format!(
+                    "cannot read page {:#x} of pid {pid} in the frozen tree (neither process_vm_readv nor \
+                     /proc/{pid}/mem can)",
+                    key.1
+                ));
+            } else {
+                // Unmapped since /proc/PID/maps was read: the next pass (at the latest the final delta,
+                // on the frozen tree) reads it again.
+                held.unread.insert(key);
+                continue;
             };
             match action {
                 Action::Unchanged if current => {
@@ -807,6 +869,32 @@ mod tests {
         assert_eq!(h.update(a, zero_hash()), Action::Zero);
         assert!(!h.contains(a) && h.contains(c) && h.contains(d));
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn the_last_pass_hashes_only_pages_the_target_holds() {
+        let mut h = Held::default();
+        let (a, b, c) = ((1, 0x1000), (1, 0x2000), (1, 0x3000));
+        let zero = [0u8; PAGE_SIZE];
+        let mut page = [0u8; PAGE_SIZE];
+        page[PAGE_SIZE - 1] = 7; // content only in the last line
+        assert!(is_zero(&zero) && !is_zero(&page));
+        h.update(a, xxhash_rust::xxh3::xxh3_128(&page));
+        assert_eq!(h.update_last(a, &page), Action::Unchanged, "held with this content");
+        assert_eq!(h.update_last(a, &zero), Action::Zero, "held, zeroed since");
+        assert_eq!(h.update_last(b, &zero), Action::Unchanged, "not held and zero: nothing to send");
+        assert_eq!(h.update_last(c, &page), Action::Data, "not held: sent, and never as a copy of a");
+        assert!(h.contains(c) && !h.contains(a) && !h.contains(b));
+        assert_eq!(h.len(), 1);
+        // Recorded with unknown content: a later comparison sends it again rather than trusting it.
+        assert_eq!(h.update(c, xxhash_rust::xxh3::xxh3_128(&page)), Action::Data);
+    }
+
+    #[test]
+    fn content_hashes_index_pages_by_their_low_bits() {
+        use std::hash::BuildHasher;
+        let by = std::hash::BuildHasherDefault::<ByContent>::default();
+        assert_eq!(by.hash_one(0xdead_beef_0000_0000_0123_4567_89ab_cdefu128), 0x0123_4567_89ab_cdef);
     }
 
     #[test]
