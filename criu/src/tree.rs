@@ -1,5 +1,6 @@
 //! The process tree CRIU dumps and restores, seen through procfs: which processes belong to it, and the
-//! two signals the agents send it (SIGCONT to resume a tree CRIU left stopped, SIGKILL to drop a copy).
+//! two signals the agents send it (SIGCONT to resume a tree CRIU left stopped, SIGKILL to drop a copy),
+//! and what /proc/PID/status says of a process ([`Status`]: one parser for the agents and the CLI).
 
 use std::io;
 
@@ -23,6 +24,40 @@ pub fn is_alive(pid: u32) -> bool {
 /// Command name of `pid` (`/proc/PID/comm`), or "?".
 pub fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// The text of a /proc/PID/status, read once for the fields wanted from it (default: no fields).
+#[derive(Default)]
+pub struct Status(String);
+
+impl Status {
+    /// The status of `pid`, or why it cannot be read (no such process, no permission).
+    pub fn read(pid: u32) -> io::Result<Status> {
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map(Status)
+    }
+
+    /// The status of the calling process (/proc/self: right also where /proc belongs to another pid
+    /// namespace than the caller's).
+    pub fn read_self() -> io::Result<Status> {
+        std::fs::read_to_string("/proc/self/status").map(Status)
+    }
+
+    /// The value of field `name` (with its colon, e.g. "TracerPid:"), trimmed; empty when there is no
+    /// such field.
+    pub fn field(&self, name: &str) -> &str {
+        self.0.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("")
+    }
+
+    /// Real, effective, saved and filesystem uid, in that order (empty when the field is missing).
+    pub fn uids(&self) -> Vec<u32> {
+        self.field("Uid:").split_whitespace().filter_map(|u| u.parse().ok()).collect()
+    }
+}
+
+impl From<String> for Status {
+    fn from(text: String) -> Status {
+        Status(text)
+    }
 }
 
 /// `pid` and all its descendants (processes, not threads), parents before children.
@@ -207,6 +242,19 @@ impl Drop for StopWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_fields_of_this_process() {
+        let me = Status::read(std::process::id()).unwrap();
+        assert_eq!(me.field("Pid:"), std::process::id().to_string());
+        let uid = nix::unistd::getuid().as_raw();
+        assert_eq!(me.uids().first(), Some(&uid), "real uid first");
+        assert_eq!(me.uids().len(), 4, "real, effective, saved, filesystem");
+        assert_eq!(me.field("NoSuchField:"), "");
+        assert_eq!(Status::read_self().unwrap().field("Pid:"), me.field("Pid:"));
+        assert!(Status::default().uids().is_empty());
+        assert_eq!(Status::from("Uid:\t1\t2\t3\t4\nPPid:\t 7 \n".to_string()).field("PPid:"), "7");
+    }
 
     #[test]
     fn a_stop_watch_sees_a_tracing_stop_but_not_a_plain_one() {

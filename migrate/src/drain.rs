@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use criu::tree::Status;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use source_agent::control::{self, Event, Request};
@@ -210,17 +211,12 @@ fn all_pids() -> Vec<u32> {
         .unwrap_or_default()
 }
 
-fn status_field(pid: u32, name: &str) -> Option<String> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string())
-}
-
 fn real_uid(pid: u32) -> Option<u32> {
-    status_field(pid, "Uid:")?.split_whitespace().next()?.parse().ok()
+    Status::read(pid).ok()?.uids().first().copied()
 }
 
 fn ppid(pid: u32) -> Option<u32> {
-    status_field(pid, "PPid:")?.parse().ok()
+    Status::read(pid).ok()?.field("PPid:").parse().ok()
 }
 
 /// Resident memory of a tree, bytes.
@@ -228,7 +224,7 @@ fn tree_rss(root: u32) -> u64 {
     criu::tree::processes(root)
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|p| status_field(p, "VmRSS:")?.split_whitespace().next()?.parse::<u64>().ok())
+        .filter_map(|p| Status::read(p).ok()?.field("VmRSS:").split_whitespace().next()?.parse::<u64>().ok())
         .sum::<u64>()
         * 1024
 }

@@ -184,8 +184,8 @@ const SCAN_VEC: usize = 1024;
 impl Tracker {
     /// Gives process `pid` a userfaultfd, keeps a duplicate of it in write-protect-async mode.
     pub fn attach(pid: u32) -> Result<Tracker, String> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| format!("pid {pid}: {e}"))?;
-        let field = |name: &str| crate::inspect::status_field(&status, name);
+        let status = criu::tree::Status::read(pid).map_err(|e| format!("pid {pid}: {e}"))?;
+        let field = |name: &str| status.field(name);
         if field("Seccomp:") != "0" {
             return Err(format!("pid {pid} runs under a seccomp filter, which may refuse or punish userfaultfd(2)"));
         }

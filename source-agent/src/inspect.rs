@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
+use criu::tree::Status;
 use serde::{Deserialize, Serialize};
 
 /// One process of the tree.
@@ -190,23 +191,17 @@ pub fn tree(root: u32) -> std::io::Result<Tree> {
         root,
         processes,
         agent_ipc_ns: ns_ino("self", "ipc"),
-        agent_cap_sys_resource: has_cap("self", 24),
+        agent_cap_sys_resource: agent_has_cap(24),
         agent_uid: nix::unistd::getuid().as_raw(),
         lock_holders: lock_holders(),
         sysv_users: sysv_users(),
     })
 }
 
-/// The value of field `name` (with its colon, e.g. "TracerPid:") in the text of a /proc/PID/status,
-/// trimmed; empty when there is no such field.
-pub(crate) fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
-    status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("")
-}
-
-/// Whether `pid` has capability number `cap` in its effective set.
-fn has_cap(pid: &str, cap: u32) -> bool {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    u64::from_str_radix(status_field(&status, "CapEff:"), 16).is_ok_and(|bits| bits & (1 << cap) != 0)
+/// Whether this agent has capability number `cap` in its effective set.
+fn agent_has_cap(cap: u32) -> bool {
+    let status = Status::read_self().unwrap_or_default();
+    u64::from_str_radix(status.field("CapEff:"), 16).is_ok_and(|bits| bits & (1 << cap) != 0)
 }
 
 fn ns_ino(pid: &str, ns: &str) -> u64 {
@@ -215,8 +210,7 @@ fn ns_ino(pid: &str, ns: &str) -> u64 {
 
 fn process(pid: u32, unix: &HashMap<u64, sockdiag::UnixDiag>, owners: &HashMap<u64, (u32, String)>) -> Process {
     let base = format!("/proc/{pid}");
-    let status = std::fs::read_to_string(format!("{base}/status")).unwrap_or_default();
-    let field = |name: &str| status_field(&status, name);
+    let status = Status::read(pid).unwrap_or_default();
     let stat = std::fs::read_to_string(format!("{base}/stat")).unwrap_or_default();
     let after: Vec<&str> = stat.rfind(')').map(|i| stat[i + 2..].split_whitespace().collect()).unwrap_or_default();
     let num = |i: usize| after.get(i).and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
@@ -252,8 +246,8 @@ fn process(pid: u32, unix: &HashMap<u64, sockdiag::UnixDiag>, owners: &HashMap<u
         sid: num(3),
         comm: criu::tree::comm(pid),
         state: after.first().and_then(|s| s.chars().next()).unwrap_or('?'),
-        uids: field("Uid:").split_whitespace().filter_map(|u| u.parse().ok()).collect(),
-        tracer: field("TracerPid:").parse().unwrap_or(0),
+        uids: status.uids(),
+        tracer: status.field("TracerPid:").parse().unwrap_or(0),
         elf64,
         kernel_thread: flags & 0x0020_0000 != 0, // PF_KTHREAD
         ipc_ns: ns_ino(&pid.to_string(), "ipc"),

@@ -1,7 +1,6 @@
 //! The control socket: accepts `migrate` commands from local users, checks who asks (SO_PEERCRED), and
 //! streams events back while the migration runs. A migration goes on if the client disconnects.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -102,12 +101,7 @@ fn may_migrate(uid: u32, pid: u32) -> Result<(), String> {
     }
     let pids = criu::tree::processes(pid).map_err(|_| format!("no process with pid {pid} on this host"))?;
     for p in pids {
-        let status = std::fs::read_to_string(Path::new("/proc").join(p.to_string()).join("status")).unwrap_or_default();
-        let uids: Vec<u32> = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .map(|l| l.split_whitespace().filter_map(|u| u.parse().ok()).collect())
-            .unwrap_or_default();
+        let uids = criu::tree::Status::read(p).map(|s| s.uids()).unwrap_or_default();
         if uids.is_empty() || uids.iter().any(|&u| u != uid) {
             return Err(format!(
                 "permission denied: process {p} (in the tree of {pid}) does not belong entirely to uid {uid}; \
