@@ -69,15 +69,16 @@ fn rule(s: &str) -> Result<String, String> {
 /// How memory moves (migrate and drain).
 #[derive(clap::Args, Debug, PartialEq, Clone, Copy)]
 pub struct How {
-    /// hybrid: a few pre-copy rounds, then post-copy; postcopy: run on the target at once, memory
+    /// hybrid: pre-copy rounds, then post-copy for the rest; postcopy: run on the target at once, memory
     /// fetched on first touch while the rest streams in; precopy: copy memory while the tree runs and
     /// freeze only for what changed since; stopcopy: freeze, dump everything, copy, restore.
     #[arg(long, global = true, value_enum, default_value_t = Mode::Hybrid)]
     pub mode: Mode,
-    /// Pre-copy: freeze once the estimated downtime is at most this many milliseconds.
+    /// Pre-copy and hybrid: stop the rounds once the estimated downtime (of sending the rest during the
+    /// freeze) is at most this many milliseconds.
     #[arg(long, global = true, default_value_t = MigrateOptions::default().max_downtime_ms)]
     pub max_downtime: u64,
-    /// Pre-copy: at most this many rounds (the first, which copies everything, included).
+    /// Pre-copy and hybrid: at most this many rounds (the first, which copies everything, included).
     #[arg(long, global = true, default_value_t = MigrateOptions::default().max_rounds, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_rounds: u32,
     /// Post-copy and hybrid: ride out link outages up to this many seconds; after a longer one the copy

@@ -45,8 +45,8 @@ pub enum Request {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
-    /// A few pre-copy rounds, then post-copy for the rest: the copy runs on the target after a short
-    /// freeze, whatever the dirty rate, and most of its memory is already there.
+    /// Pre-copy rounds as in `Precopy`, then post-copy for the rest: the copy runs on the target after
+    /// a short freeze, whatever the dirty rate, and most of its memory is already there.
     #[default]
     Hybrid,
     /// Restore at once with all private memory missing; the target fetches each page on first touch
