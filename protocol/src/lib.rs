@@ -73,3 +73,43 @@ pub enum ProtocolError {
     #[error("TLS configuration: {0}")]
     Tls(String),
 }
+
+impl ProtocolError {
+    /// The reason the peer gave, when what ended this stream is the peer closing the whole connection on
+    /// purpose (a QUIC application close: a target that refused a file, ran out of disk, ...). Its words
+    /// say more than "connection lost".
+    pub fn peer_reason(&self) -> Option<String> {
+        let ProtocolError::Io(io) = self else { return None };
+        let inner = io.get_ref()?;
+        let lost = match (inner.downcast_ref::<quinn::ReadError>(), inner.downcast_ref::<quinn::WriteError>()) {
+            (Some(quinn::ReadError::ConnectionLost(c)), _) | (_, Some(quinn::WriteError::ConnectionLost(c))) => c,
+            _ => return None,
+        };
+        match lost {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                Some(String::from_utf8_lossy(&close.reason).into_owned())
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_closing_on_purpose_gives_its_reason() {
+        let closed = quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: 1u32.into(),
+            reason: bytes::Bytes::from_static(b"file refused: no room"),
+        });
+        let read = ProtocolError::Io(quinn::ReadError::ConnectionLost(closed.clone()).into());
+        assert_eq!(read.peer_reason().as_deref(), Some("file refused: no room"));
+        let write = ProtocolError::Io(quinn::WriteError::ConnectionLost(closed).into());
+        assert_eq!(write.peer_reason().as_deref(), Some("file refused: no room"));
+        let timeout = ProtocolError::Io(quinn::ReadError::ConnectionLost(quinn::ConnectionError::TimedOut).into());
+        assert_eq!(timeout.peer_reason(), None, "a link that went silent gave no reason");
+        assert_eq!(ProtocolError::Truncated.peer_reason(), None);
+    }
+}

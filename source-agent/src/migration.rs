@@ -591,6 +591,16 @@ impl Migration<'_> {
         let free = prepared.free_bytes;
 
         let mode = self.options.mode;
+        // Before anything is frozen: a target without room for the image files. Stop-and-copy's images
+        // hold at least the tree's anonymous and shared memory; the others' hold little, but never
+        // nothing. The exact size is checked again after the dump.
+        let least = match mode {
+            Mode::Stopcopy => private_bytes(pids),
+            _ => 1,
+        };
+        if free < least {
+            return Err(no_room(&remote.host_name, free, least, "the images need at least"));
+        }
         let postcopy = matches!(mode, Mode::Postcopy | Mode::Hybrid);
         // Post-copy: the fault link is opened now, so that it is there the moment the copy runs.
         let fault_link = if postcopy {
@@ -706,8 +716,7 @@ impl Migration<'_> {
             );
         }
         if total > free {
-            let reason =
-                format!("the images need {total} bytes but {} has only {free} bytes free for them", remote.host_name);
+            let reason = no_room(&remote.host_name, free, total, "the images need");
             let _ = write_frame(send, &send_msg(source_msg::Msg::Abort(pb::Abort { reason: reason.clone() }))).await;
             return Err(reason);
         }
@@ -737,6 +746,12 @@ impl Migration<'_> {
                     _ => match conn.close_reason() {
                         Some(quinn::ConnectionError::TimedOut) => format!(
                             "link to {target} lost while sending the images: the connection timed out (no answer from the target); {e}"
+                        ),
+                        // The target ended the connection on purpose (a bad file, a full disk): its reason.
+                        Some(quinn::ConnectionError::ApplicationClosed(c)) => format!(
+                            "target {} refused the images: {}",
+                            remote.host_name,
+                            String::from_utf8_lossy(&c.reason)
                         ),
                         Some(why) => format!("link to {target} lost while sending the images: {why}; {e}"),
                         None => e,
@@ -1245,6 +1260,27 @@ fn external_unix_msg(u: &crate::external::UnixPlan) -> pb::ExternalUnix {
     }
 }
 
+/// Bytes of anonymous and shared memory the processes hold (RssAnon + RssShmem): what a full dump of
+/// them writes at least.
+fn private_bytes(pids: &[u32]) -> u64 {
+    let kib =
+        |s: &criu::tree::Status, f: &str| s.field(f).split_whitespace().next().and_then(|v| v.parse::<u64>().ok());
+    pids.iter()
+        .filter_map(|&p| criu::tree::Status::read(p).ok())
+        .map(|s| kib(&s, "RssAnon:").unwrap_or(0) + kib(&s, "RssShmem:").unwrap_or(0))
+        .sum::<u64>()
+        * 1024
+}
+
+/// The error for a target whose state directory cannot take the image files.
+fn no_room(host: &str, free: u64, need: u64, what: &str) -> String {
+    format!(
+        "{host} has {free} bytes free for image files in its target agent's state directory (beyond what it keeps \
+         in reserve) and {what} {need} bytes: free space there, or restart that target-agent with --state-dir \
+         on a larger file system"
+    )
+}
+
 fn findings_text(f: &[pb::Finding]) -> String {
     f.iter().map(|f| format!("[{}] {} (fix: {})", f.code, f.detail, f.fix)).collect::<Vec<_>>().join("; ")
 }
@@ -1353,7 +1389,15 @@ fn connect_error(target: &str, text: &str) -> String {
 }
 
 fn link(target: &str) -> impl Fn(ProtocolError) -> String + '_ {
-    move |e| format!("link to {target} failed: {e}")
+    move |e| link_failed(target, &e)
+}
+
+/// A broken link to `target`, or the target's own words when it closed the connection on purpose.
+fn link_failed(target: &str, e: &ProtocolError) -> String {
+    match e.peer_reason() {
+        Some(reason) => format!("target {target} ended the migration: {reason}"),
+        None => format!("link to {target} failed: {e}"),
+    }
 }
 
 async fn recv_msg(recv: &mut quinn::RecvStream, target: &str) -> Result<target_msg::Msg, String> {
@@ -1364,7 +1408,7 @@ async fn recv_msg(recv: &mut quinn::RecvStream, target: &str) -> Result<target_m
         Ok(Some(pb::TargetMsg { msg: Some(m) })) => Ok(m),
         Ok(Some(pb::TargetMsg { msg: None })) => Err(format!("target {target} sent an empty message")),
         Ok(None) => Err(format!("target {target} closed the connection")),
-        Err(e) => Err(format!("link to {target} failed: {e}")),
+        Err(e) => Err(link_failed(target, &e)),
     }
 }
 

@@ -47,6 +47,9 @@ const FILES_SETTLE: Duration = Duration::from_secs(60);
 const MAX_CHECKED_FILES: usize = 100_000;
 /// Free space kept back on the work dir's file system.
 const DISK_RESERVE: u64 = 64 << 20;
+/// What to do when the image files do not fit.
+const DISK_FIX: &str =
+    "free space there, restart this target-agent with --state-dir on a larger file system, or migrate to another host";
 /// Memory kept back from the page store: the restored tree and this agent need some too.
 const MEM_RESERVE: u64 = 512 << 20;
 /// How long a post-copy migration's fault link may still be on its way at ImagesDone (the source waits
@@ -640,14 +643,22 @@ async fn receive_files(
                 let reserved = budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(h.size));
                 if reserved.is_err() {
                     return Err(format!(
-                        "no room for {} ({} bytes) in {}: the target's disk is full; free space there or choose another target",
+                        "no room for {} ({} bytes) in {}: the target's disk is full; {DISK_FIX}",
                         h.name,
                         h.size,
                         dir.display()
                     ));
                 }
                 let (summary, t) =
-                    file_stream::receive_body(&mut stream, &h, dir, h.size, |_| {}).await.map_err(|e| e.to_string())?;
+                    file_stream::receive_body(&mut stream, &h, dir, h.size, |_| {}).await.map_err(|e| {
+                        match &e {
+                            // Filled by something else since Prepare measured it.
+                            ProtocolError::Io(io) if matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => {
+                                format!("no room for {} in {}: {io}; {DISK_FIX}", h.name, dir.display())
+                            }
+                            _ => e.to_string(),
+                        }
+                    })?;
                 stats.bytes_received.add(t.wire);
                 // Read up to the stream's end: dropping a stream whose FIN was not read makes quinn send
                 // STOP_SENDING (code 0), which the source would take for a refusal of a good file.

@@ -862,6 +862,64 @@ fn dropped_link_rolls_back() -> Result<(), Failed> {
     Ok(())
 }
 
+/// b's state directory full: the migration fails naming the cause and the fix, and the original keeps
+/// running on a. A small file system (tmpfs) on b's incoming image directory, mounted in b's own mount
+/// namespace for this case only:
+/// - with no room at all (1 MiB, under the 64 MiB the target agent keeps free), stop-and-copy (whose
+///   images hold the tree's memory) and hybrid are refused before anything is frozen;
+/// - with room for less than the lazy dump's image files (48 KiB beyond the reserve), hybrid freezes,
+///   dumps, finds the images too big for b, and resumes the original, leaving nothing on b.
+fn a_full_disk_on_b_fails_clearly() -> Result<(), Failed> {
+    /// Unmounts the small file system when the case ends, also when a check failed.
+    struct Mounted(PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            tb().exec("b", &["umount", self.0.to_str().expect("utf8")]);
+        }
+    }
+    let tb = tb();
+    let incoming = tb.dir.join("b/target/incoming");
+    let incoming_s = incoming.to_str().expect("utf8").to_string();
+    let name = format!("disk{}", unique());
+    let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "64", "--seed", "5"]);
+    let before = tb.query("a", &name)?;
+    let mount = |size: u64| -> Result<Mounted, Failed> {
+        let size = format!("size={size}");
+        let m = tb.exec("b", &["mount", "-t", "tmpfs", "-o", &size, "tmpfs", &incoming_s]);
+        check(m.status.success(), format!("mount on b: {}", String::from_utf8_lossy(&m.stderr)))?;
+        Ok(Mounted(incoming.clone()))
+    };
+    let says_disk_and_fix = |err: &str| {
+        err.contains("free for image files") && err.contains("--state-dir") && err.contains("free space there")
+    };
+
+    let full = mount(1 << 20)?;
+    for mode in ["stopcopy", "hybrid"] {
+        let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", mode]);
+        let err = r.json["error"].as_str().unwrap_or_default();
+        check(!r.success && says_disk_and_fix(err), format!("--mode {mode} on a full disk: {}", r.json))?;
+        check(err.contains("not touched") && r.json["original"] == "running", format!("--mode {mode}: {}", r.json))?;
+    }
+    check(!tb.source_log("a").contains(&freeze_marker(pid)), "the tree was frozen although b had no room")?;
+    drop(full);
+
+    let _small = mount((64 << 20) + (48 << 10))?;
+    let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "hybrid"]);
+    let err = r.json["error"].as_str().unwrap_or_default();
+    check(!r.success && says_disk_and_fix(err) && err.contains("the images need"), format!("{}", r.json))?;
+    check(err.contains("resumed on this host") && r.json["original"] == "running", format!("{}", r.json))?;
+    check(tb.source_log("a").contains(&freeze_marker(pid)), "the lazy dump's images were not measured")?;
+    check(tb.running("a", pid), "the original does not run on a")?;
+    no_copy_left_on_b(pid)?;
+    let after = tb.query("a", &name)?;
+    check(after["checksum"] == before["checksum"], "memory changed")?;
+    check(counter_advances("a", &name, &after), "counter does not advance after the rollback")?;
+    let left = tb.exec("b", &["ls", "-A", &incoming_s]);
+    check(left.stdout.is_empty(), format!("b kept files: {}", String::from_utf8_lossy(&left.stdout)))?;
+    tb.kill("a", pid);
+    Ok(())
+}
+
 /// After a rollback before Commit: the copy b restored never runs beside the original, and b removes
 /// it. b may still hold it, stopped, for a moment: its idle timer can fire a little after the source's,
 /// which resumed the original as soon as its own fired.
@@ -1415,6 +1473,7 @@ fn main() {
         ("hostile_peer_is_cut_off", hostile_peer_is_cut_off),
         ("drain_onto_two_hosts", drain_onto_two_hosts),
         ("dropped_link_rolls_back", dropped_link_rolls_back),
+        ("a_full_disk_on_b_fails_clearly", a_full_disk_on_b_fails_clearly),
         ("crashed_source_agent_resumes_the_original", crashed_source_agent_resumes_the_original),
         ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
         ("unix_connect_reaches_the_server_on_b", external::unix_connect_reaches_the_server_on_b),
