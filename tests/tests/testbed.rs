@@ -862,19 +862,22 @@ fn dropped_link_rolls_back() -> Result<(), Failed> {
     Ok(())
 }
 
-/// b's state directory full: the migration fails naming the cause and the fix, and the original keeps
+/// A state directory full: the migration fails naming the cause and the fix, and the original keeps
 /// running on a. A small file system (tmpfs) on b's incoming image directory, mounted in b's own mount
 /// namespace for this case only:
 /// - with no room at all (1 MiB, under the 64 MiB the target agent keeps free), stop-and-copy (whose
 ///   images hold the tree's memory) and hybrid are refused before anything is frozen;
 /// - with room for less than the lazy dump's image files (48 KiB beyond the reserve), hybrid freezes,
 ///   dumps, finds the images too big for b, and resumes the original, leaving nothing on b.
-fn a_full_disk_on_b_fails_clearly() -> Result<(), Failed> {
-    /// Unmounts the small file system when the case ends, also when a check failed.
-    struct Mounted(PathBuf);
+///
+/// Then a's own outgoing directory (64 KiB): CRIU's dump fails there, and the error names that file
+/// system and the fix before CRIU's words.
+fn a_full_disk_fails_clearly() -> Result<(), Failed> {
+    /// Unmounts a small file system when the case ends, also when a check failed.
+    struct Mounted(&'static str, PathBuf);
     impl Drop for Mounted {
         fn drop(&mut self) {
-            tb().exec("b", &["umount", self.0.to_str().expect("utf8")]);
+            tb().exec(self.0, &["umount", self.1.to_str().expect("utf8")]);
         }
     }
     let tb = tb();
@@ -883,17 +886,17 @@ fn a_full_disk_on_b_fails_clearly() -> Result<(), Failed> {
     let name = format!("disk{}", unique());
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "64", "--seed", "5"]);
     let before = tb.query("a", &name)?;
-    let mount = |size: u64| -> Result<Mounted, Failed> {
+    let mount = |host: &'static str, dir: &Path, size: u64| -> Result<Mounted, Failed> {
         let size = format!("size={size}");
-        let m = tb.exec("b", &["mount", "-t", "tmpfs", "-o", &size, "tmpfs", &incoming_s]);
-        check(m.status.success(), format!("mount on b: {}", String::from_utf8_lossy(&m.stderr)))?;
-        Ok(Mounted(incoming.clone()))
+        let m = tb.exec(host, &["mount", "-t", "tmpfs", "-o", &size, "tmpfs", dir.to_str().expect("utf8")]);
+        check(m.status.success(), format!("mount on {host}: {}", String::from_utf8_lossy(&m.stderr)))?;
+        Ok(Mounted(host, dir.to_path_buf()))
     };
     let says_disk_and_fix = |err: &str| {
         err.contains("free for image files") && err.contains("--state-dir") && err.contains("free space there")
     };
 
-    let full = mount(1 << 20)?;
+    let full = mount("b", &incoming, 1 << 20)?;
     for mode in ["stopcopy", "hybrid"] {
         let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", mode]);
         let err = r.json["error"].as_str().unwrap_or_default();
@@ -903,7 +906,7 @@ fn a_full_disk_on_b_fails_clearly() -> Result<(), Failed> {
     check(!tb.source_log("a").contains(&freeze_marker(pid)), "the tree was frozen although b had no room")?;
     drop(full);
 
-    let _small = mount((64 << 20) + (48 << 10))?;
+    let small = mount("b", &incoming, (64 << 20) + (48 << 10))?;
     let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "hybrid"]);
     let err = r.json["error"].as_str().unwrap_or_default();
     check(!r.success && says_disk_and_fix(err) && err.contains("the images need"), format!("{}", r.json))?;
@@ -916,6 +919,23 @@ fn a_full_disk_on_b_fails_clearly() -> Result<(), Failed> {
     check(counter_advances("a", &name, &after), "counter does not advance after the rollback")?;
     let left = tb.exec("b", &["ls", "-A", &incoming_s]);
     check(left.stdout.is_empty(), format!("b kept files: {}", String::from_utf8_lossy(&left.stdout)))?;
+    drop(small);
+
+    let outgoing = tb.dir.join("a/source/outgoing");
+    let _full_on_a = mount("a", &outgoing, 64 << 10)?;
+    let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "hybrid"]);
+    let err = r.json["error"].as_str().unwrap_or_default();
+    check(
+        !r.success
+            && err.contains("criu dump failed")
+            && err.contains(&format!("the file system of {}", outgoing.display())),
+        format!("a full outgoing directory on a: {}", r.json),
+    )?;
+    check(err.contains("is full") && err.contains("--state-dir"), format!("no fix named: {err}"))?;
+    check(err.contains("resumed on this host") && r.json["original"] == "running", format!("{}", r.json))?;
+    check(tb.running("a", pid), "the original does not run on a")?;
+    no_copy_left_on_b(pid)?;
+    check(counter_advances("a", &name, &tb.query("a", &name)?), "counter does not advance after the rollback")?;
     tb.kill("a", pid);
     Ok(())
 }
@@ -1473,7 +1493,7 @@ fn main() {
         ("hostile_peer_is_cut_off", hostile_peer_is_cut_off),
         ("drain_onto_two_hosts", drain_onto_two_hosts),
         ("dropped_link_rolls_back", dropped_link_rolls_back),
-        ("a_full_disk_on_b_fails_clearly", a_full_disk_on_b_fails_clearly),
+        ("a_full_disk_fails_clearly", a_full_disk_fails_clearly),
         ("crashed_source_agent_resumes_the_original", crashed_source_agent_resumes_the_original),
         ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
         ("unix_connect_reaches_the_server_on_b", external::unix_connect_reaches_the_server_on_b),
