@@ -592,7 +592,7 @@ impl Migration<'_> {
 
         let mode = self.options.mode;
         // Before anything is frozen: a target without room for the image files. Stop-and-copy's images
-        // hold at least the tree's anonymous and shared memory; the others' hold little, but never
+        // hold at least the tree's private memory ([`private_bytes`]); the others' hold little, but never
         // nothing. The exact size is checked again after the dump.
         let least = match mode {
             Mode::Stopcopy => private_bytes(pids),
@@ -1260,16 +1260,13 @@ fn external_unix_msg(u: &crate::external::UnixPlan) -> pb::ExternalUnix {
     }
 }
 
-/// Bytes of anonymous and shared memory the processes hold (RssAnon + RssShmem): what a full dump of
-/// them writes at least.
+/// What a full dump of these processes writes at least: the private anonymous memory of the largest of
+/// them (RssAnon). Not the sum, as a child shares its parent's pages until either writes them; not
+/// shared memory (RssShmem), which includes files on tmpfs that CRIU does not copy.
 fn private_bytes(pids: &[u32]) -> u64 {
-    let kib =
-        |s: &criu::tree::Status, f: &str| s.field(f).split_whitespace().next().and_then(|v| v.parse::<u64>().ok());
-    pids.iter()
-        .filter_map(|&p| criu::tree::Status::read(p).ok())
-        .map(|s| kib(&s, "RssAnon:").unwrap_or(0) + kib(&s, "RssShmem:").unwrap_or(0))
-        .sum::<u64>()
-        * 1024
+    let anon =
+        |s: criu::tree::Status| s.field("RssAnon:").split_whitespace().next().and_then(|v| v.parse::<u64>().ok());
+    pids.iter().filter_map(|&p| criu::tree::Status::read(p).ok().and_then(anon)).max().unwrap_or(0) * 1024
 }
 
 /// The error for a target whose state directory cannot take the image files.

@@ -90,9 +90,9 @@ pub struct Held {
 }
 
 /// The hasher of [`Held::by_hash`], whose keys are xxh3-128 hashes of page contents already: it takes
-/// their low 64 bits as they are instead of running SipHash over them again (perf of a 2 GiB post-copy:
-/// SipHash took about 5 % of the reader's thread). Only the tree's own content decides these keys, so a tree that made many of them
-/// collide would only slow down its own migration.
+/// their low 64 bits as they are instead of running SipHash over them again (perf of a 2 GiB
+/// post-copy: SipHash took about 5 % of the reader's thread). Only the tree's own content decides these
+/// keys, so a tree that made many of them collide would only slow down its own migration.
 #[derive(Default)]
 struct ByContent(u64);
 
