@@ -17,6 +17,15 @@
 
 use std::path::{Path, PathBuf};
 
+/// Bytes free for image files on the file system of `dir` (what an unprivileged writer may still use);
+/// 0 when it cannot be told. Both agents check it before CRIU or a peer writes images there.
+pub fn free_bytes(dir: &Path) -> u64 {
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(s) => s.blocks_available() * s.fragment_size(),
+        Err(_) => 0,
+    }
+}
+
 /// Page size of every image this crate reads (x86-64; the Hello refuses a peer with another).
 pub const PAGE_SIZE: u64 = 4096;
 /// `IMG_COMMON_MAGIC` (criu/include/magic.h).

@@ -637,6 +637,15 @@ impl Migration<'_> {
         // Freeze and dump.
         std::fs::create_dir_all(&self.work_dir)
             .map_err(|e| format!("cannot create {}: {e}", self.work_dir.display()))?;
+        // This host's own room for the dump, as for the target's above.
+        let here = criu::images::free_bytes(&self.work_dir);
+        if here < least {
+            return Err(format!(
+                "this host has {here} bytes free in {} for the dump, which needs at least {least} bytes: free \
+                 space there, or restart the source-agent with --state-dir on a larger file system",
+                self.work_dir.display()
+            ));
+        }
         self.phase(Phase::Dump, format!("freezing and dumping pid {pid}"));
         let criu_started = Instant::now();
         let watch = criu::tree::StopWatch::start(pid);

@@ -229,7 +229,7 @@ async fn serve_control(
     let mut blockers = target_blockers(&prepare, &ctx.hello.host_name);
     blockers.extend(crate::external::check(&prepare, &ctx.hello.host_name));
     let state = ctx.cfg.state_dir.join("incoming");
-    let free = free_bytes(&state).saturating_sub(DISK_RESERVE);
+    let free = criu::images::free_bytes(&state).saturating_sub(DISK_RESERVE);
     if prepare.dry_run || !blockers.is_empty() {
         tracing::info!(blockers = blockers.len(), dry_run = prepare.dry_run, "answered a check");
         let prepared = pb::Prepared { free_bytes: free, blockers, warnings: vec![], fault_port: 0 };
@@ -570,13 +570,6 @@ fn target_blockers(prepare: &pb::Prepare, host: &str) -> Vec<pb::Finding> {
         }
     }
     out
-}
-
-fn free_bytes(dir: &Path) -> u64 {
-    match nix::sys::statvfs::statvfs(dir) {
-        Ok(s) => s.blocks_available() * s.fragment_size(),
-        Err(_) => 0,
-    }
 }
 
 type FileResult = Result<pb::FileSummary, String>;

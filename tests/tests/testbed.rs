@@ -870,8 +870,9 @@ fn dropped_link_rolls_back() -> Result<(), Failed> {
 /// - with room for less than the lazy dump's image files (48 KiB beyond the reserve), hybrid freezes,
 ///   dumps, finds the images too big for b, and resumes the original, leaving nothing on b.
 ///
-/// Then a's own outgoing directory (64 KiB): CRIU's dump fails there, and the error names that file
-/// system and the fix before CRIU's words.
+/// Then a's own outgoing directory (64 KiB): stop-and-copy is refused before the freeze, as the dump
+/// would not fit; hybrid's lazy dump is tried, CRIU fails there, and the error names that file system
+/// and the fix before CRIU's words.
 fn a_full_disk_fails_clearly() -> Result<(), Failed> {
     /// Unmounts a small file system when the case ends, also when a check failed.
     struct Mounted(&'static str, PathBuf);
@@ -923,6 +924,15 @@ fn a_full_disk_fails_clearly() -> Result<(), Failed> {
 
     let outgoing = tb.dir.join("a/source/outgoing");
     let _full_on_a = mount("a", &outgoing, 64 << 10)?;
+    let freezes = || tb.source_log("a").matches(&freeze_marker(pid)).count();
+    let frozen_before = freezes();
+    let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "stopcopy"]);
+    let err = r.json["error"].as_str().unwrap_or_default();
+    check(
+        !r.success && err.contains("this host has") && err.contains("--state-dir") && err.contains("not touched"),
+        format!("stop-and-copy with no room for its dump on a: {}", r.json),
+    )?;
+    check(freezes() == frozen_before, "the tree was frozen although a had no room for the dump")?;
     let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "hybrid"]);
     let err = r.json["error"].as_str().unwrap_or_default();
     check(
