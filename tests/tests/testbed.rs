@@ -52,9 +52,10 @@ fn counter_advances(host: &str, name: &str, after: &serde_json::Value) -> bool {
     wait_until(Duration::from_secs(5), || tb().query(host, name).map(|v| counter(&v) > counter(after)).unwrap_or(false))
 }
 
-/// What the source agent logs when it freezes `pid` (the tests wait for it to act mid-migration).
+/// What the source agent logs when it freezes `pid` (the tests wait for it to act mid-migration). With
+/// the space the log puts after it, so that pid 123 does not match pid 1234's line.
 fn freeze_marker(pid: u32) -> String {
-    format!("freezing and dumping pid {pid}")
+    format!("freezing and dumping pid {pid} ")
 }
 
 /// `migrate --json --mode MODE PID b` on a, through the agent at `agent` (a's own when None), on its
@@ -896,6 +897,9 @@ fn a_full_disk_fails_clearly() -> Result<(), Failed> {
     let says_disk_and_fix = |err: &str| {
         err.contains("free for image files") && err.contains("--state-dir") && err.contains("free space there")
     };
+    // Freezes of this pid in a's log: counted, as an earlier case's process may have had the same pid.
+    let freezes = || tb.source_log("a").matches(&freeze_marker(pid)).count();
+    let frozen_before = freezes();
 
     let full = mount("b", &incoming, 1 << 20)?;
     for mode in ["stopcopy", "hybrid"] {
@@ -904,7 +908,7 @@ fn a_full_disk_fails_clearly() -> Result<(), Failed> {
         check(!r.success && says_disk_and_fix(err), format!("--mode {mode} on a full disk: {}", r.json))?;
         check(err.contains("not touched") && r.json["original"] == "running", format!("--mode {mode}: {}", r.json))?;
     }
-    check(!tb.source_log("a").contains(&freeze_marker(pid)), "the tree was frozen although b had no room")?;
+    check(freezes() == frozen_before, "the tree was frozen although b had no room")?;
     drop(full);
 
     let small = mount("b", &incoming, (64 << 20) + (48 << 10))?;
@@ -912,7 +916,7 @@ fn a_full_disk_fails_clearly() -> Result<(), Failed> {
     let err = r.json["error"].as_str().unwrap_or_default();
     check(!r.success && says_disk_and_fix(err) && err.contains("the images need"), format!("{}", r.json))?;
     check(err.contains("resumed on this host") && r.json["original"] == "running", format!("{}", r.json))?;
-    check(tb.source_log("a").contains(&freeze_marker(pid)), "the lazy dump's images were not measured")?;
+    check(freezes() == frozen_before + 1, "the lazy dump's images were not measured")?;
     check(tb.running("a", pid), "the original does not run on a")?;
     no_copy_left_on_b(pid)?;
     let after = tb.query("a", &name)?;
@@ -924,15 +928,13 @@ fn a_full_disk_fails_clearly() -> Result<(), Failed> {
 
     let outgoing = tb.dir.join("a/source/outgoing");
     let _full_on_a = mount("a", &outgoing, 64 << 10)?;
-    let freezes = || tb.source_log("a").matches(&freeze_marker(pid)).count();
-    let frozen_before = freezes();
     let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "stopcopy"]);
     let err = r.json["error"].as_str().unwrap_or_default();
     check(
         !r.success && err.contains("this host has") && err.contains("--state-dir") && err.contains("not touched"),
         format!("stop-and-copy with no room for its dump on a: {}", r.json),
     )?;
-    check(freezes() == frozen_before, "the tree was frozen although a had no room for the dump")?;
+    check(freezes() == frozen_before + 1, "the tree was frozen although a had no room for the dump")?;
     let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "hybrid"]);
     let err = r.json["error"].as_str().unwrap_or_default();
     check(
