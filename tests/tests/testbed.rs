@@ -58,6 +58,12 @@ fn freeze_marker(pid: u32) -> String {
     format!("freezing and dumping pid {pid} ")
 }
 
+/// How often a's source agent has frozen `pid` so far. Cases compare counts, not the marker's presence:
+/// pids wrap (pid_max is 32768 on the test VM), and an earlier case's process may have had this pid.
+fn freezes(pid: u32) -> usize {
+    tb().source_log("a").matches(&freeze_marker(pid)).count()
+}
+
 /// `migrate --json --mode MODE PID b` on a, through the agent at `agent` (a's own when None), on its
 /// own thread.
 fn migrate_in_background(
@@ -709,6 +715,7 @@ fn preflight_refuses_each_blocker() -> Result<(), Failed> {
         if c.traced {
             helpers.push(tb.start_workload("a", &["trace", "--pid", &pid.to_string()]));
         }
+        let frozen_before = freezes(pid);
         let (ok, report) = tb.check("a", pid, Some(&target));
         let codes: Vec<&str> = report["blockers"]
             .as_array()
@@ -716,7 +723,7 @@ fn preflight_refuses_each_blocker() -> Result<(), Failed> {
             .unwrap_or_default();
         let r = tb.migrate("a", pid, &target, None);
         let err = r.json["error"].as_str().unwrap_or_default().to_string();
-        let frozen = tb.source_log("a").contains(&freeze_marker(pid));
+        let frozen = freezes(pid) > frozen_before;
         let running = tb.running("a", pid);
         let answers = tb.query("a", &name).is_ok();
         if ok || !codes.contains(&c.code) {
@@ -834,9 +841,10 @@ fn dropped_link_rolls_back() -> Result<(), Failed> {
     let name = format!("link{}", unique());
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "3"]);
     let before = tb.query("a", &name)?;
+    let frozen_before = freezes(pid);
     let migrating = migrate_in_background(pid, None, "stopcopy");
     let id_marker = freeze_marker(pid);
-    let frozen = wait_until(Duration::from_secs(30), || tb.source_log("a").contains(&id_marker));
+    let frozen = wait_until(Duration::from_secs(30), || freezes(pid) > frozen_before);
     // The dump takes a few hundred ms; unplug as the images start to flow.
     let sending = wait_until(Duration::from_secs(30), || {
         let log = tb.source_log("a");
@@ -897,9 +905,7 @@ fn a_full_disk_fails_clearly() -> Result<(), Failed> {
     let says_disk_and_fix = |err: &str| {
         err.contains("free for image files") && err.contains("--state-dir") && err.contains("free space there")
     };
-    // Freezes of this pid in a's log: counted, as an earlier case's process may have had the same pid.
-    let freezes = || tb.source_log("a").matches(&freeze_marker(pid)).count();
-    let frozen_before = freezes();
+    let frozen_before = freezes(pid);
 
     let full = mount("b", &incoming, 1 << 20)?;
     for mode in ["stopcopy", "hybrid"] {
@@ -908,7 +914,7 @@ fn a_full_disk_fails_clearly() -> Result<(), Failed> {
         check(!r.success && says_disk_and_fix(err), format!("--mode {mode} on a full disk: {}", r.json))?;
         check(err.contains("not touched") && r.json["original"] == "running", format!("--mode {mode}: {}", r.json))?;
     }
-    check(freezes() == frozen_before, "the tree was frozen although b had no room")?;
+    check(freezes(pid) == frozen_before, "the tree was frozen although b had no room")?;
     drop(full);
 
     let small = mount("b", &incoming, (64 << 20) + (48 << 10))?;
@@ -916,7 +922,7 @@ fn a_full_disk_fails_clearly() -> Result<(), Failed> {
     let err = r.json["error"].as_str().unwrap_or_default();
     check(!r.success && says_disk_and_fix(err) && err.contains("the images need"), format!("{}", r.json))?;
     check(err.contains("resumed on this host") && r.json["original"] == "running", format!("{}", r.json))?;
-    check(freezes() == frozen_before + 1, "the lazy dump's images were not measured")?;
+    check(freezes(pid) == frozen_before + 1, "the lazy dump's images were not measured")?;
     check(tb.running("a", pid), "the original does not run on a")?;
     no_copy_left_on_b(pid)?;
     let after = tb.query("a", &name)?;
@@ -934,7 +940,7 @@ fn a_full_disk_fails_clearly() -> Result<(), Failed> {
         !r.success && err.contains("this host has") && err.contains("--state-dir") && err.contains("not touched"),
         format!("stop-and-copy with no room for its dump on a: {}", r.json),
     )?;
-    check(freezes() == frozen_before + 1, "the tree was frozen although a had no room for the dump")?;
+    check(freezes(pid) == frozen_before + 1, "the tree was frozen although a had no room for the dump")?;
     let r = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "hybrid"]);
     let err = r.json["error"].as_str().unwrap_or_default();
     check(

@@ -7,7 +7,7 @@ use std::time::Duration;
 use libtest_mimic::Failed;
 use tests::{unique, wait_until};
 
-use super::{check, freeze_marker, tb};
+use super::{check, freezes, tb};
 
 fn local(name: &str) -> String {
     tb().hostlocal().join(format!("{name}-{}", unique())).to_str().expect("utf8").to_string()
@@ -36,6 +36,7 @@ pub fn unix_connect_reaches_the_server_on_b() -> Result<(), Failed> {
         "the client gets no answers on a",
     )?;
 
+    let frozen_before = freezes(pid);
     let r = migrate(pid, &[]);
     let err = r.json["error"].as_str().unwrap_or_default();
     check(!r.success, format!("migrated without a policy: {}", r.json))?;
@@ -43,7 +44,7 @@ pub fn unix_connect_reaches_the_server_on_b() -> Result<(), Failed> {
         err.contains("[external-unix]") && err.contains(&path) && err.contains(&format!("--unix path:{path}=connect")),
         format!("the refusal does not name the socket's peer and the flag: {err}"),
     )?;
-    check(!tb.source_log("a").contains(&freeze_marker(pid)), "refused, yet the client was frozen")?;
+    check(freezes(pid) == frozen_before, "refused, yet the client was frozen")?;
     check(tb.running("a", pid), "refused, yet the client does not run on a")?;
 
     let (ok, report) = {
