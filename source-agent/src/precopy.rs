@@ -698,7 +698,7 @@ pub fn fault_answer(pid: u32, vaddr: u64) -> Vec<u8> {
     read_pages(pid, vaddr, &[true], &mut page, &mut got);
     let mut batch = pb::PageBatch { pid, frozen: true, ..Default::default() };
     let mut out = Vec::with_capacity(PAGE_SIZE + 64);
-    if got[0] && page.iter().any(|&b| b != 0) {
+    if got[0] && !is_zero(&page) {
         batch.data.push(vaddr);
         pages::encode_batch(&batch, &page, None, &mut out);
     } else {
