@@ -48,6 +48,12 @@ impl Status {
         self.0.lines().find_map(|l| l.strip_prefix(name)).map(str::trim).unwrap_or("")
     }
 
+    /// A size field ("VmRSS:", "RssAnon:", ...) in bytes; None when it is missing or not "N kB".
+    pub fn bytes(&self, name: &str) -> Option<u64> {
+        let kib = self.field(name).strip_suffix(" kB")?.trim().parse::<u64>().ok()?;
+        kib.checked_mul(1024)
+    }
+
     /// Real, effective, saved and filesystem uid, in that order (empty when the field is missing).
     pub fn uids(&self) -> Vec<u32> {
         self.field("Uid:").split_whitespace().filter_map(|u| u.parse().ok()).collect()
@@ -254,6 +260,10 @@ mod tests {
         assert_eq!(Status::read_self().unwrap().field("Pid:"), me.field("Pid:"));
         assert!(Status::default().uids().is_empty());
         assert_eq!(Status::from("Uid:\t1\t2\t3\t4\nPPid:\t 7 \n".to_string()).field("PPid:"), "7");
+        let sizes = Status::from("VmRSS:\t    2048 kB\nRssAnon:\t 12 kB\nVmFlags: 3\n".to_string());
+        assert_eq!((sizes.bytes("VmRSS:"), sizes.bytes("RssAnon:")), (Some(2 << 20), Some(12 << 10)));
+        assert_eq!((sizes.bytes("VmFlags:"), sizes.bytes("RssShmem:")), (None, None));
+        assert!(me.bytes("VmRSS:").is_some_and(|b| b > 0), "this process is resident");
     }
 
     #[test]

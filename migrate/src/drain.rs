@@ -224,9 +224,8 @@ fn tree_rss(root: u32) -> u64 {
     criu::tree::processes(root)
         .unwrap_or_default()
         .into_iter()
-        .filter_map(|p| Status::read(p).ok()?.field("VmRSS:").split_whitespace().next()?.parse::<u64>().ok())
+        .filter_map(|p| Status::read(p).ok()?.bytes("VmRSS:"))
         .sum::<u64>()
-        * 1024
 }
 
 fn item(pid: u32, rss: u64) -> Item {

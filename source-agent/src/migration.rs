@@ -1273,9 +1273,7 @@ fn external_unix_msg(u: &crate::external::UnixPlan) -> pb::ExternalUnix {
 /// them (RssAnon). Not the sum, as a child shares its parent's pages until either writes them; not
 /// shared memory (RssShmem), which includes files on tmpfs that CRIU does not copy.
 fn private_bytes(pids: &[u32]) -> u64 {
-    let anon =
-        |s: criu::tree::Status| s.field("RssAnon:").split_whitespace().next().and_then(|v| v.parse::<u64>().ok());
-    pids.iter().filter_map(|&p| criu::tree::Status::read(p).ok().and_then(anon)).max().unwrap_or(0) * 1024
+    pids.iter().filter_map(|&p| criu::tree::Status::read(p).ok()?.bytes("RssAnon:")).max().unwrap_or(0)
 }
 
 /// The error for a target whose state directory cannot take the image files.
