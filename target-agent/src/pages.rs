@@ -1133,10 +1133,6 @@ mod tests {
         assert_eq!(s.lookup(1, 0x7000, &mut out), Known::Zero);
     }
 
-    /// Random batches, releases and zeros, before and after the end, against a model of what each page
-    /// holds: every lookup answers as the model says, and every slot handed out is in exactly one place
-    /// (holding a page, free, or in a discarded granule). Before the end, granules with no page held
-    /// are kept only within `reserve` free slots; after it none are, and their memory is not resident.
     #[test]
     fn the_index_and_the_fresh_bits_keep_pages_of_each_process_and_block_apart() {
         let mut ix = PageIndex::default();
@@ -1162,105 +1158,208 @@ mod tests {
         assert!(!fresh.contains((1, edge + 64 * PAGE_SIZE as u64)) && !fresh.contains((1, 0)));
     }
 
-    #[test]
-    fn free_slots_and_discarded_granules_stay_consistent() {
-        const PAGES: u64 = 300;
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
-        let s = PageStore::new(1 << 30);
-        s.inner.write().unwrap().reserve = 40;
-        // Some(byte): held with that content; None: released; absent: zero.
-        let mut model: HashMap<u64, Option<u8>> = HashMap::new();
-        let va = |k: u64| 0x10_0000 + k * PAGE_SIZE as u64;
-        let mut out = vec![0u8; PAGE_SIZE];
-        for step in 0..3000u32 {
-            if step == 2000 {
-                s.set_complete();
-            }
-            let complete = step >= 2000;
-            let (first, len) = (next(PAGES), 1 + next(24));
-            let ks: Vec<u64> = (first..(first + len).min(PAGES)).collect();
-            match next(3) {
-                0 => {
-                    let fill = 1 + next(250) as u8;
-                    let data: Vec<u8> = ks.iter().flat_map(|_| page(fill)).collect();
-                    let batch = pb::PageBatch {
-                        pid: 1,
-                        frozen: true,
-                        data: ks.iter().map(|&k| va(k)).collect(),
-                        ..Default::default()
-                    };
-                    s.apply(&batch, &data).unwrap();
-                    for &k in &ks {
-                        model.insert(k, Some(fill));
+    /// Pages per process in the model-based test: more than a slab for the two together.
+    const MODEL_PAGES: u64 = 600;
+
+    /// One step of the model-based test below.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// One batch of process `pid`: `data` (first page, pages) with new content, then `copies`
+        /// (from pid, from page, to page), then `zero` (first page, pages), then, frozen only, `current`.
+        Batch {
+            pid: u32,
+            frozen: bool,
+            data: (u64, u64),
+            copies: Vec<(u32, u64, u64)>,
+            zero: (u64, u64),
+            current: Option<(u64, u64)>,
+        },
+        /// The daemon placed (first page, pages) of `pid`.
+        Release { pid: u32, first: u64, pages: u64 },
+        /// The restore starts with this many lazy pages.
+        ExpectLazy(u64),
+        /// The stream's end.
+        Complete,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        let run = |most: u64| (0..MODEL_PAGES, 0..=most);
+        let batch =
+            (1..=2u32, any::<bool>(), run(48), prop::collection::vec((1..=2u32, 0..MODEL_PAGES, 0..MODEL_PAGES), 0..4))
+                .prop_flat_map(move |(pid, frozen, data, copies)| {
+                    let current =
+                        if frozen { prop::option::of((0..MODEL_PAGES, 1..=32u64)).boxed() } else { Just(None).boxed() };
+                    (Just((pid, frozen, data, copies)), run(8), current)
+                })
+                .prop_map(|((pid, frozen, data, copies), zero, current)| Step::Batch {
+                    pid,
+                    frozen,
+                    data,
+                    copies,
+                    zero,
+                    current,
+                });
+        prop_oneof![
+            6 => batch,
+            3 => (1..=2u32, 0..MODEL_PAGES, 1..=40u64).prop_map(|(pid, first, pages)| Step::Release { pid, first, pages }),
+            1 => (0..=64u64).prop_map(Step::ExpectLazy),
+            1 => Just(Step::Complete),
+        ]
+    }
+
+    /// What the model holds for a page: content (the step that sent it, and the page it was sent as), or
+    /// released. No entry: a zero page.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Held {
+        Page(u32, u32, u64),
+        Released,
+    }
+
+    /// The bytes of a page the model holds as `Page(step, pid, page)`.
+    fn model_bytes(step: u32, pid: u32, page: u64) -> Vec<u8> {
+        let mut b = vec![step as u8; PAGE_SIZE];
+        b[..4].copy_from_slice(&step.to_le_bytes());
+        b[4..8].copy_from_slice(&pid.to_le_bytes());
+        b[8..16].copy_from_slice(&page.to_le_bytes());
+        b
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 48, ..Default::default() })]
+
+        /// A peer's batches in any order (rounds, frozen batches, copies, zeros, runs said to be
+        /// unchanged), the daemon's releases, the restore's start and the stream's end, against a
+        /// model of what each page holds and whether it is current: every lookup of every page answers
+        /// as the model says, with the model's bytes. And every slot handed out is in exactly one place
+        /// (holding a page, free, or in a discarded granule); before the end, granules with no page held
+        /// are kept only within the reserve of free slots; after it none are, and once all of them went
+        /// back their memory is no longer resident.
+        #[test]
+        fn the_store_answers_as_a_model_of_the_peers_batches(steps in proptest::collection::vec(step(), 1..64)) {
+            let s = PageStore::new(1 << 30);
+            // A small reserve, so that granules go back before the end too.
+            s.inner.write().unwrap().reserve = 40;
+            let mut held: HashMap<(u32, u64), Held> = HashMap::new();
+            let mut fresh: HashSet<(u32, u64)> = HashSet::new();
+            let mut complete = false;
+            let va = |k: u64| 0x10_0000 + k * PAGE_SIZE as u64;
+            let mut out = vec![0u8; PAGE_SIZE];
+            for (n, st) in steps.iter().enumerate() {
+                let n = n as u32;
+                match st.clone() {
+                    Step::Batch { pid, frozen, data, copies, zero, current } => {
+                        // A round's record never overwrites a page made current meanwhile (`apply`).
+                        let skip = |k: u64, fresh: &HashSet<(u32, u64)>| !frozen && fresh.contains(&(pid, k));
+                        let data: Vec<u64> = (data.0..(data.0 + data.1).min(MODEL_PAGES)).collect();
+                        let bytes: Vec<u8> = data.iter().flat_map(|&k| model_bytes(n, pid, k)).collect();
+                        let mut marked = Vec::new();
+                        for &k in &data {
+                            if !skip(k, &fresh) {
+                                held.insert((pid, k), Held::Page(n, pid, k));
+                            }
+                            marked.push(k);
+                        }
+                        // A peer's copy of a page the store does not hold is refused (hostile_batches_are_refused):
+                        // only copies from held pages here, as the model has them at that point of the batch.
+                        let mut sent = Vec::new();
+                        for (from_pid, from, to) in copies {
+                            if skip(to, &fresh) {
+                                sent.push(pb::PageCopy { from_pid, from_vaddr: va(from), vaddr: va(to) });
+                                marked.push(to);
+                                continue;
+                            }
+                            let Some(&Held::Page(a, b, c)) = held.get(&(from_pid, from)) else { continue };
+                            held.insert((pid, to), Held::Page(a, b, c));
+                            sent.push(pb::PageCopy { from_pid, from_vaddr: va(from), vaddr: va(to) });
+                            marked.push(to);
+                        }
+                        let zero: Vec<u64> = (zero.0..(zero.0 + zero.1).min(MODEL_PAGES)).collect();
+                        for &k in &zero {
+                            if !skip(k, &fresh) {
+                                held.remove(&(pid, k));
+                            }
+                            marked.push(k);
+                        }
+                        let current: Vec<u64> =
+                            current.map(|(k, len)| (k..(k + len).min(MODEL_PAGES)).collect()).unwrap_or_default();
+                        marked.extend(&current);
+                        if frozen && !complete {
+                            fresh.extend(marked.iter().map(|&k| (pid, k)));
+                        }
+                        let batch = pb::PageBatch {
+                            pid,
+                            frozen,
+                            data: data.iter().map(|&k| va(k)).collect(),
+                            copies: sent,
+                            zero: zero.iter().map(|&k| va(k)).collect(),
+                            current: current.first().map(|&k| pb::PageRun { vaddr: va(k), pages: current.len() as u64 }).into_iter().collect(),
+                            ..Default::default()
+                        };
+                        s.apply(&batch, &bytes).unwrap();
+                    }
+                    Step::Release { pid, first, pages } => {
+                        let pages = pages.min(MODEL_PAGES - first);
+                        s.release(pid, va(first), pages);
+                        for k in first..first + pages {
+                            if let Some(h) = held.get_mut(&(pid, k)) {
+                                *h = Held::Released;
+                            }
+                        }
+                    }
+                    Step::ExpectLazy(pages) => s.expect_lazy(pages),
+                    Step::Complete => {
+                        s.set_complete();
+                        complete = true;
+                        fresh.clear();
                     }
                 }
-                1 => {
-                    s.release(1, va(first), ks.len() as u64);
-                    for &k in &ks {
-                        if let Some(v) = model.get_mut(&k) {
-                            *v = None;
+                for pid in 1..=2 {
+                    for k in 0..MODEL_PAGES {
+                        let want = if !complete && !fresh.contains(&(pid, k)) {
+                            Known::Pending
+                        } else {
+                            match held.get(&(pid, k)) {
+                                Some(Held::Page(..)) => Known::Page,
+                                Some(Held::Released) => Known::Pending,
+                                None => Known::Zero,
+                            }
+                        };
+                        proptest::prop_assert_eq!(s.lookup(pid, va(k), &mut out), want, "step {}: page {} of {}", n, k, pid);
+                        if let (Known::Page, Some(&Held::Page(a, b, c))) = (want, held.get(&(pid, k))) {
+                            proptest::prop_assert!(out == model_bytes(a, b, c), "step {}: page {} of {}: other bytes", n, k, pid);
                         }
                     }
                 }
-                _ => {
-                    let batch = pb::PageBatch {
-                        pid: 1,
-                        frozen: true,
-                        zero: ks.iter().map(|&k| va(k)).collect(),
-                        ..Default::default()
-                    };
-                    s.apply(&batch, &[]).unwrap();
-                    for &k in &ks {
-                        model.remove(&k);
+                let inner = s.inner.read().unwrap();
+                let pages = held.values().filter(|h| matches!(h, Held::Page(..))).count();
+                let live: usize = inner.live.iter().map(|&n| usize::from(n)).sum();
+                proptest::prop_assert_eq!((live, inner.held), (pages, pages), "step {}", n);
+                let in_granules = inner.discarded.len() * GRANULE_PAGES;
+                proptest::prop_assert_eq!(live + inner.free.len() + in_granules, inner.next as usize, "step {}: a slot lost or twice", n);
+                let mut unused = HashSet::new();
+                for (at, &f) in inner.free.iter().enumerate() {
+                    proptest::prop_assert_eq!(inner.free_at[f as usize] as usize, at, "step {}", n);
+                    let g = f as usize / GRANULE_PAGES;
+                    if inner.live[g] == 0 {
+                        unused.insert(g);
                     }
                 }
+                // A granule is kept only while the free slots, its own included, are within the reserve.
+                let most = if complete { 0 } else { inner.reserve / GRANULE_PAGES };
+                proptest::prop_assert!(unused.len() <= most, "step {}: {} unused granules kept", n, unused.len());
             }
-            for k in 0..PAGES {
-                let want = match model.get(&k) {
-                    Some(Some(_)) => Known::Page,
-                    Some(None) => Known::Pending,
-                    None if complete => Known::Zero,
-                    // Before the end only pages sent frozen are current; a zero never was.
-                    None => continue,
+            if complete {
+                let (live, waiting) = {
+                    let inner = s.inner.read().unwrap();
+                    proptest::prop_assert!(inner.give_back.len() < GIVE_BACK_GRANULES, "{} granules wait to go back", inner.give_back.len());
+                    (inner.live.clone(), inner.give_back.clone())
                 };
-                let got = s.lookup(1, va(k), &mut out);
-                assert_eq!(got, want, "step {step}: page {k}");
-                if let Some(Some(b)) = model.get(&k) {
-                    assert_eq!(out[0], *b, "step {step}: page {k}");
+                for (g, _) in live.iter().enumerate().filter(|(g, n)| **n == 0 && !waiting.contains(&(*g as u32))) {
+                    let resident = resident_slots(&s, g * GRANULE_PAGES, GRANULE_PAGES);
+                    proptest::prop_assert_eq!(resident, 0, "granule {} unused but resident after the end", g);
                 }
             }
-            let inner = s.inner.read().unwrap();
-            let held = model.values().filter(|v| v.is_some()).count();
-            let live: usize = inner.live.iter().map(|&n| usize::from(n)).sum();
-            assert_eq!((live, inner.held), (held, held), "step {step}");
-            let in_granules = inner.discarded.len() * GRANULE_PAGES;
-            assert_eq!(live + inner.free.len() + in_granules, inner.next as usize, "step {step}: a slot lost or twice");
-            let mut unused = HashSet::new();
-            for (at, &f) in inner.free.iter().enumerate() {
-                assert_eq!(inner.free_at[f as usize] as usize, at, "step {step}");
-                let g = f as usize / GRANULE_PAGES;
-                if inner.live[g] == 0 {
-                    unused.insert(g);
-                }
-            }
-            // A granule is kept only while the free slots, its own included, are within the reserve.
-            let most = if complete { 0 } else { 40 / GRANULE_PAGES };
-            assert!(unused.len() <= most, "step {step}: {} unused granules kept", unused.len());
-        }
-        let (live, waiting) = {
-            let inner = s.inner.read().unwrap();
-            assert!(inner.give_back.len() < GIVE_BACK_GRANULES, "{} granules wait to go back", inner.give_back.len());
-            (inner.live.clone(), inner.give_back.clone())
-        };
-        for (g, _) in live.iter().enumerate().filter(|(g, n)| **n == 0 && !waiting.contains(&(*g as u32))) {
-            let resident = resident_slots(&s, g * GRANULE_PAGES, GRANULE_PAGES);
-            assert_eq!(resident, 0, "granule {g} unused but resident after the end");
         }
     }
 
