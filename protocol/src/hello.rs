@@ -3,8 +3,9 @@
 use crate::pb::Hello;
 
 /// Bumped on any incompatible change of the messages or streams.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 // 3: post-copy faults on a fault link of their own (Prepared.fault_port, FaultLinkHello).
+// 4: post-copy's Detach: the target watches the link until the source has recorded delivery.
 
 /// Oldest CRIU that works on current kernels (3.17 fails on the vDSO) and has everything the agents use.
 pub const MIN_CRIU: (u32, u32) = (4, 1);

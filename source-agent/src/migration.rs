@@ -183,12 +183,14 @@ struct PostCopy {
     /// in [`UntilCommit`]), so that it does not take the cores from the target's restore, which is
     /// downtime (the copy cannot fault before it runs anyway).
     go: tokio::sync::oneshot::Receiver<()>,
+    /// Fired once delivery is recorded (`delivered`, the journal): the migration then sends Detach.
+    detach: tokio::sync::oneshot::Sender<()>,
 }
 
 impl PostCopy {
     /// Returns the bytes it put on the pages stream and the pages the target holds.
     async fn run(self, mut pre: PreCopied) -> Result<(u64, u64), String> {
-        let PostCopy { regions, delivered, work_dir, pids, mut faults, hints, go } = self;
+        let PostCopy { regions, delivered, work_dir, pids, mut faults, hints, go, detach } = self;
         // The tree is stopped: what changed since the last round is known now, and the pass reads it while
         // the target restores (the tree's own cores are idle then). What it reads waits here until
         // Commit (UntilCommit). Until Commit only the restore can fault (CRIU's restorer touches some
@@ -224,11 +226,16 @@ impl PostCopy {
             read_secs = stats.read_secs,
             "post-copy: every page sent"
         );
-        // Once the target has read the whole stream it can complete without this host.
+        // Once the target has the whole stream it can complete without this host: from then on the
+        // original is not resumed on our own (a failure leaves it stopped, in doubt), and Detach tells
+        // the target so. Until Detach arrives the target kills its copy when the link fails, so the
+        // two agents never decide apart (the target reads the stream's end before its acknowledgement
+        // arrives here).
         match pre.stream.stopped().await {
             Ok(None) => {
                 delivered.store(true, Ordering::SeqCst);
                 write_journal(&work_dir, "delivered", &pids);
+                let _ = detach.send(());
             }
             Ok(Some(code)) => return Err(format!("the target stopped the pages stream (code {code})")),
             Err(e) => return Err(format!("pages stream: {e}")),
@@ -790,6 +797,8 @@ impl Migration<'_> {
         // (from Commit on), and pages the copy faults on are answered first.
         let mut stream_start = None;
         let mut postcopy_failed = None;
+        // Post-copy: fired once the whole pages stream is acknowledged and that is recorded (Detach).
+        let mut delivery: Option<tokio::sync::oneshot::Receiver<()>> = None;
         // The fault link's server, stopped when this returns, and the bytes it answered.
         let mut fault_server: Option<(AbortOnDrop, Arc<AtomicU64>)> = None;
         let background = match pre.take() {
@@ -802,8 +811,11 @@ impl Migration<'_> {
                 fault_server = Some((AbortOnDrop(faults.abort_handle()), answered));
                 let (start, go) = tokio::sync::oneshot::channel();
                 stream_start = Some(start);
+                let (detach, detached) = tokio::sync::oneshot::channel();
+                delivery = Some(detached);
                 let task = PostCopy {
                     go,
+                    detach,
                     pids: pids.to_vec(),
                     regions: lazy_regions,
                     delivered: self.delivered.clone(),
@@ -884,7 +896,24 @@ impl Migration<'_> {
             };
             self.phase(Phase::Complete, format!("pid {pid}: post-copy: the copy runs on {}; {what}", remote.host_name));
             let completing = recv_within(recv, target, COMPLETE_TIMEOUT, &remote.host_name, "finish the post-copy");
-            let answer = unless_failed(completing, &mut postcopy_failed).await;
+            let completing = unless_failed(completing, &mut postcopy_failed);
+            tokio::pin!(completing);
+            let answer = loop {
+                tokio::select! {
+                    a = &mut completing => break a,
+                    d = async { delivery.as_mut().expect("polled only while set").await }, if delivery.is_some() => {
+                        delivery = None;
+                        if d.is_ok() {
+                            // A failed send leaves the target to kill its copy: the original stays
+                            // stopped, in doubt, as for any failure from here on.
+                            let detach = send_msg(source_msg::Msg::Detach(pb::Detach {}));
+                            if let Err(e) = write_frame(send, &detach).await {
+                                tracing::warn!(id = %self.id, "Detach not sent: {e}");
+                            }
+                        }
+                    }
+                }
+            };
             let c = match answer {
                 // Every page is in place on the target now: that is when the migration is complete (the
                 // commit's kill of the original, which frees its memory, comes after).

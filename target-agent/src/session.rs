@@ -170,7 +170,11 @@ async fn recv_msg(recv: &mut quinn::RecvStream) -> Result<source_msg::Msg, Sessi
 fn unexpected(got: &source_msg::Msg, expected: &'static str) -> SessionError {
     let got = match got {
         source_msg::Msg::Abort(a) => return SessionError::Aborted(a.reason.clone()),
-        other => format!("{:?}", std::mem::discriminant(other)),
+        source_msg::Msg::Hello(_) => "Hello".into(),
+        source_msg::Msg::Prepare(_) => "Prepare".into(),
+        source_msg::Msg::ImagesDone(_) => "ImagesDone".into(),
+        source_msg::Msg::Commit(_) => "Commit".into(),
+        source_msg::Msg::Detach(_) => "Detach".into(),
     };
     SessionError::Unexpected { got, expected }
 }
@@ -411,9 +415,29 @@ async fn serve_control(
         };
         tokio::pin!(pages);
         let mut pages_done = !done.postcopy;
+        // Post-copy: until the source says it will not resume its original on its own (Detach, sent
+        // once it has seen this side acknowledge the whole pages stream), a lost link kills the copy,
+        // also after every page arrived here: the source, which cannot know that, resumes the original.
+        let mut detached = !done.postcopy;
+        let control = recv_msg(recv);
+        tokio::pin!(control);
         let filled = loop {
             tokio::select! {
                 r = &mut filling => break r,
+                m = &mut control, if !detached => match m {
+                    Ok(source_msg::Msg::Detach(_)) => {
+                        detached = true;
+                        tracing::info!("post-copy: the source keeps its original stopped; the copy no longer needs the link");
+                    }
+                    Ok(other) => {
+                        cancel.cancel();
+                        return Err(unexpected(&other, "Detach"));
+                    }
+                    Err(e) => {
+                        cancel.cancel();
+                        return Err(refuse("post-copy", format!("the source's control stream ended before it let the copy go ({e}): the copy was killed")));
+                    }
+                },
                 r = &mut pages, if !pages_done => match r {
                     Ok(n) => {
                         pages_done = true;
@@ -424,9 +448,10 @@ async fn serve_control(
                         return Err(refuse("post-copy", format!("the rest of the memory cannot arrive ({e}): the copy was killed")));
                     }
                 },
-                e = conn.closed(), if !pages_done => {
+                e = conn.closed(), if !detached => {
                     cancel.cancel();
-                    return Err(refuse("post-copy", format!("link to the source lost before all memory arrived ({e}): the copy was killed")));
+                    let when = if pages_done { "before the source let the copy go" } else { "before all memory arrived" };
+                    return Err(refuse("post-copy", format!("link to the source lost {when} ({e}): the copy was killed")));
                 }
             }
         };
