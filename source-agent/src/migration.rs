@@ -455,9 +455,12 @@ fn resume_original(pids: &[u32], e: &str) -> Result<Original, Failure> {
 }
 
 /// The journal in the work dir: the stage ("frozen", "commit-sent", "postcopy", "delivered"), then the pids.
+/// Written beside and renamed over the last one, so that an agent killed while it writes leaves the
+/// old stage or the new, never a truncated file.
 fn write_journal(dir: &Path, stage: &str, pids: &[u32]) {
     let text = format!("{stage}\n{}\n", pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" "));
-    if let Err(e) = std::fs::write(dir.join("journal"), text) {
+    let next = dir.join("journal.next");
+    if let Err(e) = std::fs::write(&next, text).and_then(|()| std::fs::rename(&next, dir.join("journal"))) {
         tracing::error!("cannot write the journal in {}: {e}", dir.display());
     }
 }
@@ -497,10 +500,27 @@ pub fn recover(state_dir: &Path) {
                 // A CRIU started by the crashed agent may still be dumping into this directory; it
                 // leaves the tree stopped when it ends, so resume only after it is gone.
                 wait_for_criu_in(&dir);
+                // The journal names the tree as the pre-flight saw it until the dump is in; a child forked
+                // since then was frozen too, and the dump's process tree names it.
+                let mut pids = pids;
+                for t in criu::images::read_pstree(&dir).unwrap_or_default() {
+                    if !pids.contains(&t.pid) {
+                        pids.push(t.pid);
+                    }
+                }
                 tracing::warn!(?pids, "resuming an original left frozen by an earlier run of this agent");
                 let _ = criu::tree::resume(&pids);
             }
-            _ => {}
+            // Nothing was frozen yet (the journal is written before the freeze).
+            "" if !dir.join("journal").exists() => {}
+            other => {
+                tracing::error!(
+                    dir = %dir.display(),
+                    stage = other,
+                    "a migration's journal is unreadable: kept, and nothing resumed; check the processes it names"
+                );
+                continue;
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
