@@ -100,6 +100,7 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         stats,
         rules: cfg.rules.clone(),
         fault_lane: protocol::lane::Lane::start("fault-link").map_err(AgentError::Lane)?,
+        busy: Default::default(),
     });
     tracing::info!(socket = %cfg.control_socket.display(), criu = %ctx.criu.version, "source agent ready");
     server::serve(listener, ctx, shutdown).await;

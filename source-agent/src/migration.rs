@@ -73,6 +73,50 @@ pub struct Context {
     pub rules: crate::external::Rules,
     /// Where fault links run (crate::fault_link).
     pub fault_lane: protocol::lane::Lane,
+    /// Processes of the trees being migrated ([`Claim`]).
+    pub busy: std::sync::Mutex<std::collections::HashSet<u32>>,
+}
+
+/// The processes of a tree this agent migrates, claimed from its pre-flight until the migration has
+/// ended, rollback included: a second migration of any of them (the command run again after a Ctrl-C,
+/// which does not stop the first; two drains; a parent and its child) is refused. Otherwise the
+/// second one's rollback could resume an original whose copy the first one runs.
+struct Claim<'a> {
+    busy: &'a std::sync::Mutex<std::collections::HashSet<u32>>,
+    pids: Vec<u32>,
+}
+
+impl<'a> Claim<'a> {
+    fn take(busy: &'a std::sync::Mutex<std::collections::HashSet<u32>>, pids: &[u32]) -> Result<Self, String> {
+        let mut set = busy.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pids.iter().find(|p| set.contains(p)) {
+            return Err(format!(
+                "pid {p} is already being migrated by this agent (by another migrate command, or in another \
+                 tree): wait until that migration has ended (see the agent's log or its /status)"
+            ));
+        }
+        set.extend(pids);
+        Ok(Claim { busy, pids: pids.to_vec() })
+    }
+
+    /// Processes forked into the tree before the freeze.
+    fn extend(&mut self, pids: &[u32]) {
+        let mut set = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        for &p in pids {
+            if set.insert(p) {
+                self.pids.push(p);
+            }
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut set = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &self.pids {
+            set.remove(p);
+        }
+    }
 }
 
 /// A failure, with where the original stands.
@@ -120,6 +164,8 @@ struct Migration<'a> {
     rules: crate::external::Rules,
     /// What the pre-flight decided for them.
     external: crate::external::Plan,
+    /// The tree's processes, claimed from the pre-flight on (dropped when `run` returns).
+    claim: Option<Claim<'a>>,
 }
 
 /// What the pre-copy rounds leave for the freeze: the pages stream and what the target holds.
@@ -349,6 +395,7 @@ pub async fn run(
         dirty_tracking: "",
         rules: rules.then(&ctx.rules),
         external: Default::default(),
+        claim: None,
     };
     ctx.stats.migrations.start(telemetry::Running {
         id: id.clone(),
@@ -577,6 +624,7 @@ impl Migration<'_> {
         self.external = report.external;
         let pids = facts.pids();
         let comm = facts.processes[0].comm.clone();
+        self.claim = Some(Claim::take(&self.ctx.busy, &pids)?);
         self.pids = pids.clone();
         self.preflight_passed = true;
         self.ctx.stats.started.inc();
@@ -722,6 +770,9 @@ impl Migration<'_> {
             tracing::info!(id = %self.id, ?forked, ?gone, "the tree changed between the pre-flight and the freeze");
         }
         self.pids = frozen.clone();
+        if let Some(c) = self.claim.as_mut() {
+            c.extend(&frozen);
+        }
         write_journal(&self.work_dir, "frozen", &frozen);
         let pids: &[u32] = &frozen;
 
@@ -1557,5 +1608,22 @@ mod tests {
         assert!(over.to_string().contains("ended before the commit"), "{over}");
         drop(sink);
         assert!(out.is_empty());
+    }
+
+    /// A tree's processes are claimed until the claim is dropped; any overlap is refused, naming the
+    /// pid; processes forked in later join the claim and leave with it.
+    #[test]
+    fn overlapping_trees_are_refused_while_claimed() {
+        let busy = std::sync::Mutex::new(std::collections::HashSet::new());
+        let mut first = Claim::take(&busy, &[10, 11]).unwrap();
+        let e = Claim::take(&busy, &[12, 11]).err().expect("an overlapping tree was claimed twice");
+        assert!(e.starts_with("pid 11 is already being migrated"), "{e}");
+        let other = Claim::take(&busy, &[12]).unwrap();
+        first.extend(&[11, 13]);
+        assert!(Claim::take(&busy, &[13]).is_err(), "a process forked into a claimed tree is claimed");
+        drop(first);
+        assert_eq!(busy.lock().unwrap().iter().copied().collect::<Vec<_>>(), vec![12]);
+        drop(other);
+        assert!(Claim::take(&busy, &[10, 11, 12, 13]).is_ok());
     }
 }

@@ -358,6 +358,40 @@ fn postcopy_rides_out_a_short_link_drop() -> Result<(), Failed> {
     Ok(())
 }
 
+/// A second `migrate` of a process the agent is migrating already (the command run again after a
+/// Ctrl-C, which does not stop the first) is refused before anything is frozen, naming the cause, and
+/// the first goes on and moves the process whole. Before, both could pass the pre-flight, and the
+/// second's rollback resume the original while the first's copy ran.
+fn a_second_migration_of_the_same_tree_is_refused() -> Result<(), Failed> {
+    let tb = tb();
+    let name = format!("twice{}", unique());
+    let args = ["mem", "--name", &name, "--mib", "512", "--seed", "37", "--dirty-pct", "10", "--writers", "2"];
+    let pid = tb.start_workload("a", &args);
+    let marker = "copying the memory of";
+    let rounds_before = tb.source_log("a").matches(marker).count();
+    let freezes_before = freezes(pid);
+    let first = migrate_in_background(pid, None, "precopy");
+    let in_rounds = wait_until(Duration::from_secs(60), || tb.source_log("a").matches(marker).count() > rounds_before);
+    let second = tb.migrate_with("a", pid, &tb.addr("b"), &["--mode", "precopy"]);
+    let first = first.join().expect("migrate thread");
+    check(in_rounds, format!("the first migration never reached its rounds: {} {}", first.json, first.stderr))?;
+    check(!second.success, format!("a second migration of pid {pid} ran beside the first: {}", second.json))?;
+    let err = second.json["error"].as_str().unwrap_or_default();
+    check(err.contains("already being migrated"), format!("the refusal does not say why: {err}"))?;
+    check(
+        second.json["original"] == "running",
+        format!("the refusal does not say the original runs: {}", second.json),
+    )?;
+    check(first.success, format!("the first migration failed: {} {}", first.json, first.stderr))?;
+    check(freezes(pid) == freezes_before + 1, "the tree was frozen more than once")?;
+    check(!tb.running("a", pid), "the original still runs on a")?;
+    let after = tb.query("b", &name)?;
+    check(after["verified"] == true, format!("memory on b differs from the writes the workload made: {after}"))?;
+    check(counter_advances("b", &name, &after), "the counter does not advance on b")?;
+    tb.kill("b", pid);
+    Ok(())
+}
+
 /// An outage longer than the grace during post-copy: the copy is killed on b, the original resumes on
 /// a with its memory, and the error says what happened.
 fn postcopy_longer_outage_rolls_back() -> Result<(), Failed> {
@@ -1506,6 +1540,7 @@ fn main() {
         ("postcopy_and_hybrid_move_a_gib", postcopy_and_hybrid_move_a_gib),
         ("postcopy_rides_out_a_short_link_drop", postcopy_rides_out_a_short_link_drop),
         ("postcopy_longer_outage_rolls_back", postcopy_longer_outage_rolls_back),
+        ("a_second_migration_of_the_same_tree_is_refused", a_second_migration_of_the_same_tree_is_refused),
         ("crashed_target_agent_takes_its_copy_along", crashed_target_agent_takes_its_copy_along),
         ("agents_have_criu_keep_its_kernel_probe", agents_have_criu_keep_its_kernel_probe),
         ("hostile_peer_is_cut_off", hostile_peer_is_cut_off),
