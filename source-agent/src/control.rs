@@ -75,6 +75,22 @@ pub struct MigrateOptions {
     pub no_write_protect: bool,
 }
 
+impl MigrateOptions {
+    /// Err names an option out of range. The `migrate` command checks them too; this is for any other
+    /// client of the control socket (a grace of 0 would turn the link's idle timeout off, so that a lost
+    /// target went unnoticed for a minute while the original waited).
+    pub fn check(&self) -> Result<(), String> {
+        let most = MAX_GRACE.as_secs();
+        if !(1..=most).contains(&self.grace_s) {
+            return Err(format!("bad request: a grace of {} s; it must be 1 to {most} s", self.grace_s));
+        }
+        if self.max_rounds == 0 {
+            return Err("bad request: max_rounds 0; at least 1 (the first round copies all memory)".into());
+        }
+        Ok(())
+    }
+}
+
 /// Default of MigrateOptions::grace_s.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// Longest grace: the target agent's own idle timeout (protocol::tls::MAX_IDLE).
@@ -302,6 +318,11 @@ mod tests {
         let Request::Migrate { options, .. } = r else { panic!("{r:?}") };
         assert_eq!((options.mode, options.max_downtime_ms, options.max_rounds), (Mode::Stopcopy, 50, 8));
         assert_eq!(MigrateOptions::default().mode, Mode::Hybrid);
+        assert_eq!(MigrateOptions::default().check(), Ok(()));
+        for (grace_s, max_rounds) in [(0, 8), (MAX_GRACE.as_secs() + 1, 8), (10, 0)] {
+            let e = MigrateOptions { grace_s, max_rounds, ..Default::default() }.check().unwrap_err();
+            assert!(e.starts_with("bad request"), "{e}");
+        }
         let e = Event::Failed { error: "x".into(), original: Original::Running };
         assert_eq!(serde_json::to_string(&e).unwrap(), r#"{"event":"failed","error":"x","original":"running"}"#);
     }

@@ -49,7 +49,7 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
     };
     match req {
         Request::Migrate { pid, target, options, rules } => {
-            if let Err(why) = may_migrate(cred.uid(), pid) {
+            if let Err(why) = may_migrate(cred.uid(), pid).and_then(|()| options.check()) {
                 let ev = Event::Failed { error: why, original: Original::Running };
                 return w.write_all(&send(&ev)).await;
             }
