@@ -33,10 +33,13 @@ pub fn check_compatible(local: &Hello, remote: &Hello) -> Result<(), String> {
             local.arch, remote.arch, remote.host_name
         ));
     }
-    if remote.page_size != local.page_size {
+    if let Some(h) = [local, remote].into_iter().find(|h| h.page_size as usize != crate::pages::PAGE_SIZE) {
         return Err(format!(
-            "page size differs: {} here, {} on {}; CRIU images are not portable across page sizes",
-            local.page_size, remote.page_size, remote.host_name
+            "{} has {}-byte pages; this release moves memory in {}-byte pages only (CRIU images are not \
+             portable across page sizes either)",
+            h.host_name,
+            h.page_size,
+            crate::pages::PAGE_SIZE
         ));
     }
     for h in [local, remote] {
@@ -81,7 +84,13 @@ mod tests {
         assert!(check_compatible(&a, &b).unwrap_err().contains("architecture differs"));
         let mut b = hello("b");
         b.page_size = 65536;
-        assert!(check_compatible(&a, &b).unwrap_err().contains("page size"));
+        assert!(check_compatible(&a, &b).unwrap_err().contains("b has 65536-byte pages"));
+        // Two hosts alike, but not with the pages stream's page size.
+        let mut a16 = hello("a");
+        a16.page_size = 16384;
+        let mut b16 = hello("b");
+        b16.page_size = 16384;
+        assert!(check_compatible(&a16, &b16).unwrap_err().contains("4096-byte pages only"));
         let mut b = hello("b");
         b.criu_version = "3.17".into();
         assert!(check_compatible(&a, &b).unwrap_err().contains("deploy/install.sh"));

@@ -31,6 +31,11 @@ pub fn page_block((pid, vaddr): (u32, u64), block_pages: usize) -> ((u32, u64), 
     ((pid, page / block_pages as u64), (page % block_pages as u64) as usize)
 }
 
+/// No page of a process lies at or above this address (x86-64 with 5-level page tables: 2^56; arm64:
+/// 2^52): a peer's page address or run past it is refused, and sums of addresses and page counts
+/// below it cannot overflow.
+pub const USER_SPACE_END: u64 = 1 << 57;
+
 /// Pages the `current` runs of one batch may cover (256 MiB of memory).
 pub const MAX_CURRENT_PAGES: u64 = 64 * 1024;
 
@@ -145,10 +150,15 @@ pub fn check_batch(b: &pb::PageBatch) -> Result<(), ProtocolError> {
     if records(b) > MAX_RECORDS {
         return Err(bad(format!("{} records in one batch, over the limit of {MAX_RECORDS}", records(b))));
     }
+    if b.end && (records(b) > 0 || !b.current.is_empty()) {
+        return Err(bad("the end batch lists pages"));
+    }
     let aligned = |a: u64| a.is_multiple_of(PAGE_SIZE as u64);
     let all = b.data.iter().chain(&b.zero).chain(b.copies.iter().flat_map(|c| [&c.vaddr, &c.from_vaddr]));
-    if let Some(a) = all.copied().chain(b.current.iter().map(|r| r.vaddr)).find(|&a| !aligned(a)) {
-        return Err(bad(format!("page address {a:#x} is not page-aligned")));
+    let mut all = all.copied().chain(b.current.iter().map(|r| r.vaddr));
+    if let Some(a) = all.find(|&a| !aligned(a) || a >= USER_SPACE_END) {
+        let what = if aligned(a) { "is above user space" } else { "is not page-aligned" };
+        return Err(bad(format!("page address {a:#x} {what}")));
     }
     if b.current.is_empty() {
         return Ok(());
@@ -163,9 +173,7 @@ pub fn check_batch(b: &pb::PageBatch) -> Result<(), ProtocolError> {
             current_pages(b)
         )));
     }
-    if let Some(r) =
-        b.current.iter().find(|r| r.pages == 0 || r.vaddr.checked_add(r.pages * PAGE_SIZE as u64).is_none())
-    {
+    if let Some(r) = b.current.iter().find(|r| r.pages == 0 || r.vaddr + r.pages * PAGE_SIZE as u64 > USER_SPACE_END) {
         return Err(bad(format!("current run of {} pages at {:#x}", r.pages, r.vaddr)));
     }
     Ok(())
@@ -243,10 +251,23 @@ mod tests {
 
     #[tokio::test]
     async fn hostile_batches_are_refused() {
-        let unaligned = pb::PageBatch { zero: vec![0x1001], ..Default::default() };
-        let mut wire = Vec::new();
-        crate::frame::write_frame(&mut wire, &unaligned).await.unwrap();
-        assert!(read_batch(&mut wire.as_slice()).await.unwrap_err().to_string().contains("not page-aligned"));
+        for (b, says) in [
+            (pb::PageBatch { zero: vec![0x1001], ..Default::default() }, "not page-aligned"),
+            (pb::PageBatch { data: vec![0xffff_ffff_ffff_f000], ..Default::default() }, "above user space"),
+            (
+                pb::PageBatch {
+                    copies: vec![pb::PageCopy { from_pid: 1, from_vaddr: USER_SPACE_END, vaddr: 0 }],
+                    ..Default::default()
+                },
+                "above user space",
+            ),
+            (pb::PageBatch { end: true, zero: vec![0x1000], ..Default::default() }, "the end batch lists pages"),
+        ] {
+            let mut wire = Vec::new();
+            crate::frame::write_frame(&mut wire, &b).await.unwrap();
+            let e = read_batch(&mut wire.as_slice()).await.unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
 
         let too_many = pb::PageBatch { data: vec![0; MAX_DATA_PAGES + 1], ..Default::default() };
         let mut wire = Vec::new();
@@ -267,7 +288,8 @@ mod tests {
             (vec![run(0x1000, 1)], false, "not read from the frozen tree"),
             (vec![run(0x1800, 1)], true, "not page-aligned"),
             (vec![run(0x1000, 0)], true, "current run of 0 pages"),
-            (vec![run(!0xfff, 2)], true, "current run of 2 pages"),
+            (vec![run(!0xfff, 2)], true, "above user space"),
+            (vec![run(USER_SPACE_END - 0x1000, 2)], true, "current run of 2 pages"),
             (vec![run(0x1000, MAX_CURRENT_PAGES), run(0x1000, 1)], true, "over the limit"),
         ] {
             let b = pb::PageBatch { current, frozen, ..Default::default() };

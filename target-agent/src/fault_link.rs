@@ -232,7 +232,7 @@ pub async fn fetch(
     let receiver = async {
         while let Some((batch, data, wire)) = protocol::pages::read_batch(&mut recv).await? {
             stats.bytes_received.add(wire);
-            if !batch.frozen || batch.end || protocol::pages::records(&batch) != 1 {
+            if !batch.frozen || batch.end || protocol::pages::records(&batch) != 1 || !batch.current.is_empty() {
                 return Err(ProtocolError::BadChunk("a fault answer must be one page from the frozen tree".into()));
             }
             store.apply(&batch, &data).map_err(|e| ProtocolError::BadChunk(e.to_string()))?;

@@ -273,15 +273,22 @@ impl Inner {
 
     /// Pages `vaddrs` of `pid`, whose content the store now holds, are current: the daemon may use
     /// them and pushes them as they arrived.
+    /// A page already current is no arrival again: arrivals stay within the pages the fresh bits
+    /// (counted against the limit) cover, whatever a peer repeats.
     fn mark_current(&mut self, pid: u32, vaddrs: impl Iterator<Item = u64>) {
-        let mut current: Vec<u64> = vaddrs.collect();
+        let mut current: Vec<u64> = vaddrs.filter(|&v| !self.fresh.contains((pid, v))).collect();
+        current.sort_unstable();
+        current.dedup();
         for &v in &current {
             self.fresh.insert((pid, v));
         }
-        current.sort_unstable();
         for v in current {
             match self.arrivals.last_mut() {
-                Some((p, start, n)) if *p == pid && *start + *n as u64 * PAGE_SIZE as u64 == v => *n += 1,
+                Some((p, start, n))
+                    if *p == pid && *n < u32::MAX && start.checked_add(*n as u64 * PAGE_SIZE as u64) == Some(v) =>
+                {
+                    *n += 1
+                }
                 _ => self.arrivals.push((pid, v, 1)),
             }
         }
@@ -651,6 +658,7 @@ impl PageStore {
             if batch.frozen && !inner.complete {
                 inner.mark_current(pid, group.iter().copied());
             }
+            inner.within(self.limit)?;
         }
         let mut inner = self.inner.write().expect("page store lock");
         for c in &batch.copies {
@@ -678,6 +686,9 @@ impl PageStore {
                 inner.free_slot(s);
             }
         }
+        // Every record may have added an index block, without a slot (zeros, or slots freed meanwhile):
+        // those count against the limit too.
+        inner.within(self.limit)?;
         if !batch.frozen {
             return Ok(());
         }
@@ -1361,6 +1372,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Records that leave no page held still count against the limit: rounds that each name pages in
+    /// new 2 MiB blocks and zero them in the same batch grow the index, not the slabs, and are refused
+    /// once it reaches the limit. Runs a peer repeats become arrivals once.
+    #[test]
+    fn a_peer_cannot_grow_the_index_or_the_arrivals_past_the_limit() {
+        let limit = 16u64 << 20;
+        let s = PageStore::new(limit);
+        let block = (INDEX_BLOCK_PAGES * PAGE_SIZE) as u64;
+        let mut refused = None;
+        for round in 0..100u64 {
+            let vaddrs: Vec<u64> = (0..256u64).map(|k| (round * 256 + k) * block).collect();
+            let data = vec![1u8; vaddrs.len() * PAGE_SIZE];
+            let b = pb::PageBatch { pid: 1, data: vaddrs.clone(), zero: vaddrs, ..Default::default() };
+            if let Err(e) = s.apply(&b, &data) {
+                refused = Some((round, e));
+                break;
+            }
+        }
+        let (round, e) = refused.expect("the index grew past the limit without an error");
+        assert_eq!(e, StoreError::Full { limit });
+        assert!(round < 40, "refused only after {round} rounds");
+        assert!(s.inner.read().unwrap().bytes() <= limit + (256 * INDEX_BLOCK_BYTES) as u64);
+
+        let s = PageStore::new(1 << 30);
+        let run = pb::PageRun { vaddr: 0x1000, pages: 4 };
+        let b = pb::PageBatch { pid: 1, frozen: true, current: vec![run; 1000], ..Default::default() };
+        s.apply(&b, &[]).unwrap();
+        s.apply(&b, &[]).unwrap();
+        assert_eq!(s.take_arrivals(), vec![(1, 0x1000, 4)]);
     }
 
     #[test]
