@@ -350,12 +350,7 @@ fn postcopy_rides_out_a_short_link_drop() -> Result<(), Failed> {
     let r = migrating.join().expect("migrate thread");
     check(streaming && unplugged && replugged, "could not unplug b during the post-copy")?;
     check(r.success, format!("the migration did not ride out a 3 s outage: {} {}", r.json, r.stderr))?;
-    check(!tb.running("a", pid), "the original still runs on a")?;
-    let after = tb.query("b", &name)?;
-    check(after["verified"] == true, format!("memory on b differs from the writes the workload made: {after}"))?;
-    check(counter_advances("b", &name, &after), "the counter does not advance on b")?;
-    tb.kill("b", pid);
-    Ok(())
+    moved_whole(pid, &name)
 }
 
 /// A second `migrate` of a process the agent is migrating already (the command run again after a
@@ -384,12 +379,7 @@ fn a_second_migration_of_the_same_tree_is_refused() -> Result<(), Failed> {
     )?;
     check(first.success, format!("the first migration failed: {} {}", first.json, first.stderr))?;
     check(freezes(pid) == freezes_before + 1, "the tree was frozen more than once")?;
-    check(!tb.running("a", pid), "the original still runs on a")?;
-    let after = tb.query("b", &name)?;
-    check(after["verified"] == true, format!("memory on b differs from the writes the workload made: {after}"))?;
-    check(counter_advances("b", &name, &after), "the counter does not advance on b")?;
-    tb.kill("b", pid);
-    Ok(())
+    moved_whole(pid, &name)
 }
 
 /// An outage longer than the grace during post-copy: the copy is killed on b, the original resumes on
@@ -484,6 +474,18 @@ fn agents_have_criu_keep_its_kernel_probe() -> Result<(), Failed> {
 /// No copy of `pid` runs on b any more (none, or a zombie) within `within`.
 fn copy_gone_from_b(pid: u32, within: Duration) -> bool {
     wait_until(within, || !matches!(tb().state("b", pid), Some(s) if s != 'Z' && s != 'X'))
+}
+
+/// After a migration that succeeded: the original is gone from a, and the copy on b holds every write
+/// the workload made and goes on counting. Kills the copy.
+fn moved_whole(pid: u32, name: &str) -> Result<(), Failed> {
+    let tb = tb();
+    check(!tb.running("a", pid), "the original still runs on a")?;
+    let after = tb.query("b", name)?;
+    check(after["verified"] == true, format!("memory on b differs from the writes the workload made: {after}"))?;
+    check(counter_advances("b", name, &after), "the counter does not advance on b")?;
+    tb.kill("b", pid);
+    Ok(())
 }
 
 /// After a post-copy rolled back: the source says it resumed the original, which runs on a with its
