@@ -308,6 +308,11 @@ mod tests {
         let pids = processes(me).unwrap();
         assert_eq!(pids[0], me);
         assert!(pids.contains(&child.id()), "{pids:?}");
+        // Until the child has exec'd, its comm is still this test thread's name.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while comm(child.id()) != "sleep" && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert_eq!(comm(child.id()), "sleep");
         kill_all(&[child.id()], std::time::Duration::from_secs(5)).unwrap();
         // Exited before being reaped: a zombie, not alive.
