@@ -6,6 +6,8 @@
 //! - [`file_stream`]: one image file on one QUIC stream: header, chunks, end marker, xxh3.
 //! - [`pages`]: the pages stream: memory pages sent while the process runs and during the freeze.
 //! - [`endpoint`]: QUIC endpoints on UDP sockets with buffers big enough for bulk pages.
+//! - [`stall`]: a stream whose writes fail once the peer has taken no data for a limit (keep-alives
+//!   hold a link up whose peer no longer reads).
 //! - [`lane`]: the thread and runtime of the fault link, so fault answers never queue behind bulk pages.
 //! - [`tls`]: mutual TLS against the fleet CA, as quinn client and server configurations.
 //! - [`names`]: which file names a peer may ask us to write.
@@ -22,6 +24,7 @@ pub mod host;
 pub mod lane;
 pub mod names;
 pub mod pages;
+pub mod stall;
 pub mod tls;
 
 /// Helpers of this crate's unit tests.

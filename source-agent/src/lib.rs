@@ -59,8 +59,12 @@ pub enum AgentError {
     Metrics { addr: std::net::SocketAddr, source: std::io::Error },
 }
 
-/// Runs the agent until `shutdown` resolves.
-pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+/// Runs the agent until it is asked to stop: `stop` counts SIGTERM and SIGINT
+/// ([`telemetry::stop_requests`]). On the first, it stops taking commands, rolls back every migration
+/// that has not sent its commit (each original resumed where it was frozen, or left untouched) and waits
+/// for those past it, which need this agent until the target has every page; on the second it returns
+/// at once, and the next start recovers what was left from the journals ([`migration::recover`]).
+pub async fn run(cfg: Config, mut stop: tokio::sync::watch::Receiver<u32>) -> Result<(), AgentError> {
     let criu = criu::Criu::find()?;
     // Before the first migration, so that no freeze waits for CRIU's probe of the kernel.
     if let Some(warning) = criu.keep_kernel_probe() {
@@ -101,9 +105,31 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         rules: cfg.rules.clone(),
         fault_lane: protocol::lane::Lane::start("fault-link").map_err(AgentError::Lane)?,
         busy: Default::default(),
+        stopping: Default::default(),
+        jobs: Default::default(),
     });
     tracing::info!(socket = %cfg.control_socket.display(), criu = %ctx.criu.version, "source agent ready");
-    server::serve(listener, ctx, shutdown).await;
+    let mut asked = stop.clone();
+    server::serve(listener, ctx.clone(), async move {
+        let _ = asked.wait_for(|n| *n >= 1).await;
+    })
+    .await;
     let _ = std::fs::remove_file(&cfg.control_socket);
+    ctx.stopping.cancel();
+    ctx.jobs.close();
+    if !ctx.jobs.is_empty() {
+        tracing::warn!(
+            migrations = ctx.jobs.len(),
+            "stopping: migrations that have not sent their commit are rolled back (originals resumed), those past \
+             it finish first; a second SIGTERM or SIGINT stops at once, and the next start recovers what is left \
+             from the journals"
+        );
+        tokio::select! {
+            () = ctx.jobs.wait() => tracing::info!("every migration has ended; stopping"),
+            _ = stop.wait_for(|n| *n >= 2) => {
+                tracing::warn!("stopping at once: the next start of this agent recovers the migrations left unfinished")
+            }
+        }
+    }
     Ok(())
 }

@@ -47,7 +47,6 @@ async fn main() -> anyhow::Result<()> {
         state_dir: a.state_dir,
         metrics_listen: if a.metrics_listen == "off" { None } else { Some(a.metrics_listen.parse()?) },
     };
-    let shutdown = telemetry::shutdown_signal();
-    source_agent::run(cfg, shutdown).await?;
+    source_agent::run(cfg, telemetry::stop_requests()).await?;
     Ok(())
 }

@@ -39,6 +39,7 @@ use futures::StreamExt;
 use protocol::frame::{read_frame, write_frame};
 use protocol::pages::BatchSink;
 use protocol::pb::{self, source_msg, target_msg};
+use protocol::stall::Watched;
 use protocol::{ProtocolError, file_stream};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -47,8 +48,12 @@ use crate::{dirty, precopy};
 
 /// How long to wait for the target to answer the QUIC handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the target may take to restore once all images arrived.
-pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the target may take to restore once all images arrived: this, plus a second per
+/// [`RESTORE_FLOOR_RATE`] bytes of images ([`restore_deadline`]). The tree stays frozen meanwhile.
+pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The slowest restore allowed, bytes of images per second: a tenth of what CRIU restored from tmpfs on
+/// the test VM (about 1 GB/s for a 2 GiB stop-and-copy).
+pub const RESTORE_FLOOR_RATE: u64 = 100_000_000;
 /// How long to wait for Resumed after Commit.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait, after Resumed, for the target to say every page is in place.
@@ -75,6 +80,11 @@ pub struct Context {
     pub fault_lane: protocol::lane::Lane,
     /// Processes of the trees being migrated ([`Claim`]).
     pub busy: std::sync::Mutex<std::collections::HashSet<u32>>,
+    /// Cancelled when the agent is asked to stop: each migration that has not sent its commit ends
+    /// there, with its rollback ([`run`]).
+    pub stopping: tokio_util::sync::CancellationToken,
+    /// The migrations under way, which a stopping agent waits for.
+    pub jobs: tokio_util::task::TaskTracker,
 }
 
 /// The processes of a tree this agent migrates, claimed from its pre-flight until the migration has
@@ -166,6 +176,8 @@ struct Migration<'a> {
     external: crate::external::Plan,
     /// The tree's processes, claimed from the pre-flight on (dropped when `run` returns).
     claim: Option<Claim<'a>>,
+    /// Whether a stopping agent may drop the migration where it stands ([`Migration::cancellable`]).
+    cancellable: tokio::sync::watch::Sender<bool>,
 }
 
 /// What the pre-copy rounds leave for the freeze: the pages stream and what the target holds.
@@ -396,6 +408,7 @@ pub async fn run(
         rules: rules.then(&ctx.rules),
         external: Default::default(),
         claim: None,
+        cancellable: tokio::sync::watch::Sender::new(true),
     };
     ctx.stats.migrations.start(telemetry::Running {
         id: id.clone(),
@@ -404,7 +417,15 @@ pub async fn run(
         phase: "inspect".into(),
         started_unix: telemetry::now_unix(),
     });
-    let result = m.steps(pid, target, caller_uid).await;
+    let stop = stop_requested(&ctx.stopping, m.cancellable.subscribe());
+    let result = tokio::select! {
+        biased;
+        r = m.steps(pid, target, caller_uid) => r,
+        () = stop => {
+            tracing::warn!(id = %m.id, stage = ?m.stage, "the agent is stopping: this migration ends here");
+            Err("the source agent was asked to stop (SIGTERM or SIGINT) before this migration's commit".into())
+        }
+    };
     if result.is_err() {
         // CRIU leaves the tree stopped when it is done; resuming it before would race with that.
         let _ = m.criu_finished().await;
@@ -491,6 +512,20 @@ pub async fn run(
         };
         Failure { error, original }
     })
+}
+
+/// Resolves once the agent is stopping and the migration may be dropped where it stands: before the
+/// freeze, or after it until the commit is sent, except while CRIU dumps (the tree is CRIU's until the
+/// dump returns). Dropped there, a migration fails as if its link had failed at that point, and [`run`]
+/// applies the rollback rule. Past the commit it is never dropped: the copy may run on the target.
+async fn stop_requested(
+    stopping: &tokio_util::sync::CancellationToken,
+    mut cancellable: tokio::sync::watch::Receiver<bool>,
+) {
+    stopping.cancelled().await;
+    if cancellable.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Resumes the stopped original after the failure `e`; a failure to do so is the error the user sees.
@@ -605,6 +640,18 @@ fn wait_for_criu_in(dir: &Path) {
 }
 
 impl Migration<'_> {
+    /// Whether a stopping agent may drop this migration from here on ([`stop_requested`]). Set before
+    /// each await it concerns, never after: the flag must hold whenever the migration is suspended.
+    fn cancellable(&self, yes: bool) {
+        self.cancellable.send_replace(yes);
+    }
+
+    /// How long the target may take no data while the link is up before the migration fails as if the
+    /// link were down: the grace.
+    fn stall_limit(&self) -> Duration {
+        Duration::from_secs(self.options.grace_s)
+    }
+
     fn phase(&self, phase: Phase, message: impl Into<String>) {
         let message = message.into();
         tracing::info!(id = %self.id, ?phase, "{message}");
@@ -724,6 +771,7 @@ impl Migration<'_> {
         self.phase(Phase::Dump, format!("freezing and dumping pid {pid}"));
         let criu_started = Instant::now();
         let watch = criu::tree::StopWatch::start(pid);
+        self.cancellable(false);
         self.stage = Stage::Frozen;
         write_journal(&self.work_dir, "frozen", pids);
         let req =
@@ -739,6 +787,8 @@ impl Migration<'_> {
             None => self.ctx.criu.dump(&req).await.map(|_| ()),
         };
         let dumped_at = Instant::now();
+        // The tree is stopped (stop-and-copy) or held by a lazy dump whose drop leaves it stopped.
+        self.cancellable(true);
         // The downtime counts from the freeze, not from CRIU's start (its kernel probe and tree walk run
         // while the tree still does); when the freeze was not seen, from CRIU's start.
         let frozen_at = watch.stopped_at().unwrap_or_else(|| {
@@ -813,12 +863,14 @@ impl Migration<'_> {
         };
         self.phase(Phase::Transfer, format!("sending {} image files, {total} bytes", files.len()));
         let transfer_started = Instant::now();
+        let stall_limit = self.stall_limit();
         let delta = async {
             let Some(p) = pre.as_mut().filter(|_| !postcopy) else { return Ok(precopy::RoundStats::default()) };
             let only = p.changed_at_freeze(&lazy_regions);
             let pass = precopy::Pass { round: p.rounds, frozen: true, only, ..Default::default() };
-            let mut s = precopy::send_round(&mut p.held, &mut p.stream, lazy_regions.clone(), pass, &p.level).await?;
-            s.wire += precopy::send_end(&mut p.stream, p.held.records).await?;
+            let mut stream = Watched::new(&mut p.stream, stall_limit);
+            let mut s = precopy::send_round(&mut p.held, &mut stream, lazy_regions.clone(), pass, &p.level).await?;
+            s.wire += precopy::send_end(&mut stream, p.held.records).await?;
             p.stream.finish().map_err(|e| format!("pages stream: {e}"))?;
             Ok::<_, String>(s)
         };
@@ -841,7 +893,7 @@ impl Migration<'_> {
                             String::from_utf8_lossy(&c.reason)
                         ),
                         Some(why) => format!("link to {target} lost while sending the images: {why}; {e}"),
-                        None => e,
+                        None => format!("sending the images to {target} failed: {e}"),
                     },
                 };
                 let _ =
@@ -913,7 +965,7 @@ impl Migration<'_> {
 
         // Restore on the target.
         self.phase(Phase::Restore, format!("{} is restoring", remote.host_name));
-        let restoring = recv_within(recv, target, RESTORE_TIMEOUT, &remote.host_name, "finish restoring");
+        let restoring = recv_within(recv, target, restore_deadline(total), &remote.host_name, "finish restoring");
         let restored = match unless_failed(restoring, &mut postcopy_failed).await? {
             target_msg::Msg::Restored(r) => r,
             other => return Err(unexpected(target, &other, "Restored")),
@@ -929,6 +981,7 @@ impl Migration<'_> {
         // Commit: from here on the target may run the copy.
         self.phase(Phase::Commit, format!("restored as pid {} on {}; committing", restored.root_pid, remote.host_name));
         let lazy = pre.is_some() || background.is_some();
+        self.cancellable(false);
         if lazy {
             // The copy depends on the target agent until its memory is filled in (and, in post-copy, on
             // this host's pages): the original stays stopped until the target says Complete.
@@ -1141,7 +1194,8 @@ impl Migration<'_> {
                 Tracking::Compare => None,
             };
             let pass = precopy::Pass { round, only, ..Default::default() };
-            let stats = precopy::send_round(&mut held, &mut stream, regions, pass, &level).await?;
+            let mut watched = Watched::new(&mut stream, self.stall_limit());
+            let stats = precopy::send_round(&mut held, &mut watched, regions, pass, &level).await?;
             rounds.push(stats);
             let d = precopy::decide(&policy, &rounds);
             tracing::info!(id = %self.id, ?stats, ?d, "pre-copy round");
@@ -1189,16 +1243,19 @@ impl Migration<'_> {
                 let (raw, wire) = (raw.clone(), wire.clone());
                 let path = self.work_dir.join(&name);
                 let id = self.id.clone();
+                let limit = self.stall_limit();
                 async move {
                     let mut s = conn.open_uni().await.map_err(|e| format!("link: {e}"))?;
                     let mut last = file_stream::Transferred::default();
-                    let r = file_stream::send_file(&mut s, &id, &name, &path, protocol::chunk::DEFAULT_LEVEL, |t| {
-                        raw.fetch_add(t.raw - last.raw, Ordering::Relaxed);
-                        wire.fetch_add(t.wire - last.wire, Ordering::Relaxed);
-                        last = t;
-                    })
-                    .await
-                    .map_err(|e| format!("sending {name}: {e}"))?;
+                    let mut watched = Watched::new(&mut s, limit);
+                    let r =
+                        file_stream::send_file(&mut watched, &id, &name, &path, protocol::chunk::DEFAULT_LEVEL, |t| {
+                            raw.fetch_add(t.raw - last.raw, Ordering::Relaxed);
+                            wire.fetch_add(t.wire - last.wire, Ordering::Relaxed);
+                            last = t;
+                        })
+                        .await
+                        .map_err(|e| format!("sending {name}: {e}"))?;
                     s.finish().map_err(|e| format!("sending {name}: {e}"))?;
                     // Not waiting for the target to acknowledge the stream: that costs up to QUIC's ack
                     // delay (25 ms) per file, in the downtime. The target checks every file against
@@ -1432,6 +1489,11 @@ pub async fn check(
         report.warnings.extend(answer.warnings.into_iter().map(conv));
     }
     Ok(report)
+}
+
+/// How long a target may take to restore `image_bytes` of images before the migration gives up on it.
+fn restore_deadline(image_bytes: u64) -> Duration {
+    RESTORE_TIMEOUT + Duration::from_secs(image_bytes / RESTORE_FLOOR_RATE)
 }
 
 fn ms(d: Duration) -> f64 {

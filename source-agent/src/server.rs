@@ -55,7 +55,8 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
             }
             tracing::info!(pid, %target, uid = cred.uid(), "migrate requested");
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let job = tokio::spawn(async move {
+            // Tracked, so that a stopping agent waits for it (see crate::run).
+            let job = ctx.jobs.clone().spawn(async move {
                 let r = migration::run(&ctx, pid, &target, options, &rules, cred.uid(), tx.clone()).await;
                 let ev = match r {
                     Ok(summary) => Event::Done { summary },

@@ -24,6 +24,22 @@ pub fn init_logging() {
         .init();
 }
 
+/// SIGTERM and SIGINT as they arrive, counted: an agent with work under way stops gracefully on the
+/// first and at once on the second. Call from within a runtime.
+pub fn stop_requests() -> tokio::sync::watch::Receiver<u32> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::watch::channel(0);
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::spawn(async move {
+        loop {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    rx
+}
+
 /// Resolves on SIGTERM or SIGINT: how an agent is told to stop.
 pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

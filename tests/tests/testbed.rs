@@ -1111,6 +1111,217 @@ fn stop_rogue(host: &str, pidfile: &PathBuf) {
     }
 }
 
+/// A target agent on b that answers Hello and Prepare (with the source's own Hello, so that it passes as
+/// compatible), drains the pages stream, and never reads an image file nor answers ImagesDone: a target
+/// that keeps the link up (QUIC keep-alives) but stalls. It listens on `port` of b's address, from a
+/// UDP socket made in b's network namespace. `seen` lists what arrived: the source's messages on the
+/// control stream (`ImagesDone`, `Abort`) and `file` per image file stream.
+struct StalledTarget {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl StalledTarget {
+    fn start(port: u16) -> Result<StalledTarget, Failed> {
+        use protocol::frame::{read_frame, write_frame};
+        use protocol::pb::{self, source_msg, target_msg};
+        let tb = tb();
+        let netns = std::fs::File::open(format!("/run/netns/{}-b", tb.name))?;
+        let socket = std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                Ok::<_, Failed>(std::net::UdpSocket::bind(("0.0.0.0", port))?)
+            })
+            .join()
+            .expect("netns thread")
+        })?;
+        let server = protocol::tls::server_config(&protocol::tls::TlsFiles::in_dir(&tb.dir.join("tls"), "b"))?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let log = seen.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async move {
+                let runtime = std::sync::Arc::new(quinn::TokioRuntime);
+                let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime);
+                let endpoint = match endpoint {
+                    Ok(e) => e,
+                    Err(e) => return ready_tx.send(Err(e.to_string())).expect("test waits"),
+                };
+                ready_tx.send(Ok(())).expect("test waits");
+                let note = move |what: String| log.lock().expect("seen").push(what);
+                loop {
+                    let incoming = tokio::select! {
+                        i = endpoint.accept() => i,
+                        _ = &mut stopped => break,
+                    };
+                    let Some(incoming) = incoming else { break };
+                    let note = note.clone();
+                    tokio::spawn(async move {
+                        let Ok(conn) = incoming.await else { return };
+                        let session = async {
+                            let (mut send, mut recv) = conn.accept_bi().await?;
+                            let Some(pb::SourceMsg { msg: Some(source_msg::Msg::Hello(mut hello)) }) =
+                                read_frame::<_, pb::SourceMsg>(&mut recv).await?
+                            else {
+                                return Err("no Hello".into());
+                            };
+                            hello.host_name = "b".into();
+                            let answer = |m| pb::TargetMsg { msg: Some(m) };
+                            write_frame(&mut send, &answer(target_msg::Msg::Hello(hello))).await?;
+                            read_frame::<_, pb::SourceMsg>(&mut recv).await?; // Prepare
+                            let prepared = pb::Prepared { free_bytes: 1 << 40, ..Default::default() };
+                            write_frame(&mut send, &answer(target_msg::Msg::Prepared(prepared))).await?;
+                            let streams = {
+                                let (conn, note) = (conn.clone(), note.clone());
+                                async move {
+                                    let mut held = Vec::new(); // open, never read
+                                    while let Ok(mut uni) = conn.accept_uni().await {
+                                        match protocol::file_stream::read_stream_header(&mut uni).await {
+                                            Ok(protocol::file_stream::Incoming::Pages(_)) => {
+                                                tokio::spawn(async move {
+                                                    let mut sink = tokio::io::sink();
+                                                    let _ = tokio::io::copy(&mut uni, &mut sink).await;
+                                                });
+                                            }
+                                            Ok(protocol::file_stream::Incoming::File(_)) => {
+                                                note("file".into());
+                                                held.push(uni);
+                                            }
+                                            Err(_) => break,
+                                        }
+                                    }
+                                }
+                            };
+                            let control = async {
+                                while let Ok(Some(m)) = read_frame::<_, pb::SourceMsg>(&mut recv).await {
+                                    let name = match m.msg {
+                                        Some(source_msg::Msg::ImagesDone(_)) => "ImagesDone",
+                                        Some(source_msg::Msg::Abort(_)) => "Abort",
+                                        _ => "other",
+                                    };
+                                    note(name.into());
+                                }
+                            };
+                            tokio::join!(streams, control);
+                            Ok::<_, Failed>(())
+                        };
+                        if let Err(e) = session.await {
+                            note(format!("session: {}", e.message().unwrap_or("")));
+                        }
+                    });
+                }
+            })
+        });
+        ready.recv().expect("endpoint thread")?;
+        Ok(StalledTarget { seen, stop: Some(stop), thread: Some(thread) })
+    }
+
+    fn saw(&self, what: &str) -> bool {
+        self.seen.lock().expect("seen").iter().any(|s| s == what)
+    }
+}
+
+impl Drop for StalledTarget {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// With the original frozen, the migration ends and the original is resumed when:
+/// - the target stops taking the images while its link stays up (QUIC keep-alives): after the grace
+///   (3 s here), with the cause;
+/// - the source agent is asked to stop (SIGTERM) while it waits for the target's restore: at once,
+///   saying so, and the agent then exits.
+///
+/// Both against a [`StalledTarget`] on b, through a source agent of the case's own on a.
+fn a_stalled_target_or_a_stopping_agent_rolls_back() -> Result<(), Failed> {
+    let tb = tb();
+    let stalled = StalledTarget::start(7460)?;
+    let target = format!("{}:7460", tb.addr("b"));
+    let dir = tb.dir.join(format!("stall-{}", unique()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("source.sock");
+    let sock_s = sock.to_str().expect("utf8").to_string();
+    let agent = start_agent(
+        "a",
+        "source",
+        &tb.dir.join("tls"),
+        &dir.join("state"),
+        &dir.join("log"),
+        &["--control-socket", &sock_s],
+    );
+    let outcome = (|| -> Result<(), Failed> {
+        // Stop-and-copy: 256 MiB of images, far beyond QUIC's windows, which the target never reads.
+        let name = format!("stall{}", unique());
+        let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "41"]);
+        let before = tb.query("a", &name)?;
+        let started = Instant::now();
+        let migrating = {
+            let (target, sock) = (target.clone(), sock.clone());
+            std::thread::spawn(move || {
+                let extra = ["--mode", "stopcopy", "--grace", "3"];
+                TB.get().expect("testbed").run_migrate("a", &[], "migrate", &extra, pid, &target, Some(&sock))
+            })
+        };
+        // Bounded: without a stall watchdog the migration would wait for ever (the agent is killed below).
+        let ended = wait_until(Duration::from_secs(60), || migrating.is_finished());
+        check(ended, "the migration to a stalled target did not end within 60 s")?;
+        let r = migrating.join().expect("migrate thread");
+        let took = started.elapsed();
+        check(!r.success, format!("a migration to a stalled target succeeded: {}", r.json))?;
+        let err = r.json["error"].as_str().unwrap_or_default();
+        check(err.contains("took no data for 3 s"), format!("the error does not name the stall: {err}"))?;
+        // (Its Abort cannot reach it: the files hold the connection's whole flow-control window.)
+        check(stalled.saw("file"), format!("no image file reached the stalled target: {:?}", stalled.seen))?;
+        check(took < Duration::from_secs(30), format!("the stall was seen only after {took:?}"))?;
+        original_resumed_whole(&r, pid, &name, &before)?;
+
+        // Pre-copy: the images fit in QUIC's windows; the target never says it restored. The agent is
+        // asked to stop once ImagesDone has arrived there.
+        let name = format!("stop{}", unique());
+        let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "43"]);
+        let before = tb.query("a", &name)?;
+        let migrating = {
+            let (target, sock) = (target.clone(), sock.clone());
+            std::thread::spawn(move || {
+                let extra = ["--mode", "precopy", "--grace", "60"];
+                TB.get().expect("testbed").run_migrate("a", &[], "migrate", &extra, pid, &target, Some(&sock))
+            })
+        };
+        let done = wait_until(Duration::from_secs(60), || stalled.saw("ImagesDone"));
+        let frozen = tb.state("a", pid);
+        let agent_pid: u32 = std::fs::read_to_string(&agent)?.trim().parse()?;
+        let asked = Instant::now();
+        let _ = tb.exec("a", &["kill", "-TERM", &agent_pid.to_string()]);
+        let ended = wait_until(Duration::from_secs(60), || migrating.is_finished());
+        let answered = asked.elapsed();
+        check(ended, "the migration did not end within 60 s of the agent's SIGTERM")?;
+        let r = migrating.join().expect("migrate thread");
+        let exited = wait_until(Duration::from_secs(10), || tb.state("a", agent_pid).is_none());
+        let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+        check(done, format!("ImagesDone never reached the target: {:?} {log}", stalled.seen))?;
+        check(frozen == Some('T'), format!("the original was not stopped while the target restored: {frozen:?}"))?;
+        check(!r.success, format!("the migration succeeded although its agent was stopped: {}", r.json))?;
+        let err = r.json["error"].as_str().unwrap_or_default();
+        check(err.contains("asked to stop"), format!("the error does not say the agent was stopped: {err}"))?;
+        check(answered < Duration::from_secs(10), format!("the stop took {answered:?} to end the migration"))?;
+        check(exited, format!("the source agent did not exit after SIGTERM: {log}"))?;
+        check(log.contains("stopping"), format!("the agent does not say it stops: {log}"))?;
+        original_resumed_whole(&r, pid, &name, &before)
+    })();
+    stop_rogue("a", &agent);
+    drop(stalled);
+    outcome
+}
+
 /// A target whose certificate is not from the fleet CA is refused before the process is touched, and so
 /// is a source with such a certificate.
 fn foreign_certificates_are_refused() -> Result<(), Failed> {
@@ -1550,6 +1761,7 @@ fn main() {
         ("dropped_link_rolls_back", dropped_link_rolls_back),
         ("a_full_disk_fails_clearly", a_full_disk_fails_clearly),
         ("crashed_source_agent_resumes_the_original", crashed_source_agent_resumes_the_original),
+        ("a_stalled_target_or_a_stopping_agent_rolls_back", a_stalled_target_or_a_stopping_agent_rolls_back),
         ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
         ("unix_connect_reaches_the_server_on_b", external::unix_connect_reaches_the_server_on_b),
         ("unread_bytes_are_read_first_after_the_move", external::unread_bytes_are_read_first_after_the_move),
