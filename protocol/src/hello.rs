@@ -3,9 +3,10 @@
 use crate::pb::Hello;
 
 /// Bumped on any incompatible change of the messages or streams.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 // 3: post-copy faults on a fault link of their own (Prepared.fault_port, FaultLinkHello).
 // 4: post-copy's Detach: the target watches the link until the source has recorded delivery.
+// 5: Failed.copy_gone: after Commit the source resumes its original on the target's word alone.
 
 /// Oldest CRIU that works on current kernels (3.17 fails on the vDSO) and has everything the agents use.
 pub const MIN_CRIU: (u32, u32) = (4, 1);

@@ -160,8 +160,9 @@ struct Migration<'a> {
     options: MigrateOptions,
     /// Post-copy: the target acknowledged the whole pages stream (it may complete without this host).
     delivered: Arc<std::sync::atomic::AtomicBool>,
-    /// Post-copy: the target said it killed its copy.
-    copy_dropped: bool,
+    /// The target said no copy runs there, nor can (Failed.copy_gone): after Commit, the original is
+    /// resumed at once on that word.
+    copy_gone: Arc<std::sync::atomic::AtomicBool>,
     /// A lazy dump's CRIU ending its session (see LazyDump::finish).
     criu_finishing: Option<tokio::task::JoinHandle<Result<criu::Ran, criu::CriuError>>>,
     /// Pre-copy rounds run, their time and bytes on the wire.
@@ -399,7 +400,7 @@ pub async fn run(
         preflight_passed: false,
         options,
         delivered: Default::default(),
-        copy_dropped: false,
+        copy_gone: Default::default(),
         criu_finishing: None,
         rounds: 0,
         precopy_ms: 0.0,
@@ -438,14 +439,18 @@ pub async fn run(
             tracing::warn!(pids = ?m.pids, "rolling back: resuming the original ({e})");
             resume_original(&m.pids, e)?
         }
+        (Err(e), Stage::CommitSent | Stage::PostCopy) if m.copy_gone.load(Ordering::SeqCst) => {
+            // The target killed its copy and saw it exit (it said so): the original must run again.
+            tracing::warn!(pids = ?m.pids, "the target's copy is gone ({e}); resuming the original");
+            resume_original(&m.pids, e)?
+        }
         (Err(_), Stage::CommitSent) => Original::StoppedInDoubt,
-        (Err(_), Stage::PostCopy) if m.delivered.load(Ordering::SeqCst) && !m.copy_dropped => Original::StoppedInDoubt,
+        (Err(_), Stage::PostCopy) if m.delivered.load(Ordering::SeqCst) => Original::StoppedInDoubt,
         (Err(e), Stage::PostCopy) => {
-            // The target killed its copy (it said so), or will: the copy cannot finish without this
-            // host's pages, and the target drops it once the link has been gone for the grace. Wait that
-            // long (and a margin), then the original runs again.
-            let wait =
-                if m.copy_dropped { Duration::ZERO } else { Duration::from_secs(m.options.grace_s) + ROLLBACK_MARGIN };
+            // The target will kill its copy: it cannot finish without this host's pages, and the target
+            // drops it once the link has been gone for the grace. Wait that long (and a margin), then the
+            // original runs again.
+            let wait = Duration::from_secs(m.options.grace_s) + ROLLBACK_MARGIN;
             tracing::warn!(pids = ?m.pids, ?wait, "post-copy failed ({e}); resuming the original once the target has dropped its copy");
             tokio::time::sleep(wait).await;
             resume_original(&m.pids, e)?
@@ -465,7 +470,7 @@ pub async fn run(
         }
         (Err(_), Stage::Untouched) => "refused",
         (Err(_), Stage::Frozen) => "rolled_back",
-        (Err(_), Stage::PostCopy) if original == Original::Running => "rolled_back",
+        (Err(_), Stage::CommitSent | Stage::PostCopy) if original == Original::Running => "rolled_back",
         (Err(_), Stage::CommitSent | Stage::PostCopy) => "in_doubt",
     };
     if result.is_err() && m.preflight_passed {
@@ -494,6 +499,9 @@ pub async fn run(
         let error = if error.ends_with(['.', '?', '!']) { error } else { format!("{error}.") };
         let error = match original {
             Original::Running if m.stage == Stage::Frozen => format!("{error} The original was resumed on this host."),
+            Original::Running if m.copy_gone.load(Ordering::SeqCst) => {
+                format!("{error} The target says its copy is gone; the original was resumed on this host.")
+            }
             Original::Running if m.stage == Stage::PostCopy => format!(
                 "{error} The copy on the target could not get the rest of its memory and was dropped there; the original \
                  was resumed on this host."
@@ -878,7 +886,9 @@ impl Migration<'_> {
             Ok(s) => s,
             Err(e) => {
                 // The target may have said why it stopped a stream (disk full, bad file): prefer its words.
-                let reason = match tokio::time::timeout(Duration::from_secs(2), recv_msg(recv, target)).await {
+                let reason = match tokio::time::timeout(Duration::from_secs(2), recv_msg(recv, target, &self.copy_gone))
+                    .await
+                {
                     Ok(Ok(target_msg::Msg::Failed(f))) => {
                         format!("target {} refused the images: {}", remote.host_name, f.reason)
                     }
@@ -965,7 +975,8 @@ impl Migration<'_> {
 
         // Restore on the target.
         self.phase(Phase::Restore, format!("{} is restoring", remote.host_name));
-        let restoring = recv_within(recv, target, restore_deadline(total), &remote.host_name, "finish restoring");
+        let restoring =
+            recv_within(recv, target, &self.copy_gone, restore_deadline(total), &remote.host_name, "finish restoring");
         let restored = match unless_failed(restoring, &mut postcopy_failed).await? {
             target_msg::Msg::Restored(r) => r,
             other => return Err(unexpected(target, &other, "Restored")),
@@ -998,7 +1009,8 @@ impl Migration<'_> {
         if let Some(start) = stream_start.take() {
             let _ = start.send(());
         }
-        let resuming = recv_within(recv, target, COMMIT_TIMEOUT, &remote.host_name, "confirm the commit");
+        let resuming =
+            recv_within(recv, target, &self.copy_gone, COMMIT_TIMEOUT, &remote.host_name, "confirm the commit");
         let resumed = match unless_failed(resuming, &mut postcopy_failed).await? {
             target_msg::Msg::Resumed(r) => r,
             other => return Err(unexpected(target, &other, "Resumed")),
@@ -1019,7 +1031,9 @@ impl Migration<'_> {
                 "its memory is being filled in"
             };
             self.phase(Phase::Complete, format!("pid {pid}: post-copy: the copy runs on {}; {what}", remote.host_name));
-            let completing = recv_within(recv, target, COMPLETE_TIMEOUT, &remote.host_name, "finish the post-copy");
+            let copy_gone = self.copy_gone.clone();
+            let completing =
+                recv_within(recv, target, &copy_gone, COMPLETE_TIMEOUT, &remote.host_name, "finish the post-copy");
             let completing = unless_failed(completing, &mut postcopy_failed);
             tokio::pin!(completing);
             let answer = loop {
@@ -1044,8 +1058,6 @@ impl Migration<'_> {
                 Ok(target_msg::Msg::Complete(c)) => (ms(frozen_at.elapsed()), c),
                 Ok(other) => return Err(unexpected(target, &other, "Complete")),
                 Err(e) => {
-                    // A Failed from the target means it killed its copy (see target-agent's session).
-                    self.copy_dropped = e.starts_with(&format!("target {target} refused at post-copy"));
                     let why = match background {
                         Some(task) if task.is_finished() => task.await.ok().and_then(|r| r.err()),
                         _ => None,
@@ -1399,7 +1411,7 @@ async fn prepare(
     write_frame(&mut *s.send.lock().await, &pb::SourceMsg { msg: Some(source_msg::Msg::Prepare(msg)) })
         .await
         .map_err(link(target))?;
-    match recv_msg(&mut *s.recv.lock().await, target).await? {
+    match recv_msg(&mut *s.recv.lock().await, target, &Default::default()).await? {
         target_msg::Msg::Prepared(p) => Ok(p),
         other => Err(unexpected(target, &other, "Prepared")),
     }
@@ -1566,9 +1578,18 @@ fn link_failed(target: &str, e: &ProtocolError) -> String {
     }
 }
 
-async fn recv_msg(recv: &mut quinn::RecvStream, target: &str) -> Result<target_msg::Msg, String> {
+/// The target's next message; its Failed is an error, and `copy_gone` is set when it says its copy is
+/// gone.
+async fn recv_msg(
+    recv: &mut quinn::RecvStream,
+    target: &str,
+    copy_gone: &std::sync::atomic::AtomicBool,
+) -> Result<target_msg::Msg, String> {
     match read_frame::<_, pb::TargetMsg>(recv).await {
         Ok(Some(pb::TargetMsg { msg: Some(target_msg::Msg::Failed(f)) })) => {
+            if f.copy_gone {
+                copy_gone.store(true, Ordering::SeqCst);
+            }
             Err(format!("target {target} refused at {}: {}", f.stage, f.reason))
         }
         Ok(Some(pb::TargetMsg { msg: Some(m) })) => Ok(m),
@@ -1582,11 +1603,12 @@ async fn recv_msg(recv: &mut quinn::RecvStream, target: &str) -> Result<target_m
 async fn recv_within(
     recv: &mut quinn::RecvStream,
     target: &str,
+    copy_gone: &std::sync::atomic::AtomicBool,
     limit: Duration,
     host: &str,
     what: &str,
 ) -> Result<target_msg::Msg, String> {
-    tokio::time::timeout(limit, recv_msg(recv, target))
+    tokio::time::timeout(limit, recv_msg(recv, target, copy_gone))
         .await
         .map_err(|_| format!("{host} did not {what} within {}s", limit.as_secs()))?
 }

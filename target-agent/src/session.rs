@@ -77,6 +77,8 @@ struct Record {
     pid: u32,
     /// A copy was restored (and killed unless committed).
     restored: bool,
+    /// The restored copy was killed and has exited ([`StoppedCopy`]).
+    copy_killed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +98,6 @@ enum SessionError {
     Aborted(String),
     #[error("answered a check (or refused with blockers); nothing to receive")]
     Checked,
-    #[error("no Commit within {0:?}: the restored copy was killed")]
-    CommitTimeout(Duration),
 }
 
 fn refuse(stage: &'static str, reason: impl Into<String>) -> SessionError {
@@ -194,9 +194,9 @@ async fn serve(
     let result = serve_control(ctx, conn, &mut send, &mut recv, work_dir, rec).await;
     if let Err(SessionError::Refused { stage, reason }) = &result {
         // Best effort: the source learns why; the connection may already be gone.
-        let _ =
-            send_msg(&mut send, target_msg::Msg::Failed(pb::Failed { stage: (*stage).into(), reason: reason.clone() }))
-                .await;
+        let copy_gone = !rec.restored || rec.copy_killed.load(std::sync::atomic::Ordering::SeqCst);
+        let failed = pb::Failed { stage: (*stage).into(), reason: reason.clone(), copy_gone };
+        let _ = send_msg(&mut send, target_msg::Msg::Failed(failed)).await;
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     }
@@ -365,7 +365,7 @@ async fn serve_control(
     set_phase("commit");
     let pids = criu::tree::processes(root).unwrap_or_else(|_| vec![root]);
     tracing::info!(root, ?pids, elapsed = ?started.elapsed(), "restored, stopped until commit");
-    let mut copy = StoppedCopy { pids: pids.clone(), committed: false };
+    let mut copy = StoppedCopy { pids: pids.clone(), committed: false, killed: rec.copy_killed.clone() };
     // Lazy memory: should this agent die before every page is in place, the copy dies with it.
     let watchdog = if done.lazy {
         Some(
@@ -386,12 +386,28 @@ async fn serve_control(
 
     // Commit or drop.
     let msg = match tokio::time::timeout(ctx.cfg.commit_timeout, recv_msg(recv)).await {
-        Err(_) => return Err(SessionError::CommitTimeout(ctx.cfg.commit_timeout)),
+        Err(_) => {
+            let waited = ctx.cfg.commit_timeout;
+            return Err(refuse("commit", format!("no Commit within {waited:?}: the restored copy was killed")));
+        }
         Ok(m) => m?,
     };
     match msg {
         source_msg::Msg::Commit(_) => {}
         other => return Err(unexpected(&other, "Commit")),
+    }
+    // A process of the stopped copy that died (the OOM killer, an operator's kill) leaves a broken tree:
+    // the copy is killed instead of run, and the source, told so (Failed.copy_gone), resumes its original.
+    if let Some(dead) = pids.iter().find(|&&p| !criu::tree::is_alive(p)) {
+        let what = if *dead == root { "its root" } else { "one of its processes" };
+        return Err(refuse(
+            "resume",
+            format!(
+                "restored pid {dead} ({what}) died before the copy could run (killed on {}: see its kernel log for \
+                 the OOM killer); the copy was killed",
+                ctx.hello.host_name
+            ),
+        ));
     }
     // Lazy memory: until it is filled in, the copy is killed here if that fails (post-copy: if the rest
     // of its memory cannot arrive), and the source resumes its original.
@@ -516,6 +532,8 @@ impl Drop for LazyCopy {
 struct StoppedCopy {
     pids: Vec<u32>,
     committed: bool,
+    /// Set once it was killed and every process of it has exited: the source may resume its original.
+    killed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for StoppedCopy {
@@ -524,8 +542,9 @@ impl Drop for StoppedCopy {
             tracing::warn!(pids = ?self.pids, "killing the restored copy: the source keeps the original");
             // Waits (briefly: a stopped copy whose memory is mostly lazy exits fast) so that the copy is
             // gone before the source hears that it may resume the original.
-            if let Err(e) = criu::tree::kill_all(&self.pids, std::time::Duration::from_secs(5)) {
-                tracing::error!("could not kill the restored copy {:?}: {e}", self.pids);
+            match criu::tree::kill_all(&self.pids, std::time::Duration::from_secs(5)) {
+                Ok(()) => self.killed.store(true, std::sync::atomic::Ordering::SeqCst),
+                Err(e) => tracing::error!("could not kill the restored copy {:?}: {e}", self.pids),
             }
         }
     }

@@ -1322,6 +1322,62 @@ fn a_stalled_target_or_a_stopping_agent_rolls_back() -> Result<(), Failed> {
     outcome
 }
 
+/// A restored copy that dies while it waits, stopped, for the commit (the OOM killer, an operator's
+/// kill) is not run: the target kills what is left of it and says its copy is gone, and the source
+/// resumes the original at once instead of killing it. The window is held open by stopping (SIGSTOP) a
+/// source agent of the case's own while b restores; stop-and-copy, so that the restore of 256 MiB of
+/// images takes long enough to catch.
+fn a_copy_that_dies_before_it_runs_is_not_taken_for_a_move() -> Result<(), Failed> {
+    let tb = tb();
+    let dir = tb.dir.join(format!("dies-{}", unique()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("source.sock");
+    let sock_s = sock.to_str().expect("utf8").to_string();
+    let log = dir.join("log");
+    let agent =
+        start_agent("a", "source", &tb.dir.join("tls"), &dir.join("state"), &log, &["--control-socket", &sock_s]);
+    let agent_pid: u32 = std::fs::read_to_string(&agent)?.trim().parse()?;
+    let name = format!("dies{}", unique());
+    let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "47"]);
+    let before = tb.query("a", &name)?;
+    let migrating = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            let tb = TB.get().expect("testbed");
+            tb.run_migrate("a", &[], "migrate", &["--mode", "stopcopy"], pid, &tb.addr("b"), Some(&sock))
+        })
+    };
+    let outcome = (|| -> Result<(), Failed> {
+        // "b is restoring": the source waits for Restored; stop it before it can send Commit.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(&log).unwrap_or_default().contains("is restoring") {
+            check(Instant::now() < deadline, "the source never waited for a restore")?;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = tb.exec("a", &["kill", "-STOP", &agent_pid.to_string()]);
+        let restored = wait_until(Duration::from_secs(30), || tb.state("b", pid) == Some('T'));
+        let committed = std::fs::read_to_string(&log).unwrap_or_default().contains("committing");
+        check(restored && !committed, format!("no stopped copy on b before the commit (committed: {committed})"))?;
+        tb.kill("b", pid);
+        check(wait_until(Duration::from_secs(10), || !tb.running("b", pid)), "the copy on b survived SIGKILL")?;
+        let _ = tb.exec("a", &["kill", "-CONT", &agent_pid.to_string()]);
+        check(wait_until(Duration::from_secs(60), || migrating.is_finished()), "the migration did not end")?;
+        Ok(())
+    })();
+    let _ = tb.exec("a", &["kill", "-CONT", &agent_pid.to_string()]);
+    let r = if migrating.is_finished() { Some(migrating.join().expect("migrate thread")) } else { None };
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    stop_rogue("a", &agent);
+    outcome?;
+    let r = r.expect("finished");
+    check(!r.success, format!("a migration whose copy died succeeded: {}", r.json))?;
+    let err = r.json["error"].as_str().unwrap_or_default();
+    check(err.contains("died before the copy could run"), format!("the error does not say the copy died: {err}"))?;
+    check(err.contains("says its copy is gone"), format!("{err}\n{log_text}"))?;
+    no_copy_left_on_b(pid)?;
+    original_resumed_whole(&r, pid, &name, &before)
+}
+
 /// A target whose certificate is not from the fleet CA is refused before the process is touched, and so
 /// is a source with such a certificate.
 fn foreign_certificates_are_refused() -> Result<(), Failed> {
@@ -1762,6 +1818,10 @@ fn main() {
         ("a_full_disk_fails_clearly", a_full_disk_fails_clearly),
         ("crashed_source_agent_resumes_the_original", crashed_source_agent_resumes_the_original),
         ("a_stalled_target_or_a_stopping_agent_rolls_back", a_stalled_target_or_a_stopping_agent_rolls_back),
+        (
+            "a_copy_that_dies_before_it_runs_is_not_taken_for_a_move",
+            a_copy_that_dies_before_it_runs_is_not_taken_for_a_move,
+        ),
         ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
         ("unix_connect_reaches_the_server_on_b", external::unix_connect_reaches_the_server_on_b),
         ("unread_bytes_are_read_first_after_the_move", external::unread_bytes_are_read_first_after_the_move),
