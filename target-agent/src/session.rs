@@ -20,10 +20,11 @@
 //! within `commit_timeout` → the copy is killed here, and the source resumes its original. With lazy
 //! memory the copy runs from Commit on, and is killed here if filling it in fails, or (post-copy) if the
 //! rest of its memory cannot arrive: the link silent for the grace, or the pages stream broken; the
-//! Failed says so and the source resumes its original. If this agent dies meanwhile, its watchdog
-//! (crate::watchdog) kills the copy. After Complete (stop-and-copy: after Commit) the copy runs whatever
-//! happens; the source kills its original only then, and otherwise leaves it stopped and says so (at most
-//! one copy ever runs).
+//! Failed says so (with `copy_gone` once the copy has exited) and the source resumes its original. A
+//! process of the stopped copy that died before Commit (the OOM killer) fails the resume the same way.
+//! If this agent dies from the restore on, its watchdog (crate::watchdog) kills the copy. After Complete
+//! (stop-and-copy: after Commit) the copy runs whatever happens; the source kills its original only then,
+//! and otherwise leaves it stopped and says so (at most one copy ever runs).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -366,15 +367,12 @@ async fn serve_control(
     let pids = criu::tree::processes(root).unwrap_or_else(|_| vec![root]);
     tracing::info!(root, ?pids, elapsed = ?started.elapsed(), "restored, stopped until commit");
     let mut copy = StoppedCopy { pids: pids.clone(), committed: false, killed: rec.copy_killed.clone() };
-    // Lazy memory: should this agent die before every page is in place, the copy dies with it.
-    let watchdog = if done.lazy {
-        Some(
-            crate::watchdog::Watchdog::arm(std::path::Path::new("/proc/self/exe"), &pids)
-                .map_err(|e| refuse("restore", format!("cannot start the watchdog: {e}")))?,
-        )
-    } else {
-        None
-    };
+    // Should this agent die before the copy may live on its own (stop-and-copy: before it runs; lazy
+    // memory: before every page is in place), the copy dies with it: the source resumes its original.
+    let mut watchdog = Some(
+        crate::watchdog::Watchdog::arm(std::path::Path::new("/proc/self/exe"), &pids)
+            .map_err(|e| refuse("restore", format!("cannot start the watchdog: {e}")))?,
+    );
     send_msg(
         send,
         target_msg::Msg::Restored(pb::Restored {
@@ -415,6 +413,11 @@ async fn serve_control(
     criu::tree::resume(&pids).map_err(|e| refuse("resume", format!("restored pid {root}: {e}")))?;
     // The outside terminals handed in hang up now, as when their client has gone.
     drop(masters);
+    if !done.lazy
+        && let Some(w) = watchdog.take()
+    {
+        w.release();
+    }
     send_msg(send, target_msg::Msg::Resumed(pb::Resumed { root_pid: root })).await?;
     if let Some(mut l) = lazy {
         // The copy runs; the daemon fills the rest of its memory from the page store (post-copy: as
@@ -475,7 +478,7 @@ async fn serve_control(
             Ok(Ok(s)) => {
                 tracing::info!(?s, "every lazy page is in place");
                 copy.committed = true;
-                if let Some(w) = watchdog {
+                if let Some(w) = watchdog.take() {
                     w.release();
                 }
                 pb::Complete {

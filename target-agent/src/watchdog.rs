@@ -1,6 +1,6 @@
-//! A restored copy that still depends on this agent (its memory is being filled in through
-//! userfaultfd) must not outlive the agent: without the daemon, the pages it has not received yet would
-//! read as zeros. The watchdog is a small process that holds the read end of a pipe whose write end
+//! A restored copy that still depends on this agent must not outlive the agent: one waiting, stopped,
+//! for the source's commit would stay there holding its pids, and one whose memory is being filled in
+//! through userfaultfd would, without the daemon, read zeros for the pages it has not received yet. The watchdog is a small process that holds the read end of a pipe whose write end
 //! only the agent holds. When the agent releases it (every page is in place), it exits; when the pipe
 //! closes without a release (the agent died, or gave the copy up), it SIGKILLs the copy.
 //!

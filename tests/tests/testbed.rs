@@ -1322,6 +1322,77 @@ fn a_stalled_target_or_a_stopping_agent_rolls_back() -> Result<(), Failed> {
     outcome
 }
 
+/// Holds a stop-and-copy of `pid` through the source agent `agent_pid` (its log at `log`) between the
+/// restore on b and the commit: stops (SIGSTOP) the agent once it waits for the restore, and returns
+/// once the copy exists on b, stopped. The restore of 256 MiB of images takes long enough to catch.
+fn hold_before_commit(log: &Path, agent_pid: u32, pid: u32) -> Result<(), Failed> {
+    let tb = tb();
+    // "b is restoring": the source waits for Restored; stop it before it can send Commit.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(log).unwrap_or_default().contains("is restoring") {
+        check(Instant::now() < deadline, "the source never waited for a restore")?;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = tb.exec("a", &["kill", "-STOP", &agent_pid.to_string()]);
+    let restored = wait_until(Duration::from_secs(30), || tb.state("b", pid) == Some('T'));
+    let committed = std::fs::read_to_string(log).unwrap_or_default().contains("committing");
+    check(restored && !committed, format!("no stopped copy on b before the commit (committed: {committed})"))
+}
+
+/// Stop-and-copy: the target agent dies (SIGKILL) while its restored copy waits, stopped, for the
+/// commit. The watchdog it left kills the copy, so that it does not stay there holding its pids. The
+/// source agent, held between restore and commit ([`hold_before_commit`]), is then killed too (had it
+/// gone on, it might have sent Commit before it noticed the target's death, and kept the original
+/// stopped, in doubt, as it must); started again, it resumes the original from its journal. A source
+/// agent and a target agent of the case's own.
+fn a_dead_target_agent_leaves_no_stopped_copy() -> Result<(), Failed> {
+    let tb = tb();
+    let dir = tb.dir.join(format!("tdies-{}", unique()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("source.sock");
+    let sock_s = sock.to_str().expect("utf8").to_string();
+    let log = dir.join("source.log");
+    let tls = tb.dir.join("tls");
+    let source = start_agent("a", "source", &tls, &dir.join("source"), &log, &["--control-socket", &sock_s]);
+    let agent_pid: u32 = std::fs::read_to_string(&source)?.trim().parse()?;
+    let extra = ["--listen", "0.0.0.0:7454", "--fault-listen", "0.0.0.0:7455"];
+    let target_agent = start_agent("b", "target", &tls, &dir.join("target"), &dir.join("target.log"), &extra);
+    let name = format!("tdies{}", unique());
+    let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "53"]);
+    let before = tb.query("a", &name)?;
+    let migrating = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            let tb = TB.get().expect("testbed");
+            let target = format!("{}:7454", tb.addr("b"));
+            tb.run_migrate("a", &[], "migrate", &["--mode", "stopcopy", "--grace", "3"], pid, &target, Some(&sock))
+        })
+    };
+    let outcome = (|| -> Result<(), Failed> {
+        hold_before_commit(&log, agent_pid, pid)?;
+        stop_rogue("b", &target_agent);
+        let gone = copy_gone_from_b(pid, Duration::from_secs(10));
+        check(gone, format!("the stopped copy outlived its target agent (state {:?})", tb.state("b", pid)))?;
+        stop_rogue("a", &source);
+        let r = migrating.join().expect("migrate thread");
+        check(!r.success, format!("a migration whose agents died succeeded: {}", r.json))?;
+        let again = dir.join("again.log");
+        let second = start_agent("a", "source", &tls, &dir.join("source"), &again, &["--control-socket", &sock_s]);
+        let resumed = wait_until(Duration::from_secs(30), || tb.running("a", pid));
+        stop_rogue("a", &second);
+        let again = std::fs::read_to_string(&again).unwrap_or_default();
+        check(resumed, format!("the original was not resumed (state {:?}): {again}", tb.state("a", pid)))?;
+        let after = tb.query("a", &name)?;
+        check(after["checksum"] == before["checksum"], "the original's memory changed")?;
+        check(counter_advances("a", &name, &after), "the original's counter does not advance")
+    })();
+    let _ = tb.exec("a", &["kill", "-CONT", &agent_pid.to_string()]);
+    stop_rogue("b", &target_agent);
+    stop_rogue("a", &source);
+    tb.kill("a", pid);
+    outcome
+}
+
 /// A restored copy that dies while it waits, stopped, for the commit (the OOM killer, an operator's
 /// kill) is not run: the target kills what is left of it and says its copy is gone, and the source
 /// resumes the original at once instead of killing it. The window is held open by stopping (SIGSTOP) a
@@ -1348,16 +1419,7 @@ fn a_copy_that_dies_before_it_runs_is_not_taken_for_a_move() -> Result<(), Faile
         })
     };
     let outcome = (|| -> Result<(), Failed> {
-        // "b is restoring": the source waits for Restored; stop it before it can send Commit.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !std::fs::read_to_string(&log).unwrap_or_default().contains("is restoring") {
-            check(Instant::now() < deadline, "the source never waited for a restore")?;
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let _ = tb.exec("a", &["kill", "-STOP", &agent_pid.to_string()]);
-        let restored = wait_until(Duration::from_secs(30), || tb.state("b", pid) == Some('T'));
-        let committed = std::fs::read_to_string(&log).unwrap_or_default().contains("committing");
-        check(restored && !committed, format!("no stopped copy on b before the commit (committed: {committed})"))?;
+        hold_before_commit(&log, agent_pid, pid)?;
         tb.kill("b", pid);
         check(wait_until(Duration::from_secs(10), || !tb.running("b", pid)), "the copy on b survived SIGKILL")?;
         let _ = tb.exec("a", &["kill", "-CONT", &agent_pid.to_string()]);
@@ -1822,6 +1884,7 @@ fn main() {
             "a_copy_that_dies_before_it_runs_is_not_taken_for_a_move",
             a_copy_that_dies_before_it_runs_is_not_taken_for_a_move,
         ),
+        ("a_dead_target_agent_leaves_no_stopped_copy", a_dead_target_agent_leaves_no_stopped_copy),
         ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
         ("unix_connect_reaches_the_server_on_b", external::unix_connect_reaches_the_server_on_b),
         ("unread_bytes_are_read_first_after_the_move", external::unread_bytes_are_read_first_after_the_move),
