@@ -54,9 +54,11 @@ async fn client(stream: UnixStream, ctx: Arc<Context>) -> std::io::Result<()> {
                 return w.write_all(&send(&ev)).await;
             }
             tracing::info!(pid, %target, uid = cred.uid(), "migrate requested");
+            // Tracked until the last event is written, so that a stopping agent waits for the migration
+            // and its answer to the command (see crate::run).
+            let _tracked = ctx.jobs.token();
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            // Tracked, so that a stopping agent waits for it (see crate::run).
-            let job = ctx.jobs.clone().spawn(async move {
+            let job = tokio::spawn(async move {
                 let r = migration::run(&ctx, pid, &target, options, &rules, cred.uid(), tx.clone()).await;
                 let ev = match r {
                     Ok(summary) => Event::Done { summary },
