@@ -77,6 +77,28 @@ pub enum ProtocolError {
     Tls(String),
 }
 
+/// Most characters of a peer's free text (a reason, a stage, a host name) kept for logs and errors.
+pub const PEER_TEXT_MAX: usize = 512;
+
+/// A peer's free text, made safe to log and to show: at most [`PEER_TEXT_MAX`] characters, control
+/// characters (newlines, terminal escapes) escaped. A message may carry up to a frame's limit (1 MiB)
+/// of anything; a hostile peer must not be able to flood a log or forge its lines.
+pub fn peer_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(PEER_TEXT_MAX));
+    for (i, c) in s.chars().enumerate() {
+        if i == PEER_TEXT_MAX {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl ProtocolError {
     /// The reason the peer gave, when what ended this stream is the peer closing the whole connection on
     /// purpose (a QUIC application close: a target that refused a file, ran out of disk, ...). Its words
@@ -90,10 +112,22 @@ impl ProtocolError {
         };
         match lost {
             quinn::ConnectionError::ApplicationClosed(close) => {
-                Some(String::from_utf8_lossy(&close.reason).into_owned())
+                Some(peer_text(&String::from_utf8_lossy(&close.reason)))
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod peer_text_tests {
+    #[test]
+    fn peer_text_escapes_control_characters_and_caps_the_length() {
+        assert_eq!(super::peer_text("disk full"), "disk full");
+        assert_eq!(super::peer_text("a\nWARN forged\x1b[2J"), "a\\nWARN forged\\u{1b}[2J");
+        assert_eq!(super::peer_text("é ü"), "é ü", "printable UTF-8 stays");
+        let long = super::peer_text(&"x".repeat(1 << 20));
+        assert_eq!(long.len(), super::PEER_TEXT_MAX + 3);
     }
 }
 

@@ -890,7 +890,7 @@ impl Migration<'_> {
                     .await
                 {
                     Ok(Ok(target_msg::Msg::Failed(f))) => {
-                        format!("target {} refused the images: {}", remote.host_name, f.reason)
+                        format!("target {} refused the images: {}", remote.host_name, protocol::peer_text(&f.reason))
                     }
                     _ => match conn.close_reason() {
                         Some(quinn::ConnectionError::TimedOut) => format!(
@@ -900,7 +900,7 @@ impl Migration<'_> {
                         Some(quinn::ConnectionError::ApplicationClosed(c)) => format!(
                             "target {} refused the images: {}",
                             remote.host_name,
-                            String::from_utf8_lossy(&c.reason)
+                            protocol::peer_text(&String::from_utf8_lossy(&c.reason))
                         ),
                         Some(why) => format!("link to {target} lost while sending the images: {why}; {e}"),
                         None => format!("sending the images to {target} failed: {e}"),
@@ -1352,7 +1352,10 @@ async fn connect_with(ctx: &Context, target: &str, grace: Duration) -> Result<Se
             .await
             .map_err(|e| e.to_string())?;
         let remote = match read_frame::<_, pb::TargetMsg>(&mut recv).await {
-            Ok(Some(pb::TargetMsg { msg: Some(target_msg::Msg::Hello(h)) })) => h,
+            Ok(Some(pb::TargetMsg { msg: Some(target_msg::Msg::Hello(mut h)) })) => {
+                h.host_name = protocol::peer_text(&h.host_name);
+                h
+            }
             Ok(other) => return Err(format!("expected Hello, got {other:?}")),
             Err(e) => return Err(e.to_string()),
         };
@@ -1590,7 +1593,11 @@ async fn recv_msg(
             if f.copy_gone {
                 copy_gone.store(true, Ordering::SeqCst);
             }
-            Err(format!("target {target} refused at {}: {}", f.stage, f.reason))
+            Err(format!(
+                "target {target} refused at {}: {}",
+                protocol::peer_text(&f.stage),
+                protocol::peer_text(&f.reason)
+            ))
         }
         Ok(Some(pb::TargetMsg { msg: Some(m) })) => Ok(m),
         Ok(Some(pb::TargetMsg { msg: None })) => Err(format!("target {target} sent an empty message")),

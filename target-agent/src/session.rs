@@ -170,7 +170,7 @@ async fn recv_msg(recv: &mut quinn::RecvStream) -> Result<source_msg::Msg, Sessi
 
 fn unexpected(got: &source_msg::Msg, expected: &'static str) -> SessionError {
     let got = match got {
-        source_msg::Msg::Abort(a) => return SessionError::Aborted(a.reason.clone()),
+        source_msg::Msg::Abort(a) => return SessionError::Aborted(protocol::peer_text(&a.reason)),
         source_msg::Msg::Hello(_) => "Hello".into(),
         source_msg::Msg::Prepare(_) => "Prepare".into(),
         source_msg::Msg::ImagesDone(_) => "ImagesDone".into(),
@@ -214,7 +214,10 @@ async fn serve_control(
 ) -> Result<u32, SessionError> {
     // Hello
     let hello = match recv_msg(recv).await? {
-        source_msg::Msg::Hello(h) => h,
+        source_msg::Msg::Hello(mut h) => {
+            h.host_name = protocol::peer_text(&h.host_name);
+            h
+        }
         other => return Err(unexpected(&other, "Hello")),
     };
     send_msg(send, target_msg::Msg::Hello(ctx.hello.clone())).await?;
@@ -227,7 +230,7 @@ async fn serve_control(
     };
     names::check_image_name(&prepare.migration_id).map_err(|e| refuse("prepare", format!("migration id: {e}")))?;
     tracing::Span::current().record("id", prepare.migration_id.as_str());
-    tracing::info!(from = %hello.host_name, pids = ?prepare.pids, comm = %prepare.comm, "prepare");
+    tracing::info!(from = %hello.host_name, pids = ?prepare.pids, comm = %protocol::peer_text(&prepare.comm), "prepare");
     if prepare.files.len() > MAX_CHECKED_FILES || prepare.pids.len() > MAX_CHECKED_FILES {
         return Err(refuse("prepare", format!("more than {MAX_CHECKED_FILES} pids or files to check")));
     }
@@ -641,6 +644,9 @@ async fn receive_files(
 ) {
     let budget = Arc::new(AtomicU64::new(budget));
     let pages_tx = Arc::new(std::sync::Mutex::new(Some(pages_tx)));
+    // Names taken so far: a second stream with one of them would overwrite the file, or delete it when
+    // it fails.
+    let names = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
     let inc = Arc::new(inc);
     let mut count = 0usize;
     while let Ok(mut stream) = inc.conn.accept_uni().await {
@@ -649,7 +655,8 @@ async fn receive_files(
             let _ = tx.send(Err(format!("more than {MAX_FILES} files"))).await;
             return;
         }
-        let (inc, tx, budget, pages_tx) = (inc.clone(), tx.clone(), budget.clone(), pages_tx.clone());
+        let (inc, tx, budget, pages_tx, names) =
+            (inc.clone(), tx.clone(), budget.clone(), pages_tx.clone(), names.clone());
         tokio::spawn(async move {
             let (dir, id, stats) = (&inc.dir, &inc.id, &inc.stats);
             let header = file_stream::read_stream_header(&mut stream).await.map_err(|e| e.to_string());
@@ -678,7 +685,14 @@ async fn receive_files(
                 let framed = pb::StreamHeader { kind: Some(pb::stream_header::Kind::File(h.clone())) };
                 stats.bytes_received.add(4 + prost::Message::encoded_len(&framed) as u64);
                 if &h.migration_id != id {
-                    return Err(format!("file {} belongs to migration {:?}, not {id:?}", h.name, h.migration_id));
+                    return Err(format!(
+                        "file {} belongs to migration {:?}, not {id:?}",
+                        h.name,
+                        protocol::peer_text(&h.migration_id)
+                    ));
+                }
+                if !names.lock().expect("names lock").insert(h.name.clone()) {
+                    return Err(format!("file {} was sent twice", h.name));
                 }
                 let reserved = budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(h.size));
                 if reserved.is_err() {

@@ -1591,6 +1591,31 @@ fn hostile_peer_is_cut_off() -> Result<(), Failed> {
                     reasons.push(format!("expected {expect:?} in the close reason, got {reason:?}"));
                 }
             }
+            // Two streams with one file name: the second is refused (it would overwrite the first, or
+            // delete it when it failed). Headers only, so that the first is still open when the second
+            // comes.
+            {
+                let conn = endpoint.connect(format!("127.0.0.1:{port}").parse()?, "b")?.await?;
+                let (mut send, mut recv) = conn.open_bi().await?;
+                write_frame(&mut send, &msg(source_msg::Msg::Hello(hello.clone()))).await?;
+                write_frame(&mut send, &prepare("h1")).await?;
+                for _ in 0..2 {
+                    protocol::frame::read_frame::<_, pb::TargetMsg>(&mut recv).await?; // Hello, Prepared
+                }
+                let (h, _) = file("core-1.img", 5);
+                let mut first = conn.open_uni().await?;
+                write_frame(&mut first, &h).await?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut second = conn.open_uni().await?;
+                write_frame(&mut second, &h).await?;
+                let reason = match tokio::time::timeout(Duration::from_secs(10), conn.closed()).await {
+                    Ok(e) => e.to_string(),
+                    Err(_) => "the connection was not closed".into(),
+                };
+                if !reason.contains("sent twice") {
+                    reasons.push(format!("a file name sent twice: got {reason:?}"));
+                }
+            }
             // Fault links: while no migration waits for one, refused before the handshake; while one
             // waits, a link naming another migration is refused, so no session ever sends its fault
             // requests to a stranger.
