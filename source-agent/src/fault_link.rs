@@ -133,7 +133,17 @@ async fn answer(
         }
         let _ = hints.send((req.pid, req.vaddr));
         // One page from a stopped process: a few microseconds, done right here.
-        let out = precopy::fault_answer(req.pid, req.vaddr);
+        let Some(out) = precopy::fault_answer(req.pid, req.vaddr) else {
+            // The lazy memory of a stopped tree that cannot be read: its zero-fill would be a wrong page.
+            // Left unanswered, the fault waits for the pages stream, whose pass over the frozen tree fails
+            // on the same page: the copy is then killed and the original resumed.
+            tracing::error!(
+                pid = req.pid,
+                vaddr = req.vaddr,
+                "a page of the frozen tree cannot be read: fault not answered"
+            );
+            continue;
+        };
         link.send.write_all(&out).await.map_err(|e| format!("fault link: {e}"))?;
         wire.fetch_add(out.len() as u64, Ordering::Relaxed);
     }

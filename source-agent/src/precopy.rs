@@ -692,21 +692,24 @@ pub async fn send_end<W: pages::BatchSink>(stream: &mut W, total: u64) -> Result
 }
 
 /// One page of a stopped tree, encoded as the answer to a fault (a frozen batch with one record).
-pub fn fault_answer(pid: u32, vaddr: u64) -> Vec<u8> {
+/// None when the page cannot be read: answering it as zeros would hand the copy a wrong page.
+pub fn fault_answer(pid: u32, vaddr: u64) -> Option<Vec<u8>> {
     let mut page = vec![0u8; PAGE_SIZE];
     let mut got = [false];
     read_pages(pid, vaddr, &[true], &mut page, &mut got);
+    if !got[0] {
+        return None;
+    }
     let mut batch = pb::PageBatch { pid, frozen: true, ..Default::default() };
     let mut out = Vec::with_capacity(PAGE_SIZE + 64);
-    if got[0] && !is_zero(&page) {
-        batch.data.push(vaddr);
-        pages::encode_batch(&batch, &page, None, &mut out);
-    } else {
-        // All zeros, or not readable (no longer mapped): the target zero-fills it.
+    if is_zero(&page) {
         batch.zero.push(vaddr);
         pages::encode_batch(&batch, &[], None, &mut out);
+    } else {
+        batch.data.push(vaddr);
+        pages::encode_batch(&batch, &page, None, &mut out);
     }
-    out
+    Some(out)
 }
 
 /// Reads pagemap entries for the pages from `addr`.
@@ -845,6 +848,27 @@ pub fn decide(policy: &Policy, rounds: &[RoundStats]) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fault on a page that cannot be read gets no answer (zeros would be a wrong page); a readable one
+    /// gets its bytes, and a page of zeros a zero record.
+    #[test]
+    fn a_fault_on_an_unreadable_page_is_not_answered_with_zeros() {
+        let pid = std::process::id();
+        let data: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i / PAGE_SIZE) as u8 * 7 + 3).collect();
+        let page = (data.as_ptr() as u64).next_multiple_of(PAGE_SIZE as u64);
+        let answer = fault_answer(pid, page).expect("a mapped page");
+        let (batch, bytes, _) = futures::executor::block_on(pages::read_batch(&mut answer.as_slice()))
+            .expect("decodes")
+            .expect("one batch");
+        let off = (page - data.as_ptr() as u64) as usize;
+        assert_eq!((batch.data, &bytes[..]), (vec![page], &data[off..off + PAGE_SIZE]));
+        let zeros = vec![0u8; 2 * PAGE_SIZE];
+        let zero = (zeros.as_ptr() as u64).next_multiple_of(PAGE_SIZE as u64);
+        let answer = fault_answer(pid, zero).expect("a mapped page");
+        let (batch, _, _) = futures::executor::block_on(pages::read_batch(&mut answer.as_slice())).unwrap().unwrap();
+        assert_eq!(batch.zero, vec![zero]);
+        assert!(fault_answer(pid, 0x1000).is_none(), "page 0x1000 is never mapped");
+    }
 
     #[test]
     fn held_pages_decide_what_crosses() {
