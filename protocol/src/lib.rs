@@ -120,20 +120,17 @@ impl ProtocolError {
 }
 
 #[cfg(test)]
-mod peer_text_tests {
-    #[test]
-    fn peer_text_escapes_control_characters_and_caps_the_length() {
-        assert_eq!(super::peer_text("disk full"), "disk full");
-        assert_eq!(super::peer_text("a\nWARN forged\x1b[2J"), "a\\nWARN forged\\u{1b}[2J");
-        assert_eq!(super::peer_text("é ü"), "é ü", "printable UTF-8 stays");
-        let long = super::peer_text(&"x".repeat(1 << 20));
-        assert_eq!(long.len(), super::PEER_TEXT_MAX + 3);
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_text_escapes_control_characters_and_caps_the_length() {
+        assert_eq!(peer_text("disk full"), "disk full");
+        assert_eq!(peer_text("a\nWARN forged\x1b[2J"), "a\\nWARN forged\\u{1b}[2J");
+        assert_eq!(peer_text("é ü"), "é ü", "printable UTF-8 stays");
+        let long = peer_text(&"x".repeat(1 << 20));
+        assert_eq!(long.len(), PEER_TEXT_MAX + 3);
+    }
 
     #[test]
     fn a_peer_closing_on_purpose_gives_its_reason() {
