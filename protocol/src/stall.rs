@@ -37,8 +37,13 @@ impl<'a, W> Watched<'a, W> {
         )
     }
 
-    /// `Pending` from the inner stream: starts the clock, or fails once it ran out.
-    fn wait<T>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<T>> {
+    /// What the inner stream answered, watched: `Pending` starts the clock, or fails once it ran out;
+    /// anything else stops it.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, inner: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if inner.is_ready() {
+            self.blocked = None;
+            return inner;
+        }
         let limit = self.limit;
         let sleep = self.blocked.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         match sleep.as_mut().poll(cx) {
@@ -50,23 +55,13 @@ impl<'a, W> Watched<'a, W> {
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<'_, W> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut *self.inner).poll_write(cx, buf) {
-            Poll::Pending => self.wait(cx),
-            ready => {
-                self.blocked = None;
-                ready
-            }
-        }
+        let inner = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        self.watch(cx, inner)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match Pin::new(&mut *self.inner).poll_flush(cx) {
-            Poll::Pending => self.wait(cx),
-            ready => {
-                self.blocked = None;
-                ready
-            }
-        }
+        let inner = Pin::new(&mut *self.inner).poll_flush(cx);
+        self.watch(cx, inner)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

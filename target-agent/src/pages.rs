@@ -582,11 +582,11 @@ impl PageStore {
     /// slots are free for the next pages. Pages not held (zero) stay as they are.
     pub fn release(&self, pid: u32, vaddr: u64, pages: u64) {
         let mut inner = self.inner.write().expect("page store lock");
-        let mut freed = Vec::new();
-        inner.index.release(pid, vaddr, pages, |slot| freed.push(slot));
-        for slot in freed {
-            inner.free_slot(slot);
-        }
+        // The index is set aside while the slots it gives up are freed (freeing does not read it), so
+        // that the daemon's call, one per batch, collects nothing in between.
+        let mut index = std::mem::take(&mut inner.index);
+        index.release(pid, vaddr, pages, |slot| inner.free_slot(slot));
+        inner.index = index;
     }
 
     /// The source answered the request for this page: it may be asked for again. A page the daemon
