@@ -71,8 +71,18 @@ fn migrate_in_background(
     agent: Option<PathBuf>,
     mode: &'static str,
 ) -> std::thread::JoinHandle<tests::MigrateResult> {
-    let target = tb().addr("b");
-    std::thread::spawn(move || tb().run_migrate("a", &[], "migrate", &["--mode", mode], pid, &target, agent.as_deref()))
+    migrate_through(agent, pid, tb().addr("b"), vec!["--mode", mode])
+}
+
+/// `migrate --json EXTRA... PID TARGET` on a, through the agent at `agent` (a's own when None), on its
+/// own thread.
+fn migrate_through(
+    agent: Option<PathBuf>,
+    pid: u32,
+    target: String,
+    extra: Vec<&'static str>,
+) -> std::thread::JoinHandle<tests::MigrateResult> {
+    std::thread::spawn(move || tb().run_migrate("a", &[], "migrate", &extra, pid, &target, agent.as_deref()))
 }
 
 /// 256 MiB of known content and a counter move from a to b, in both modes: pre-copy (the default: rounds,
@@ -1029,6 +1039,21 @@ fn start_agent(host: &str, role: &str, tls: &Path, state: &Path, log: &Path, ext
     pidfile
 }
 
+/// Starts a source agent of a case's own on a, with the suite's certificates, its state in `dir`/state
+/// and its log in `dir`/`log`: started again on the same `dir`, it finds what the earlier one journaled.
+/// Returns its pid file and its control socket (`dir`/source.sock).
+fn own_source_agent(dir: &Path, log: &str) -> (PathBuf, PathBuf) {
+    let sock = dir.join("source.sock");
+    let control = ["--control-socket", sock.to_str().expect("utf8")];
+    let pidfile = start_agent("a", "source", &tb().dir.join("tls"), &dir.join("state"), &dir.join(log), &control);
+    (pidfile, sock)
+}
+
+/// The pid an agent started by [`start_agent`] wrote.
+fn agent_pid(pidfile: &Path) -> Result<u32, Failed> {
+    Ok(std::fs::read_to_string(pidfile)?.trim().parse()?)
+}
+
 /// Starts an agent with certificates from another CA on `host`; returns its pid file path.
 fn start_rogue_agent(host: &str, role: &str, extra: &[&str]) -> PathBuf {
     let tb = tb();
@@ -1058,10 +1083,7 @@ fn crashed_source_agent_resumes_the_original_in(mode: &'static str) -> Result<()
     let before = tb.query("a", &name)?;
     let dir = tb.dir.join(format!("crash-{}", unique()));
     std::fs::create_dir_all(&dir)?;
-    let (state, sock) = (dir.join("state"), dir.join("source.sock"));
-    let sock_s = sock.to_str().expect("utf8").to_string();
-    let tls = tb.dir.join("tls");
-    let first = start_agent("a", "source", &tls, &state, &dir.join("first.log"), &["--control-socket", &sock_s]);
+    let (first, sock) = own_source_agent(&dir, "first.log");
     let migrating = migrate_in_background(pid, Some(sock.clone()), mode);
     let freezing = freeze_marker(pid);
     let frozen = wait_until(Duration::from_secs(30), || {
@@ -1087,7 +1109,7 @@ fn crashed_source_agent_resumes_the_original_in(mode: &'static str) -> Result<()
             eprintln!("--mode precopy: CRIU still holds the original 10 s after the crash: an orphaned ready dump");
         }
     }
-    let second = start_agent("a", "source", &tls, &state, &dir.join("second.log"), &["--control-socket", &sock_s]);
+    let (second, _) = own_source_agent(&dir, "second.log");
     let resumed = wait_until(Duration::from_secs(30), || tb.running("a", pid));
     let log = std::fs::read_to_string(dir.join("second.log")).unwrap_or_default();
     stop_rogue("a", &second);
@@ -1248,29 +1270,15 @@ fn a_stalled_target_or_a_stopping_agent_rolls_back() -> Result<(), Failed> {
     let target = format!("{}:7460", tb.addr("b"));
     let dir = tb.dir.join(format!("stall-{}", unique()));
     std::fs::create_dir_all(&dir)?;
-    let sock = dir.join("source.sock");
-    let sock_s = sock.to_str().expect("utf8").to_string();
-    let agent = start_agent(
-        "a",
-        "source",
-        &tb.dir.join("tls"),
-        &dir.join("state"),
-        &dir.join("log"),
-        &["--control-socket", &sock_s],
-    );
+    let (agent, sock) = own_source_agent(&dir, "log");
     let outcome = (|| -> Result<(), Failed> {
         // Stop-and-copy: 256 MiB of images, far beyond QUIC's windows, which the target never reads.
         let name = format!("stall{}", unique());
         let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "41"]);
         let before = tb.query("a", &name)?;
         let started = Instant::now();
-        let migrating = {
-            let (target, sock) = (target.clone(), sock.clone());
-            std::thread::spawn(move || {
-                let extra = ["--mode", "stopcopy", "--grace", "3"];
-                TB.get().expect("testbed").run_migrate("a", &[], "migrate", &extra, pid, &target, Some(&sock))
-            })
-        };
+        let extra = vec!["--mode", "stopcopy", "--grace", "3"];
+        let migrating = migrate_through(Some(sock.clone()), pid, target.clone(), extra);
         // Bounded: without a stall watchdog the migration would wait for ever (the agent is killed below).
         let ended = wait_until(Duration::from_secs(60), || migrating.is_finished());
         check(ended, "the migration to a stalled target did not end within 60 s")?;
@@ -1289,16 +1297,11 @@ fn a_stalled_target_or_a_stopping_agent_rolls_back() -> Result<(), Failed> {
         let name = format!("stop{}", unique());
         let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "43"]);
         let before = tb.query("a", &name)?;
-        let migrating = {
-            let (target, sock) = (target.clone(), sock.clone());
-            std::thread::spawn(move || {
-                let extra = ["--mode", "precopy", "--grace", "60"];
-                TB.get().expect("testbed").run_migrate("a", &[], "migrate", &extra, pid, &target, Some(&sock))
-            })
-        };
+        let extra = vec!["--mode", "precopy", "--grace", "60"];
+        let migrating = migrate_through(Some(sock.clone()), pid, target.clone(), extra);
         let done = wait_until(Duration::from_secs(60), || stalled.saw("ImagesDone"));
         let frozen = tb.state("a", pid);
-        let agent_pid: u32 = std::fs::read_to_string(&agent)?.trim().parse()?;
+        let agent_pid = agent_pid(&agent)?;
         let asked = Instant::now();
         let _ = tb.exec("a", &["kill", "-TERM", &agent_pid.to_string()]);
         let ended = wait_until(Duration::from_secs(60), || migrating.is_finished());
@@ -1349,25 +1352,17 @@ fn a_dead_target_agent_leaves_no_stopped_copy() -> Result<(), Failed> {
     let tb = tb();
     let dir = tb.dir.join(format!("tdies-{}", unique()));
     std::fs::create_dir_all(&dir)?;
-    let sock = dir.join("source.sock");
-    let sock_s = sock.to_str().expect("utf8").to_string();
+    let (source, sock) = own_source_agent(&dir, "source.log");
     let log = dir.join("source.log");
-    let tls = tb.dir.join("tls");
-    let source = start_agent("a", "source", &tls, &dir.join("source"), &log, &["--control-socket", &sock_s]);
-    let agent_pid: u32 = std::fs::read_to_string(&source)?.trim().parse()?;
+    let agent_pid = agent_pid(&source)?;
     let extra = ["--listen", "0.0.0.0:7454", "--fault-listen", "0.0.0.0:7455"];
+    let tls = tb.dir.join("tls");
     let target_agent = start_agent("b", "target", &tls, &dir.join("target"), &dir.join("target.log"), &extra);
     let name = format!("tdies{}", unique());
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "53"]);
     let before = tb.query("a", &name)?;
-    let migrating = {
-        let sock = sock.clone();
-        std::thread::spawn(move || {
-            let tb = TB.get().expect("testbed");
-            let target = format!("{}:7454", tb.addr("b"));
-            tb.run_migrate("a", &[], "migrate", &["--mode", "stopcopy", "--grace", "3"], pid, &target, Some(&sock))
-        })
-    };
+    let target = format!("{}:7454", tb.addr("b"));
+    let migrating = migrate_through(Some(sock), pid, target, vec!["--mode", "stopcopy", "--grace", "3"]);
     let outcome = (|| -> Result<(), Failed> {
         hold_before_commit(&log, agent_pid, pid)?;
         stop_rogue("b", &target_agent);
@@ -1376,11 +1371,10 @@ fn a_dead_target_agent_leaves_no_stopped_copy() -> Result<(), Failed> {
         stop_rogue("a", &source);
         let r = migrating.join().expect("migrate thread");
         check(!r.success, format!("a migration whose agents died succeeded: {}", r.json))?;
-        let again = dir.join("again.log");
-        let second = start_agent("a", "source", &tls, &dir.join("source"), &again, &["--control-socket", &sock_s]);
+        let (second, _) = own_source_agent(&dir, "again.log");
         let resumed = wait_until(Duration::from_secs(30), || tb.running("a", pid));
         stop_rogue("a", &second);
-        let again = std::fs::read_to_string(&again).unwrap_or_default();
+        let again = std::fs::read_to_string(dir.join("again.log")).unwrap_or_default();
         check(resumed, format!("the original was not resumed (state {:?}): {again}", tb.state("a", pid)))?;
         let after = tb.query("a", &name)?;
         check(after["checksum"] == before["checksum"], "the original's memory changed")?;
@@ -1402,22 +1396,13 @@ fn a_copy_that_dies_before_it_runs_is_not_taken_for_a_move() -> Result<(), Faile
     let tb = tb();
     let dir = tb.dir.join(format!("dies-{}", unique()));
     std::fs::create_dir_all(&dir)?;
-    let sock = dir.join("source.sock");
-    let sock_s = sock.to_str().expect("utf8").to_string();
+    let (agent, sock) = own_source_agent(&dir, "log");
     let log = dir.join("log");
-    let agent =
-        start_agent("a", "source", &tb.dir.join("tls"), &dir.join("state"), &log, &["--control-socket", &sock_s]);
-    let agent_pid: u32 = std::fs::read_to_string(&agent)?.trim().parse()?;
+    let agent_pid = agent_pid(&agent)?;
     let name = format!("dies{}", unique());
     let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "47"]);
     let before = tb.query("a", &name)?;
-    let migrating = {
-        let sock = sock.clone();
-        std::thread::spawn(move || {
-            let tb = TB.get().expect("testbed");
-            tb.run_migrate("a", &[], "migrate", &["--mode", "stopcopy"], pid, &tb.addr("b"), Some(&sock))
-        })
-    };
+    let migrating = migrate_in_background(pid, Some(sock), "stopcopy");
     let outcome = (|| -> Result<(), Failed> {
         hold_before_commit(&log, agent_pid, pid)?;
         tb.kill("b", pid);
