@@ -1326,14 +1326,19 @@ fn a_stalled_target_or_a_stopping_agent_rolls_back() -> Result<(), Failed> {
 }
 
 /// Holds a stop-and-copy of `pid` through the source agent `agent_pid` (its log at `log`) between the
-/// restore on b and the commit: stops (SIGSTOP) the agent once it waits for the restore, and returns
-/// once the copy exists on b, stopped. The restore of 256 MiB of images takes long enough to catch.
+/// restore on b and the commit: stops (SIGSTOP) the agent once b runs `criu restore`, and returns once
+/// the copy exists on b, stopped. The restore of 256 MiB of images takes long enough to catch.
 fn hold_before_commit(log: &Path, agent_pid: u32, pid: u32) -> Result<(), Failed> {
     let tb = tb();
-    // "b is restoring": the source waits for Restored; stop it before it can send Commit.
+    // "b is restoring" comes once the source has handed the images to QUIC, which may still hold tens of
+    // MiB of them: stopped then, the source would never finish sending them (seen in a CI run). CRIU
+    // restores only once b holds every file, and the source waits for Restored until then; stop it
+    // before it can send Commit. ("[r]" keeps the pattern from matching pgrep's own command lines.)
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(log).unwrap_or_default().contains("is restoring") {
-        check(Instant::now() < deadline, "the source never waited for a restore")?;
+    while !std::fs::read_to_string(log).unwrap_or_default().contains("is restoring")
+        || !tb.exec("b", &["pgrep", "-f", "criu [r]estore"]).status.success()
+    {
+        check(Instant::now() < deadline, "the source never waited for a restore on b")?;
         std::thread::sleep(Duration::from_millis(5));
     }
     let _ = tb.exec("a", &["kill", "-STOP", &agent_pid.to_string()]);
