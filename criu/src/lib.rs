@@ -124,6 +124,11 @@ pub struct RestoreRequest {
     /// `--ext-unix-sk`: CRIU itself reconnects the sockets whose peer was outside (by the peer's path);
     /// needed for datagram sockets, which cannot be handed in (CRIU's restore would hang).
     pub ext_unix_sk: bool,
+    /// `(fd, tag)`: CRIU's own process writes `tag` and its pid (u32, little-endian) to `fd` between its
+    /// fork and its exec, so that a watcher (the target agent's watchdog) knows the restore's process
+    /// even if this one dies right after starting it. `fd` is a pipe (the 5 bytes go in one write) and
+    /// close-on-exec.
+    pub announce: Option<(std::os::fd::RawFd, u8)>,
 }
 
 /// Timing of one CRIU run.
@@ -437,7 +442,8 @@ impl Criu {
             .collect();
         args.extend(inherit.iter().map(|a| a.as_os_str()));
         let fds: Vec<std::os::fd::RawFd> = req.inherit.iter().map(|(_, fd)| *fd).collect();
-        let ran = self.run_inheriting("restore", &args, &req.images_dir.join("restore.log"), fds).await?;
+        let log = req.images_dir.join("restore.log");
+        let ran = self.run_inheriting("restore", &args, &log, fds, req.announce).await?;
         let text = std::fs::read_to_string(&pidfile).map_err(|e| CriuError::Unexpected {
             op: "restore",
             what: format!("its pidfile {} is unreadable: {e}", pidfile.display()),
@@ -450,16 +456,18 @@ impl Criu {
     }
 
     async fn run(&self, op: &'static str, args: &[&std::ffi::OsStr], log: &Path) -> Result<Ran, CriuError> {
-        self.run_inheriting(op, args, log, Vec::new()).await
+        self.run_inheriting(op, args, log, Vec::new(), None).await
     }
 
-    /// [`Criu::run`], with the fds `inherit` left open in CRIU (under their numbers here).
+    /// [`Criu::run`], with the fds `inherit` left open in CRIU (under their numbers here), and CRIU's
+    /// pid written as [`RestoreRequest::announce`] says.
     async fn run_inheriting(
         &self,
         op: &'static str,
         args: &[&std::ffi::OsStr],
         log: &Path,
         inherit: Vec<std::os::fd::RawFd>,
+        announce: Option<(std::os::fd::RawFd, u8)>,
     ) -> Result<Ran, CriuError> {
         let command = self.command_line(args);
         tracing::debug!(%command, "running criu");
@@ -473,6 +481,19 @@ impl Criu {
                         if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
                             return Err(std::io::Error::last_os_error());
                         }
+                    }
+                    Ok(())
+                });
+            }
+        }
+        if let Some((fd, tag)) = announce {
+            // SAFETY: getpid and write are async-signal-safe; the buffer lives on this closure's stack.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut m = [tag, 0, 0, 0, 0];
+                    m[1..].copy_from_slice(&(libc::getpid() as u32).to_le_bytes());
+                    if libc::write(fd, m.as_ptr().cast(), m.len()) != m.len() as isize {
+                        return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
                 });

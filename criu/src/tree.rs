@@ -110,36 +110,71 @@ pub fn resume(pids: &[u32]) -> io::Result<()> {
     }
 }
 
+/// When `pid` started, in clock ticks since boot (`starttime` of /proc/PID/stat), or None if there is no
+/// such process: a process that started after another cannot be the older one.
+pub fn started(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; the fields after comm's ')' start at field 3 (the state).
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
+}
+
+/// A pidfd for `pid` (`pidfd_open`), None when there is no such process: a signal sent through it
+/// ([`pidfd_kill`]) never hits a process that took the pid over later.
+pub fn pidfd(pid: u32) -> io::Result<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ESRCH) => Ok(None),
+            e => Err(io::Error::other(format!("pidfd_open {pid}: {e}"))),
+        };
+    }
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    Ok(Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
+}
+
+/// SIGKILL to the process of a pidfd; Ok(false) when it had exited already.
+pub fn pidfd_kill(fd: &std::os::fd::OwnedFd) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+    let r =
+        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0) };
+    if r < 0 {
+        return match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+            e => Err(e),
+        };
+    }
+    Ok(true)
+}
+
+/// Waits at most `within` for the process of a pidfd to exit (a zombie counts); true once it has.
+pub fn pidfd_exited(fd: &std::os::fd::OwnedFd, within: std::time::Duration) -> bool {
+    use std::os::fd::AsFd;
+    let mut polled = [nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN)];
+    let ms = within.as_millis().min(u16::MAX as u128) as u16;
+    match nix::poll::poll(&mut polled, nix::poll::PollTimeout::from(ms)) {
+        Ok(n) => n > 0,
+        Err(_) => false,
+    }
+}
+
 /// Kills every process of a tree and waits, at most `within`, until each has exited (a zombie or gone):
 /// SIGKILL only queues the death, and a process with a lot of memory takes a while to release it. When
 /// this returns Ok, none of them runs any more. Processes that are gone are skipped.
 ///
-/// Signals go through pidfds (`pidfd_open`, `pidfd_send_signal`), so a pid reused meanwhile is never hit.
+/// Signals go through pidfds ([`pidfd`], [`pidfd_kill`]), so a pid reused meanwhile is never hit.
 pub fn kill_all(pids: &[u32], within: std::time::Duration) -> io::Result<()> {
-    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::AsFd;
     let mut fds = Vec::new();
     for &p in pids {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p as libc::pid_t, 0) };
-        if fd < 0 {
-            match io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::ESRCH) => continue,
-                e => return Err(io::Error::other(format!("pidfd_open {p}: {e}"))),
-            }
+        let Some(fd) = pidfd(p)? else { continue };
+        match pidfd_kill(&fd) {
+            Ok(true) => fds.push((p, fd)),
+            Ok(false) => {}
+            Err(e) => return Err(io::Error::other(format!("SIGKILL to {p}: {e}"))),
         }
-        // SAFETY: the syscall returned a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
-        let r = unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<u8>(), 0)
-        };
-        if r < 0 {
-            match io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::ESRCH) => continue,
-                e => return Err(io::Error::other(format!("SIGKILL to {p}: {e}"))),
-            }
-        }
-        fds.push((p, fd));
     }
     // A pidfd polls readable once its process has exited.
     let deadline = std::time::Instant::now() + within;

@@ -3,13 +3,14 @@
 //! ```text
 //! source                          target
 //! Hello            ───────────▶   check compatibility      ◀── Hello
-//! Prepare{pids}    ───────────▶   pids free? work dir      ◀── Prepared{free} | Failed
+//! Prepare{pids}    ───────────▶   pids free? work dir,     ◀── Prepared{free} | Failed
+//!                                 watchdog started (crate::watchdog)
 //! pages stream     ═══════════▶   page store (crate::pages), while the rounds run
 //! (freeze + dump on the source)
 //! file streams     ═══════════▶   incoming/<id>/NAME, sizes bounded, xxh3 checked
 //! ImagesDone       ───────────▶   exactly these files? (pre-copy: the pages stream ended?)
-//!                                 lazy-pages daemon listening (crate::lazy), watchdog armed,
-//!                                 criu restore [--lazy-pages] --leave-stopped
+//!                                 lazy-pages daemon listening (crate::lazy), watchdog told
+//!                                 pstree.img's pids, criu restore [--lazy-pages] --leave-stopped
 //!                                                          ◀── Restored{pid} | Failed
 //! Commit           ───────────▶   SIGCONT the copy         ◀── Resumed
 //! pages stream     ═══════════▶   post-copy: the rest, while faults go out on
@@ -22,7 +23,8 @@
 //! rest of its memory cannot arrive: the link silent for the grace, or the pages stream broken; the
 //! Failed says so (with `copy_gone` once the copy has exited) and the source resumes its original. A
 //! process of the stopped copy that died before Commit (the OOM killer) fails the resume the same way.
-//! If this agent dies from the restore on, its watchdog (crate::watchdog) kills the copy. After Complete
+//! If this agent dies from the restore on (during `criu restore` too), its watchdog (crate::watchdog)
+//! kills the copy. After Complete
 //! (stop-and-copy: after Commit) the copy runs whatever happens; the source kills its original only then,
 //! and otherwise leaves it stopped and says so (at most one copy ever runs).
 
@@ -261,6 +263,13 @@ async fn serve_control(
         started_unix: telemetry::now_unix(),
     });
     let set_phase = |phase: &str| ctx.stats.migrations.set_phase(&prepare.migration_id, phase);
+    // Should this agent die from the restore on, before the copy may live on its own (stop-and-copy:
+    // before it runs; lazy memory: before every page is in place), the copy dies with it, and so does what
+    // a `criu restore` running then makes: the source resumes its original. Started here, off the freeze.
+    let mut watchdog = Some(
+        crate::watchdog::Watchdog::arm(Path::new("/proc/self/exe"), &[])
+            .map_err(|e| refuse("prepare", format!("cannot start the watchdog: {e}")))?,
+    );
     // A lazy migration opens its fault link before it freezes the tree.
     let mut fault_link = ctx.faults.expect(&prepare.migration_id, conn);
     let prepared =
@@ -340,6 +349,13 @@ async fn serve_control(
     } else {
         None
     };
+    // CRIU gives each process the pid it had (pstree.img); the watchdog is to kill those if this agent
+    // dies while CRIU restores them.
+    let guard = watchdog.as_ref().expect("armed");
+    let tree = criu::images::read_pstree(&dir).map_err(|e| refuse("restore", e.to_string()))?;
+    guard
+        .guard(&tree.iter().map(|t| t.pid).collect::<Vec<_>>())
+        .map_err(|e| refuse("restore", format!("watchdog: {e}")))?;
     let restore = ctx
         .criu
         .restore(&criu::RestoreRequest {
@@ -347,6 +363,7 @@ async fn serve_control(
             lazy_pages: lazy.is_some(),
             inherit: handover.inherit.clone(),
             ext_unix_sk: handover.ext_unix_sk,
+            announce: guard.announce(),
         })
         .await;
     // CRIU holds its own copies now. The pty masters stay open until the copy was resumed: closing one
@@ -370,12 +387,8 @@ async fn serve_control(
     let pids = criu::tree::processes(root).unwrap_or_else(|_| vec![root]);
     tracing::info!(root, ?pids, elapsed = ?started.elapsed(), "restored, stopped until commit");
     let mut copy = StoppedCopy { pids: pids.clone(), committed: false, killed: rec.copy_killed.clone() };
-    // Should this agent die before the copy may live on its own (stop-and-copy: before it runs; lazy
-    // memory: before every page is in place), the copy dies with it: the source resumes its original.
-    let mut watchdog = Some(
-        crate::watchdog::Watchdog::arm(std::path::Path::new("/proc/self/exe"), &pids)
-            .map_err(|e| refuse("restore", format!("cannot start the watchdog: {e}")))?,
-    );
+    // The same as pstree.img's, unless CRIU did not keep to it.
+    guard.guard(&pids).map_err(|e| refuse("restore", format!("watchdog: {e}")))?;
     send_msg(
         send,
         target_msg::Msg::Restored(pb::Restored {

@@ -1392,6 +1392,56 @@ fn a_dead_target_agent_leaves_no_stopped_copy() -> Result<(), Failed> {
     outcome
 }
 
+/// Stop-and-copy: the target agent dies (SIGKILL) while `criu restore` is making the copy. Its watchdog,
+/// armed before the restore with the pids CRIU restores, kills what CRIU made and goes on until CRIU is
+/// gone: nothing is left on b holding the pids, and the source, which had sent no Commit, resumes the
+/// original. A shell on b kills the agent the moment the restored root exists there, while CRIU still
+/// restores 256 MiB of memory. A target agent of the case's own.
+fn a_target_agent_that_dies_during_the_restore_leaves_nothing() -> Result<(), Failed> {
+    let tb = tb();
+    let dir = tb.dir.join(format!("rdies-{}", unique()));
+    std::fs::create_dir_all(&dir)?;
+    let extra = ["--listen", "0.0.0.0:7456", "--fault-listen", "0.0.0.0:7457"];
+    let tls = tb.dir.join("tls");
+    let log = dir.join("target.log");
+    let target_agent = start_agent("b", "target", &tls, &dir.join("target"), &log, &extra);
+    let agent = agent_pid(&target_agent)?;
+    let name = format!("rdies{}", unique());
+    let pid = tb.start_workload("a", &["mem", "--name", &name, "--mib", "256", "--seed", "59"]);
+    let before = tb.query("a", &name)?;
+    // Nothing has the pid on b before CRIU gives it to the restored root (b's agent checks at Prepare).
+    let killer_pid = dir.join("killer.pid");
+    let killer = format!(
+        "echo $$ > {}; while [ ! -e /proc/{pid} ] && [ $SECONDS -lt 60 ]; do :; done; [ -e /proc/{pid} ] && kill -KILL {agent}",
+        killer_pid.display()
+    );
+    check(tb.exec_detached("b", &["setsid", "-f", "bash", "-c", &killer]), "cannot start the killer on b")?;
+    let target = format!("{}:7456", tb.addr("b"));
+    let migrating = migrate_through(None, pid, target, vec!["--mode", "stopcopy", "--grace", "3"]);
+    let outcome = (|| -> Result<(), Failed> {
+        let died = wait_until(Duration::from_secs(60), || !tb.running("b", agent));
+        check(died, format!("b's target agent was not killed during the restore (state {:?})", tb.state("b", pid)))?;
+        let gone = copy_gone_from_b(pid, Duration::from_secs(10));
+        check(gone, format!("what CRIU restored outlived its target agent (state {:?})", tb.state("b", pid)))?;
+        let quiet = wait_until(Duration::from_secs(15), || {
+            !tb.exec("b", &["pgrep", "-f", "criu [r]estore|internal-[w]atchdog"]).status.success()
+        });
+        check(quiet, "a criu restore or a watchdog stayed on b")?;
+        check(tb.state("b", pid).is_none(), format!("pid {pid} is still held on b: {:?}", tb.state("b", pid)))?;
+        let r = migrating.join().expect("migrate thread");
+        check(!r.success, format!("a migration whose target agent died succeeded: {}", r.json))?;
+        original_resumed_whole(&r, pid, &name, &before)
+    })();
+    if let Ok(p) = std::fs::read_to_string(&killer_pid) {
+        tb.kill("b", p.trim().parse().unwrap_or(0));
+    }
+    stop_rogue("b", &target_agent);
+    tb.kill("a", pid);
+    outcome.map_err(|e| {
+        format!("{}\n{}", e.message().unwrap_or(""), std::fs::read_to_string(&log).unwrap_or_default()).into()
+    })
+}
+
 /// A restored copy that dies while it waits, stopped, for the commit (the OOM killer, an operator's
 /// kill) is not run: the target kills what is left of it and says its copy is gone, and the source
 /// resumes the original at once instead of killing it. The window is held open by stopping (SIGSTOP) a
@@ -1900,6 +1950,10 @@ fn main() {
             a_copy_that_dies_before_it_runs_is_not_taken_for_a_move,
         ),
         ("a_dead_target_agent_leaves_no_stopped_copy", a_dead_target_agent_leaves_no_stopped_copy),
+        (
+            "a_target_agent_that_dies_during_the_restore_leaves_nothing",
+            a_target_agent_that_dies_during_the_restore_leaves_nothing,
+        ),
         ("wrong_pid_dead_host_taken_pid", wrong_pid_dead_host_taken_pid),
         ("unix_connect_reaches_the_server_on_b", external::unix_connect_reaches_the_server_on_b),
         ("unread_bytes_are_read_first_after_the_move", external::unread_bytes_are_read_first_after_the_move),
