@@ -487,13 +487,21 @@ impl Criu {
             }
         }
         if let Some((fd, tag)) = announce {
-            // SAFETY: getpid and write are async-signal-safe; the buffer lives on this closure's stack.
+            // SAFETY: getpid, signal and write are async-signal-safe; the buffer lives on this closure's
+            // stack.
             unsafe {
                 cmd.pre_exec(move || {
                     let mut m = [tag, 0, 0, 0, 0];
                     m[1..].copy_from_slice(&(libc::getpid() as u32).to_le_bytes());
-                    if libc::write(fd, m.as_ptr().cast(), m.len()) != m.len() as isize {
-                        return Err(std::io::Error::last_os_error());
+                    // A watcher that is gone fails the spawn (EPIPE) rather than kill this child with
+                    // SIGPIPE, which std has just set back to its default for CRIU (and which is put
+                    // back).
+                    libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+                    let written = libc::write(fd, m.as_ptr().cast(), m.len());
+                    let error = std::io::Error::last_os_error();
+                    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                    if written != m.len() as isize {
+                        return Err(error);
                     }
                     Ok(())
                 });

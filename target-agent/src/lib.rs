@@ -6,8 +6,9 @@
 //! into its page store ([`pages`]), restoring them with CRIU **stopped**, and then either resuming the
 //! copy when the source commits or killing it when the source aborts, times out or disappears. With
 //! lazy memory it is CRIU's lazy-pages daemon ([`lazy`]: userfaultfd, faults first, fetched on the source's
-//! [`fault_link`], the rest pushed) and
-//! keeps a [`watchdog`] that kills the copy should the agent die before the memory is in place. At no
+//! [`fault_link`], the rest pushed). A [`watchdog`] kills the copy should the agent die from the restore
+//! on (during it too) before the copy may live on its own: before it runs, or before its memory is in
+//! place. At no
 //! instant does it let its copy run while the source may still resume the original: it resumes only
 //! after an explicit Commit, and kills a copy that cannot get the rest of its memory.
 //!

@@ -10,7 +10,8 @@
 //! file streams     ═══════════▶   incoming/<id>/NAME, sizes bounded, xxh3 checked
 //! ImagesDone       ───────────▶   exactly these files? (pre-copy: the pages stream ended?)
 //!                                 lazy-pages daemon listening (crate::lazy), watchdog told
-//!                                 pstree.img's pids, criu restore [--lazy-pages] --leave-stopped
+//!                                 pstree.img's pids, criu restore [--lazy-pages] --leave-stopped,
+//!                                 watchdog told what CRIU restored
 //!                                                          ◀── Restored{pid} | Failed
 //! Commit           ───────────▶   SIGCONT the copy         ◀── Resumed
 //! pages stream     ═══════════▶   post-copy: the rest, while faults go out on
@@ -72,7 +73,7 @@ pub struct Context {
     pub faults: crate::fault_link::FaultLinks,
 }
 
-/// What a session learned, for the stats.
+/// What a session learned, for the stats and for its Failed, and what it holds until its connection ends.
 #[derive(Default)]
 struct Record {
     /// Set once Prepare was accepted (not a dry run).
@@ -82,6 +83,10 @@ struct Record {
     restored: bool,
     /// The restored copy was killed and has exited ([`StoppedCopy`]).
     copy_killed: Arc<std::sync::atomic::AtomicBool>,
+    /// From Prepare on, until released. Waiting for it when it is dropped takes a moment; held here, that
+    /// comes after the Failed was sent (the source tears its streams down when the fault link closes, and
+    /// a pages stream ended early closes the connection, which would lose a Failed not yet sent).
+    watchdog: Option<crate::watchdog::Watchdog>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,7 +271,7 @@ async fn serve_control(
     // Should this agent die from the restore on, before the copy may live on its own (stop-and-copy:
     // before it runs; lazy memory: before every page is in place), the copy dies with it, and so does what
     // a `criu restore` running then makes: the source resumes its original. Started here, off the freeze.
-    let mut watchdog = Some(
+    rec.watchdog = Some(
         crate::watchdog::Watchdog::arm(Path::new("/proc/self/exe"), &[])
             .map_err(|e| refuse("prepare", format!("cannot start the watchdog: {e}")))?,
     );
@@ -351,10 +356,10 @@ async fn serve_control(
     };
     // CRIU gives each process the pid it had (pstree.img); the watchdog is to kill those if this agent
     // dies while CRIU restores them.
-    let guard = watchdog.as_ref().expect("armed");
+    let guard = rec.watchdog.as_ref().expect("armed");
     let tree = criu::images::read_pstree(&dir).map_err(|e| refuse("restore", e.to_string()))?;
     guard
-        .guard(&tree.iter().map(|t| t.pid).collect::<Vec<_>>())
+        .expect(&tree.iter().map(|t| t.pid).collect::<Vec<_>>())
         .map_err(|e| refuse("restore", format!("watchdog: {e}")))?;
     let restore = ctx
         .criu
@@ -370,25 +375,28 @@ async fn serve_control(
     // hangs its terminal up, which would SIGCONT a stopped session leader whose controlling terminal it
     // is, before Commit.
     let masters = handover.into_masters();
-    let restore = match (restore, &lazy) {
-        (Ok(r), Some(l)) => {
-            // CRIU said RSTF before it exited, so this returns at once unless something is off.
-            let handle = l.0.as_ref().expect("lazy handle");
-            tokio::task::block_in_place(|| handle.wait_restored(LAZY_HANDOFF))
-                .map(|()| r)
-                .map_err(|e| refuse("restore", format!("lazy restore: {e}")))
+    // CRIU has returned: the watchdog learns what it restored (nothing if it failed: CRIU kills what it
+    // made), and so does the StoppedCopy that kills the copy should this session fail from here on.
+    let (root, _) = match restore {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = guard.settle(&[]);
+            return Err(restore_failure(ctx, &dir, &prepare.migration_id, e));
         }
-        (r, _) => r.map_err(|e| restore_failure(ctx, &dir, &prepare.migration_id, e)),
     };
-    let (root, _) = restore?;
-    ctx.stats.restore.observe(started.elapsed().as_secs_f64());
-    rec.restored = true;
-    set_phase("commit");
     let pids = criu::tree::processes(root).unwrap_or_else(|_| vec![root]);
-    tracing::info!(root, ?pids, elapsed = ?started.elapsed(), "restored, stopped until commit");
     let mut copy = StoppedCopy { pids: pids.clone(), committed: false, killed: rec.copy_killed.clone() };
-    // The same as pstree.img's, unless CRIU did not keep to it.
-    guard.guard(&pids).map_err(|e| refuse("restore", format!("watchdog: {e}")))?;
+    rec.restored = true;
+    guard.settle(&pids).map_err(|e| refuse("restore", format!("watchdog: {e}")))?;
+    if let Some(l) = &lazy {
+        // CRIU said RSTF before it exited, so this returns at once unless something is off.
+        let handle = l.0.as_ref().expect("lazy handle");
+        tokio::task::block_in_place(|| handle.wait_restored(LAZY_HANDOFF))
+            .map_err(|e| refuse("restore", format!("lazy restore: {e}")))?;
+    }
+    ctx.stats.restore.observe(started.elapsed().as_secs_f64());
+    set_phase("commit");
+    tracing::info!(root, ?pids, elapsed = ?started.elapsed(), "restored, stopped until commit");
     send_msg(
         send,
         target_msg::Msg::Restored(pb::Restored {
@@ -430,7 +438,7 @@ async fn serve_control(
     // The outside terminals handed in hang up now, as when their client has gone.
     drop(masters);
     if !done.lazy
-        && let Some(w) = watchdog.take()
+        && let Some(w) = rec.watchdog.take()
     {
         w.release();
     }
@@ -494,7 +502,7 @@ async fn serve_control(
             Ok(Ok(s)) => {
                 tracing::info!(?s, "every lazy page is in place");
                 copy.committed = true;
-                if let Some(w) = watchdog.take() {
+                if let Some(w) = rec.watchdog.take() {
                     w.release();
                 }
                 pb::Complete {

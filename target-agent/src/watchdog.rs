@@ -1,17 +1,26 @@
 //! A restored copy that still depends on this agent must not outlive the agent: one waiting, stopped,
 //! for the source's commit would stay there holding its pids, and one whose memory is being filled in
 //! through userfaultfd would, without the daemon, read zeros for the pages it has not received yet. The
-//! watchdog is a small process that holds the read end of a pipe whose write end only the agent holds.
-//! When the agent releases it (every page is in place), it exits; when the pipe closes without a release
-//! (the agent died, or gave the copy up), it SIGKILLs the copy.
+//! watchdog is a small process that holds the read end of a pipe whose write end only the agent holds
+//! (and, between its fork and its exec, the restore's CRIU). When the agent releases it (the copy may
+//! live on its own), it exits; when the pipe closes without a release (the agent died, or gave the copy
+//! up), it kills the copy.
 //!
-//! It is armed before `criu restore` starts, so that an agent dying *during* the restore leaves nothing
-//! either: the agent names the processes CRIU is to restore (`pstree.img`: CRIU gives each its pid from
-//! there), and CRIU's own process names itself down the pipe between its fork and its exec
-//! ([`Watchdog::announce`]). Fired, the watchdog kills those processes as they appear until that CRIU
-//! has exited (CRIU gives a restore up when one of its tasks dies; after [`RESTORER_GRACE`] it is
-//! killed too), then until none is left. It kills only processes that started after itself: a pid of
-//! the list held by an older process (which makes CRIU's restore fail) is not the copy's.
+//! It starts before `criu restore`, so that an agent dying *during* the restore leaves nothing either.
+//! What it is told, in order ([`message`]):
+//! - the pids CRIU is to restore ([`EXPECT`], from `pstree.img`: CRIU gives each process its pid from
+//!   there). Only a guess until CRIU has run: such a pid counts as the copy's only when the process
+//!   holding it started no earlier than that CRIU;
+//! - the restore's CRIU ([`RESTORER`]), which names itself between its fork and its exec
+//!   ([`Watchdog::announce`]), so that an agent dying right after the spawn loses nothing;
+//! - once CRIU has returned ([`Watchdog::settle`]): forget the guesses ([`SETTLED`]); the processes it
+//!   restored ([`GUARD`]), each taken as a pidfd at once, so that a pid freed later and taken over by
+//!   another process is never hit. After a failed restore that list is empty: CRIU kills what it made.
+//!
+//! Fired, it kills the guessed processes as they appear until that CRIU has exited (CRIU gives a
+//! restore up when one of its tasks dies; after [`RESTORER_GRACE`] it is killed too), then every
+//! process of the copy and their descendants (children the copy forked while it ran) until none is
+//! left, or [`SWEEP_FOR`] has passed.
 //!
 //! It is the agent's own executable run again ([`CHILD_ARG`], handled by [`child_main`] before anything
 //! else in `main`), spawned without a fork of the agent's memory. A forked child that stays, as this one
@@ -30,25 +39,28 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-/// The first argument that makes the agent's executable a watchdog ([`child_main`]); the pids of the
-/// copy follow it.
+/// The first argument that makes the agent's executable a watchdog ([`child_main`]); pids of the copy
+/// may follow it (as [`GUARD`] names them).
 pub const CHILD_ARG: &str = "--internal-watchdog";
 
 /// How long a fired watchdog lets the restore's CRIU end on its own (it gives up once a task it restored
 /// was killed) before it kills it too.
 pub const RESTORER_GRACE: Duration = Duration::from_secs(10);
 /// How long a fired watchdog goes on killing once CRIU is gone, until none of the copy is left.
-const SWEEP_FOR: Duration = Duration::from_secs(5);
+pub const SWEEP_FOR: Duration = Duration::from_secs(5);
 /// Between two sweeps.
 const SWEEP_EVERY: Duration = Duration::from_millis(5);
 
-/// What goes down the pipe ([`message`]), a tag then a pid: the copy no longer depends on the agent
-/// (pid 0).
+/// The copy no longer depends on the agent (pid 0).
 pub const RELEASE: u8 = b'R';
-/// A process of the copy (to be restored, or restored).
-pub const GUARD: u8 = b'P';
+/// A pid CRIU is to restore.
+pub const EXPECT: u8 = b'E';
 /// The `criu restore` that makes the copy.
 pub const RESTORER: u8 = b'C';
+/// CRIU has returned: the pids expected are forgotten (pid 0).
+pub const SETTLED: u8 = b'S';
+/// A process of the copy, alive.
+pub const GUARD: u8 = b'P';
 
 /// One message to the watchdog: `tag`, then `pid` as a little-endian u32.
 pub fn message(tag: u8, pid: u32) -> [u8; 5] {
@@ -59,12 +71,13 @@ pub fn message(tag: u8, pid: u32) -> [u8; 5] {
 /// See the module doc.
 pub struct Watchdog {
     write: Option<OwnedFd>,
-    child: Child,
+    /// Until reaped.
+    child: Option<Child>,
 }
 
 impl Watchdog {
-    /// Starts the watchdog for the processes `pids` (more may be named later, [`Watchdog::guard`]):
-    /// `program` (this agent's executable, `/proc/self/exe`) with [`CHILD_ARG`], the pipe as its stdin.
+    /// Starts the watchdog for the processes `pids` (more may be named later): `program` (this agent's
+    /// executable, `/proc/self/exe`) with [`CHILD_ARG`], the pipe as its stdin.
     pub fn arm(program: &Path, pids: &[u32]) -> std::io::Result<Watchdog> {
         // Close-on-exec: no other child of this agent (a CRIU another migration starts) may hold the
         // write end, or the agent's death would not close the pipe.
@@ -76,17 +89,24 @@ impl Watchdog {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        Ok(Watchdog { write: Some(write), child })
+        Ok(Watchdog { write: Some(write), child: Some(child) })
     }
 
-    /// Names more processes of the copy.
-    pub fn guard(&self, pids: &[u32]) -> std::io::Result<()> {
-        pids.iter().try_for_each(|&p| self.send(GUARD, p))
+    /// Names the pids a restore about to start is to give its processes ([`EXPECT`]).
+    pub fn expect(&self, pids: &[u32]) -> std::io::Result<()> {
+        pids.iter().try_for_each(|&p| self.send(EXPECT, p))
     }
 
     /// For [`criu::RestoreRequest::announce`]: the restore's CRIU names itself to this watchdog.
     pub fn announce(&self) -> Option<(std::os::fd::RawFd, u8)> {
         Some((self.write.as_ref()?.as_raw_fd(), RESTORER))
+    }
+
+    /// The restore's CRIU has returned, and `pids` are the processes it restored (none if it failed):
+    /// they replace the pids expected.
+    pub fn settle(&self, pids: &[u32]) -> std::io::Result<()> {
+        self.send(SETTLED, 0)?;
+        pids.iter().try_for_each(|&p| self.send(GUARD, p))
     }
 
     fn send(&self, tag: u8, pid: u32) -> std::io::Result<()> {
@@ -106,9 +126,25 @@ impl Watchdog {
         self.reap();
     }
 
+    /// Closes the pipe and waits for the watchdog: at once when released, else once it has killed the
+    /// copy (at most [`RESTORER_GRACE`] and twice [`SWEEP_FOR`]; on a runtime's worker thread, that
+    /// worker's other tasks move to another one meanwhile).
     fn reap(&mut self) {
         self.write = None;
-        let _ = self.child.wait();
+        let Some(mut child) = self.child.take() else { return };
+        let status = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| child.wait())
+            }
+            _ => child.wait(),
+        };
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => tracing::error!(
+                "the watchdog could not kill the whole copy ({s}): look for its processes with ps and kill them"
+            ),
+            Err(e) => tracing::error!("waiting for the watchdog: {e}"),
+        }
     }
 }
 
@@ -119,16 +155,34 @@ impl Drop for Watchdog {
     }
 }
 
+/// What a watchdog was told.
+#[derive(Default)]
+struct Told {
+    /// [`EXPECT`]ed pids, until [`SETTLED`].
+    expected: Vec<u32>,
+    /// The restore's CRIU and when it started (clock ticks since boot).
+    restorer: Option<(OwnedFd, u64)>,
+    /// Processes of the copy ([`GUARD`]), as pidfds taken when named.
+    guarded: Vec<(u32, OwnedFd)>,
+}
+
+impl Told {
+    fn guard(&mut self, pid: u32) {
+        if let Ok(Some(fd)) = criu::tree::pidfd(pid) {
+            self.guarded.push((pid, fd));
+        }
+    }
+}
+
 /// The watchdog's side, when `args` (the executable's arguments after its name) start with
-/// [`CHILD_ARG`]: reads what the agent sends until a release (then exits) or the end of the pipe (or any
-/// error), then kills the copy (see the module doc): the pids given first and those named since. SIGTERM,
-/// SIGINT and SIGHUP are ignored. None for other arguments (the agent itself).
+/// [`CHILD_ARG`]: reads what the agent sends until a release (then exits 0) or the end of the pipe (or
+/// any error), then kills the copy (see the module doc) and exits 0 once none of it is left, 1 if some
+/// still was when it gave up. SIGTERM, SIGINT and SIGHUP are ignored. None for other arguments (the
+/// agent itself).
 pub fn child_main(args: &[OsString]) -> Option<std::convert::Infallible> {
     if args.first().map(OsString::as_os_str) != Some(OsStr::new(CHILD_ARG)) {
         return None;
     }
-    let mut pids: Vec<u32> =
-        args[1..].iter().filter_map(|a| a.to_str()?.parse::<u32>().ok()).filter(|&p| p > 0).collect();
     // A stop of the agent's whole service (systemd signals every process of its cgroup) must not take
     // the watchdog first: it waits for the pipe to close, and kills the copy then.
     for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
@@ -140,8 +194,10 @@ pub fn child_main(args: &[OsString]) -> Option<std::convert::Infallible> {
     // SAFETY: closes fds this process owns and nothing in it uses (it has only just started, and
     // reads nothing but stdin from here on).
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
-    let born = criu::tree::started(std::process::id()).unwrap_or(0);
-    let mut restorer: Option<OwnedFd> = None;
+    let mut told = Told::default();
+    for p in args[1..].iter().filter_map(|a| a.to_str()?.parse::<u32>().ok()).filter(|&p| p > 0) {
+        told.guard(p);
+    }
     let mut input = std::io::stdin().lock();
     let released = loop {
         let mut m = [0u8; 5];
@@ -151,42 +207,69 @@ pub fn child_main(args: &[OsString]) -> Option<std::convert::Infallible> {
         let pid = u32::from_le_bytes([m[1], m[2], m[3], m[4]]);
         match m[0] {
             RELEASE => break true,
-            GUARD if pid > 0 => pids.push(pid),
-            // Opened while CRIU cannot have been reaped yet (the agent waits for it only after it wrote
-            // this), so the pidfd is that CRIU's even if the pid is taken over later.
-            RESTORER if pid > 0 => restorer = criu::tree::pidfd(pid).ok().flatten(),
+            EXPECT if pid > 0 => told.expected.push(pid),
+            // This comes right after CRIU's fork, and a CRIU runs for tens of ms at least; its pid could
+            // be another process's only once CRIU was reaped and pids wrapped around. When it started
+            // is read while the pidfd shows it alive, so that both are the same process's.
+            RESTORER if pid > 0 => {
+                told.restorer = criu::tree::pidfd(pid).ok().flatten().and_then(|fd| {
+                    let started = criu::tree::started(pid)?;
+                    (!criu::tree::pidfd_exited(&fd, Duration::ZERO)).then_some((fd, started))
+                })
+            }
+            SETTLED => told.expected.clear(),
+            GUARD if pid > 0 => told.guard(pid),
             _ => break false,
         }
     };
-    if !released {
-        put_down(&pids, born, restorer);
+    if released {
+        std::process::exit(0);
     }
-    std::process::exit(0)
+    std::process::exit(if put_down(&told) { 0 } else { 1 })
 }
 
-/// Kills the copy: every process of `pids` that started at or after `born`, again and again while the
-/// restore's CRIU runs (it may still be making them), then until none is left.
-fn put_down(pids: &[u32], born: u64, restorer: Option<OwnedFd>) {
+/// SIGKILL to `pid` and its descendants, deepest first (so that none is reparented out of reach), each
+/// through a pidfd and only if it started no earlier than `since` (clock ticks). How many were alive.
+fn kill_tree(pid: u32, since: u64) -> usize {
+    let tree = criu::tree::processes(pid).unwrap_or_else(|_| vec![pid]);
+    let mut alive = 0;
+    for &p in tree.iter().rev() {
+        let Ok(Some(fd)) = criu::tree::pidfd(p) else { continue };
+        if criu::tree::started(p).is_none_or(|t| t < since) || !criu::tree::is_alive(p) {
+            continue;
+        }
+        if criu::tree::pidfd_kill(&fd).unwrap_or(false) {
+            alive += 1;
+        }
+    }
+    alive
+}
+
+/// Kills the copy (see the module doc); true once none of it is left.
+fn put_down(told: &Told) -> bool {
     // How many of the copy's processes were alive at this look (each was sent SIGKILL).
     let sweep = || {
         let mut alive = 0;
-        for &p in pids {
-            let Ok(Some(fd)) = criu::tree::pidfd(p) else { continue };
-            // An older process holds the pid: not one of the copy.
-            if criu::tree::started(p).is_none_or(|t| t < born) || !criu::tree::is_alive(p) {
-                continue;
-            }
-            if criu::tree::pidfd_kill(&fd).unwrap_or(false) {
+        if let Some((_, since)) = &told.restorer {
+            // Pids expected are the copy's only as CRIU's processes: younger than CRIU.
+            alive += told.expected.iter().map(|&p| kill_tree(p, *since)).sum::<usize>();
+        }
+        for (p, fd) in &told.guarded {
+            if !criu::tree::pidfd_exited(fd, Duration::ZERO) {
+                // Its descendants first, then it (through the pidfd taken while it was the copy's).
+                let since = criu::tree::started(*p).unwrap_or(u64::MAX);
+                kill_tree(*p, since);
+                let _ = criu::tree::pidfd_kill(fd);
                 alive += 1;
             }
         }
         alive
     };
-    if let Some(criu) = restorer {
+    if let Some((criu, _)) = &told.restorer {
         let give_up = Instant::now() + RESTORER_GRACE;
         loop {
             sweep();
-            if criu::tree::pidfd_exited(&criu, SWEEP_EVERY) {
+            if criu::tree::pidfd_exited(criu, SWEEP_EVERY) {
                 break;
             }
             let now = Instant::now();
@@ -194,12 +277,18 @@ fn put_down(pids: &[u32], born: u64, restorer: Option<OwnedFd>) {
                 break; // Killed, and still not gone: stuck in the kernel. The last sweeps follow.
             }
             if now >= give_up {
-                let _ = criu::tree::pidfd_kill(&criu);
+                let _ = criu::tree::pidfd_kill(criu);
             }
         }
     }
     let deadline = Instant::now() + SWEEP_FOR;
-    while sweep() > 0 && Instant::now() < deadline {
+    loop {
+        if sweep() == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(SWEEP_EVERY);
     }
 }

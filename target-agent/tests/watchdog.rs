@@ -31,12 +31,12 @@ fn ended(child: &mut Child) -> Option<std::process::ExitStatus> {
 fn released_spares_the_copy_and_dropped_kills_it() {
     let w = Watchdog::arm(Path::new(AGENT), &[]).expect("arm");
     let mut a = copy();
-    w.guard(&[a.id()]).expect("guard");
+    w.settle(&[a.id()]).expect("settle");
     w.release();
     assert!(criu::tree::is_alive(a.id()), "a released watchdog killed the copy");
     let w = Watchdog::arm(Path::new(AGENT), &[]).expect("arm");
     let mut b = copy();
-    w.guard(&[b.id()]).expect("guard");
+    w.settle(&[b.id()]).expect("settle");
     drop(w);
     let st = ended(&mut b).expect("a dropped watchdog left the copy running");
     assert_eq!(st.signal(), Some(libc::SIGKILL));
@@ -44,47 +44,41 @@ fn released_spares_the_copy_and_dropped_kills_it() {
     a.wait().expect("wait");
 }
 
-/// A pid named to the watchdog that a process older than the watchdog holds is not the copy's (CRIU
-/// could not have restored it there): a fired watchdog spares that process, and kills the young one.
-#[test]
-fn an_older_process_on_a_named_pid_is_spared() {
-    let mut old = copy();
-    // /proc's start times count in clock ticks (10 ms).
-    std::thread::sleep(Duration::from_millis(50));
-    let w = Watchdog::arm(Path::new(AGENT), &[old.id()]).expect("arm");
-    let mut young = copy();
-    w.guard(&[young.id()]).expect("guard");
-    drop(w);
-    let st = ended(&mut young).expect("the copy outlived a dropped watchdog");
-    assert_eq!(st.signal(), Some(libc::SIGKILL));
-    assert!(old.try_wait().expect("try_wait").is_none(), "the watchdog killed a process older than itself");
-    old.kill().expect("kill");
-    old.wait().expect("wait");
-}
-
-/// Fired while the restore's CRIU runs (the agent died during `criu restore`), the watchdog kills the
-/// copy at once and goes on until that CRIU has exited, as CRIU may still be making processes of it. A
-/// `sleep` stands in for CRIU and names itself as the agent has CRIU do it (between fork and exec).
-#[test]
-fn a_watchdog_fired_during_the_restore_stays_until_criu_is_gone() {
-    let w = Watchdog::arm(Path::new(AGENT), &[]).expect("arm");
-    let mut copy = copy();
-    w.guard(&[copy.id()]).expect("guard");
+/// A `sleep` standing in for the restore's CRIU, named to the watchdog as the agent has CRIU do it
+/// (between fork and exec, [`Watchdog::announce`]).
+fn restorer(w: &Watchdog) -> Child {
     let (fd, tag) = w.announce().expect("announce");
-    let mut restorer = Command::new("sleep");
-    restorer.arg("30");
+    let mut cmd = Command::new("sleep");
+    cmd.arg("30");
     // SAFETY: getpid and write are async-signal-safe.
     unsafe {
         use std::os::unix::process::CommandExt;
-        restorer.pre_exec(move || {
+        cmd.pre_exec(move || {
             let m = target_agent::watchdog::message(tag, libc::getpid() as u32);
-            assert_eq!(libc::write(fd, m.as_ptr().cast(), m.len()), 5);
-            Ok(())
+            match libc::write(fd, m.as_ptr().cast(), m.len()) {
+                5 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
         });
     }
-    let mut restorer = restorer.spawn().expect("stand-in criu");
+    cmd.spawn().expect("stand-in criu")
+}
+
+/// Fired while the restore's CRIU runs (the agent died during `criu restore`), the watchdog kills the
+/// process on an expected pid that is younger than that CRIU (one it made), spares one older than it
+/// (not CRIU's: it is why such a restore fails), and goes on until CRIU is gone, as CRIU may still be
+/// making processes.
+#[test]
+fn fired_during_the_restore_it_kills_what_criu_made_until_criu_is_gone() {
+    let w = Watchdog::arm(Path::new(AGENT), &[]).expect("arm");
+    let mut old = copy();
+    // /proc's start times count in clock ticks (10 ms).
+    std::thread::sleep(Duration::from_millis(50));
+    let mut restorer = restorer(&w);
+    let mut young = copy();
+    w.expect(&[old.id(), young.id()]).expect("expect");
     let fired = std::thread::spawn(move || drop(w));
-    let st = ended(&mut copy).expect("the copy outlived a fired watchdog");
+    let st = ended(&mut young).expect("what CRIU made outlived a fired watchdog");
     assert_eq!(st.signal(), Some(libc::SIGKILL));
     std::thread::sleep(Duration::from_millis(300));
     assert!(!fired.is_finished(), "the watchdog ended while the restore's CRIU still ran");
@@ -97,6 +91,52 @@ fn a_watchdog_fired_during_the_restore_stays_until_criu_is_gone() {
     }
     assert!(fired.is_finished(), "the watchdog stayed after the restore's CRIU had gone");
     fired.join().expect("drop");
+    assert!(old.try_wait().expect("try_wait").is_none(), "the watchdog killed a process older than CRIU");
+    old.kill().expect("kill");
+    old.wait().expect("wait");
+}
+
+/// Once CRIU has returned the expected pids are forgotten: after a failed restore (nothing restored),
+/// a process that took one of them since is not the copy's.
+#[test]
+fn settled_it_forgets_the_pids_expected() {
+    let w = Watchdog::arm(Path::new(AGENT), &[]).expect("arm");
+    let mut restorer = restorer(&w);
+    // The watchdog has read CRIU's name before CRIU is gone.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut later = copy();
+    w.expect(&[later.id()]).expect("expect");
+    restorer.kill().expect("kill the stand-in criu");
+    restorer.wait().expect("wait");
+    w.settle(&[]).expect("settle");
+    drop(w);
+    assert!(later.try_wait().expect("try_wait").is_none(), "the watchdog killed a pid it had been told to forget");
+    later.kill().expect("kill");
+    later.wait().expect("wait");
+}
+
+/// A process of the copy goes with its descendants (children the copy forked while it ran).
+#[test]
+fn a_guarded_process_goes_with_its_children() {
+    let w = Watchdog::arm(Path::new(AGENT), &[]).expect("arm");
+    let mut parent = Command::new("sh").args(["-c", "sleep 30 & wait"]).spawn().expect("sh");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let child = loop {
+        let tree = criu::tree::processes(parent.id()).expect("tree");
+        if let Some(&c) = tree.get(1) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "sh started no child");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    w.settle(&[parent.id()]).expect("settle");
+    drop(w);
+    assert_eq!(ended(&mut parent).expect("the copy outlived a dropped watchdog").signal(), Some(libc::SIGKILL));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while criu::tree::is_alive(child) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!criu::tree::is_alive(child), "the copy's child outlived a dropped watchdog");
 }
 
 /// The agent dying is the watchdog's reason to be: the only holder of the pipe's write end (a stand-in
@@ -133,7 +173,7 @@ fn the_watchdog_closes_every_inherited_fd() {
     // Not close-on-exec: the watchdog inherits it.
     let (leak, _leak_w): (OwnedFd, OwnedFd) = nix::unistd::pipe().expect("pipe");
     let mut watchdog = Command::new(AGENT)
-        .args([CHILD_ARG.to_string(), copy.id().to_string()])
+        .arg(CHILD_ARG)
         .stdin(Stdio::from(read))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -152,6 +192,8 @@ fn the_watchdog_closes_every_inherited_fd() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(fds(watchdog.id()), ["0", "1", "2"], "fds left open in the watchdog");
+    // (A process named to it is then held as a pidfd of its own.)
+    nix::unistd::write(&write, &target_agent::watchdog::message(GUARD, copy.id())).expect("guard");
     nix::unistd::write(&write, &target_agent::watchdog::message(target_agent::watchdog::RELEASE, 0)).expect("release");
     assert!(ended(&mut watchdog).expect("a released watchdog stays").success());
     assert!(criu::tree::is_alive(copy.id()), "a released watchdog killed the copy");
