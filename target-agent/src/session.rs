@@ -385,6 +385,7 @@ async fn serve_control(
         }
     };
     let pids = criu::tree::processes(root).unwrap_or_else(|_| vec![root]);
+    let alive_at_restore: Vec<u32> = pids.iter().copied().filter(|&p| criu::tree::is_alive(p)).collect();
     let mut copy = StoppedCopy { pids: pids.clone(), committed: false, killed: rec.copy_killed.clone() };
     rec.restored = true;
     guard.settle(&pids).map_err(|e| refuse("restore", format!("watchdog: {e}")))?;
@@ -420,7 +421,9 @@ async fn serve_control(
     }
     // A process of the stopped copy that died (the OOM killer, an operator's kill) leaves a broken tree:
     // the copy is killed instead of run, and the source, told so (Failed.copy_gone), resumes its original.
-    if let Some(dead) = pids.iter().find(|&&p| !criu::tree::is_alive(p)) {
+    // (A zombie restored as one, a child that had exited but was not reaped yet at the freeze, is no
+    // such death: only those alive after the restore count.)
+    if let Some(dead) = alive_at_restore.iter().find(|&&p| !criu::tree::is_alive(p)) {
         let what = if *dead == root { "its root" } else { "one of its processes" };
         return Err(refuse(
             "resume",
