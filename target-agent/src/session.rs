@@ -272,7 +272,7 @@ async fn serve_control(
     // before it runs; lazy memory: before every page is in place), the copy dies with it, and so does what
     // a `criu restore` running then makes: the source resumes its original. Started here, off the freeze.
     rec.watchdog = Some(
-        crate::watchdog::Watchdog::arm(Path::new("/proc/self/exe"), &[])
+        crate::watchdog::Watchdog::arm(Path::new("/proc/self/exe"))
             .map_err(|e| refuse("prepare", format!("cannot start the watchdog: {e}")))?,
     );
     // A lazy migration opens its fault link before it freezes the tree.

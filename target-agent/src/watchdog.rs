@@ -39,8 +39,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-/// The first argument that makes the agent's executable a watchdog ([`child_main`]); pids of the copy
-/// may follow it (as [`GUARD`] names them).
+/// The argument that makes the agent's executable a watchdog ([`child_main`]).
 pub const CHILD_ARG: &str = "--internal-watchdog";
 
 /// How long a fired watchdog lets the restore's CRIU end on its own (it gives up once a task it restored
@@ -76,15 +75,14 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts the watchdog for the processes `pids` (more may be named later): `program` (this agent's
-    /// executable, `/proc/self/exe`) with [`CHILD_ARG`], the pipe as its stdin.
-    pub fn arm(program: &Path, pids: &[u32]) -> std::io::Result<Watchdog> {
+    /// Starts a watchdog, told nothing yet: `program` (this agent's executable, `/proc/self/exe`) with
+    /// [`CHILD_ARG`], the pipe as its stdin.
+    pub fn arm(program: &Path) -> std::io::Result<Watchdog> {
         // Close-on-exec: no other child of this agent (a CRIU another migration starts) may hold the
         // write end, or the agent's death would not close the pipe.
         let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
         let child = Command::new(program)
             .arg(CHILD_ARG)
-            .args(pids.iter().map(|p| p.to_string()))
             .stdin(Stdio::from(read))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -195,9 +193,6 @@ pub fn child_main(args: &[OsString]) -> Option<std::convert::Infallible> {
     // reads nothing but stdin from here on).
     unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
     let mut told = Told::default();
-    for p in args[1..].iter().filter_map(|a| a.to_str()?.parse::<u32>().ok()).filter(|&p| p > 0) {
-        told.guard(p);
-    }
     let mut input = std::io::stdin().lock();
     let released = loop {
         let mut m = [0u8; 5];

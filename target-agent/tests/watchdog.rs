@@ -29,12 +29,12 @@ fn ended(child: &mut Child) -> Option<std::process::ExitStatus> {
 
 #[test]
 fn released_spares_the_copy_and_dropped_kills_it() {
-    let w = Watchdog::arm(Path::new(AGENT), &[]).expect("arm");
+    let w = Watchdog::arm(Path::new(AGENT)).expect("arm");
     let mut a = copy();
     w.settle(&[a.id()]).expect("settle");
     w.release();
     assert!(criu::tree::is_alive(a.id()), "a released watchdog killed the copy");
-    let w = Watchdog::arm(Path::new(AGENT), &[]).expect("arm");
+    let w = Watchdog::arm(Path::new(AGENT)).expect("arm");
     let mut b = copy();
     w.settle(&[b.id()]).expect("settle");
     drop(w);
@@ -70,7 +70,7 @@ fn restorer(w: &Watchdog) -> Child {
 /// making processes.
 #[test]
 fn fired_during_the_restore_it_kills_what_criu_made_until_criu_is_gone() {
-    let w = Watchdog::arm(Path::new(AGENT), &[]).expect("arm");
+    let w = Watchdog::arm(Path::new(AGENT)).expect("arm");
     let mut old = copy();
     // /proc's start times count in clock ticks (10 ms).
     std::thread::sleep(Duration::from_millis(50));
@@ -100,7 +100,7 @@ fn fired_during_the_restore_it_kills_what_criu_made_until_criu_is_gone() {
 /// a process that took one of them since is not the copy's.
 #[test]
 fn settled_it_forgets_the_pids_expected() {
-    let w = Watchdog::arm(Path::new(AGENT), &[]).expect("arm");
+    let w = Watchdog::arm(Path::new(AGENT)).expect("arm");
     let mut restorer = restorer(&w);
     // The watchdog has read CRIU's name before CRIU is gone.
     std::thread::sleep(Duration::from_millis(100));
@@ -118,7 +118,7 @@ fn settled_it_forgets_the_pids_expected() {
 /// A process of the copy goes with its descendants (children the copy forked while it ran).
 #[test]
 fn a_guarded_process_goes_with_its_children() {
-    let w = Watchdog::arm(Path::new(AGENT), &[]).expect("arm");
+    let w = Watchdog::arm(Path::new(AGENT)).expect("arm");
     let mut parent = Command::new("sh").args(["-c", "sleep 30 & wait"]).spawn().expect("sh");
     let deadline = Instant::now() + Duration::from_secs(10);
     let child = loop {
