@@ -40,10 +40,10 @@ pub fn stop_requests() -> tokio::sync::watch::Receiver<u32> {
     rx
 }
 
-/// Resolves on SIGTERM or SIGINT: how an agent is told to stop.
+/// Resolves on the first SIGTERM or SIGINT ([`stop_requests`]): how an agent with nothing to finish is
+/// told to stop.
 pub async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+    let _ = stop_requests().wait_for(|n| *n >= 1).await;
 }
 
 /// A monotonically increasing counter.
